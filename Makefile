@@ -1,0 +1,42 @@
+# The one entry point for people: `make demo`, `make test`, `make bench`, `make lint`.
+# Each target creates .venv and installs what is missing first, so a fresh clone needs nothing else.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench lint format soak clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: on this project's machines the CPU wheel lies on disk; elsewhere bring your own
+	# CUDA build beforehand (pyproject only asks for torch>=2.4, which an installed torch satisfies).
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/agent-workers demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+bench: $(STAMP)
+	$(VENV)/bin/agent-workers bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check agent_workers tasks tests
+	$(VENV)/bin/ruff format --check agent_workers tasks tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format agent_workers tasks tests
+	$(VENV)/bin/ruff check --fix agent_workers tasks tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

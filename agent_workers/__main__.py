@@ -1,0 +1,3 @@
+from agent_workers.cli import main
+
+main()

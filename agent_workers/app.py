@@ -1,0 +1,147 @@
+"""The Celery app: JSON only, late acks, queues routed by task name, results in Redis with an expiry."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery, signals
+from kombu import Exchange, Queue
+
+from agent_workers.config import Settings
+from agent_workers.datasets import DatasetStore
+from agent_workers.errors import ConfigError
+from agent_workers.inference import InferenceEngine
+from agent_workers.keys import Keys
+from agent_workers.params import RedisParamStore
+
+log = logging.getLogger(__name__)
+
+PREDICT = "agent_workers.predict"
+PREDICT_MANY = "agent_workers.predict_many"
+TRAIN_STEP = "agent_workers.train_step"
+FIT = "agent_workers.fit"
+
+INFERENCE_TASKS = (PREDICT, PREDICT_MANY)
+TRAINING_TASKS = (TRAIN_STEP, FIT)
+
+
+def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
+    """Route every task by name to its queue, so producers that never import us still land right."""
+    routes = {name: {"queue": settings.inference_queue} for name in INFERENCE_TASKS}
+    routes.update({name: {"queue": settings.training_queue} for name in TRAINING_TASKS})
+    return routes
+
+
+def declare_queue(name: str) -> Queue:
+    """A durable direct queue declared exactly as a bare Celery producer or a Node client declares it (no extra
+    arguments), so RabbitMQ never refuses a mismatched redeclaration."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+class WorkerApp(Celery):
+    """A Celery app that carries our settings and, lazily, the parameter store and the inference engine."""
+
+    settings: Settings
+
+    @cached_property
+    def store(self) -> RedisParamStore:
+        return RedisParamStore.from_settings(self.settings)
+
+    @cached_property
+    def datasets(self) -> DatasetStore:
+        return DatasetStore(client=redis.Redis.from_url(self.settings.params_url), keys=Keys(self.settings.namespace))
+
+    @cached_property
+    def engine(self) -> InferenceEngine:
+        return InferenceEngine(store=self.store, settings=self.settings)
+
+
+def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp:
+    """Build the Celery app for ``settings`` (read from the environment when omitted)."""
+    settings = settings or Settings.from_env()
+    app = WorkerApp("agent_workers", broker=settings.broker_url, backend=settings.result_backend,
+                    include=["tasks.inference", "tasks.training"], set_as_current=False)
+    app.settings = settings
+    transport_options = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_retry_on_worker_lost=True,
+        task_acks_on_failure=True,
+        task_queues=[declare_queue(settings.inference_queue), declare_queue(settings.training_queue)],
+        task_default_queue=settings.inference_queue,
+        task_routes=task_routes(settings),
+        task_time_limit=settings.task_time_limit,
+        result_expires=settings.result_expires,
+        result_backend_always_retry=True,
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_proc_alive_timeout=60,
+        worker_pool_start_method="spawn",
+        worker_hijack_root_logger=True,
+        worker_enable_soft_shutdown_on_idle=True,
+        worker_soft_shutdown_timeout=10.0,
+        **extra_conf,
+    )
+    return app
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Start-up checks and plugin imports of a worker whose app is ours."""
+    app = getattr(sender, "app", None)
+    if not isinstance(app, WorkerApp):
+        return
+    check_app(app)
+    for module in app.settings.plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"AGENT_WORKERS_PLUGINS names {module!r}, which cannot be imported: {exc}") from exc
+    if app.settings.metrics_port:
+        from agent_workers import metrics
+
+        metrics.serve(app.settings.metrics_port)
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if isinstance(app, WorkerApp) and app.settings.ready_file:
+        path = Path(app.settings.ready_file)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(getattr(sender, "hostname", "")))
+        tmp.replace(path)
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if isinstance(app, WorkerApp) and app.settings.ready_file:
+        Path(app.settings.ready_file).unlink(missing_ok=True)
+
+
+def check_app(app: WorkerApp) -> None:
+    """Refuse Celery settings that break our promises.
+
+    Raises:
+        ConfigError: naming the setting to fix.
+    """
+    unsafe = {"pickle", "application/x-python-serialize", "yaml"} & set(app.conf.accept_content or ())
+    if unsafe:
+        raise ConfigError(f"accept_content allows {sorted(unsafe)}; untrusted messages could run code. "
+                          "Accept only json (or msgpack)")
+    if not app.conf.task_acks_late:
+        raise ConfigError("task_acks_late is off, so a crash loses work; leave it on")

@@ -1,0 +1,455 @@
+"""The dynamic batcher: many single-example ``agent_workers.predict`` messages, few forward passes.
+
+It replaces Celery's per-message strategy for the predict task (``Task.Strategy``), so it runs in the worker's event
+loop, where messages arrive:
+
+1. each message is decoded (JSON only), checked for revoke and ``expires``, and buffered; a ``task-received`` event
+   is queued for Flower;
+2. the buffer is flushed when it holds ``max_batch_size`` requests or its oldest request has waited ``max_wait_ms``;
+3. a flush groups requests by model and pinned version, resolves ONE parameter version per group (a batch never mixes
+   versions), validates every request on its own, and runs the valid ones in one forward pass (bisecting if the
+   model raises);
+4. every request gets its own result: written for the whole batch in one pipelined Redis round trip, in the exact
+   format Celery's Redis backend uses (``AsyncResult.get()`` works, including its pub/sub wake-up); then the
+   messages are acknowledged in bulk and ``task-started`` / ``task-succeeded`` / ``task-failed`` events are sent.
+
+Acks come after results (at-least-once). Unlike celery-batches, a failing request never leaves the others PENDING,
+events make each request visible in Flower, and revoke/expires are honoured before compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from celery import states
+from celery.utils.saferepr import saferepr
+from celery.worker import state as worker_state
+from kombu.transport import virtual
+
+from agent_workers import metrics
+from agent_workers.config import BatchSettings
+from agent_workers.errors import AgentWorkersError, ConfigError, InputError, StoreUnavailableError
+from agent_workers.inference import InferenceEngine
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3
+ARGS_REPR_LIMIT = 120
+
+
+@dataclasses.dataclass
+class Pending:
+    """One buffered predict request, still unacknowledged."""
+
+    id: str
+    name: str
+    message: Any
+    args: list[Any]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    received: float
+    expires: datetime | None
+
+    @property
+    def retries(self) -> int:
+        return int(self.headers.get("retries") or 0)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What happened to one request: a Celery state and its result (a value or an exception)."""
+
+    request: Pending
+    state: str
+    result: Any
+    runtime: float = 0.0
+
+
+class BatchPolicy:
+    """How large a batch may grow and how long its first request may wait.
+
+    ``fixed`` mode uses the settings as they are. ``adaptive`` mode learns the batch cost ``t(n) ≈ a·n + b`` online
+    (least squares over recent batches, as BentoML's CORK dispatcher does) and caps the batch size and the wait so
+    that wait + compute stays within ``latency_target_ms``.
+    """
+
+    HISTORY = 64
+
+    def __init__(self, settings: BatchSettings) -> None:
+        self.settings = settings
+        self._samples: deque[tuple[int, float]] = deque(maxlen=self.HISTORY)
+        self._a = 0.0
+        self._b = 0.0
+
+    def observe(self, size: int, seconds: float) -> None:
+        """Record how long a batch of ``size`` took to compute."""
+        self._samples.append((size, seconds))
+        if self.settings.mode == "adaptive" and len(self._samples) >= 8:
+            self._fit()
+
+    def _fit(self) -> None:
+        n = [float(s) for s, _ in self._samples]
+        t = [float(x) for _, x in self._samples]
+        mean_n, mean_t = sum(n) / len(n), sum(t) / len(t)
+        var = sum((x - mean_n) ** 2 for x in n)
+        if var == 0:
+            self._a, self._b = mean_t / max(mean_n, 1.0), 0.0
+            return
+        a = sum((x - mean_n) * (y - mean_t) for x, y in zip(n, t, strict=True)) / var
+        self._a = max(a, 0.0)
+        self._b = max(mean_t - self._a * mean_n, 0.0)
+
+    def predicted(self, size: int) -> float:
+        """Predicted compute seconds of a batch of ``size`` (adaptive mode)."""
+        return self._a * size + self._b
+
+    @property
+    def max_batch_size(self) -> int:
+        limit = self.settings.max_batch_size
+        if self.settings.mode != "adaptive" or self._a <= 0:
+            return limit
+        budget = self.settings.latency_target_ms / 1000.0 / 2
+        return max(1, min(limit, int((budget - self._b) / self._a)))
+
+    @property
+    def max_wait(self) -> float:
+        """Seconds the oldest request may wait for its batch to fill."""
+        wait = self.settings.max_wait_ms / 1000.0
+        if self.settings.mode != "adaptive" or self._a <= 0:
+            return wait
+        slack = self.settings.latency_target_ms / 1000.0 - self.predicted(self.max_batch_size)
+        return max(0.0, min(wait, slack / 2))
+
+
+def _bind_predict(model: Any, inputs: Any, version: Any = None) -> tuple[str, Any, int | None]:
+    if not isinstance(model, str):
+        raise InputError(f"model must be a model name (a string), got {type(model).__name__}")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise InputError(f"version must be an integer or null, got {version!r}")
+    return model, inputs, version
+
+
+def bind_predict(args: list[Any], kwargs: dict[str, Any]) -> tuple[str, Any, int | None]:
+    """Check a predict call's arguments against ``predict(model, inputs, version=None)``."""
+    try:
+        return _bind_predict(*args, **kwargs)
+    except TypeError as exc:
+        raise InputError(f"agent_workers.predict takes (model, inputs, version=None): {exc}") from None
+
+
+class ResultWriter:
+    """Stores many task results in one pipelined round trip, in Celery's own Redis result format."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.backend = app.backend
+        self._redis = getattr(self.backend, "client", None) if hasattr(self.backend, "get_key_for_task") else None
+
+    def write(self, outcomes: list[Outcome]) -> None:
+        if not outcomes:
+            return
+        if self._redis is None:  # not a Redis backend: fall back to one store per result
+            for o in outcomes:
+                self.backend.store_result(o.request.id, self._result(o), o.state, traceback=self._tb(o))
+            return
+        done = self.app.now().isoformat()
+        expires = self.backend.expires
+        pipe = self._redis.pipeline(transaction=False)
+        for o in outcomes:
+            meta = {"status": o.state, "result": self._result(o), "traceback": self._tb(o), "children": [],
+                    "date_done": done if o.state in states.READY_STATES else None, "task_id": o.request.id}
+            parent = o.request.headers.get("parent_id")
+            if parent:
+                meta["parent_id"] = parent
+            group = o.request.headers.get("group")
+            if group:
+                meta["group_id"] = group
+            key = self.backend.get_key_for_task(o.request.id)
+            value = self.backend.encode(meta)
+            if expires:
+                pipe.setex(key, int(expires), value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+        pipe.execute()
+
+    def _result(self, o: Outcome) -> Any:
+        if isinstance(o.result, BaseException):
+            return self.backend.prepare_exception(o.result)
+        return o.result
+
+    @staticmethod
+    def _tb(o: Outcome) -> str | None:
+        if isinstance(o.result, BaseException) and not isinstance(o.result, AgentWorkersError):
+            return "".join(traceback.format_exception(o.result))
+        return None
+
+
+def ack_all(messages: list[Any]) -> None:
+    """Acknowledge many messages; on Redis in one pipelined round trip instead of one per message."""
+    redis_msgs = [m for m in messages if isinstance(getattr(m.channel, "qos", None), virtual.QoS)
+                  and hasattr(m.channel.qos, "_remove_from_indices")]
+    for m in messages:
+        if m not in redis_msgs and not m.acknowledged:
+            try:
+                m.ack()
+            except Exception:  # noqa: BLE001 - channel gone: the broker redelivers it
+                log.warning("ack of %s failed; the broker will redeliver it", m.delivery_tag, exc_info=True)
+    by_qos: dict[int, list[Any]] = {}
+    for m in redis_msgs:
+        by_qos.setdefault(id(m.channel.qos), []).append(m)
+    for group in by_qos.values():
+        qos = group[0].channel.qos
+        try:
+            with qos.pipe_or_acquire() as pipe:
+                for m in group:
+                    qos._remove_from_indices(m.delivery_tag, pipe)  # kombu/transport/redis.py QoS.ack, batched
+                pipe.execute()
+        except Exception:  # noqa: BLE001
+            log.warning("bulk ack failed; the broker will redeliver %d messages", len(group), exc_info=True)
+            continue
+        for m in group:
+            virtual.QoS.ack(qos, m.delivery_tag)
+            m._state = "ACK"
+
+
+class Batcher:
+    """Buffers predict requests in a worker's event loop and serves them in batches.
+
+    One batcher exists per consumer connection; Celery builds a new one when the consumer restarts after a broker
+    reconnect, and the old one's buffered messages (on a dead channel) are simply redelivered by the broker.
+    """
+
+    def __init__(self, *, task: Any, app: Any, consumer: Any, engine: InferenceEngine, policy: BatchPolicy) -> None:
+        self.task = task
+        self.app = app
+        self.engine = engine
+        self.policy = policy
+        self.writer = ResultWriter(app)
+        self.timer = consumer.timer
+        self.eventer = consumer.event_dispatcher
+        self.hostname = consumer.hostname
+        self.pending: list[Pending] = []
+        self._tref: Any = None
+        self.stats = {"batches": 0, "requests": 0}
+        self.max_message_bytes = app.settings.max_message_bytes
+        self.track_started = app.settings.track_started
+
+    # -- receive --------------------------------------------------------------------------------------------------
+
+    def on_message(self, message: Any, body: Any, ack: Callable[..., Any], reject: Callable[..., Any],
+                   callbacks: Any, **kwargs: Any) -> None:
+        """Celery strategy entry point: called in the event loop for every predict message."""
+        headers = message.headers or {}
+        task_id = headers.get("id") or (body or {}).get("id")
+        now = time.monotonic()
+        try:
+            if len(message.body) > self.max_message_bytes:
+                raise InputError(f"message is {len(message.body)} bytes; the limit is {self.max_message_bytes} "
+                                 "(AGENT_WORKERS_MAX_MESSAGE_BYTES)")
+            payload = message.decode()  # enforces accept_content: a pickle message raises ContentDisallowed here
+            if body is not None:  # protocol 1
+                args, kw = body.get("args", []), body.get("kwargs", {})
+            else:
+                args, kw, _embed = payload
+            if not isinstance(args, list) or not isinstance(kw, dict):
+                raise InputError("message body must be [args, kwargs, embed] with a list and an object")
+        except Exception as exc:  # noqa: BLE001 - a bad message fails alone, the worker stays up
+            self._refuse(message, task_id, headers, exc)
+            return
+        if not task_id:
+            log.error("dropping a predict message without a task id: %s", saferepr(headers, 200))
+            ack_all([message])
+            return
+        request = Pending(id=task_id, name=headers.get("task", self.task.name), message=message, args=args,
+                          kwargs=kw, headers=headers, received=now, expires=_parse_expires(headers.get("expires")))
+        self._event("task-received", request, name=request.name, args=saferepr(args, ARGS_REPR_LIMIT),
+                    kwargs=saferepr(kw, ARGS_REPR_LIMIT), retries=request.retries,
+                    expires=headers.get("expires"), root_id=headers.get("root_id"),
+                    parent_id=headers.get("parent_id"))
+        self.pending.append(request)
+        if len(self.pending) >= self.policy.max_batch_size:
+            self.flush()
+        elif self._tref is None:
+            self._tref = self.timer.call_after(self.policy.max_wait, self._on_timer)
+
+    def _refuse(self, message: Any, task_id: str | None, headers: dict[str, Any], exc: Exception) -> None:
+        content_type = getattr(message, "content_type", "?")
+        reason = exc if isinstance(exc, InputError) else InputError(
+            f"cannot decode message (content type {content_type!r}): {type(exc).__name__}: {exc}; "
+            "send JSON (pickle is never accepted)")
+        log.warning("refusing message %s: %s", task_id, reason)
+        if task_id:
+            request = Pending(id=task_id, name=headers.get("task", "?"), message=message, args=[], kwargs={},
+                              headers=headers, received=time.monotonic(), expires=None)
+            self._finish([Outcome(request, states.FAILURE, reason)])
+        else:
+            ack_all([message])
+
+    def _on_timer(self) -> None:
+        self._tref = None
+        self.flush()
+
+    # -- flush ----------------------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Serve everything buffered now."""
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        try:
+            outcomes = self._serve(batch)
+        except Exception as exc:  # noqa: BLE001 - never lose a batch to a bug: fail each request with the reason
+            log.exception("batch of %d failed unexpectedly", len(batch))
+            outcomes = [Outcome(r, states.FAILURE, exc) for r in batch]
+        self._finish(outcomes)
+
+    def _serve(self, batch: list[Pending]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]] = {}
+        now_utc = datetime.now(timezone.utc)
+        revoked = worker_state.revoked
+        for req in batch:
+            if req.id in revoked:
+                outcomes.append(Outcome(req, states.REVOKED, _revoked_error(req, "revoked")))
+                continue
+            if req.expires is not None and req.expires <= now_utc:
+                outcomes.append(Outcome(req, states.REVOKED, _revoked_error(req, "expired")))
+                continue
+            try:
+                model, inputs, version = bind_predict(req.args, req.kwargs)
+            except InputError as exc:
+                outcomes.append(Outcome(req, states.FAILURE, exc))
+                continue
+            groups.setdefault((model, version), []).append((req, inputs))
+        if self.track_started:
+            self.writer.write([Outcome(r, states.STARTED, {"pid": None, "hostname": self.hostname})
+                               for group in groups.values() for r, _ in group])
+        for (model, version), members in groups.items():
+            outcomes.extend(self._serve_group(model, version, members))
+        return outcomes
+
+    def _serve_group(self, model: str, version: int | None, members: list[tuple[Pending, Any]]) -> list[Outcome]:
+        try:
+            loaded = self.engine.current(model) if version is None else self.engine.pinned(model, version)
+        except StoreUnavailableError as exc:
+            return [self._retry_or_fail(req, exc) for req, _ in members]
+        except AgentWorkersError as exc:
+            return [Outcome(req, states.FAILURE, exc) for req, _ in members]
+        outcomes: list[Outcome] = []
+        valid: list[tuple[Pending, Any]] = []
+        for req, inputs in members:
+            try:
+                valid.append((req, self.engine.validate(loaded, inputs)))
+            except InputError as exc:
+                outcomes.append(Outcome(req, states.FAILURE, exc))
+        size = max(1, self.policy.max_batch_size)
+        for start in range(0, len(valid), size):
+            chunk = valid[start : start + size]
+            started = time.monotonic()
+            for req, _ in chunk:
+                self._event("task-started", req)
+            results = self.engine.run_batch(loaded, [a for _, a in chunk])
+            elapsed = time.monotonic() - started
+            self.policy.observe(len(chunk), elapsed)
+            metrics.BATCH_SIZE.labels(model).observe(len(chunk))
+            metrics.COMPUTE.labels(model).observe(elapsed)
+            metrics.PARAM_VERSION.labels(model).set(loaded.version)
+            for (req, _), value in zip(chunk, results, strict=True):
+                metrics.QUEUE_WAIT.labels(model).observe(started - req.received)
+                if isinstance(value, Exception):
+                    outcomes.append(Outcome(req, states.FAILURE, value, elapsed))
+                else:
+                    outcomes.append(Outcome(req, states.SUCCESS,
+                                            {"model": model, "version": loaded.version, "outputs": value}, elapsed))
+            self.stats["batches"] += 1
+        return outcomes
+
+    def _retry_or_fail(self, req: Pending, exc: Exception) -> Outcome:
+        """A transient failure: re-publish the same task id with ``retries + 1`` (bounded), else fail it."""
+        if req.retries >= MAX_RETRIES:
+            return Outcome(req, states.FAILURE, exc)
+        self.app.send_task(req.name, args=req.args, kwargs=req.kwargs, task_id=req.id, retries=req.retries + 1,
+                           countdown=0.5 * 2**req.retries, expires=req.headers.get("expires"))
+        return Outcome(req, states.RETRY, exc)
+
+    def _finish(self, outcomes: list[Outcome]) -> None:
+        """Store results in one round trip, then ack in bulk, then announce (results before acks: at-least-once)."""
+        try:
+            self.writer.write(outcomes)
+        except Exception:  # noqa: BLE001 - results not stored: leave the messages unacked so they come back
+            log.exception("storing %d results failed; their messages are not acknowledged", len(outcomes))
+            return
+        ack_all([o.request.message for o in outcomes])
+        self.stats["requests"] += len(outcomes)
+        for o in outcomes:
+            model = o.request.kwargs.get("model") or (o.request.args[0] if o.request.args else "?")
+            metrics.REQUESTS.labels(str(model)[:64], o.state.lower()).inc()
+            if o.state == states.SUCCESS:
+                self._event("task-succeeded", o.request, result=saferepr(o.result, ARGS_REPR_LIMIT),
+                            runtime=o.runtime)
+            elif o.state == states.FAILURE:
+                self._event("task-failed", o.request, exception=saferepr(o.result, 500), traceback=None)
+            elif o.state == states.REVOKED:
+                self._event("task-revoked", o.request, terminated=False, signum=None,
+                            expired=isinstance(o.result, Exception) and "expired" in str(o.result))
+            elif o.state == states.RETRY:
+                self._event("task-retried", o.request, exception=saferepr(o.result, 500), traceback=None)
+
+    def _event(self, type_: str, req: Pending, **fields: Any) -> None:
+        eventer = self.eventer
+        if eventer is not None and eventer.enabled:
+            # Task events are buffered by the dispatcher ('task' buffer group) and sent as one message per group.
+            eventer.send(type_, uuid=req.id, **fields)
+
+
+def _parse_expires(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _revoked_error(req: Pending, why: str) -> Exception:
+    from celery.exceptions import TaskRevokedError
+
+    return TaskRevokedError(why)
+
+
+_live: dict[int, Batcher] = {}
+
+
+def batch_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., None]:
+    """The ``Task.Strategy`` of ``agent_workers.predict``: route its messages into a :class:`Batcher`."""
+    settings = app.settings
+    prefetch = consumer.initial_prefetch_count
+    if prefetch and prefetch < settings.batch.max_batch_size:
+        raise ConfigError(
+            f"this worker prefetches {prefetch} messages but AGENT_WORKERS_MAX_BATCH_SIZE="
+            f"{settings.batch.max_batch_size}, so a batch can never fill; start it with "
+            f"--prefetch-multiplier {2 * settings.batch.max_batch_size} (agent-workers worker does this)"
+        )
+    old = _live.pop(id(app), None)
+    if old is not None and old._tref is not None:
+        old._tref.cancel()
+    batcher = Batcher(task=task, app=app, consumer=consumer, engine=app.engine, policy=BatchPolicy(settings.batch))
+    _live[id(app)] = batcher
+    return batcher.on_message
+
+
+def live_batcher(app: Any) -> Batcher | None:
+    """The batcher serving ``app`` in this process, if any (for inspect and tests)."""
+    return _live.get(id(app))

@@ -1,0 +1,225 @@
+"""The ``agent-workers`` command: run workers, manage models, send jobs, look at the pool."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent_workers.config import Settings
+from agent_workers.errors import AgentWorkersError
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except AgentWorkersError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class _Group(click.Group):
+    """Turns our errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AgentWorkersError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="agent-workers")
+def main() -> None:
+    """agent-workers: a Celery worker pool for deep-learning inference and training jobs.
+
+    Every setting comes from AGENT_WORKERS_* environment variables (see docs/operations.md).
+    """
+
+
+@main.command()
+def demo() -> None:
+    """Train the seed's linear regression through the queue and score 1,000 held-out rows (the main job)."""
+    from agent_workers import demo as demo_module
+
+    demo_module.main(_settings())
+
+
+def _visible_gpus() -> list[str]:
+    """GPU indices visible to this host, without initialising CUDA in this (parent) process."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--queues", "-Q", default=None, help="Queues to consume (default: inference,training).")
+@click.option("--name", "-n", default=None, help="Node name (default: <queues>@%h, -gpuN appended per GPU).")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--gpus/--no-gpus", default=True, show_default=True,
+              help="Start one worker process per visible GPU (CUDA_VISIBLE_DEVICES pinned per process).")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(queues: str | None, name: str | None, loglevel: str, gpus: bool, celery_args: tuple[str, ...]) -> None:
+    """Start worker processes with the right pool, queues and prefetch (extra args go to `celery worker`)."""
+    from agent_workers.supervisor import settings_env, worker_command
+
+    settings = _settings()
+    wanted = queues.split(",") if queues else [settings.inference_queue, settings.training_queue]
+    prefetch = 2 * settings.batch.max_batch_size if settings.inference_queue in wanted else 1
+    base = name or f"{'-'.join(wanted)}@%h"
+    devices = _visible_gpus() if gpus else []
+    if len(devices) <= 1:
+        cmd = worker_command(queues=wanted, hostname=base, loglevel=loglevel, prefetch_multiplier=prefetch,
+                             extra=list(celery_args))
+        os.execvpe(cmd[0], cmd, settings_env())
+    procs = []
+    for gpu in devices:
+        node, _, host = base.partition("@")
+        env = settings_env({"CUDA_VISIBLE_DEVICES": gpu, "AGENT_WORKERS_DEVICE": "cuda:0"})
+        cmd = worker_command(queues=wanted, hostname=f"{node}-gpu{gpu}@{host or '%h'}", loglevel=loglevel,
+                             prefetch_multiplier=prefetch, extra=list(celery_args))
+        procs.append(subprocess.Popen(cmd, env=env))
+    click.echo(f"started {len(procs)} worker processes, one per GPU ({', '.join(devices)})", err=True)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        codes = [p.wait() for p in procs]
+    sys.exit(max(codes))
+
+
+@main.group()
+def models() -> None:
+    """Create, list and inspect models and their parameter versions."""
+
+
+def _store() -> Any:
+    from agent_workers.params import RedisParamStore
+
+    return RedisParamStore.from_settings(_settings())
+
+
+@models.command("create")
+@click.argument("name")
+@click.option("--arch", default="linear", show_default=True, help="Registered architecture.")
+@click.option("--config", "config_json", default='{"in_features": 10}', show_default=True,
+              help="Architecture config as JSON, e.g. '{\"in_features\": 64, \"hidden\": [256, 256]}'.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the initial weights.")
+@click.option("--replace", is_flag=True, help="Recreate the model if it exists (all versions are dropped).")
+def models_create(name: str, arch: str, config_json: str, seed: int, replace: bool) -> None:
+    """Create NAME at version 0."""
+    from agent_workers.models import make_spec
+
+    try:
+        config = json.loads(config_json)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"--config is not valid JSON: {exc}") from None
+    _store().create(name, make_spec(arch, **config), seed=seed, replace=replace)
+    click.echo(f"created {name} ({arch}) at version 0")
+
+
+@models.command("list")
+def models_list() -> None:
+    """List models with their current versions."""
+    store = _store()
+    for name in store.list():
+        head = store.head(name)
+        spec = store.spec(name, head.epoch)
+        click.echo(f"{name}\tv{head.version}\t{spec.arch}\t{json.dumps(spec.config)}")
+
+
+@models.command("show")
+@click.argument("name")
+def models_show(name: str) -> None:
+    """Show NAME's spec, version and parameter shapes."""
+    store = _store()
+    snap = store.read(name)
+    spec = store.spec(name, snap.epoch)
+    click.echo(json.dumps({"model": name, "version": snap.version, **spec.to_json(),
+                           "parameters": {k: list(v.shape) for k, v in snap.parameters().items()}}, indent=2))
+
+
+@models.command("history")
+@click.argument("name")
+@click.option("--limit", default=20, show_default=True)
+def models_history(name: str, limit: int) -> None:
+    """Show NAME's newest commits."""
+    for record in _store().history(name, limit):
+        click.echo(json.dumps(record))
+
+
+@models.command("rollback")
+@click.argument("name")
+@click.argument("version", type=int)
+def models_rollback(name: str, version: int) -> None:
+    """Make VERSION's parameters current again (as a new version)."""
+    new = _store().rollback(name, version)
+    click.echo(f"{name}: version {version} restored as version {new}")
+
+
+def _read_rows(path: Path) -> list[list[float]]:
+    if path.suffix == ".npy":
+        import numpy as np
+
+        return np.load(path, allow_pickle=False).tolist()
+    if path.suffix == ".csv":
+        with path.open() as f:
+            return [[float(v) for v in row] for row in csv.reader(f) if row]
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) and data and isinstance(data[0], list) else [data]
+
+
+@main.command()
+@click.argument("model")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--many", is_flag=True, help="Send all rows in one predict_many message instead of one each.")
+@click.option("--timeout", default=60.0, show_default=True)
+def predict(model: str, path: Path, many: bool, timeout: float) -> None:
+    """Score the rows of PATH (.json, .csv or .npy) with MODEL; prints one JSON result per row."""
+    from agent_workers.client import Client
+
+    client = Client(_settings())
+    rows = _read_rows(path)
+    if many:
+        click.echo(json.dumps(client.predict_many(model, rows, timeout=timeout)))
+        return
+    for result in client.predict_bulk(model, rows, timeout=timeout):
+        click.echo(json.dumps(result))
+
+
+@main.command()
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for workers to answer.")
+def status(timeout: float) -> None:
+    """Workers online, models and versions, queue depths."""
+    from agent_workers.client import producer_app
+
+    settings = _settings()
+    app = producer_app(settings)
+    replies = app.control.inspect(timeout=timeout).ping() or {}
+    click.echo(f"workers online: {len(replies)}")
+    for name in sorted(replies):
+        click.echo(f"  {name}")
+    store = _store()
+    click.echo("models:")
+    for name in store.list():
+        click.echo(f"  {name}\tv{store.head(name).version}")
+    click.echo("queues:")
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        for queue in (settings.inference_queue, settings.training_queue):
+            try:
+                depth = channel.queue_declare(queue=queue, passive=True).message_count
+            except Exception:  # noqa: BLE001 - a queue nobody declared yet
+                depth = 0
+            click.echo(f"  {queue}\t{depth}")

@@ -1,0 +1,244 @@
+"""Settings: the only module that reads the environment.
+
+Every knob is an ``AGENT_WORKERS_*`` variable; :meth:`Settings.from_env` parses and validates them all at once and
+raises :class:`~agent_workers.errors.ConfigError` naming the variable and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from urllib.parse import urlparse
+
+from agent_workers.errors import ConfigError
+
+PREFIX = "AGENT_WORKERS_"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
+DEFAULT_PARAMS_URL = "redis://127.0.0.1:6379/2"
+DEFAULT_NAMESPACE = "aw"
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_WAIT_MS = 5.0
+DEFAULT_RESULT_EXPIRES = 24 * 3600
+DEFAULT_VISIBILITY_TIMEOUT = 3600
+DEFAULT_TASK_TIME_LIMIT = 600
+DEFAULT_KEEP_VERSIONS = 10
+DEFAULT_MAX_STALENESS = 4
+DEFAULT_MAX_INPUT_ELEMENTS = 1_000_000
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+_BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory", "sentinel"}
+_REDIS_SCHEMES = {"redis", "rediss", "unix", "sentinel"}
+_BATCH_MODES = {"fixed", "adaptive"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchSettings:
+    """Dynamic batching policy of an inference worker.
+
+    Attributes:
+        max_batch_size: most requests in one forward pass.
+        max_wait_ms: longest a request waits for others to join its batch, in milliseconds.
+        mode: ``fixed`` (size/wait) or ``adaptive`` (sizes batches to ``latency_target_ms`` from a learned cost model).
+        latency_target_ms: the per-request latency goal of the adaptive mode, in milliseconds.
+    """
+
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    mode: str = "fixed"
+    latency_target_ms: float = 50.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a worker or producer needs, parsed from ``AGENT_WORKERS_*``.
+
+    Attributes:
+        broker_url: Celery broker; Redis (default) or RabbitMQ (``amqp://``).
+        result_backend: Celery result backend; must be Redis.
+        params_url: Redis holding the versioned model parameters.
+        namespace: prefix of every Redis key we own, so several deployments can share one Redis.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        batch: the dynamic batching policy.
+        result_expires: seconds a result stays in the backend.
+        visibility_timeout: seconds before Redis redelivers an unacknowledged message.
+        task_time_limit: hard time limit of one task, seconds.
+        keep_versions: parameter versions kept per model before old blobs are collected.
+        max_staleness: a training gradient computed at version v may be applied up to version v + max_staleness.
+        max_input_elements: the largest input, in numbers, that one request may carry.
+        max_message_bytes: the largest message body accepted.
+        track_started: also store the STARTED state of every request in the backend (one more write per batch).
+        amp: autocast dtype for inference on CUDA: ``off``, ``bf16`` or ``fp16``.
+        compile: wrap models in ``torch.compile``.
+        plugins: modules imported at worker start-up, so they can register architectures and losses.
+        metrics_port: port of the worker's Prometheus endpoint; 0 disables it.
+        inference_queue: queue of the inference tasks (predict, predict_many).
+        training_queue: queue of the training tasks (train_step, fit).
+        ready_file: a path the worker writes its node name to once it consumes (a readiness probe); removed
+            at shutdown.
+    """
+
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: str = DEFAULT_RESULT_BACKEND
+    params_url: str = DEFAULT_PARAMS_URL
+    namespace: str = DEFAULT_NAMESPACE
+    device: str = "auto"
+    batch: BatchSettings = dataclasses.field(default_factory=BatchSettings)
+    result_expires: int = DEFAULT_RESULT_EXPIRES
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
+    task_time_limit: int = DEFAULT_TASK_TIME_LIMIT
+    keep_versions: int = DEFAULT_KEEP_VERSIONS
+    max_staleness: int = DEFAULT_MAX_STALENESS
+    max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    track_started: bool = False
+    amp: str = "off"
+    compile: bool = False
+    plugins: tuple[str, ...] = ()
+    metrics_port: int = 0
+    inference_queue: str = "inference"
+    training_queue: str = "training"
+    ready_file: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``AGENT_WORKERS_*`` variables.
+
+        Raises:
+            ConfigError: a variable is malformed or the combination cannot work; the message names the fix.
+        """
+        env = os.environ if environ is None else environ
+        r = _Reader(env)
+        batch = BatchSettings(
+            max_batch_size=r.int("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE, minimum=1),
+            max_wait_ms=r.float("MAX_WAIT_MS", DEFAULT_MAX_WAIT_MS, minimum=0.0),
+            mode=r.choice("BATCH_MODE", "fixed", _BATCH_MODES),
+            latency_target_ms=r.float("LATENCY_TARGET_MS", 50.0, minimum=0.1),
+        )
+        settings = cls(
+            broker_url=r.url("BROKER_URL", DEFAULT_BROKER_URL, _BROKER_SCHEMES),
+            result_backend=r.url("RESULT_BACKEND", DEFAULT_RESULT_BACKEND, _REDIS_SCHEMES),
+            params_url=r.url("PARAMS_URL", DEFAULT_PARAMS_URL, _REDIS_SCHEMES),
+            namespace=r.str("NAMESPACE", DEFAULT_NAMESPACE),
+            device=r.str("DEVICE", "auto"),
+            batch=batch,
+            result_expires=r.int("RESULT_EXPIRES", DEFAULT_RESULT_EXPIRES, minimum=1),
+            visibility_timeout=r.int("VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=1),
+            task_time_limit=r.int("TASK_TIME_LIMIT", DEFAULT_TASK_TIME_LIMIT, minimum=1),
+            keep_versions=r.int("KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, minimum=1),
+            max_staleness=r.int("MAX_STALENESS", DEFAULT_MAX_STALENESS, minimum=0),
+            max_input_elements=r.int("MAX_INPUT_ELEMENTS", DEFAULT_MAX_INPUT_ELEMENTS, minimum=1),
+            max_message_bytes=r.int("MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024),
+            track_started=r.bool("TRACK_STARTED", False),
+            amp=r.choice("AMP", "off", {"off", "bf16", "fp16"}),
+            compile=r.bool("COMPILE", False),
+            plugins=tuple(p.strip() for p in r.str("PLUGINS", "", allow_empty=True).split(",") if p.strip()),
+            metrics_port=r.int("METRICS_PORT", 0, minimum=0),
+            inference_queue=r.str("INFERENCE_QUEUE", "inference"),
+            training_queue=r.str("TRAINING_QUEUE", "training"),
+            ready_file=r.str("READY_FILE", "", allow_empty=True),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse combinations that cannot work.
+
+        Raises:
+            ConfigError: naming the variable to change.
+        """
+        if not _valid_device(self.device):
+            raise ConfigError(
+                f"AGENT_WORKERS_DEVICE={self.device!r} is not a device; use auto, cpu, cuda or cuda:N"
+            )
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ConfigError(
+                f"AGENT_WORKERS_VISIBILITY_TIMEOUT={self.visibility_timeout}s must exceed "
+                f"AGENT_WORKERS_TASK_TIME_LIMIT={self.task_time_limit}s, or Redis redelivers running tasks; "
+                "raise the visibility timeout or lower the time limit"
+            )
+        if not self.namespace.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(
+                f"AGENT_WORKERS_NAMESPACE={self.namespace!r} must be letters, digits, '-' or '_' (it prefixes keys)"
+            )
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """True when the broker is Redis (visibility timeout applies)."""
+        return urlparse(self.broker_url).scheme in _REDIS_SCHEMES
+
+
+def _valid_device(device: str) -> bool:
+    if device in {"auto", "cpu", "cuda"}:
+        return True
+    head, _, index = device.partition(":")
+    return head == "cuda" and index.isdigit()
+
+
+class _Reader:
+    """Typed access to ``AGENT_WORKERS_*`` variables with errors that name the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self._env.get(PREFIX + name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def str(self, name: str, default: str, *, allow_empty: bool = False) -> str:
+        value = self._raw(name)
+        return default if value is None else value
+
+    def int(self, name: str, default: int, *, minimum: int) -> int:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{PREFIX}{name}={value!r} is not an integer; set a whole number >= {minimum}") from None
+        if number < minimum:
+            raise ConfigError(f"{PREFIX}{name}={number} is too small; set a whole number >= {minimum}")
+        return number
+
+    def float(self, name: str, default: float, *, minimum: float) -> float:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{PREFIX}{name}={value!r} is not a number; set a number >= {minimum}") from None
+        if not number >= minimum:
+            raise ConfigError(f"{PREFIX}{name}={number} is too small; set a number >= {minimum}")
+        return number
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._raw(name)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{PREFIX}{name}={value!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
+
+    def choice(self, name: str, default: str, choices: set[str]) -> str:
+        value = self._raw(name)
+        if value is None:
+            return default
+        if value not in choices:
+            raise ConfigError(f"{PREFIX}{name}={value!r} is not one of {', '.join(sorted(choices))}")
+        return value
+
+    def url(self, name: str, default: str, schemes: set[str]) -> str:
+        value = self._raw(name) or default
+        scheme = urlparse(value).scheme
+        if scheme not in schemes:
+            raise ConfigError(
+                f"{PREFIX}{name}={value!r} has scheme {scheme or '(none)'!r}; use one of "
+                + ", ".join(f"{s}://" for s in sorted(schemes))
+            )
+        return value

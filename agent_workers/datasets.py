@@ -1,0 +1,73 @@
+"""Training datasets uploaded once to Redis as ``.npy`` bytes (never pickled) and sliced by row indices."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from typing import Any
+
+import numpy as np
+import redis
+
+from agent_workers.errors import InputError
+from agent_workers.keys import Keys
+
+DEFAULT_TTL = 7 * 24 * 3600
+
+
+def _to_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class DatasetStore:
+    """Upload and read training datasets.
+
+    Args:
+        client: redis-py client of the parameter store.
+        keys: the namespace's key builder.
+    """
+
+    def __init__(self, *, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def upload(self, x: np.ndarray, y: np.ndarray, *, dataset_id: str | None = None, ttl: int = DEFAULT_TTL) -> str:
+        """Store ``x`` (rows × features) and ``y`` (one target per row); returns the dataset id."""
+        if len(x) != len(y):
+            raise InputError(f"x has {len(x)} rows but y has {len(y)}")
+        dataset_id = dataset_id or uuid.uuid4().hex
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.dataset(dataset_id, "x"), _to_bytes(np.asarray(x, dtype=np.float32)), ex=ttl)
+        pipe.set(self.keys.dataset(dataset_id, "y"), _to_bytes(np.asarray(y)), ex=ttl)
+        pipe.execute()
+        return dataset_id
+
+    def load(self, dataset_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The whole dataset (cached in this process: datasets are immutable)."""
+        hit = self._cache.get(dataset_id)
+        if hit is not None:
+            return hit
+        x, y = self.client.mget(self.keys.dataset(dataset_id, "x"), self.keys.dataset(dataset_id, "y"))
+        if x is None or y is None:
+            raise InputError(f"dataset {dataset_id!r} does not exist or expired; upload it again")
+        data = (_from_bytes(x), _from_bytes(y))
+        self._cache[dataset_id] = data
+        return data
+
+    def rows(self, dataset_id: str, rows: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The rows ``rows`` (a list of indices) of a dataset."""
+        x, y = self.load(dataset_id)
+        try:
+            index = np.asarray(rows, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise InputError("rows must be a list of integer row indices") from None
+        if index.ndim != 1 or index.size == 0 or index.min() < 0 or index.max() >= len(x):
+            raise InputError(f"rows must be a non-empty list of indices in [0, {len(x)})")
+        return x[index], y[index]

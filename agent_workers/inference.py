@@ -1,0 +1,215 @@
+"""The inference engine: validated inputs, a per-(model, version) parameter cache, and batched forward passes.
+
+The engine knows nothing of Celery: the batcher hands it lists of requests and gets back one outcome per request.
+A batch that makes the model raise is bisected so only the culprit requests fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent_workers.config import Settings
+from agent_workers.errors import InputError, ModelError
+from agent_workers.models import ModelSpec
+from agent_workers.params import RedisParamStore
+
+log = logging.getLogger(__name__)
+
+PINNED_CACHE_SIZE = 4
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """One version of a model, on its device, warmed and ready to serve."""
+
+    name: str
+    version: int
+    epoch: str
+    spec: ModelSpec
+    module: torch.nn.Module
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn the ``device`` setting into a torch device; CUDA is touched only here, lazily, in the computing process."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("AGENT_WORKERS_DEVICE=%s but CUDA is not available; falling back to the CPU", name)
+        return torch.device("cpu")
+    return device
+
+
+def validate_input(spec: ModelSpec, inputs: Any, *, max_elements: int) -> np.ndarray:
+    """Check one example against the model's input shape and return it as float32.
+
+    Raises:
+        InputError: naming what is wrong (type, shape, size, NaN/inf).
+    """
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, (list, tuple)):
+        raise InputError(f"inputs must be a list of numbers of shape {list(spec.input_shape)}, "
+                         f"got {type(inputs).__name__}")
+    if len(inputs) != spec.input_shape[0]:
+        raise InputError(f"inputs must have shape {list(spec.input_shape)}, got length {len(inputs)}")
+    try:
+        array = np.asarray(inputs, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"inputs must be numbers of shape {list(spec.input_shape)}: {exc}") from None
+    if array.size > max_elements:
+        raise InputError(f"inputs have {array.size} numbers; the limit is {max_elements}")
+    if array.shape != spec.input_shape:
+        raise InputError(f"inputs must have shape {list(spec.input_shape)}, got {list(array.shape)}")
+    if not np.isfinite(array).all():
+        raise InputError("inputs contain NaN or infinity")
+    return array
+
+
+class InferenceEngine:
+    """Loads model versions from the store, caches them, and runs batches.
+
+    Args:
+        store: where parameters live.
+        settings: device, AMP, compile and size limits.
+    """
+
+    def __init__(self, *, store: RedisParamStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._device: torch.device | None = None
+        self._current: dict[str, LoadedModel] = {}
+        self._pinned: OrderedDict[tuple[str, str, int], LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()  # the batcher and a pool thread (predict_many) may load at once
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            self._device = resolve_device(self.settings.device)
+            log.info("inference device: %s", self._device)
+        return self._device
+
+    def loaded(self) -> list[LoadedModel]:
+        """Models currently serving, for the inspect command and metrics."""
+        return list(self._current.values())
+
+    def current(self, name: str) -> LoadedModel:
+        """The newest committed version of ``name``; one cheap head read, a load only when the version changed.
+
+        A new version is loaded and warmed before it serves; if loading fails the old version keeps serving.
+        """
+        head = self.store.head(name)
+        cached = self._current.get(name)
+        if cached is not None and cached.version == head.version and cached.epoch == head.epoch:
+            return cached
+        with self._lock:
+            cached = self._current.get(name)
+            if cached is not None and cached.version == head.version and cached.epoch == head.epoch:
+                return cached
+            try:
+                fresh = self._load(name, None)
+            except ModelError:
+                if cached is not None and cached.epoch == head.epoch:
+                    log.exception("loading %s v%d failed; v%d keeps serving", name, head.version, cached.version)
+                    return cached
+                raise
+            self._current[name] = fresh
+            return fresh
+
+    def pinned(self, name: str, version: int) -> LoadedModel:
+        """A specific version of ``name`` (kept in a small LRU)."""
+        head = self.store.head(name)
+        cached = self._current.get(name)
+        if cached is not None and cached.version == version and cached.epoch == head.epoch:
+            return cached
+        key = (name, head.epoch, version)
+        with self._lock:
+            hit = self._pinned.get(key)
+            if hit is not None:
+                self._pinned.move_to_end(key)
+                return hit
+            loaded = self._load(name, version)
+            self._pinned[key] = loaded
+            while len(self._pinned) > PINNED_CACHE_SIZE:
+                self._pinned.popitem(last=False)
+            return loaded
+
+    def _load(self, name: str, version: int | None) -> LoadedModel:
+        snapshot = self.store.read(name, version)
+        spec = self.store.spec(name, snapshot.epoch)
+        module = spec.build()
+        try:
+            module.load_state_dict(snapshot.parameters())
+        except RuntimeError as exc:
+            raise ModelError(f"stored parameters of {name!r} v{snapshot.version} do not fit its spec: {exc}") from exc
+        module = module.to(self.device).eval()
+        if self.settings.compile:
+            module = torch.compile(module)  # type: ignore[assignment]
+        loaded = LoadedModel(name=name, version=snapshot.version, epoch=snapshot.epoch, spec=spec,
+                             module=module, device=self.device)
+        self.forward(loaded, np.zeros((1, *spec.input_shape), dtype=np.float32))  # warm before serving
+        log.info("loaded %s v%d on %s", name, snapshot.version, self.device)
+        return loaded
+
+    def validate(self, loaded: LoadedModel, inputs: Any) -> np.ndarray:
+        """See :func:`validate_input`."""
+        return validate_input(loaded.spec, inputs, max_elements=self.settings.max_input_elements)
+
+    def forward(self, loaded: LoadedModel, batch: np.ndarray) -> np.ndarray:
+        """One forward pass over a stacked batch; returns float32 outputs on the host."""
+        x = torch.from_numpy(batch)
+        if loaded.device.type == "cuda":
+            x = x.pin_memory().to(loaded.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast(loaded.device):
+            y = loaded.module(x)
+        return y.float().cpu().numpy()
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        if device.type != "cuda" or self.settings.amp == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.settings.amp == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def run_batch(self, loaded: LoadedModel, arrays: list[np.ndarray]) -> list[list[Any] | Exception]:
+        """Forward ``arrays`` together; if the model raises, bisect so only the culprits fail."""
+        try:
+            out = self.forward(loaded, np.stack(arrays))
+        except Exception as exc:  # noqa: BLE001 - any model failure is isolated below
+            if len(arrays) == 1:
+                return [ModelError(f"model {loaded.name!r} v{loaded.version} failed on this input: {exc}")]
+            mid = len(arrays) // 2
+            return self.run_batch(loaded, arrays[:mid]) + self.run_batch(loaded, arrays[mid:])
+        if len(out) != len(arrays):
+            error = ModelError(f"model {loaded.name!r} returned {len(out)} outputs for {len(arrays)} inputs")
+            return [error] * len(arrays)
+        return out.tolist()
+
+    def predict_many(self, name: str, inputs: Any, version: int | None = None) -> dict[str, Any]:
+        """Score many examples of one model in GPU-sized batches; outputs in input order.
+
+        Raises:
+            InputError: ``inputs`` is not a list, or one example is bad (its index is named).
+        """
+        if not isinstance(inputs, list):
+            raise InputError(f"inputs must be a list of examples, got {type(inputs).__name__}")
+        loaded = self.current(name) if version is None else self.pinned(name, version)
+        arrays = []
+        for i, item in enumerate(inputs):
+            try:
+                arrays.append(self.validate(loaded, item))
+            except InputError as exc:
+                raise InputError(f"example {i}: {exc}") from None
+        outputs: list[Any] = []
+        size = self.settings.batch.max_batch_size
+        for start in range(0, len(arrays), size):
+            if not arrays[start : start + size]:
+                break
+            outputs.extend(self.forward(loaded, np.stack(arrays[start : start + size])).tolist())
+        return {"model": name, "version": loaded.version, "outputs": outputs}

@@ -1,0 +1,58 @@
+"""Every Redis key name is built here and nowhere else.
+
+All keys of one model share the hash tag ``{name}`` so a Redis Cluster keeps them in one slot and the commit script
+may touch them together::
+
+    aw:models                          set of model names
+    aw:model:{linear}:spec             JSON architecture spec
+    aw:model:{linear}:head             hash: version, blob (the key of the current blob)
+    aw:model:{linear}:blob:7           safetensors bytes of version 7 (immutable)
+    aw:model:{linear}:staging:<uuid>   an uploaded blob waiting for its commit (expires)
+    aw:model:{linear}:applied          hash: update id -> version it produced (exactly-once)
+    aw:model:{linear}:history          list of JSON commit records, newest first
+    aw:data:{<id>}:x / :y              a dataset uploaded for training
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """Key builder for one namespace."""
+
+    namespace: str
+
+    def models(self) -> str:
+        return f"{self.namespace}:models"
+
+    def _model(self, name: str) -> str:
+        return f"{self.namespace}:model:{{{name}}}"
+
+    def spec(self, name: str) -> str:
+        return f"{self._model(name)}:spec"
+
+    def head(self, name: str) -> str:
+        return f"{self._model(name)}:head"
+
+    def blob(self, name: str, version: int) -> str:
+        return f"{self._model(name)}:blob:{version}"
+
+    def blob_prefix(self, name: str) -> str:
+        return f"{self._model(name)}:blob:"
+
+    def staging(self, name: str, token: str) -> str:
+        return f"{self._model(name)}:staging:{token}"
+
+    def applied(self, name: str) -> str:
+        return f"{self._model(name)}:applied"
+
+    def history(self, name: str) -> str:
+        return f"{self._model(name)}:history"
+
+    def lock(self, name: str) -> str:
+        return f"{self._model(name)}:lock"
+
+    def dataset(self, dataset_id: str, part: str) -> str:
+        return f"{self.namespace}:data:{{{dataset_id}}}:{part}"

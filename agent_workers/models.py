@@ -1,0 +1,111 @@
+"""Model specs and the architecture registry: name -> builder -> ``torch.nn.Module``.
+
+Two architectures are built in: ``linear`` (a linear regression) and ``mlp`` (a ReLU classifier of configurable
+widths). Register your own with :func:`register_architecture`; a worker imports the modules listed in
+``AGENT_WORKERS_PLUGINS`` at start-up so your registration runs there too::
+
+    # my_models.py   (start workers with AGENT_WORKERS_PLUGINS=my_models)
+    import torch
+    from agent_workers import register_architecture
+
+    @register_architecture("bilinear")
+    def build_bilinear(*, in_features: int, out_features: int = 1) -> torch.nn.Module:
+        return torch.nn.Bilinear(in_features, in_features, out_features)
+
+The builder takes keyword arguments only (the spec's ``config``) and must be deterministic in its parameter names
+and shapes; the weights themselves always come from the parameter store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from agent_workers.errors import ModelError
+
+Builder = Callable[..., torch.nn.Module]
+_ARCHITECTURES: dict[str, Builder] = {}
+
+
+def register_architecture(name: str) -> Callable[[Builder], Builder]:
+    """Register ``builder(**config) -> nn.Module`` under ``name``; usable as a decorator."""
+
+    def decorate(builder: Builder) -> Builder:
+        _ARCHITECTURES[name] = builder
+        return builder
+
+    return decorate
+
+
+def architectures() -> list[str]:
+    """Names of every registered architecture, sorted."""
+    return sorted(_ARCHITECTURES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a model is: its architecture name, the builder's config, and its input shape per example."""
+
+    arch: str
+    config: dict[str, Any]
+    input_shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"arch": self.arch, "config": self.config, "input_shape": list(self.input_shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(arch=data["arch"], config=dict(data["config"]), input_shape=tuple(data["input_shape"]))
+
+    def build(self) -> torch.nn.Module:
+        """Instantiate the architecture (random weights; load the stored ones over them)."""
+        try:
+            builder = _ARCHITECTURES[self.arch]
+        except KeyError:
+            raise ModelError(
+                f"unknown architecture {self.arch!r}; registered: {', '.join(architectures())} "
+                "(register yours and list its module in AGENT_WORKERS_PLUGINS)"
+            ) from None
+        try:
+            return builder(**self.config)
+        except TypeError as exc:
+            raise ModelError(f"architecture {self.arch!r} rejected config {self.config!r}: {exc}") from exc
+
+
+def make_spec(arch: str, **config: Any) -> ModelSpec:
+    """Build and check a spec; the input shape is read from the config (``in_features``) or ``input_shape``."""
+    input_shape = config.pop("input_shape", None)
+    if input_shape is None:
+        if "in_features" not in config:
+            raise ModelError(f"architecture {arch!r} needs in_features or input_shape in its config")
+        input_shape = (int(config["in_features"]),)
+    spec = ModelSpec(arch=arch, config=config, input_shape=tuple(int(d) for d in input_shape))
+    spec.build()  # fail now, not in a worker
+    return spec
+
+
+@register_architecture("linear")
+def build_linear(*, in_features: int, out_features: int = 1) -> torch.nn.Module:
+    """A linear regression ``y = x W^T + b``."""
+    return torch.nn.Linear(in_features, out_features)
+
+
+@register_architecture("mlp")
+def build_mlp(*, in_features: int, hidden: list[int] | tuple[int, ...] = (256, 256), out_features: int = 10) -> torch.nn.Module:
+    """A ReLU multi-layer perceptron; ``hidden`` gives the widths of the hidden layers."""
+    layers: list[torch.nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [torch.nn.Linear(width, int(h)), torch.nn.ReLU()]
+        width = int(h)
+    layers.append(torch.nn.Linear(width, out_features))
+    return torch.nn.Sequential(*layers)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Number of scalar parameters in ``module``."""
+    return sum(math.prod(p.shape) for p in module.parameters())

@@ -1,0 +1,190 @@
+"""Worker processes and local services, started and stopped by pid (used by the demo, the benchmark and tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from agent_workers.config import Settings
+from agent_workers.errors import ConfigError
+
+READY_TIMEOUT = 90.0
+
+
+def worker_command(*, queues: list[str], hostname: str, loglevel: str = "INFO", concurrency: int = 1,
+                   prefetch_multiplier: int = 1, pool: str = "threads", extra: list[str] | None = None) -> list[str]:
+    """The ``celery worker`` command line for one worker process of ours."""
+    return [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", pool, "-c", str(concurrency),
+            "-Q", ",".join(queues), "-n", hostname, "-l", loglevel, "-E",
+            "--prefetch-multiplier", str(prefetch_multiplier), "--without-mingle", "--without-gossip",
+            *(extra or [])]
+
+
+def settings_env(settings_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The current environment plus ``AGENT_WORKERS_*`` overrides, with the repo importable."""
+    env = dict(os.environ)
+    env.update(settings_env or {})
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class WorkerProcess:
+    """One ``celery worker`` subprocess; ready when its log says so, stopped by pid.
+
+    Args:
+        queues: queues it consumes.
+        env: ``AGENT_WORKERS_*`` variables for it.
+        inference: size the prefetch so a batch can fill (2 × max batch size).
+    """
+
+    def __init__(self, *, queues: list[str], env: Mapping[str, str] | None = None, name: str | None = None,
+                 loglevel: str = "INFO", pool: str = "threads", extra: list[str] | None = None,
+                 log_path: Path | None = None) -> None:
+        self.env = settings_env(env)
+        self.ready_path = Path(tempfile.mkdtemp(prefix="aw-ready-")) / "ready"
+        self.env["AGENT_WORKERS_READY_FILE"] = str(self.ready_path)
+        settings = Settings.from_env({k: v for k, v in self.env.items() if k.startswith("AGENT_WORKERS_")})
+        self.hostname = name or f"aw-{uuid.uuid4().hex[:8]}@%h"
+        inference = settings.inference_queue in queues
+        prefetch = 2 * settings.batch.max_batch_size if inference else 1
+        self.cmd = worker_command(queues=queues, hostname=self.hostname, loglevel=loglevel,
+                                  prefetch_multiplier=prefetch, pool=pool, extra=extra)
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="aw-worker-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait: bool = True) -> WorkerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Block until the worker writes its ready file (it consumes from then on)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if self.ready_path.exists():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (warm shutdown), then SIGKILL if it does not exit in ``timeout`` seconds."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL the worker process (a crash, as far as the broker can tell)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    """True when the Redis at ``url`` answers PING."""
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalRedis:
+    """A ``redis-server`` we start ourselves (its own port and directory) and stop by pid."""
+
+    def __init__(self, *, port: int | None = None, args: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="aw-redis-")
+        self.args = args or ["--save", "", "--appendonly", "no"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> LocalRedis:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ConfigError(NO_REDIS_HELP)
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                                      *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not redis_answers(self.url, 0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+NO_REDIS_HELP = (
+    "no Redis answers and no redis-server binary was found. Get one with any of:\n"
+    "  docker-compose up -d redis          (this repo's docker-compose.yml)\n"
+    "  sudo apt-get install redis-server   (Debian/Ubuntu)\n"
+    "  brew install redis && brew services start redis   (macOS)\n"
+    "or point AGENT_WORKERS_BROKER_URL / _RESULT_BACKEND / _PARAMS_URL at a Redis you have."
+)
+
+
+def ensure_redis(settings: Settings) -> LocalRedis | None:
+    """Make sure the Redis of ``settings`` answers; start a local one on its port when it is local and down.
+
+    Returns the server we started (stop it when done), or None when one was already there.
+    """
+    urls = {settings.params_url, settings.result_backend}
+    if settings.broker_is_redis:
+        urls.add(settings.broker_url)
+    down = [u for u in urls if not redis_answers(u)]
+    if not down:
+        return None
+    parsed = urlparse(down[0])
+    if parsed.hostname not in {"127.0.0.1", "localhost"}:
+        raise ConfigError(f"Redis at {down[0]} does not answer; start it or fix the AGENT_WORKERS_* URL")
+    server = LocalRedis(port=parsed.port or 6379).start()
+    return server

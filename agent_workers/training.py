@@ -1,0 +1,213 @@
+"""Training: losses, optimizers, regularizers, and the optimistic train step with its staleness rule.
+
+A step reads version ``v``, computes the gradient of its mini-batch, applies the optimizer, and commits
+``v + 1`` with compare-and-set. On conflict it re-reads; if the head moved by at most ``max_staleness`` versions
+the SAME gradient is applied to the new parameters (bounded staleness, SSP style), otherwise it is recomputed.
+The update id (the Celery task id by default) makes a redelivered step apply exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent_workers import metrics
+from agent_workers.errors import InputError, StoreError
+from agent_workers.models import ModelSpec
+from agent_workers.params import PARAM_PREFIX, Outcome, RedisParamStore, Snapshot
+
+log = logging.getLogger(__name__)
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_LOSSES: dict[str, Loss] = {}
+DEFAULT_MAX_ATTEMPTS = 64
+
+
+def register_loss(name: str) -> Callable[[Loss], Loss]:
+    """Register ``loss(output, target) -> scalar tensor`` under ``name``; usable as a decorator."""
+
+    def decorate(fn: Loss) -> Loss:
+        _LOSSES[name] = fn
+        return fn
+
+    return decorate
+
+
+@register_loss("mse")
+def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(output, target.reshape(output.shape).to(output.dtype))
+
+
+@register_loss("cross_entropy")
+def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(output, target.reshape(-1).long())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HyperParams:
+    """Per-job training hyperparameters.
+
+    Attributes:
+        loss: ``mse`` or ``cross_entropy`` (or a registered one).
+        optimizer: ``sgd`` or ``adam``.
+        lr: learning rate.
+        momentum: SGD momentum (0 = plain SGD).
+        betas: Adam's moment decay rates.
+        eps: Adam's denominator guard.
+        l1: L1 penalty weight.
+        l2: L2 penalty weight (weight decay).
+    """
+
+    loss: str = "mse"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    l1: float = 0.0
+    l2: float = 0.0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> HyperParams:
+        """Parse hyperparameters from a job's JSON, refusing unknown names and values."""
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InputError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(known)}")
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        try:
+            hp = cls(**data)
+        except TypeError as exc:
+            raise InputError(f"bad hyperparameters: {exc}") from None
+        if hp.loss not in _LOSSES:
+            raise InputError(f"unknown loss {hp.loss!r}; known: {sorted(_LOSSES)}")
+        if hp.optimizer not in {"sgd", "adam"}:
+            raise InputError(f"unknown optimizer {hp.optimizer!r}; use sgd or adam")
+        if not hp.lr > 0:
+            raise InputError(f"lr must be > 0, got {hp.lr}")
+        return hp
+
+
+def compute_gradient(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray,
+                     hp: HyperParams) -> tuple[dict[str, torch.Tensor], float]:
+    """Gradient of the mini-batch loss (plus regularizers) at ``snapshot``; returns (grads by name, loss)."""
+    module = spec.build()
+    module.load_state_dict(snapshot.parameters())
+    module.train()
+    output = module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    loss = _LOSSES[hp.loss](output, torch.from_numpy(np.asarray(y)))
+    module.zero_grad()
+    loss.backward()
+    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+             for name, p in module.named_parameters()}
+    return grads, float(loss.detach())
+
+
+def apply_update(snapshot: Snapshot, grads: dict[str, torch.Tensor], hp: HyperParams) -> dict[str, torch.Tensor]:
+    """Apply one optimizer step to a snapshot; returns the complete new tensor set (params + optimizer state)."""
+    tensors = {k: v.clone() for k, v in snapshot.tensors.items()}
+    prefix = f"o.{hp.optimizer}."
+    step_key = prefix + "step"
+    step = int(tensors.get(step_key, torch.zeros(1))[0]) + 1
+    tensors[step_key] = torch.tensor([step], dtype=torch.float64)
+    for name, g in grads.items():
+        p = tensors[PARAM_PREFIX + name]
+        g = g.to(p.dtype)
+        if hp.l2:
+            g = g + hp.l2 * p
+        if hp.l1:
+            g = g + hp.l1 * torch.sign(p)
+        if hp.optimizer == "sgd":
+            if hp.momentum:
+                buf_key = f"{prefix}buf.{name}"
+                buf = tensors.get(buf_key)
+                buf = g.clone() if buf is None else hp.momentum * buf + g
+                tensors[buf_key] = buf
+                g = buf
+            tensors[PARAM_PREFIX + name] = p - hp.lr * g
+        else:
+            b1, b2 = hp.betas
+            m_key, v_key = f"{prefix}m.{name}", f"{prefix}v.{name}"
+            m = b1 * tensors.get(m_key, torch.zeros_like(p)) + (1 - b1) * g
+            v = b2 * tensors.get(v_key, torch.zeros_like(p)) + (1 - b2) * g * g
+            tensors[m_key], tensors[v_key] = m, v
+            m_hat = m / (1 - b1**step)
+            v_hat = v / (1 - b2**step)
+            tensors[PARAM_PREFIX + name] = p - hp.lr * m_hat / (v_hat.sqrt() + hp.eps)
+    return tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What a train step did."""
+
+    model: str
+    version: int
+    loss: float
+    attempts: int
+    staleness: int
+    duplicate: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train_step(store: RedisParamStore, model: str, x: Any, y: Any, hp: HyperParams, *, update_id: str,
+               max_staleness: int = 4, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> StepResult:
+    """One optimistic training step (see the module docstring).
+
+    Raises:
+        InputError: x or y malformed.
+        StoreError: still conflicting after ``max_attempts``.
+    """
+    xa, ya = as_batch(x, y)
+    snapshot = store.read(model)
+    spec = store.spec(model, snapshot.epoch)
+    if xa.shape[1:] != spec.input_shape:
+        raise InputError(f"x rows must have shape {list(spec.input_shape)}, got {list(xa.shape[1:])}")
+    grads, loss = compute_gradient(spec, snapshot, xa, ya, hp)
+    grad_version = snapshot.version
+    for attempt in range(1, max_attempts + 1):
+        new = apply_update(snapshot, grads, hp)
+        result = store.commit(model, expected=snapshot.version, tensors=new, update_id=update_id,
+                              info={"loss": loss, "staleness": snapshot.version - grad_version})
+        metrics.COMMITS.labels(model, result.outcome.value).inc()
+        if result.outcome is Outcome.COMMITTED:
+            metrics.STALENESS.labels(model).observe(snapshot.version - grad_version)
+            metrics.PARAM_VERSION.labels(model).set(result.version)
+            return StepResult(model, result.version, loss, attempt, snapshot.version - grad_version, False)
+        if result.outcome is Outcome.DUPLICATE:
+            return StepResult(model, result.version, loss, attempt, 0, True)
+        # Conflict: back off with jitter, re-read, and reuse or recompute the gradient.
+        time.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
+        snapshot = store.read(model)
+        if snapshot.version - grad_version > max_staleness:
+            grads, loss = compute_gradient(spec, snapshot, xa, ya, hp)
+            grad_version = snapshot.version
+    raise StoreError(f"train step on {model!r} still conflicted after {max_attempts} attempts; "
+                     "fewer concurrent trainers or a higher AGENT_WORKERS_MAX_STALENESS help")
+
+
+def as_batch(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a mini-batch from JSON: x a non-empty 2-D list of finite numbers, y one target per row."""
+    try:
+        xa = np.asarray(x, dtype=np.float32)
+        ya = np.asarray(y, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"x and y must be numbers: {exc}") from None
+    if xa.ndim < 2 or xa.shape[0] == 0:
+        raise InputError(f"x must be a non-empty list of rows, got shape {list(xa.shape)}")
+    if ya.shape[0] != xa.shape[0]:
+        raise InputError(f"y has {ya.shape[0]} targets for {xa.shape[0]} rows")
+    if not (np.isfinite(xa).all() and np.isfinite(ya).all()):
+        raise InputError("x or y contain NaN or infinity")
+    return xa, ya

@@ -1,0 +1,158 @@
+"""Shared fixtures: real Redis and RabbitMQ, real worker processes, one namespace and queue pair per pool.
+
+Every integration test that takes ``pool`` (or ``start_pool``) runs once per broker. A missing service skips the
+test on a laptop and fails it under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent_workers.client import Client
+from agent_workers.config import Settings
+from agent_workers.params import RedisParamStore
+from agent_workers.supervisor import WorkerProcess, free_port
+
+IN_CI = os.environ.get("CI") == "true"
+REDIS = "redis://127.0.0.1:6379"
+BROKERS = {"redis": f"{REDIS}/0", "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//"}
+
+
+def tcp_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def need(ok: bool, what: str) -> None:
+    """Skip without ``what``; under CI a missing service is a failure, not a skip."""
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"{what} is not reachable; .ci/run must start it")
+        pytest.skip(f"{what} is not reachable")
+
+
+@pytest.fixture(scope="session")
+def redis_up() -> None:
+    need(tcp_answers("127.0.0.1", 6379), "Redis on 127.0.0.1:6379")
+
+
+@pytest.fixture(scope="session", params=sorted(BROKERS))
+def broker(request: pytest.FixtureRequest, redis_up: None) -> str:
+    """The broker under test: every integration test runs on Redis and on RabbitMQ."""
+    if request.param == "rabbitmq":
+        need(tcp_answers("127.0.0.1", 5672), "RabbitMQ on 127.0.0.1:5672")
+    return str(request.param)
+
+
+def pool_env(broker: str, **overrides: object) -> dict[str, str]:
+    """``AGENT_WORKERS_*`` for an isolated pool: its own namespace and queues on the shared services."""
+    ns = "t" + uuid.uuid4().hex[:10]
+    env = {
+        "AGENT_WORKERS_BROKER_URL": BROKERS[broker],
+        "AGENT_WORKERS_RESULT_BACKEND": f"{REDIS}/1",
+        "AGENT_WORKERS_PARAMS_URL": f"{REDIS}/2",
+        "AGENT_WORKERS_NAMESPACE": ns,
+        "AGENT_WORKERS_INFERENCE_QUEUE": f"{ns}.inference",
+        "AGENT_WORKERS_TRAINING_QUEUE": f"{ns}.training",
+        "AGENT_WORKERS_DEVICE": "cpu",
+    }
+    env.update({f"AGENT_WORKERS_{k.upper()}": str(v) for k, v in overrides.items()})
+    return env
+
+
+@dataclasses.dataclass
+class Pool:
+    """A running worker process plus everything a test needs to talk to it."""
+
+    broker: str
+    env: dict[str, str]
+    settings: Settings
+    worker: WorkerProcess
+    client: Client
+    store: RedisParamStore
+    metrics_port: int
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of one Prometheus sample scraped from the worker."""
+        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                    total += sample.value
+        return total
+
+
+def _cleanup(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.params_url)
+    keys = list(client.scan_iter(match=f"{settings.namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    if not settings.broker_is_redis:
+        from kombu import Connection
+
+        with Connection(settings.broker_url) as conn:
+            channel = conn.default_channel
+            for queue in (settings.inference_queue, settings.training_queue):
+                try:
+                    channel.queue_delete(queue)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+    else:
+        redis.Redis.from_url(settings.broker_url).delete(settings.inference_queue, settings.training_queue)
+
+
+@pytest.fixture
+def start_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Pool]]:
+    """Factory: ``start_pool(broker, queues=..., **settings)`` starts a worker; all are stopped afterwards."""
+    pools: list[Pool] = []
+
+    def start(broker: str, *, queues: str = "both", start: bool = True, **overrides: object) -> Pool:
+        port = free_port()
+        env = pool_env(broker, metrics_port=port, **overrides)
+        settings = Settings.from_env(env)
+        wanted = {"both": [settings.inference_queue, settings.training_queue],
+                  "inference": [settings.inference_queue], "training": [settings.training_queue]}[queues]
+        log = tmp_path_factory.mktemp("worker") / "worker.log"
+        worker = WorkerProcess(queues=wanted, env=env, log_path=log)
+        pool = Pool(broker, env, settings, worker, Client(settings), RedisParamStore.from_settings(settings), port)
+        pools.append(pool)
+        if start:
+            worker.start()
+        return pool
+
+    yield start
+    for pool in pools:
+        pool.worker.stop()
+        _cleanup(pool.settings)
+
+
+@pytest.fixture(scope="session")
+def pool(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    """One shared worker per broker, consuming both queues (tests use their own model names)."""
+    port = free_port()
+    env = pool_env(broker, metrics_port=port, max_wait_ms=20, keep_versions=1000)
+    settings = Settings.from_env(env)
+    log = tmp_path_factory.mktemp("pool") / "worker.log"
+    worker = WorkerProcess(queues=[settings.inference_queue, settings.training_queue], env=env, log_path=log)
+    worker.start()
+    p = Pool(broker, env, settings, worker, Client(settings), RedisParamStore.from_settings(settings), port)
+    yield p
+    worker.stop()
+    _cleanup(settings)
+
+
+def unique(prefix: str = "m") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

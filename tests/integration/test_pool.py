@@ -1,0 +1,128 @@
+"""The end-to-end slice on both brokers: producers, training, bad input, predict_many."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from agent_workers.errors import InputError, ModelError
+from agent_workers.models import make_spec
+from tests.conftest import Pool, unique
+
+pytestmark = pytest.mark.integration
+
+
+def reference(pool: Pool, model: str, rows: np.ndarray, version: int | None = None) -> np.ndarray:
+    """What torch computes locally with the stored parameters of ``version``."""
+    snap = pool.store.read(model, version)
+    module = pool.store.spec(model, snap.epoch).build()
+    module.load_state_dict(snap.parameters())
+    with torch.no_grad():
+        return module(torch.from_numpy(rows.astype(np.float32))).numpy()
+
+
+BARE_PRODUCER = textwrap.dedent(
+    """
+    import json, sys
+    from celery import Celery
+    broker, backend, queue, model, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+    app = Celery("outsider", broker=broker, backend=backend)
+    app.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    handles = [app.send_task("agent_workers.predict", args=[model, row], queue=queue) for row in rows]
+    print(json.dumps([h.get(timeout=60) for h in handles]))
+    assert "agent_workers" not in sys.modules
+    """
+)
+
+
+def test_bare_celery_producer_gets_the_numbers_torch_computes(pool: Pool) -> None:
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=10), seed=3)
+    rows = np.random.default_rng(0).standard_normal((5, 10)).astype(np.float32)
+    s = pool.settings
+    out = subprocess.run([sys.executable, "-c", BARE_PRODUCER, s.broker_url, s.result_backend, s.inference_queue,
+                          model, json.dumps(rows.tolist())], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    got = np.array([r["outputs"] for r in results])
+    np.testing.assert_allclose(got, reference(pool, model, rows), rtol=1e-5, atol=1e-6)
+    assert {r["version"] for r in results} == {0}
+
+
+def test_train_step_advances_version_and_prediction_uses_new_parameters(pool: Pool) -> None:
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=3), seed=1)
+    row = [1.0, -2.0, 0.5]
+    before = pool.client.predict(model, row)
+    step = pool.client.wait(pool.client.send_train_step(model, x=[row, [0.0, 1.0, 1.0]], y=[[5.0], [-1.0]],
+                                                        hparams={"lr": 0.1}))
+    assert step["version"] == 1 and not step["duplicate"]
+    after = pool.client.predict(model, row)
+    assert after["version"] == 1
+    assert after["outputs"] != before["outputs"]
+    np.testing.assert_allclose(after["outputs"], reference(pool, model, np.array([row]), 1)[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "model", "message"),
+    [
+        ([1.0, 2.0], None, "shape [3], got length 2"),
+        ("not numbers", None, "got str"),
+        ([1.0, "x", 3.0], None, "must be numbers"),
+        ([1.0, float("nan"), 3.0], None, "NaN"),
+        ([1.0, 2.0, 3.0], "no-such-model", "unknown model 'no-such-model'"),
+    ],
+    ids=["wrong-length", "string", "string-inside", "nan", "unknown-model"],
+)
+def test_bad_input_fails_alone_and_the_next_request_succeeds(pool: Pool, inputs: object, model: str | None,
+                                                              message: str) -> None:
+    name = unique("lin")
+    pool.store.create(name, make_spec("linear", in_features=3))
+    bad = pool.client.app.send_task("agent_workers.predict", kwargs={"model": model or name, "inputs": inputs})
+    with pytest.raises((InputError, ModelError)) as info:
+        pool.client.wait(bad, timeout=30)
+    assert message in str(info.value)
+    assert bad.state == "FAILURE"
+    good = pool.client.predict(name, [1.0, 2.0, 3.0], timeout=30)
+    assert good["version"] == 0 and len(good["outputs"]) == 1
+
+
+def test_predict_many_returns_outputs_in_input_order(pool: Pool) -> None:
+    model = unique("mlp")
+    pool.store.create(model, make_spec("mlp", in_features=8, hidden=[16], out_features=4))
+    rows = np.random.default_rng(1).standard_normal((150, 8)).astype(np.float32)  # > one batch of 64
+    result = pool.client.predict_many(model, rows.tolist(), timeout=60)
+    np.testing.assert_allclose(np.array(result["outputs"]), reference(pool, model, rows), rtol=1e-4, atol=1e-5)
+
+
+def test_predict_many_names_the_bad_example(pool: Pool) -> None:
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=2))
+    with pytest.raises(InputError, match="example 1"):
+        pool.client.predict_many(model, [[1, 2], [1, 2, 3]], timeout=30)
+
+
+def test_fit_job_trains_and_reports_progress(pool: Pool) -> None:
+    from agent_workers.app import create_app
+
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=2))
+    x = np.random.default_rng(2).standard_normal((200, 2)).astype(np.float32)
+    y = (x @ np.array([[2.0], [-1.0]], dtype=np.float32)) + 0.5
+    dataset = create_app(pool.settings).datasets.upload(x, y)
+    handle = pool.client.send_fit(model, dataset, epochs=5, batch_size=20, hparams={"lr": 0.1})
+    try:
+        result = pool.client.wait(handle, timeout=120)
+    except CeleryTimeout:
+        pytest.fail(f"fit did not finish; state {handle.state}")
+    assert result["steps"] == 50 and result["version"] == 50
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"] / 10
+    params = pool.store.read(model).parameters()
+    np.testing.assert_allclose(params["weight"].numpy(), [[2.0, -1.0]], atol=0.05)
