@@ -3,10 +3,11 @@
 It replaces Celery's per-message strategy for the predict task (``Task.Strategy``), so it runs in the worker's event
 loop, where messages arrive:
 
-1. each message is decoded (JSON only), checked for revoke and ``expires``, and buffered; a ``task-received`` event
-   is queued for Flower;
+1. each message is decoded (JSON only) and buffered (with the Redis broker, many messages arrive per round trip:
+   see transport.py);
 2. the buffer is flushed when it holds ``max_batch_size`` requests or its oldest request has waited ``max_wait_ms``;
-3. a flush groups requests by model and pinned version, resolves ONE parameter version per group (a batch never mixes
+3. a flush announces the batch to Flower (``task-received``, one buffered event publish per batch), checks revoke
+   and ``expires``, groups requests by model and pinned version, resolves ONE parameter version per group (a batch never mixes
    versions), validates every request on its own, and runs the valid ones in one forward pass (bisecting if the
    model raises);
 4. every request gets its own result: written for the whole batch in one pipelined Redis round trip, in the exact
@@ -72,6 +73,16 @@ class Outcome:
     runtime: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class _ModelMetrics:
+    """Labelled metric children of one model, looked up once (``labels()`` is costly per call)."""
+
+    batch_size: Any
+    compute: Any
+    queue_wait: Any
+    version: Any
+
+
 class BatchPolicy:
     """How large a batch may grow and how long its first request may wait.
 
@@ -116,7 +127,7 @@ class BatchPolicy:
         if self.settings.mode != "adaptive" or self._a <= 0:
             return limit
         budget = self.settings.latency_target_ms / 1000.0 / 2
-        return max(1, min(limit, int((budget - self._b) / self._a)))
+        return max(1, min(limit, int((budget - self._b) / self._a + 1e-9)))
 
     @property
     def max_wait(self) -> float:
@@ -235,8 +246,12 @@ class Batcher:
         self.writer = ResultWriter(app)
         self.timer = consumer.timer
         self.eventer = consumer.event_dispatcher
+        if self.eventer is not None:
+            # One publish per batch: the dispatcher sends a buffered group when it reaches this many events.
+            self.eventer.buffer_limit = max(self.eventer.buffer_limit, 8 * policy.settings.max_batch_size)
         self.hostname = consumer.hostname
         self.pending: list[Pending] = []
+        self._metric_cache: dict[str, _ModelMetrics] = {}
         self._tref: Any = None
         self.stats = {"batches": 0, "requests": 0}
         self.max_message_bytes = app.settings.max_message_bytes
@@ -270,10 +285,6 @@ class Batcher:
             return
         request = Pending(id=task_id, name=headers.get("task", self.task.name), message=message, args=args,
                           kwargs=kw, headers=headers, received=now, expires=_parse_expires(headers.get("expires")))
-        self._event("task-received", request, name=request.name, args=saferepr(args, ARGS_REPR_LIMIT),
-                    kwargs=saferepr(kw, ARGS_REPR_LIMIT), retries=request.retries,
-                    expires=headers.get("expires"), root_id=headers.get("root_id"),
-                    parent_id=headers.get("parent_id"))
         self.pending.append(request)
         if len(self.pending) >= self.policy.max_batch_size:
             self.flush()
@@ -307,6 +318,13 @@ class Batcher:
         batch, self.pending = self.pending, []
         if not batch:
             return
+        for req in batch:
+            # Announced here rather than on arrival: events are buffered and published once per batch, not once
+            # per message (the event dispatcher flushes on every event-loop tick).
+            self._event("task-received", req, name=req.name, args=short_repr(req.args),
+                        kwargs=short_repr(req.kwargs), retries=req.retries,
+                        expires=req.headers.get("expires"), root_id=req.headers.get("root_id"),
+                        parent_id=req.headers.get("parent_id"))
         try:
             outcomes = self._serve(batch)
         except Exception as exc:  # noqa: BLE001 - never lose a batch to a bug: fail each request with the reason
@@ -362,11 +380,12 @@ class Batcher:
             results = self.engine.run_batch(loaded, [a for _, a in chunk])
             elapsed = time.monotonic() - started
             self.policy.observe(len(chunk), elapsed)
-            metrics.BATCH_SIZE.labels(model).observe(len(chunk))
-            metrics.COMPUTE.labels(model).observe(elapsed)
-            metrics.PARAM_VERSION.labels(model).set(loaded.version)
+            m = self._metrics(model)
+            m.batch_size.observe(len(chunk))
+            m.compute.observe(elapsed)
+            m.version.set(loaded.version)
             for (req, _), value in zip(chunk, results, strict=True):
-                metrics.QUEUE_WAIT.labels(model).observe(started - req.received)
+                m.queue_wait.observe(started - req.received)
                 if isinstance(value, Exception):
                     outcomes.append(Outcome(req, states.FAILURE, value, elapsed))
                 else:
@@ -392,12 +411,16 @@ class Batcher:
             return
         ack_all([o.request.message for o in outcomes])
         self.stats["requests"] += len(outcomes)
+        counts: dict[tuple[str, str], int] = {}
         for o in outcomes:
             model = o.request.kwargs.get("model") or (o.request.args[0] if o.request.args else "?")
-            metrics.REQUESTS.labels(str(model)[:64], o.state.lower()).inc()
+            key = (str(model)[:64], o.state.lower())
+            counts[key] = counts.get(key, 0) + 1
+        for (model, outcome), n in counts.items():
+            metrics.REQUESTS.labels(model, outcome).inc(n)
+        for o in outcomes:
             if o.state == states.SUCCESS:
-                self._event("task-succeeded", o.request, result=saferepr(o.result, ARGS_REPR_LIMIT),
-                            runtime=o.runtime)
+                self._event("task-succeeded", o.request, result=short_repr(o.result), runtime=o.runtime)
             elif o.state == states.FAILURE:
                 self._event("task-failed", o.request, exception=saferepr(o.result, 500), traceback=None)
             elif o.state == states.REVOKED:
@@ -406,11 +429,39 @@ class Batcher:
             elif o.state == states.RETRY:
                 self._event("task-retried", o.request, exception=saferepr(o.result, 500), traceback=None)
 
+    def _metrics(self, model: str) -> _ModelMetrics:
+        hit = self._metric_cache.get(model)
+        if hit is None:
+            hit = _ModelMetrics(metrics.BATCH_SIZE.labels(model), metrics.COMPUTE.labels(model),
+                                metrics.QUEUE_WAIT.labels(model), metrics.PARAM_VERSION.labels(model))
+            self._metric_cache[model] = hit
+        return hit
+
     def _event(self, type_: str, req: Pending, **fields: Any) -> None:
         eventer = self.eventer
         if eventer is not None and eventer.enabled:
             # Task events are buffered by the dispatcher ('task' buffer group) and sent as one message per group.
             eventer.send(type_, uuid=req.id, **fields)
+
+
+def short_repr(value: Any, limit: int = ARGS_REPR_LIMIT) -> str:
+    """A short, cheap repr for Flower: lists of numbers are summarised, never a megabyte of floats."""
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k!r}: {_short(v)}" for k, v in list(value.items())[:8])
+        text = "{" + inner + "}"
+    elif isinstance(value, (list, tuple)):
+        text = "(" + ", ".join(_short(v) for v in value[:8]) + ")"
+    else:
+        text = _short(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"<{len(value)} items>" if len(value) > 4 else repr(value)[:60]
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_short(v)}" for k, v in list(value.items())[:6]) + "}"
+    return repr(value)[:60]
 
 
 def _parse_expires(value: Any) -> datetime | None:
@@ -436,7 +487,10 @@ def batch_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callabl
     """The ``Task.Strategy`` of ``agent_workers.predict``: route its messages into a :class:`Batcher`."""
     settings = app.settings
     prefetch = consumer.initial_prefetch_count
-    if prefetch and prefetch < settings.batch.max_batch_size:
+    # Every worker registers predict; only one that consumes the inference queue (-Q) ever batches, so a trainer
+    # (-Q training, prefetch 1) must still start.
+    serves_inference = settings.inference_queue in (app.amqp.queues.consume_from or {})
+    if serves_inference and prefetch and prefetch < settings.batch.max_batch_size:
         raise ConfigError(
             f"this worker prefetches {prefetch} messages but AGENT_WORKERS_MAX_BATCH_SIZE="
             f"{settings.batch.max_batch_size}, so a batch can never fill; start it with "

@@ -223,3 +223,58 @@ def status(timeout: float) -> None:
             except Exception:  # noqa: BLE001 - a queue nobody declared yet
                 depth = 0
             click.echo(f"  {queue}\t{depth}")
+
+
+@main.command()
+@click.option("--broker", type=click.Choice(["redis", "rabbitmq", "both"]), default="both", show_default=True)
+@click.option("--workload", type=click.Choice(["mlp", "heavy", "both"]), default="both", show_default=True,
+              help="mlp: 64-256-256-10; heavy: 1024-4096-4096-1024 (25M parameters, weight-bound).")
+@click.option("--n", "n", type=int, default=20_000, show_default=True, help="Requests pre-filled for our drain (mlp).")
+@click.option("--baseline-n", type=int, default=None, help="Requests for the naive/celery-batches drains (mlp; "
+              "default: --n).")
+@click.option("--sweep-n", type=int, default=5_000, show_default=True, help="Requests per sweep point (mlp).")
+@click.option("--heavy-n", type=int, default=4_000, show_default=True, help="Requests for our drain (heavy).")
+@click.option("--heavy-small-n", type=int, default=1_000, show_default=True,
+              help="Requests for the heavy baselines and sweep points.")
+@click.option("--sweep", default="1,8,32,64,128", show_default=True, help="max_batch_size values to sweep.")
+@click.option("--concurrency", "-c", default="32", show_default=True, help="Closed-loop producers (comma list).")
+@click.option("--duration", type=float, default=5.0, show_default=True, help="Seconds measured per latency run.")
+@click.option("--max-batch-size", type=int, default=64, show_default=True)
+@click.option("--max-wait-ms", type=float, default=5.0, show_default=True)
+@click.option("--with-celery-batches", is_flag=True,
+              help="Also measure celery-batches 0.11 (pip install --no-deps if missing; it pins celery<5.7).")
+@click.option("--skip", multiple=True, type=click.Choice(["baselines", "sweep", "latency"]), help="Leave a part out.")
+@click.option("--quick", is_flag=True, help="CI-sized run (small N, sweep 1,64, 2 s latency runs).")
+@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, help="Redis broker.")
+@click.option("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672//", show_default=True, help="RabbitMQ broker.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs/benchmarks"),
+              show_default=True, help="Where the JSON, markdown summary and PNGs go (names end -quick for --quick).")
+def bench(broker: str, workload: str, n: int, baseline_n: int | None, sweep_n: int, heavy_n: int, heavy_small_n: int,
+          sweep: str, concurrency: str, duration: float, max_batch_size: int, max_wait_ms: float,
+          with_celery_batches: bool, skip: tuple[str, ...], quick: bool, redis_url: str, amqp_url: str,
+          out: Path) -> None:
+    """Benchmark our batcher against a per-request Celery task (and celery-batches) on Redis and RabbitMQ."""
+    from agent_workers import bench as bench_module
+
+    settings = _settings()
+    ctx = click.get_current_context()
+    options: dict[str, Any] = {
+        "brokers": ("redis", "rabbitmq") if broker == "both" else (broker,),
+        "workloads": ("mlp", "heavy") if workload == "both" else (workload,),
+        "sweep": tuple(int(s) for s in sweep.split(",") if s.strip()),
+        "concurrency": tuple(int(c) for c in concurrency.split(",") if c.strip()),
+        "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "with_celery_batches": with_celery_batches,
+        "skip": frozenset(skip), "redis_url": redis_url, "amqp_url": amqp_url, "out": out,
+        "result_backend": settings.result_backend, "params_url": settings.params_url, "device": settings.device,
+    }
+    sizes = {"n": n, "baseline_n": baseline_n, "sweep_n": sweep_n, "heavy_n": heavy_n, "heavy_small_n": heavy_small_n,
+             "duration": duration}
+    if quick:  # quick sizes, unless given on the command line
+        options.update({k: v for k, v in sizes.items()
+                        if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE})
+        if ctx.get_parameter_source("sweep") != click.core.ParameterSource.COMMANDLINE:
+            del options["sweep"]
+        config = bench_module.BenchConfig.quick(**options)
+    else:
+        config = bench_module.BenchConfig(**options, **sizes)
+    bench_module.run(config)

@@ -27,10 +27,14 @@ DEFAULT_KEEP_VERSIONS = 10
 DEFAULT_MAX_STALENESS = 4
 DEFAULT_MAX_INPUT_ELEMENTS = 1_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_LOCK_TIMEOUT = 30.0
+DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+MAX_CHUNK_BYTES = 512 * 1024 * 1024  # Redis's proto-max-bulk-len default
 
 _BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory", "sentinel"}
 _REDIS_SCHEMES = {"redis", "rediss", "unix", "sentinel"}
 _BATCH_MODES = {"fixed", "adaptive"}
+_COMMIT_MODES = {"optimistic", "lock"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,6 +81,16 @@ class Settings:
         training_queue: queue of the training tasks (train_step, fit).
         ready_file: a path the worker writes its node name to once it consumes (a readiness probe); removed
             at shutdown.
+        commit_mode: how concurrent trainers of one model coordinate: ``optimistic`` (compare-and-set on the
+            version, retry on conflict) or ``lock`` (a Redis lock held from read to commit; the compare-and-set
+            still fences a holder whose lock expired).
+        wait_aof: report a commit only after Redis fsynced it to its append-only file (``WAITAOF 1 0``; needs
+            Redis >= 7.2 with ``appendonly yes``).
+        lock_timeout: seconds a commit lock lives unless released (how long a crashed holder blocks others).
+        chunk_bytes: parameter blobs larger than this are stored as several keys of at most this many bytes.
+        torch_threads: CPU threads torch may use in a worker process (0 = torch's default, one per core). One
+            keeps the event loop and the forward pass from fighting over cores on CPU; raise it for heavy CPU
+            models on big hosts. Irrelevant on GPU.
     """
 
     broker_url: str = DEFAULT_BROKER_URL
@@ -100,6 +114,11 @@ class Settings:
     inference_queue: str = "inference"
     training_queue: str = "training"
     ready_file: str = ""
+    commit_mode: str = "optimistic"
+    wait_aof: bool = False
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    torch_threads: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -138,6 +157,11 @@ class Settings:
             inference_queue=r.str("INFERENCE_QUEUE", "inference"),
             training_queue=r.str("TRAINING_QUEUE", "training"),
             ready_file=r.str("READY_FILE", "", allow_empty=True),
+            commit_mode=r.choice("COMMIT_MODE", "optimistic", _COMMIT_MODES),
+            wait_aof=r.bool("WAIT_AOF", False),
+            lock_timeout=r.float("LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, minimum=0.1),
+            chunk_bytes=r.int("CHUNK_BYTES", DEFAULT_CHUNK_BYTES, minimum=1024),
+            torch_threads=r.int("TORCH_THREADS", 1, minimum=0),
         )
         settings.validate()
         return settings
@@ -157,6 +181,10 @@ class Settings:
                 f"AGENT_WORKERS_VISIBILITY_TIMEOUT={self.visibility_timeout}s must exceed "
                 f"AGENT_WORKERS_TASK_TIME_LIMIT={self.task_time_limit}s, or Redis redelivers running tasks; "
                 "raise the visibility timeout or lower the time limit"
+            )
+        if self.chunk_bytes > MAX_CHUNK_BYTES:
+            raise ConfigError(
+                f"AGENT_WORKERS_CHUNK_BYTES={self.chunk_bytes} exceeds Redis's 512 MiB value limit; set it lower"
             )
         if not self.namespace.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import threading
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ from agent_workers.errors import InputError
 from agent_workers.keys import Keys
 
 DEFAULT_TTL = 7 * 24 * 3600
+CACHE_SIZE = 8
 
 
 def _to_bytes(array: np.ndarray) -> bytes:
@@ -36,7 +39,8 @@ class DatasetStore:
     def __init__(self, *, client: redis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
-        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()  # pool threads share one store
 
     def upload(self, x: np.ndarray, y: np.ndarray, *, dataset_id: str | None = None, ttl: int = DEFAULT_TTL) -> str:
         """Store ``x`` (rows × features) and ``y`` (one target per row); returns the dataset id."""
@@ -50,15 +54,20 @@ class DatasetStore:
         return dataset_id
 
     def load(self, dataset_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """The whole dataset (cached in this process: datasets are immutable)."""
-        hit = self._cache.get(dataset_id)
-        if hit is not None:
-            return hit
+        """The whole dataset (the ``CACHE_SIZE`` most recent are cached in this process: datasets are immutable)."""
+        with self._lock:
+            hit = self._cache.get(dataset_id)
+            if hit is not None:
+                self._cache.move_to_end(dataset_id)
+                return hit
         x, y = self.client.mget(self.keys.dataset(dataset_id, "x"), self.keys.dataset(dataset_id, "y"))
         if x is None or y is None:
             raise InputError(f"dataset {dataset_id!r} does not exist or expired; upload it again")
         data = (_from_bytes(x), _from_bytes(y))
-        self._cache[dataset_id] = data
+        with self._lock:
+            self._cache[dataset_id] = data
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return data
 
     def rows(self, dataset_id: str, rows: Any) -> tuple[np.ndarray, np.ndarray]:

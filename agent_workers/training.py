@@ -1,9 +1,16 @@
 """Training: losses, optimizers, regularizers, and the optimistic train step with its staleness rule.
 
 A step reads version ``v``, computes the gradient of its mini-batch, applies the optimizer, and commits
-``v + 1`` with compare-and-set. On conflict it re-reads; if the head moved by at most ``max_staleness`` versions
-the SAME gradient is applied to the new parameters (bounded staleness, SSP style), otherwise it is recomputed.
-The update id (the Celery task id by default) makes a redelivered step apply exactly once.
+``v + 1`` with compare-and-set. On conflict it backs off (full jitter), re-reads, and if the head moved by at most
+``max_staleness`` versions applies the SAME gradient to the new parameters (bounded staleness, SSP style);
+otherwise, or when a rollback happened since the gradient's version, it recomputes. After ``max_attempts``
+commits it gives up with a :class:`StoreError`.
+
+The update id (the Celery task id by default) makes a redelivered step apply exactly once: an id already applied
+returns at once as a duplicate, and the commit script checks it again atomically.
+
+In the store's ``lock`` mode the whole read-compute-commit cycle runs under the model's commit lock, so conflicts
+only happen when a lock expired (the compare-and-set still fences that).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ log = logging.getLogger(__name__)
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _LOSSES: dict[str, Loss] = {}
 DEFAULT_MAX_ATTEMPTS = 64
+BACKOFF_BASE = 0.002
+BACKOFF_CAP = 0.05
 
 
 def register_loss(name: str) -> Callable[[Loss], Loss]:
@@ -94,17 +103,38 @@ class HyperParams:
             raise InputError(f"unknown optimizer {hp.optimizer!r}; use sgd or adam")
         if not hp.lr > 0:
             raise InputError(f"lr must be > 0, got {hp.lr}")
+        if not 0 <= hp.momentum < 1:
+            raise InputError(f"momentum must be in [0, 1), got {hp.momentum}")
+        if len(hp.betas) != 2 or not all(0 <= b < 1 for b in hp.betas):
+            raise InputError(f"betas must be two numbers in [0, 1), got {list(hp.betas)}")
+        if not hp.eps > 0 or hp.l1 < 0 or hp.l2 < 0:
+            raise InputError(f"eps must be > 0 and l1, l2 >= 0; got eps={hp.eps}, l1={hp.l1}, l2={hp.l2}")
         return hp
 
 
-def compute_gradient(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray,
-                     hp: HyperParams) -> tuple[dict[str, torch.Tensor], float]:
-    """Gradient of the mini-batch loss (plus regularizers) at ``snapshot``; returns (grads by name, loss)."""
+def _loss(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray,
+          hp: HyperParams) -> tuple[torch.nn.Module, torch.Tensor]:
     module = spec.build()
     module.load_state_dict(snapshot.parameters())
     module.train()
     output = module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-    loss = _LOSSES[hp.loss](output, torch.from_numpy(np.asarray(y)))
+    return module, _LOSSES[hp.loss](output, torch.from_numpy(np.asarray(y)))
+
+
+def compute_loss(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray, hp: HyperParams) -> float:
+    """The mini-batch loss at ``snapshot`` (forward pass only; regularizers excluded, as in the step's report)."""
+    with torch.no_grad():
+        return float(_loss(spec, snapshot, x, y, hp)[1])
+
+
+def compute_gradient(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray,
+                     hp: HyperParams) -> tuple[dict[str, torch.Tensor], float]:
+    """Gradient of the mini-batch loss at ``snapshot``; returns (grads by name, loss).
+
+    The L1/L2 terms are not in this gradient: :func:`apply_update` adds them to it (``l2·p`` and
+    ``l1·sign(p)``), so a reused stale gradient is regularized at the parameters it is applied to.
+    """
+    module, loss = _loss(spec, snapshot, x, y, hp)
     module.zero_grad()
     loss.backward()
     grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
@@ -148,7 +178,18 @@ def apply_update(snapshot: Snapshot, grads: dict[str, torch.Tensor], hp: HyperPa
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """What a train step did."""
+    """What a train step did.
+
+    Attributes:
+        version: the version the step produced (for a duplicate: the one its first delivery produced).
+        loss: the mini-batch loss at the parameters the gradient was computed on.
+        attempts: commits tried (1 = no conflict).
+        staleness: versions between the gradient's parameters and the ones it was applied to.
+        duplicate: the update id had been applied before; nothing changed.
+        conflicts: commits lost to another trainer (``attempts - 1`` unless it ended as a duplicate).
+        recomputed: times the gradient was recomputed because it grew too stale (or a rollback intervened).
+        latency_ms: from the step's start (lock wait included) to its commit, in milliseconds.
+    """
 
     model: str
     version: int
@@ -156,6 +197,9 @@ class StepResult:
     attempts: int
     staleness: int
     duplicate: bool
+    conflicts: int = 0
+    recomputed: int = 0
+    latency_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,38 +207,74 @@ class StepResult:
 
 def train_step(store: RedisParamStore, model: str, x: Any, y: Any, hp: HyperParams, *, update_id: str,
                max_staleness: int = 4, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> StepResult:
-    """One optimistic training step (see the module docstring).
+    """One training step with compare-and-set, bounded staleness and bounded retries (see the module docstring).
+
+    Args:
+        store: the parameter store (its mode decides optimistic vs locked).
+        update_id: stable across redeliveries of this step; empty disables exactly-once.
+        max_staleness: τ, the most versions a gradient may lag the parameters it is applied to.
+        max_attempts: commits to try before giving up.
 
     Raises:
         InputError: x or y malformed.
+        ModelError: unknown model, or recreated while the step ran.
         StoreError: still conflicting after ``max_attempts``.
     """
+    started = time.perf_counter()
     xa, ya = as_batch(x, y)
+    if update_id:
+        done = store.applied(model, update_id)
+        if done is not None:
+            # A redelivery of a step already applied: report it without taking the lock or computing a gradient.
+            snapshot = store.read(model)
+            loss = compute_loss(store.spec(model, snapshot.epoch), snapshot, xa, ya, hp)
+            metrics.COMMITS.labels(model, Outcome.DUPLICATE.value).inc()
+            return StepResult(model, done, loss, 0, 0, True, latency_ms=_ms_since(started))
+    with store.exclusive(model):
+        return _optimistic_step(store, model, xa, ya, hp, update_id=update_id, max_staleness=max_staleness,
+                                max_attempts=max_attempts, started=started)
+
+
+def _optimistic_step(store: RedisParamStore, model: str, xa: np.ndarray, ya: np.ndarray, hp: HyperParams, *,
+                     update_id: str, max_staleness: int, max_attempts: int, started: float) -> StepResult:
     snapshot = store.read(model)
     spec = store.spec(model, snapshot.epoch)
     if xa.shape[1:] != spec.input_shape:
         raise InputError(f"x rows must have shape {list(spec.input_shape)}, got {list(xa.shape[1:])}")
     grads, loss = compute_gradient(spec, snapshot, xa, ya, hp)
     grad_version = snapshot.version
+    conflicts = recomputed = 0
     for attempt in range(1, max_attempts + 1):
+        staleness = snapshot.version - grad_version
         new = apply_update(snapshot, grads, hp)
         result = store.commit(model, expected=snapshot.version, tensors=new, update_id=update_id,
-                              info={"loss": loss, "staleness": snapshot.version - grad_version})
+                              epoch=snapshot.epoch, info={"loss": loss, "staleness": staleness})
         metrics.COMMITS.labels(model, result.outcome.value).inc()
         if result.outcome is Outcome.COMMITTED:
-            metrics.STALENESS.labels(model).observe(snapshot.version - grad_version)
+            metrics.STALENESS.labels(model).observe(staleness)
             metrics.PARAM_VERSION.labels(model).set(result.version)
-            return StepResult(model, result.version, loss, attempt, snapshot.version - grad_version, False)
+            return StepResult(model, result.version, loss, attempt, staleness, False, conflicts, recomputed,
+                              _ms_since(started))
         if result.outcome is Outcome.DUPLICATE:
-            return StepResult(model, result.version, loss, attempt, 0, True)
-        # Conflict: back off with jitter, re-read, and reuse or recompute the gradient.
-        time.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
+            return StepResult(model, result.version, loss, attempt, 0, True, conflicts, recomputed,
+                              _ms_since(started))
+        conflicts += 1
+        if attempt == max_attempts:
+            break
+        # Full jitter, capped: trainers that collided do not collide again in lockstep.
+        time.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
         snapshot = store.read(model)
-        if snapshot.version - grad_version > max_staleness:
+        if snapshot.version - grad_version > max_staleness or grad_version < snapshot.barrier:
             grads, loss = compute_gradient(spec, snapshot, xa, ya, hp)
             grad_version = snapshot.version
+            recomputed += 1
     raise StoreError(f"train step on {model!r} still conflicted after {max_attempts} attempts; "
-                     "fewer concurrent trainers or a higher AGENT_WORKERS_MAX_STALENESS help")
+                     "fewer concurrent trainers, AGENT_WORKERS_COMMIT_MODE=lock or a higher "
+                     "AGENT_WORKERS_MAX_STALENESS help")
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)
 
 
 def as_batch(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from celery import Task
+from celery import Task, signals
 
-from agent_workers.app import FIT, TRAIN_STEP
+from agent_workers.app import FIT, TRAIN_STEP, WorkerApp
 from agent_workers.errors import InputError, StoreUnavailableError
 from agent_workers.training import HyperParams, train_step as run_step
 from tasks import app
@@ -39,7 +39,8 @@ def fit(self: Task, model: str, dataset: str, epochs: int = 10, batch_size: int 
     """Train ``model`` on an uploaded dataset inside this worker, committing every step.
 
     Progress is readable as the task's ``PROGRESS`` state (meta: epoch, step, steps, loss, version). Each step's
-    update id is derived from the task id, so a redelivered fit skips the steps it already committed.
+    update id is derived from the task id, so a redelivered fit skips the steps it already committed. The result
+    adds what coordination cost: ``conflicts``, ``recomputed``, ``duplicates`` and ``max_staleness_seen``.
     """
     hp = HyperParams.from_json(hparams)
     if not (isinstance(epochs, int) and epochs > 0 and isinstance(batch_size, int) and batch_size > 0):
@@ -51,6 +52,7 @@ def fit(self: Task, model: str, dataset: str, epochs: int = 10, batch_size: int 
     history: list[dict[str, Any]] = []
     done = 0
     version = -1
+    cost = {"conflicts": 0, "recomputed": 0, "duplicates": 0, "max_staleness_seen": 0}
     for epoch in range(epochs):
         order = rng.permutation(len(x))
         losses = []
@@ -61,9 +63,21 @@ def fit(self: Task, model: str, dataset: str, epochs: int = 10, batch_size: int 
                               max_staleness=self.app.settings.max_staleness)
             losses.append(result.loss)
             version = result.version
+            cost["conflicts"] += result.conflicts
+            cost["recomputed"] += result.recomputed
+            cost["duplicates"] += int(result.duplicate)
+            cost["max_staleness_seen"] = max(cost["max_staleness_seen"], result.staleness)
             done += 1
             if done % 10 == 0 or done == total:
                 self.update_state(state="PROGRESS", meta={"epoch": epoch + 1, "epochs": epochs, "step": done,
                                                           "steps": total, "loss": result.loss, "version": version})
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "version": version})
-    return {"model": model, "version": version, "steps": total, "history": history}
+    return {"model": model, "version": version, "steps": total, "history": history, **cost}
+
+
+@signals.worker_init.connect
+def _check_store(sender: Any = None, **_: Any) -> None:
+    """Refuse at start-up, not in the first task, a durability setting this Redis cannot honour."""
+    worker_app = getattr(sender, "app", None)
+    if isinstance(worker_app, WorkerApp) and worker_app.settings.wait_aof:
+        worker_app.store.check_durability()

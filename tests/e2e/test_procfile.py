@@ -1,0 +1,314 @@
+"""The Procfile as an operator starts it (``honcho start``), driven from outside, on both brokers.
+
+One stack per broker: the inference worker, the trainer and Flower, each in its own namespace and queues on the
+shared Redis and RabbitMQ. Jobs go in through the client, and the pool is inspected through Flower's HTTP API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import requests
+import torch
+
+from agent_workers.client import Client
+from agent_workers.config import Settings
+from agent_workers.models import make_spec
+from agent_workers.params import RedisParamStore
+from agent_workers.supervisor import free_port
+from tests.conftest import _cleanup, need, pool_env, unique
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+PROCFILE = ROOT / "Procfile"
+VENV_BIN = Path(sys.executable).parent
+HONCHO = VENV_BIN / "honcho"
+AUTH = ("operator", "s3cret-pass")
+MAX_BATCH_SIZE = 16  # not the default, so the test sees the Procfile derive the prefetch from the setting
+STARTUP_TIMEOUT = 150.0
+STOP_TIMEOUT = 30.0
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, *, alive: Callable[[], None] | None = None) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None:
+            alive()
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+@dataclasses.dataclass
+class Stack:
+    """A running ``honcho start`` of the Procfile and what a test needs to talk to it."""
+
+    proc: subprocess.Popen[bytes]
+    env: dict[str, str]
+    settings: Settings
+    log_path: Path
+    ready_file: Path
+    flower_url: str
+
+    @property
+    def inference_node(self) -> str:
+        return f"{self.settings.namespace}-inference@"
+
+    @property
+    def trainer_node(self) -> str:
+        return f"{self.settings.namespace}-trainer@"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def assert_running(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"honcho exited with {self.proc.returncode}:\n{self.log()[-6000:]}")
+
+    def child_pids(self) -> list[int]:
+        """The Procfile processes honcho started; each leads its own session (honcho's ``start_new_session``)."""
+        return [int(pid) for pid in re.findall(r"started \(pid=(\d+)\)", self.log())]
+
+    def workers(self) -> dict[str, Any]:
+        """Flower's ``/api/workers``, refreshed by a broadcast inspect."""
+        response = requests.get(f"{self.flower_url}/api/workers", params={"refresh": "1"}, auth=AUTH, timeout=30)
+        response.raise_for_status()
+        return dict(response.json())
+
+
+def honcho_env(broker: str, tmp: Path) -> dict[str, str]:
+    """A clean environment for honcho: no inherited AGENT_WORKERS_*/FLOWER_*, ours on top, the venv on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_WORKERS_", "FLOWER_"))}
+    env.update(pool_env(broker, max_batch_size=MAX_BATCH_SIZE, ready_file=tmp / "ready"))
+    env.update(
+        FLOWER_PORT=str(free_port()),
+        FLOWER_BASIC_AUTH=f"{AUTH[0]}:{AUTH[1]}",
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def start_honcho(env: dict[str, str], log_path: Path, *processes: str) -> subprocess.Popen[bytes]:
+    # -e /dev/null: a developer's .env (e.g. the docker-compose one) must not override the test's settings.
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [str(HONCHO), "-e", os.devnull, "--no-colour", "start", "-f", str(PROCFILE), *processes],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_stack(stack: Stack) -> None:
+    """SIGTERM honcho's process group (honcho passes it on), SIGKILL after a timeout; reap the children."""
+    children = stack.child_pids()
+    if stack.proc.poll() is None:
+        os.killpg(stack.proc.pid, signal.SIGTERM)
+        try:
+            stack.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.proc.pid, signal.SIGKILL)
+            stack.proc.wait(10)
+    # honcho's children run in sessions of their own, so a SIGKILLed honcho would leave them behind.
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in children:
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def cleanup_broker(settings: Settings) -> None:
+    """What the shared ``_cleanup`` leaves: the queues' exchanges (RabbitMQ) or binding sets (Redis)."""
+    names = (settings.inference_queue, settings.training_queue)
+    if settings.broker_is_redis:
+        redis.Redis.from_url(settings.broker_url).delete(*(f"_kombu.binding.{name}" for name in names))
+        return
+    from kombu import Connection
+
+    with Connection(settings.broker_url) as conn:
+        channel = conn.default_channel
+        for name in names:
+            try:
+                channel.exchange_delete(name)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+@pytest.fixture(scope="module")
+def stack(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The Procfile started with honcho, every process consuming and Flower answering; stopped afterwards."""
+    need(HONCHO.exists(), f"honcho ({HONCHO}; pip install -e '.[dev]')")
+    tmp = tmp_path_factory.mktemp(f"procfile-{broker}")
+    env = honcho_env(broker, tmp)
+    settings = Settings.from_env(env)
+    log_path = tmp / "honcho.log"
+    proc = start_honcho(env, log_path)
+    s = Stack(proc, env, settings, log_path, tmp / "ready", f"http://127.0.0.1:{env['FLOWER_PORT']}")
+    try:
+        wait_for(
+            "both workers' readiness files",
+            lambda: all(Path(f"{s.ready_file}.{kind}").exists() for kind in ("inference", "trainer")),
+            STARTUP_TIMEOUT,
+            alive=s.assert_running,
+        )
+        yield s
+    finally:
+        stop_stack(s)
+        _cleanup(settings)
+        cleanup_broker(settings)
+
+
+def node(workers: dict[str, Any], prefix: str) -> dict[str, Any] | None:
+    """The one worker whose node name starts with ``prefix`` (other people's workers share the broker)."""
+    found = [info for name, info in workers.items() if name.startswith(prefix)]
+    assert len(found) <= 1, f"several workers named {prefix}*: {sorted(workers)}"
+    return found[0] if found and "stats" in found[0] and "active_queues" in found[0] else None
+
+
+def fixed_linear(store: RedisParamStore) -> str:
+    """A linear model y = 0.5 x0 - x1 + 2 x2 + 0.25 (exact in float32)."""
+    name = unique("lin")
+    module = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]]))
+        module.bias.copy_(torch.tensor([0.25]))
+    store.create(name, make_spec("linear", in_features=3), module=module)
+    return name
+
+
+def both_workers(stack: Stack) -> dict[str, dict[str, Any]]:
+    """Poll Flower until it lists our inference worker and our trainer (it learns of workers by broadcast)."""
+
+    def check() -> dict[str, dict[str, Any]] | None:
+        workers = stack.workers()
+        found = {"inference": node(workers, stack.inference_node), "trainer": node(workers, stack.trainer_node)}
+        return found if found["inference"] and found["trainer"] else None  # type: ignore[return-value]
+
+    return wait_for(
+        "Flower to list the inference worker and the trainer", check, STARTUP_TIMEOUT, alive=stack.assert_running
+    )
+
+
+def test_flower_lists_both_workers_with_their_queues_and_prefetch(stack: Stack) -> None:
+    found = both_workers(stack)
+    inference, trainer = found["inference"], found["trainer"]
+    assert [q["name"] for q in inference["active_queues"]] == [stack.settings.inference_queue]
+    assert [q["name"] for q in trainer["active_queues"]] == [stack.settings.training_queue]
+    assert inference["stats"]["prefetch_count"] == 2 * MAX_BATCH_SIZE
+    assert trainer["stats"]["prefetch_count"] == 1
+    for info in (inference, trainer):
+        assert info["stats"]["pool"]["max-concurrency"] == 1
+        assert info["stats"]["pool"]["implementation"].endswith("thread:TaskPool")
+
+
+def test_flower_sees_the_workers_alive_through_their_events(stack: Stack) -> None:
+    # /api/workers?status=1 is built from worker heartbeats, which only flow when the workers run with -E.
+    def alive() -> bool:
+        status = requests.get(f"{stack.flower_url}/api/workers", params={"status": "1"}, auth=AUTH, timeout=30)
+        status.raise_for_status()
+        mine = {
+            name: up
+            for name, up in status.json().items()
+            if name.startswith((stack.inference_node, stack.trainer_node))
+        }
+        return len(mine) == 2 and all(mine.values())
+
+    wait_for("heartbeats of both workers in Flower", alive, STARTUP_TIMEOUT, alive=stack.assert_running)
+
+
+def test_flower_api_refuses_requests_without_the_right_credentials(stack: Stack) -> None:
+    url = f"{stack.flower_url}/api/workers"
+    wait_for("Flower to answer", lambda: _answers(url), STARTUP_TIMEOUT, alive=stack.assert_running)
+    assert requests.get(url, timeout=30).status_code == 401
+    assert requests.get(url, auth=(AUTH[0], "wrong"), timeout=30).status_code == 401
+    assert requests.get(url, auth=AUTH, timeout=30).status_code == 200
+
+
+def _answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=5)
+    except requests.ConnectionError:
+        return False
+    return True
+
+
+def test_prediction_from_outside_is_served_by_the_inference_worker(stack: Stack) -> None:
+    store = RedisParamStore.from_settings(stack.settings)
+    model = fixed_linear(store)
+    client = Client(stack.settings)
+    handle = client.send_predict(model, [1.0, 2.0, 3.0])
+    assert client.wait(handle, timeout=60) == {"model": model, "version": 0, "outputs": [4.75]}
+
+    def served_by() -> str | None:
+        response = requests.get(f"{stack.flower_url}/api/task/info/{handle.id}", auth=AUTH, timeout=30)
+        info = response.json() if response.status_code == 200 else {}
+        return info.get("worker") if info.get("state") == "SUCCESS" else None
+
+    worker = wait_for("Flower to record the prediction's success", served_by, 60, alive=stack.assert_running)
+    assert worker.startswith(stack.inference_node)
+
+
+def test_train_step_is_committed_by_the_trainer_and_served_next(stack: Stack) -> None:
+    store = RedisParamStore.from_settings(stack.settings)
+    model = fixed_linear(store)
+    client = Client(stack.settings)
+    row = [1.0, 2.0, 3.0]
+    step = client.wait(client.send_train_step(model, x=[row], y=[[0.0]], hparams={"lr": 0.01}), timeout=60)
+    assert step["version"] == 1
+    snap = store.read(model, 1)
+    module = store.spec(model, snap.epoch).build()
+    module.load_state_dict(snap.parameters())
+    with torch.no_grad():
+        expected = module(torch.tensor([row])).numpy()[0]
+    after = client.predict(model, row, timeout=60)
+    assert after["version"] == 1
+    assert after["outputs"] != [4.75]
+    np.testing.assert_allclose(after["outputs"], expected, rtol=1e-6)
+
+
+def test_flower_refuses_to_start_without_basic_auth(tmp_path: Path) -> None:
+    need(HONCHO.exists(), f"honcho ({HONCHO}; pip install -e '.[dev]')")
+    env = honcho_env("redis", tmp_path)
+    del env["FLOWER_BASIC_AUTH"]
+    log_path = tmp_path / "honcho.log"
+    proc = start_honcho(env, log_path, "flower")
+    try:
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = log_path.read_text(errors="replace")
+    assert code != 0, log
+    assert "FLOWER_BASIC_AUTH" in log and "user:password" in log
+    assert "Visit me at" not in log

@@ -1,0 +1,304 @@
+"""The parameter store against a real Redis: commit outcomes, retention, pinned reads, rollback, GC, chunking,
+the reader cache, lock mode and the durability check. No workers here; see test_training.py for those."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+import torch
+
+import tests.plugins  # noqa: F401 - registers the counter architecture
+from agent_workers.errors import ConfigError, ModelError, StoreError
+from agent_workers.keys import Keys
+from agent_workers.models import make_spec
+from agent_workers.params import (
+    PARAM_PREFIX,
+    STAGING_TTL,
+    Outcome,
+    RedisParamStore,
+    blob_metadata,
+    chunk_keys,
+)
+from tests.conftest import REDIS
+
+pytestmark = pytest.mark.integration
+
+COUNTER = make_spec("counter", in_features=1, size=4)
+
+
+@pytest.fixture
+def make_store(redis_up: None) -> Iterator[Callable[..., RedisParamStore]]:
+    """Factory of stores on one fresh namespace (deleted afterwards); each call is a separate client/cache."""
+    namespace = "tp" + uuid.uuid4().hex[:10]
+    client = redis.Redis.from_url(f"{REDIS}/2")
+
+    def make(**options: object) -> RedisParamStore:
+        return RedisParamStore(client=redis.Redis.from_url(f"{REDIS}/2"), keys=Keys(namespace), **options)
+
+    yield make
+    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+def values(value: float, size: int = 4) -> dict[str, torch.Tensor]:
+    return {PARAM_PREFIX + "value": torch.full((size,), float(value))}
+
+
+def counter_value(store: RedisParamStore, name: str, version: int | None = None) -> float:
+    return float(store.read(name, version).parameters()["value"][0])
+
+
+def test_commit_outcomes_committed_conflict_duplicate(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store()
+    store.create("m", COUNTER)
+    epoch = store.head("m").epoch
+    won = store.commit("m", expected=0, tensors=values(1), update_id="a", epoch=epoch)
+    assert (won.outcome, won.version) == (Outcome.COMMITTED, 1)
+    head = store.head("m")
+    assert head.version == 1
+    lost = store.commit("m", expected=0, tensors=values(99), update_id="b", epoch=epoch)
+    assert (lost.outcome, lost.version) == (Outcome.CONFLICT, 1)
+    again = store.commit("m", expected=1, tensors=values(99), update_id="a", epoch=epoch)
+    assert (again.outcome, again.version) == (Outcome.DUPLICATE, 1)
+    assert store.head("m").version == 1 and counter_value(make_store(), "m") == 1.0
+    assert store.applied("m", "a") == 1 and store.applied("m", "b") is None
+    # Losers leave no staging behind: the script deletes it on conflict and duplicate.
+    assert not list(store.client.scan_iter(match=store.keys.staging("m", "") + "*"))
+
+
+def test_commit_to_unknown_or_recreated_model_is_refused(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store()
+    with pytest.raises(ModelError, match="unknown model"):
+        store.commit("ghost", expected=0, tensors=values(1))
+    store.create("m", COUNTER)
+    old_epoch = store.head("m").epoch
+    store.create("m", COUNTER, replace=True)
+    with pytest.raises(ModelError, match="recreated"):
+        store.commit("m", expected=0, tensors=values(1), epoch=old_epoch)
+    assert store.head("m").version == 0
+
+
+def test_last_k_versions_stay_readable_and_older_ones_are_collected(
+        make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store(keep_versions=3)
+    store.create("m", COUNTER)
+    epoch = store.head("m").epoch
+    for v in range(6):
+        assert store.commit("m", expected=v, tensors=values(v + 1), epoch=epoch).outcome is Outcome.COMMITTED
+    reader = make_store(keep_versions=3, cache=False)
+    assert [counter_value(reader, "m", v) for v in (4, 5, 6)] == [4.0, 5.0, 6.0]
+    for v in (0, 1, 2, 3):
+        with pytest.raises(ModelError, match="no longer kept"):
+            reader.read("m", v)
+    blobs = sorted(k.decode() for k in store.client.scan_iter(match=store.keys.blob_prefix("m") + "*"))
+    assert blobs == [store.keys.blob("m", v) for v in (4, 5, 6)]
+    with pytest.raises(ModelError, match="no version 7"):
+        reader.read("m", 7)
+
+
+def test_pinned_read_returns_that_version_and_its_header_agrees(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store()
+    store.create("m", COUNTER)
+    epoch = store.head("m").epoch
+    for v in range(3):
+        store.commit("m", expected=v, tensors=values(10 * (v + 1)), epoch=epoch)
+    snap = make_store(cache=False).read("m", 2)
+    assert snap.version == 2 and snap.meta["version"] == "2" and snap.meta["epoch"] == epoch
+    assert float(snap.parameters()["value"][0]) == 20.0
+
+
+def test_rollback_is_a_new_version_with_the_old_parameters_and_a_barrier(
+        make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store(keep_versions=3)
+    store.create("m", COUNTER)
+    epoch = store.head("m").epoch
+    for v in range(4):
+        store.commit("m", expected=v, tensors=values(v + 1), epoch=epoch)
+    new = store.rollback("m", 2)
+    assert new == 5
+    head = store.head("m")
+    assert head.version == 5 and head.barrier == 5
+    fresh = make_store(cache=False)
+    snap = fresh.read("m")
+    assert snap.meta["version"] == "5" and float(snap.parameters()["value"][0]) == 2.0
+    assert store.history("m", 1)[0]["kind"] == "rollback" and store.history("m", 1)[0]["to"] == 2
+    # Retention still counts the rollback as a version: 2 left the window, so rolling back to it now fails,
+    # but the version restored from it lives on.
+    with pytest.raises(ModelError, match="no longer kept"):
+        store.rollback("m", 2)
+    assert float(fresh.read("m", 5).parameters()["value"][0]) == 2.0
+    # An update id makes a repeated rollback a no-op.
+    assert store.rollback("m", 4, update_id="r1") == 6
+    assert store.rollback("m", 3, update_id="r1") == 6
+    assert store.head("m").version == 6
+
+
+def test_gc_sweeps_what_commits_left_behind(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store(keep_versions=10)
+    store.create("m", COUNTER)
+    epoch = store.head("m").epoch
+    for v in range(5):
+        store.commit("m", expected=v, tensors=values(v), epoch=epoch)
+    stray = store.keys.staging("m", "left-over")
+    store.client.set(stray, b"x")  # a staging key without expiry (should not exist, but must not live forever)
+    narrow = make_store(keep_versions=2)  # an operator lowered keep_versions
+    assert narrow.gc("m") == 4  # versions 0..3
+    assert 0 < store.client.ttl(stray) <= STAGING_TTL
+    assert narrow.read("m", 4).version == 4 and narrow.read("m", 5).version == 5
+    with pytest.raises(ModelError, match="no longer kept"):
+        narrow.read("m", 3)
+    assert narrow.gc("m") == 0
+
+
+def test_large_blobs_are_chunked_and_read_back_whole(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store(chunk_bytes=1024, keep_versions=2)
+    spec = make_spec("counter", in_features=1, size=1000)  # 4,000 bytes of floats: 4-5 chunks
+    store.create("big", spec)
+    head = store.head("big")
+    assert head.chunks >= 4
+    for v in range(3):
+        tensors = {PARAM_PREFIX + "value": torch.arange(1000, dtype=torch.float32) + v}
+        assert store.commit("big", expected=v, tensors=tensors, epoch=head.epoch).outcome is Outcome.COMMITTED
+    reader = make_store(chunk_bytes=1024, cache=False)
+    torch.testing.assert_close(reader.read("big").parameters()["value"], torch.arange(1000.0) + 2)
+    torch.testing.assert_close(reader.read("big", 2).parameters()["value"], torch.arange(1000.0) + 1)
+    # Every chunk of the collected versions is gone, the kept ones are whole.
+    n = store.head("big").chunks
+    client = store.client
+    assert all(client.exists(k) for v in (2, 3) for k in chunk_keys(store.keys.blob("big", v), n))
+    assert not any(client.exists(k) for v in (0, 1) for k in chunk_keys(store.keys.blob("big", v), n))
+    # A reader with the default chunk size reads chunked blobs too: the layout is recorded, not configured.
+    assert make_store(cache=False).read("big").version == 3
+
+
+def test_a_missing_staged_chunk_fails_the_whole_commit(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store(chunk_bytes=1024)
+    store.create("big", make_spec("counter", in_features=1, size=1000))
+    epoch = store.head("big").epoch
+    original = store._cas
+
+    def evict_one_chunk(*, keys: list[str], args: list[object]) -> tuple[bytes, int]:
+        store.client.delete(keys[4])  # the second staged chunk, as if Redis evicted it
+        return original(keys=keys, args=args)
+
+    store._cas = evict_one_chunk  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match="vanished"):
+        store.commit("big", expected=0, tensors={PARAM_PREFIX + "value": torch.ones(1000)}, epoch=epoch)
+    assert store.head("big").version == 0
+    assert not list(store.client.scan_iter(match=store.keys.blob("big", 1) + "*"))
+
+
+def test_reader_downloads_the_blob_only_when_the_version_changed(
+        make_store: Callable[..., RedisParamStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = make_store()
+    writer.create("m", COUNTER)
+    epoch = writer.head("m").epoch
+    reader = make_store()
+    fetched: list[str] = []
+    original = reader._fetch
+    monkeypatch.setattr(reader, "_fetch", lambda first, n: fetched.append(first) or original(first, n))
+    first = reader.read("m")
+    assert reader.read("m") is first and len(fetched) == 1
+    writer.commit("m", expected=0, tensors=values(7), epoch=epoch)
+    assert counter_value(reader, "m") == 7.0 and len(fetched) == 2
+    assert counter_value(reader, "m") == 7.0 and len(fetched) == 2
+    # The writer's own commit primed its cache: no download for it at all.
+    monkeypatch.setattr(writer, "_fetch", lambda first, n: pytest.fail("writer downloaded its own commit"))
+    assert counter_value(writer, "m") == 7.0
+
+
+def test_concurrent_committers_lose_no_update(make_store: Callable[..., RedisParamStore]) -> None:
+    """Threads with their own clients, each adding 1 twenty times through compare-and-set retries."""
+    setup = make_store()
+    setup.create("m", make_spec("counter", in_features=1, size=1))
+    errors: list[BaseException] = []
+
+    def trainer(index: int) -> None:
+        store = make_store()
+        try:
+            for i in range(20):
+                while True:
+                    snap = store.read("m")
+                    new = {PARAM_PREFIX + "value": snap.tensors[PARAM_PREFIX + "value"] + 1}
+                    result = store.commit("m", expected=snap.version, tensors=new, update_id=f"{index}:{i}",
+                                          epoch=snap.epoch)
+                    if result.outcome is not Outcome.CONFLICT:
+                        break
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=trainer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert setup.head("m").version == 80
+    assert float(make_store(cache=False).read("m").parameters()["value"][0]) == 80.0
+    versions = [r["version"] for r in reversed(setup.history("m", 100))]
+    assert versions == list(range(81))
+
+
+def test_lock_mode_serialises_holders(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store(mode="lock", lock_timeout=5)
+    store.create("m", COUNTER)
+    inside: list[int] = []
+    overlaps: list[int] = []
+
+    def holder(index: int) -> None:
+        own = make_store(mode="lock", lock_timeout=5)
+        for _ in range(5):
+            with own.exclusive("m"):
+                inside.append(index)
+                if len(inside) > 1:
+                    overlaps.append(len(inside))
+                snap = own.read("m")
+                new = {PARAM_PREFIX + "value": snap.tensors[PARAM_PREFIX + "value"] + 1}
+                assert own.commit("m", expected=snap.version, tensors=new, epoch=snap.epoch).outcome is (
+                    Outcome.COMMITTED)
+                inside.remove(index)
+
+    threads = [threading.Thread(target=holder, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == []
+    assert store.head("m").version == 15 and counter_value(make_store(cache=False), "m") == 15.0
+
+
+def test_optimistic_mode_takes_no_lock(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store()
+    store.create("m", COUNTER)
+    with store.exclusive("m"), make_store().exclusive("m"):
+        assert not store.client.exists(store.keys.lock("m"))
+
+
+def test_wait_aof_on_redis_older_than_7_2_is_a_config_error_naming_the_version(redis_up: None) -> None:
+    client = redis.Redis.from_url(f"{REDIS}/2")
+    version = client.info("server")["redis_version"]
+    if tuple(int(p) for p in str(version).split(".")[:2]) >= (7, 2):
+        pytest.skip(f"this Redis is {version}, which has WAITAOF")
+    with pytest.raises(ConfigError, match=rf"7\.2.*{version}"):
+        RedisParamStore(client=client, keys=Keys("tw"), wait_aof=True)
+
+
+def test_model_names_that_would_glob_other_models_are_refused(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store()
+    for bad in ("a*", "a?", "a[b]", "a:b", "a{b}", "a b", ""):
+        with pytest.raises(ModelError, match="model name"):
+            store.create(bad, COUNTER)
+
+
+def test_blob_header_carries_model_version_and_epoch(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store()
+    store.create("m", COUNTER)
+    head = store.head("m")
+    store.commit("m", expected=0, tensors=values(3), epoch=head.epoch)
+    raw = store.client.get(store.keys.blob("m", 1))
+    assert blob_metadata(raw) == {"model": "m", "version": "1", "epoch": head.epoch}

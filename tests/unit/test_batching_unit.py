@@ -1,0 +1,104 @@
+"""Pure batching logic: argument binding, input validation, the adaptive policy, bisection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agent_workers.batching import BatchPolicy, bind_predict
+from agent_workers.config import BatchSettings
+from agent_workers.errors import InputError, ModelError
+from agent_workers.inference import LoadedModel, validate_input
+from agent_workers.models import make_spec
+
+SPEC = make_spec("linear", in_features=3)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "fragment"),
+    [
+        ([1, 2], "got length 2"),
+        ("abc", "got str"),
+        ({"a": 1}, "got dict"),
+        (None, "got NoneType"),
+        ([1, "x", 3], "must be numbers"),
+        ([1, [2, 3], 4], "must be numbers"),
+        ([[1], [2], [3]], "got [3, 1]"),
+        ([1, float("nan"), 3], "NaN or infinity"),
+        ([1, float("inf"), 3], "NaN or infinity"),
+        ([], "got length 0"),
+    ],
+)
+def test_bad_inputs_are_named(inputs: object, fragment: str) -> None:
+    with pytest.raises(InputError) as info:
+        validate_input(SPEC, inputs, max_elements=100)
+    assert fragment in str(info.value)
+
+
+def test_oversized_input_is_refused() -> None:
+    spec = make_spec("linear", in_features=50)
+    with pytest.raises(InputError, match="the limit is 10"):
+        validate_input(spec, [0.0] * 50, max_elements=10)
+
+
+def test_good_input_becomes_float32() -> None:
+    array = validate_input(SPEC, [1, 2.5, -3], max_elements=100)
+    assert array.dtype == np.float32 and array.tolist() == [1.0, 2.5, -3.0]
+
+
+def test_bind_predict_accepts_positional_and_keyword() -> None:
+    assert bind_predict(["m", [1]], {}) == ("m", [1], None)
+    assert bind_predict([], {"model": "m", "inputs": [1], "version": 2}) == ("m", [1], 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "fragment"),
+    [([], {}, "takes (model, inputs, version=None)"), ([1, [1]], {}, "model must be a model name"),
+     (["m", [1]], {"version": "2"}, "version must be an integer"), (["m", [1]], {"colour": 1}, "takes")],
+)
+def test_bind_predict_refuses_bad_calls(args: list, kwargs: dict, fragment: str) -> None:
+    with pytest.raises(InputError) as info:
+        bind_predict(args, kwargs)
+    assert fragment in str(info.value)
+
+
+def test_fixed_policy_uses_settings_as_given() -> None:
+    policy = BatchPolicy(BatchSettings(max_batch_size=32, max_wait_ms=7))
+    for n in (1, 8, 32):
+        policy.observe(n, 0.001 * n)
+    assert policy.max_batch_size == 32 and policy.max_wait == pytest.approx(0.007)
+
+
+def test_adaptive_policy_learns_cost_and_caps_batch_to_latency_target() -> None:
+    # Each request costs 1 ms plus 2 ms per batch; a 20 ms target leaves 10 ms for compute -> 8 requests.
+    policy = BatchPolicy(BatchSettings(max_batch_size=128, max_wait_ms=50, mode="adaptive", latency_target_ms=20))
+    for n in [1, 2, 4, 8, 16, 32, 3, 5, 7, 9]:
+        policy.observe(n, 0.002 + 0.001 * n)
+    assert policy.predicted(10) == pytest.approx(0.012)
+    assert policy.max_batch_size == 8
+    assert policy.max_wait == pytest.approx((0.020 - 0.010) / 2)
+
+
+def test_adaptive_policy_without_history_uses_settings() -> None:
+    policy = BatchPolicy(BatchSettings(max_batch_size=16, max_wait_ms=3, mode="adaptive"))
+    assert policy.max_batch_size == 16 and policy.max_wait == pytest.approx(0.003)
+
+
+class _Raises(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] < 0).any()):
+            raise RuntimeError("boom")
+        return x * 2
+
+
+def test_run_batch_bisects_to_the_culprits() -> None:
+    from agent_workers.config import Settings
+    from agent_workers.inference import InferenceEngine
+
+    engine = InferenceEngine(store=None, settings=Settings.from_env({}))  # type: ignore[arg-type]
+    loaded = LoadedModel("m", 1, "e", SPEC, _Raises(), torch.device("cpu"))
+    arrays = [np.array([v, 0, 0], dtype=np.float32) for v in [1, 2, -3, 4, 5, -6, 7]]
+    out = engine.run_batch(loaded, arrays)
+    assert [isinstance(o, ModelError) for o in out] == [False, False, True, False, False, True, False]
+    assert out[0] == [2.0, 0.0, 0.0] and "failed on this input: boom" in str(out[2])

@@ -1,0 +1,52 @@
+"""Settings: parsing, defaults, and start-up refusals that name the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent_workers.config import Settings
+from agent_workers.errors import ConfigError
+
+
+def test_defaults_point_at_local_redis() -> None:
+    s = Settings.from_env({})
+    assert s.broker_url == "redis://127.0.0.1:6379/0"
+    assert s.result_backend.startswith("redis://")
+    assert s.batch.max_batch_size == 64 and s.batch.mode == "fixed"
+    assert s.broker_is_redis
+
+
+def test_amqp_broker_is_accepted() -> None:
+    s = Settings.from_env({"AGENT_WORKERS_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"})
+    assert not s.broker_is_redis
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"AGENT_WORKERS_MAX_BATCH_SIZE": "-3"}, "AGENT_WORKERS_MAX_BATCH_SIZE=-3 is too small"),
+        ({"AGENT_WORKERS_MAX_BATCH_SIZE": "lots"}, "is not an integer"),
+        ({"AGENT_WORKERS_MAX_WAIT_MS": "soon"}, "is not a number"),
+        ({"AGENT_WORKERS_BROKER_URL": "kafka://x"}, "has scheme 'kafka'"),
+        ({"AGENT_WORKERS_RESULT_BACKEND": "amqp://x"}, "AGENT_WORKERS_RESULT_BACKEND"),
+        ({"AGENT_WORKERS_DEVICE": "tpu"}, "use auto, cpu, cuda or cuda:N"),
+        ({"AGENT_WORKERS_BATCH_MODE": "magic"}, "is not one of adaptive, fixed"),
+        ({"AGENT_WORKERS_TRACK_STARTED": "maybe"}, "is not a boolean"),
+        ({"AGENT_WORKERS_VISIBILITY_TIMEOUT": "60", "AGENT_WORKERS_TASK_TIME_LIMIT": "600"},
+         "must exceed AGENT_WORKERS_TASK_TIME_LIMIT"),
+        ({"AGENT_WORKERS_NAMESPACE": "a:b"}, "AGENT_WORKERS_NAMESPACE"),
+    ],
+)
+def test_bad_settings_fail_with_the_variable_named(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        Settings.from_env(env)
+    assert fragment in str(info.value)
+
+
+def test_plugins_are_split_and_trimmed() -> None:
+    s = Settings.from_env({"AGENT_WORKERS_PLUGINS": " a.b , c ,,"})
+    assert s.plugins == ("a.b", "c")
+
+
+def test_cuda_index_is_a_valid_device() -> None:
+    assert Settings.from_env({"AGENT_WORKERS_DEVICE": "cuda:1"}).device == "cuda:1"

@@ -1,0 +1,52 @@
+"""The exception tree survives Celery's result backend: pickle and JSON round trips keep class and message."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+from celery import Celery
+
+import agent_workers
+from agent_workers import errors
+
+ALL = [errors.AgentWorkersError, errors.ConfigError, errors.InputError, errors.ModelError, errors.StoreError,
+       errors.StoreUnavailableError]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_error_round_trips_through_pickle(cls: type[errors.AgentWorkersError]) -> None:
+    exc = cls("inputs must have shape [3]")
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is cls and str(back) == "inputs must have shape [3]"
+
+
+def test_conflict_keeps_its_versions_through_pickle() -> None:
+    exc = errors.VersionConflictError("lost", expected=3, actual=5)
+    back = pickle.loads(pickle.dumps(exc))
+    assert (back.expected, back.actual, str(back)) == (3, 5, "lost")
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_error_round_trips_through_the_json_result_backend(cls: type[errors.AgentWorkersError]) -> None:
+    app = Celery(set_as_current=False, backend="cache+memory://")
+    app.conf.result_serializer = "json"
+    backend = app.backend
+    payload = json.loads(json.dumps(backend.prepare_exception(cls("bad thing"))))
+    rebuilt = backend.exception_to_python(payload)
+    assert type(rebuilt) is cls and str(rebuilt) == "bad thing"
+
+
+def test_every_error_descends_from_the_root() -> None:
+    for cls in ALL + [errors.VersionConflictError]:
+        assert issubclass(cls, errors.AgentWorkersError)
+
+
+def test_public_api_is_pinned() -> None:
+    assert agent_workers.__all__ == sorted(agent_workers.__all__)
+    assert agent_workers.__all__ == [
+        "AgentWorkersError", "BatchSettings", "ConfigError", "HyperParams", "InputError", "ModelError", "ModelSpec",
+        "Settings", "StoreError", "StoreUnavailableError", "VersionConflictError", "architectures", "make_spec",
+        "register_architecture", "register_loss",
+    ]
