@@ -70,7 +70,11 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
     app = WorkerApp("agent_workers", broker=settings.broker_url, backend=settings.result_backend,
                     include=["tasks.inference", "tasks.training"], set_as_current=False)
     app.settings = settings
-    transport_options = {"visibility_timeout": settings.visibility_timeout}
+    # Redis broker: an unacknowledged message returns after the visibility timeout, found by a sweep that kombu
+    # runs only every interval × throttle seconds (100 s by default); sweep at a quarter of the timeout instead.
+    transport_options = {"visibility_timeout": settings.visibility_timeout,
+                         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+                         "unacked_restore_throttle": 1}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -87,7 +91,7 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
         result_expires=settings.result_expires,
         result_backend_always_retry=True,
         broker_transport_options=transport_options,
-        result_backend_transport_options=transport_options,
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
@@ -98,6 +102,9 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
         worker_soft_shutdown_timeout=10.0,
         **extra_conf,
     )
+    from agent_workers.batching import BatcherStep
+
+    app.steps["consumer"].add(BatcherStep)
     if settings.broker_is_redis and urlparse(settings.broker_url).scheme == "redis":
         # Same wire format, fewer round trips: see agent_workers/transport.py.
         app.conf.broker_transport = "agent_workers.transport:Transport"

@@ -29,19 +29,21 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from celery import states
+from celery import bootsteps, states
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 from kombu.transport import virtual
 
 from agent_workers import metrics
 from agent_workers.config import BatchSettings
-from agent_workers.errors import AgentWorkersError, ConfigError, InputError, StoreUnavailableError
+from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
 from agent_workers.inference import InferenceEngine
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
+MAX_DELIVERIES = 3  # a request that took its worker down this many times is failed as poison
+DELIVERIES_TTL = 24 * 3600
 ARGS_REPR_LIMIT = 120
 
 
@@ -57,6 +59,7 @@ class Pending:
     headers: dict[str, Any]
     received: float
     expires: datetime | None
+    redelivered: bool = False
 
     @property
     def retries(self) -> int:
@@ -283,8 +286,10 @@ class Batcher:
             log.error("dropping a predict message without a task id: %s", saferepr(headers, 200))
             ack_all([message])
             return
+        redelivered = bool((message.delivery_info or {}).get("redelivered") or headers.get("redelivered"))
         request = Pending(id=task_id, name=headers.get("task", self.task.name), message=message, args=args,
-                          kwargs=kw, headers=headers, received=now, expires=_parse_expires(headers.get("expires")))
+                          kwargs=kw, headers=headers, received=now, expires=_parse_expires(headers.get("expires")),
+                          redelivered=redelivered)
         self.pending.append(request)
         if len(self.pending) >= self.policy.max_batch_size:
             self.flush()
@@ -325,14 +330,17 @@ class Batcher:
                         kwargs=short_repr(req.kwargs), retries=req.retries,
                         expires=req.headers.get("expires"), root_id=req.headers.get("root_id"),
                         parent_id=req.headers.get("parent_id"))
+        solo: list[tuple[str, int | None, tuple[Pending, Any]]] = []
         try:
-            outcomes = self._serve(batch)
+            outcomes, solo = self._serve(batch)
         except Exception as exc:  # noqa: BLE001 - never lose a batch to a bug: fail each request with the reason
             log.exception("batch of %d failed unexpectedly", len(batch))
             outcomes = [Outcome(r, states.FAILURE, exc) for r in batch]
         self._finish(outcomes)
+        for model, version, member in solo:
+            self._finish(self._serve_suspect(model, version, member))
 
-    def _serve(self, batch: list[Pending]) -> list[Outcome]:
+    def _serve(self, batch: list[Pending]) -> tuple[list[Outcome], list[tuple[str, int | None, tuple[Pending, Any]]]]:
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]] = {}
         now_utc = datetime.now(timezone.utc)
@@ -350,12 +358,49 @@ class Batcher:
                 outcomes.append(Outcome(req, states.FAILURE, exc))
                 continue
             groups.setdefault((model, version), []).append((req, inputs))
+        solo = self._redelivered(groups)
         if self.track_started:
             self.writer.write([Outcome(r, states.STARTED, {"pid": None, "hostname": self.hostname})
                                for group in groups.values() for r, _ in group])
         for (model, version), members in groups.items():
             outcomes.extend(self._serve_group(model, version, members))
-        return outcomes
+        return outcomes, solo
+
+    @staticmethod
+    def _redelivered(groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]],
+                     ) -> list[tuple[str, int | None, tuple[Pending, Any]]]:
+        """Take redelivered requests out of their groups; they are served one by one after the rest."""
+        solo = []
+        for (model, version), members in list(groups.items()):
+            keep = [m for m in members if not m[0].redelivered]
+            solo.extend((model, version, m) for m in members if m[0].redelivered)
+            if keep:
+                groups[(model, version)] = keep
+            else:
+                del groups[(model, version)]
+        return solo
+
+    def _serve_suspect(self, model: str, version: int | None, member: tuple[Pending, Any]) -> list[Outcome]:
+        """Serve a redelivered request alone, after everything else in its flush was stored and acknowledged.
+
+        A redelivery means the worker holding the message died (or lost its connection) before acking it. Served
+        alone, a request that crashes the process takes only itself down; each solo attempt is counted in Redis
+        first (the broker keeps no count: Redis none, RabbitMQ only a flag), and after ``MAX_DELIVERIES - 1``
+        solo attempts the request fails as poison instead of looping.
+        """
+        req = member[0]
+        store = self.app.store
+        key = store.keys.deliveries(req.id)
+        pipe = store.client.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, DELIVERIES_TTL)
+        attempt = int(pipe.execute()[0])
+        if attempt >= MAX_DELIVERIES:
+            log.error("request %s took its worker down %d times; failing it as poison", req.id, attempt)
+            return [Outcome(req, states.FAILURE, ModelError(
+                f"request was delivered {attempt + 1} times and its worker died each time before finishing it "
+                "(poison message); not retried"))]
+        return self._serve_group(model, version, [member])
 
     def _serve_group(self, model: str, version: int | None, members: list[tuple[Pending, Any]]) -> list[Outcome]:
         try:
@@ -507,3 +552,23 @@ def batch_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callabl
 def live_batcher(app: Any) -> Batcher | None:
     """The batcher serving ``app`` in this process, if any (for inspect and tests)."""
     return _live.get(id(app))
+
+
+class BatcherStep(bootsteps.StartStopStep):
+    """Consumer bootstep: on warm shutdown (SIGTERM), serve the half-filled batch before the channel closes.
+
+    Without it the buffered messages would simply be redelivered (they are unacknowledged), which is safe but slow;
+    with it they finish here. After a lost connection the flush still stores results, and the failed acks only
+    mean the broker redelivers messages whose results already exist.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def stop(self, c: Any) -> None:
+        batcher = _live.get(id(c.app))
+        if batcher is not None and batcher.pending:
+            log.info("shutting down: serving %d buffered requests", len(batcher.pending))
+            batcher.flush()
+
+    def shutdown(self, c: Any) -> None:
+        self.stop(c)

@@ -234,7 +234,8 @@ def check_targets(drains: Sequence[dict[str, Any]], raws: dict[str, dict[str, fl
     Args:
         drains: drain results (``system``, ``broker``, ``workload``, ``rate``, ``cpu_ms_per_request``,
             ``max_batch_size``) at the default batch size.
-        raws: raw torch req/s per workload and batch size (``raws["heavy"]["64"]``).
+        raws: raw torch req/s per workload and batch size (``raws["heavy"]["64"]``), used when a drain carries
+            no ``raw_torch_rate`` of its own (measured just before it).
         opens: open-loop results of ours with ``p99_ms`` and ``bound_ms``.
     """
     checks: list[Check] = []
@@ -259,7 +260,7 @@ def check_targets(drains: Sequence[dict[str, Any]], raws: dict[str, dict[str, fl
             cpu = d.get("cpu_ms_per_request")
             checks.append(Check(f"{where} worker CPU ms/request", f"~{TARGET_CPU_MS}", cpu,
                                 None if cpu is None else cpu <= TARGET_CPU_MS))
-        raw = raws.get(workload, {}).get(str(d["max_batch_size"]))
+        raw = d.get("raw_torch_rate") or raws.get(workload, {}).get(str(d["max_batch_size"]))
         if workload == "heavy" and raw:
             r = ratio(d["rate"], raw)
             checks.append(Check(f"{where} end-to-end / raw torch", f">= {TARGET_VS_RAW:.0%}", r,
@@ -596,7 +597,7 @@ class LatencyRun:
             self.sent[task_id] = time.perf_counter() if t0 is None else t0
         self.publisher.send(message)
 
-    def closed(self, concurrency: int, duration: float, warmup: float) -> None:
+    def closed(self, concurrency: int, duration: float, warmup: float) -> float:
         """``concurrency`` producers, each sending its next request as soon as its previous result is stored."""
         start = time.perf_counter()
         self.window = (start + warmup, start + warmup + duration)
@@ -609,6 +610,7 @@ class LatencyRun:
                 continue
             self._send()
         self._drain()
+        return self.completed_in_window / duration
 
     def open(self, rate: float, duration: float, warmup: float, seed: int = 0) -> float:
         """Poisson arrivals at ``rate`` req/s; returns the rate actually sent in the measured window."""
@@ -641,11 +643,13 @@ class LatencyRun:
         self.listener.close()
 
 
-def raw_torch_rate(workload: Workload, batch_size: int, seconds: float = 2.0,
-                   device: str = "cpu") -> tuple[float, float]:
-    """In-process forward loop at ``batch_size`` (same threads and device as a worker): (examples/s, ms per batch).
+def raw_torch_rate(workload: Workload, batch_size: int, seconds: float = 1.0, device: str = "cpu",
+                   repeats: int = 5) -> tuple[float, float]:
+    """In-process forward loop at ``batch_size``, same threads and device as a worker: (examples/s, ms per batch).
 
-    Each step is what the worker's forward does: host array in, host array out.
+    Each step is what the worker's forward does (host array in, host array out). The loop runs ``repeats`` windows
+    of ``seconds / repeats`` and reports the median window, so a burst of other work on a shared machine moves it
+    less.
     """
     import torch
 
@@ -658,15 +662,18 @@ def raw_torch_rate(workload: Workload, batch_size: int, seconds: float = 2.0,
     def step() -> None:
         module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
 
+    windows = []
     with torch.inference_mode():
         for _ in range(3):
             step()
-        iters, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds or iters < 5:
-            step()
-            iters += 1
-        elapsed = time.perf_counter() - start
-    return iters * batch_size / elapsed, 1000 * elapsed / iters
+        for _ in range(repeats):
+            iters, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / repeats or iters < 3:
+                step()
+                iters += 1
+            windows.append((time.perf_counter() - start) / iters)
+    per_batch = percentile(windows, 50)
+    return batch_size / per_batch, 1000 * per_batch
 
 
 def machine_info(redis_client: Any, amqp_url: str | None) -> dict[str, Any]:
@@ -764,6 +771,7 @@ class BenchConfig:
     device: str = "cpu"
     out: Path = Path("docs/benchmarks")
     tag: str = ""
+    profile: Path | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -814,6 +822,7 @@ class Bench:
         self.latency: list[dict[str, Any]] = []
         self.raw: dict[str, dict[str, float]] = {}
         self.raw_ms: dict[str, dict[str, float]] = {}
+        self._raw_seconds = 0.5 if config.duration < 5 else 1.0
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -866,18 +875,39 @@ class Bench:
         make = MessageFactory(self.amqp, TASK_NAMES[system], s.model, s.rows)
         return (make(task_id, i) for i, task_id in enumerate(ids))
 
+    @staticmethod
+    def _py_spy(pid: int, directory: Path, name: str) -> subprocess.Popen[bytes] | None:
+        import shutil
+
+        binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(binary).exists():
+            say("py-spy not found (pip install py-spy); not profiling")
+            return None
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"py-spy-{name}.txt"
+        say(f"profiling worker {pid} into {path}")
+        return subprocess.Popen([binary, "record", "-p", str(pid), "-o", str(path), "-f", "raw", "-r", "200"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def _forget(self, ids: Sequence[str]) -> None:
         for start in range(0, len(ids), 5000):
             self.backend.delete(*(RESULT_PREFIX + i for i in ids[start : start + 5000]))
 
     # -- drain ----------------------------------------------------------------------------------------------------
 
-    def drain(self, s: Session, system: str, n: int, max_batch_size: int) -> dict[str, Any]:
-        """Pre-fill ``n`` requests, start a worker, time it from its first stored result to its last."""
+    def drain(self, s: Session, system: str, n: int, max_batch_size: int,
+              profile: Path | None = None) -> dict[str, Any]:
+        """Pre-fill ``n`` requests, start a worker, time it from its first stored result to its last.
+
+        With ``profile``, py-spy samples the worker from ready to exit into ``<profile>/py-spy-*.txt`` (collapsed
+        stacks, 200 Hz; py-spy pauses the worker to sample, so this drain is not counted).
+        """
         label = f"{s.broker}/{s.workload.name} {system} drain (max_batch_size={max_batch_size}, n={n:,})"
         run = "b" + uuid.uuid4().hex[:10]
         queue_name = f"{s.namespace}.{run}"
         ids = [f"{run}-{i:07d}" for i in range(n)]
+        paired = raw_torch_rate(s.workload, max_batch_size, self._raw_seconds, self.cfg.device)[0] \
+            if system == "ours" else None
         publisher = Publisher(s.broker_url, queue_name)
         worker = None
         try:
@@ -895,9 +925,12 @@ class Bench:
 
             with Sampler(worker.pid, self.backend) as sampler:
                 worker.wait_ready()
+                spy = self._py_spy(worker.pid, profile, f"{s.broker}-{s.workload.name}-{system}") if profile else None
                 wait_all_stored(self.backend, ids, on_progress=progress, alive=lambda: worker.proc.poll() is None)
                 metrics = scrape_metrics(port)
             worker.stop()
+            if spy is not None:
+                spy.wait(60)
             times, failed = read_done_times(self.backend, ids)
         except Exception:
             if worker is not None:
@@ -918,7 +951,7 @@ class Bench:
                   "rate": rate, "seconds": seconds, "counted": counted,
                   "cpu_ms_per_request": 1000 * cpu / counted if counted else None,
                   "redis_cpu_ms_per_request": 1000 * server / counted if counted and server is not None else None,
-                  "worker_cpu_utilisation": cpu / seconds if seconds else None, **stats}
+                  "worker_cpu_utilisation": cpu / seconds if seconds else None, "raw_torch_rate": paired, **stats}
         extra = f", mean batch {stats['mean_batch_size']:.1f}" if stats.get("mean_batch_size") else ""
         say(f"{label}: {rate:,.0f} req/s, worker CPU {result['cpu_ms_per_request'] or 0:.3f} ms/req{extra}"
             + (f", {failed} FAILED" if failed else ""))
@@ -949,24 +982,24 @@ class Bench:
                 prefix = f"{run}-{mode}{arg if mode == 'closed' else ''}-"
                 lr = LatencyRun(publisher, make, self.cfg.result_backend, prefix)
                 before = scrape_metrics(port)
+                cpu_before = time.process_time()
                 try:
                     if mode == "closed":
-                        lr.closed(arg, self.cfg.duration, warmup=1.0)
-                        achieved = lr.completed_in_window / self.cfg.duration
-                        offered = None
+                        offered, achieved = None, lr.closed(arg, self.cfg.duration, warmup=1.0)
                     else:
-                        offered = arg
-                        achieved = lr.open(arg, self.cfg.duration, warmup=1.0)
+                        offered, achieved = arg, lr.open(arg, self.cfg.duration, warmup=1.0)
+                    sent = next(lr._counter)
+                    producer_cpu = 1000 * (time.process_time() - cpu_before) / sent if sent else None
                 finally:
                     lr.close()
-                    prefixes.append((prefix, next(lr._counter)))
+                    prefixes.append((prefix, next(lr._counter)))  # the counter is past every id sent
                 stats = batch_stats(before, scrape_metrics(port)) if system == "ours" else {}
                 summary = latency_summary(lr.latencies)
                 result = {"system": system, "broker": s.broker, "workload": s.workload.name, "mode": mode,
                           "concurrency": arg if mode == "closed" else None, "offered_rate": offered,
                           "rate": achieved, "failed": lr.failed, "max_batch_size": self.cfg.max_batch_size,
-                          "max_wait_ms": self.cfg.max_wait_ms, **summary, **stats,
-                          "cdf": cdf_points(lr.latencies)}
+                          "max_wait_ms": self.cfg.max_wait_ms, "producer_cpu_ms_per_request": producer_cpu,
+                          **summary, **stats, "cdf": cdf_points(lr.latencies)}
                 if mode == "open" and stats.get("mean_batch_compute_ms") is not None:
                     result["bound_ms"] = latency_bound_ms(self.cfg.max_wait_ms, stats["mean_batch_compute_ms"])
                 results.append(result)
@@ -990,10 +1023,9 @@ class Bench:
 
     def raw_torch(self, workload: Workload) -> None:
         sizes = sorted({1, self.cfg.max_batch_size, *self.cfg.sweep})
-        seconds = 0.5 if self.cfg.duration < 5 else 1.5
         self.raw[workload.name], self.raw_ms[workload.name] = {}, {}
         for size in sizes:
-            rate, ms = raw_torch_rate(workload, size, seconds, self.cfg.device)
+            rate, ms = raw_torch_rate(workload, size, self._raw_seconds, self.cfg.device)
             self.raw[workload.name][str(size)] = rate
             self.raw_ms[workload.name][str(size)] = ms
         say(f"{workload.name}: raw torch " + ", ".join(f"b{k}: {v:,.0f}/s" for k, v in self.raw[workload.name].items()))
@@ -1018,6 +1050,8 @@ class Bench:
         n, baseline_n, sweep_n = cfg.sizes(s.workload.name)
         ours = self.drain(s, "ours", n, cfg.max_batch_size)
         self.drains.append({**ours, "role": "main"})
+        if cfg.profile is not None:
+            self.drain(s, "ours", n, cfg.max_batch_size, profile=cfg.profile)  # not counted: py-spy slows it
         if "baselines" not in cfg.skip:
             for system in self.systems[1:]:
                 self.drains.append({**self.drain(s, system, baseline_n, cfg.max_batch_size), "role": "main"})
@@ -1068,10 +1102,10 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
     sweep_rows = []
     for d in sorted((d for d in results["drains"] if d["system"] == "ours"),
                     key=lambda d: (d["workload"], d["broker"], d["max_batch_size"], d["role"] != "main")):
-        r = raw.get(d["workload"], {}).get(str(d["max_batch_size"]))
+        r = d.get("raw_torch_rate") or raw.get(d["workload"], {}).get(str(d["max_batch_size"]))
         sweep_rows.append([d["workload"], d["broker"], d["max_batch_size"], d["counted"], d["rate"],
-                           d["cpu_ms_per_request"], d.get("mean_batch_size"), d.get("mean_batch_compute_ms"), r,
-                           ratio(d["rate"], r)])
+                           d["cpu_ms_per_request"], d.get("mean_batch_size"), d.get("mean_batch_compute_ms"),
+                           ratio(d.get("compute_seconds"), d.get("seconds")), r, ratio(d["rate"], r)])
     latency_rows = [[r["workload"], r["broker"], r["system"],
                      f"closed C={r['concurrency']}" if r["mode"] == "closed" else f"open {r['offered_rate']:,.0f}/s",
                      r["rate"], r.get("p50_ms"), r.get("p95_ms"), r.get("p99_ms"), r.get("max_ms"),
@@ -1085,7 +1119,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
                                                  "x celery-batches"], drain_rows),
         ("Ours by max_batch_size (drain) against raw torch at the same batch size",
          ["workload", "broker", "max batch", "requests", "req/s", "worker CPU ms/req", "mean batch",
-          "ms/batch", "raw torch req/s", "e2e / raw"], sweep_rows),
+          "ms/batch", "forward share", "raw torch req/s", "e2e / raw"], sweep_rows),
         ("Latency (ms)", ["workload", "broker", "system", "load", "req/s", "p50", "p95", "p99", "max",
                           "mean batch", "ms/batch", "p99 bound"], latency_rows),
         ("Targets (reported, not asserted)", ["what", "target", "measured", "verdict"], target_rows),

@@ -249,10 +249,12 @@ def status(timeout: float) -> None:
 @click.option("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672//", show_default=True, help="RabbitMQ broker.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs/benchmarks"),
               show_default=True, help="Where the JSON, markdown summary and PNGs go (names end -quick for --quick).")
+@click.option("--profile", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also run one extra drain of ours under py-spy (not counted) and save its stacks here.")
 def bench(broker: str, workload: str, n: int, baseline_n: int | None, sweep_n: int, heavy_n: int, heavy_small_n: int,
           sweep: str, concurrency: str, duration: float, max_batch_size: int, max_wait_ms: float,
           with_celery_batches: bool, skip: tuple[str, ...], quick: bool, redis_url: str, amqp_url: str,
-          out: Path) -> None:
+          out: Path, profile: Path | None) -> None:
     """Benchmark our batcher against a per-request Celery task (and celery-batches) on Redis and RabbitMQ."""
     from agent_workers import bench as bench_module
 
@@ -264,7 +266,7 @@ def bench(broker: str, workload: str, n: int, baseline_n: int | None, sweep_n: i
         "sweep": tuple(int(s) for s in sweep.split(",") if s.strip()),
         "concurrency": tuple(int(c) for c in concurrency.split(",") if c.strip()),
         "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "with_celery_batches": with_celery_batches,
-        "skip": frozenset(skip), "redis_url": redis_url, "amqp_url": amqp_url, "out": out,
+        "skip": frozenset(skip), "redis_url": redis_url, "amqp_url": amqp_url, "out": out, "profile": profile,
         "result_backend": settings.result_backend, "params_url": settings.params_url, "device": settings.device,
     }
     sizes = {"n": n, "baseline_n": baseline_n, "sweep_n": sweep_n, "heavy_n": heavy_n, "heavy_small_n": heavy_small_n,
@@ -278,3 +280,14 @@ def bench(broker: str, workload: str, n: int, baseline_n: int | None, sweep_n: i
     else:
         config = bench_module.BenchConfig(**options, **sizes)
     bench_module.run(config)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="A small smoke run (minutes less; numbers not representative).")
+@click.option("--docs", "docs_dir", default="docs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where training.md and benchmarks/training.{json,png} are written.")
+def report(quick: bool, docs_dir: Path) -> None:
+    """Training quality and commit-coordination report (starts and stops its own workers)."""
+    from agent_workers import report as report_module
+
+    report_module.run(_settings(), quick=quick, docs=docs_dir, progress=lambda line: click.echo(line))

@@ -54,5 +54,9 @@ class Keys:
     def lock(self, name: str) -> str:
         return f"{self._model(name)}:lock"
 
+    def deliveries(self, task_id: str) -> str:
+        """How often a redelivered request was handed to a worker (poison-message detection)."""
+        return f"{self.namespace}:deliveries:{task_id}"
+
     def dataset(self, dataset_id: str, part: str) -> str:
         return f"{self.namespace}:data:{{{dataset_id}}}:{part}"

@@ -91,9 +91,12 @@ class HyperParams:
         unknown = set(data) - known
         if unknown:
             raise InputError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(known)}")
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
         try:
+            for name in ("lr", "momentum", "eps", "l1", "l2"):
+                if name in data:
+                    data[name] = _number(name, data[name])
+            if "betas" in data:
+                data["betas"] = tuple(_number("betas", b) for b in data["betas"])
             hp = cls(**data)
         except TypeError as exc:
             raise InputError(f"bad hyperparameters: {exc}") from None
@@ -110,6 +113,12 @@ class HyperParams:
         if not hp.eps > 0 or hp.l1 < 0 or hp.l2 < 0:
             raise InputError(f"eps must be > 0 and l1, l2 >= 0; got eps={hp.eps}, l1={hp.l1}, l2={hp.l2}")
         return hp
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise InputError(f"hyperparameter {name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _loss(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray,

@@ -9,7 +9,8 @@ from celery import Task, signals
 
 from agent_workers.app import FIT, TRAIN_STEP, WorkerApp
 from agent_workers.errors import InputError, StoreUnavailableError
-from agent_workers.training import HyperParams, train_step as run_step
+from agent_workers.training import HyperParams
+from agent_workers.training import train_step as run_step
 from tasks import app
 
 RETRY = {"autoretry_for": (StoreUnavailableError,), "max_retries": 5, "retry_backoff": True, "retry_jitter": True}

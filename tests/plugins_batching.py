@@ -27,3 +27,46 @@ def build_picky(*, in_features: int = 2) -> torch.nn.Module:
 
 def picky_spec() -> ModelSpec:
     return make_spec("picky", in_features=2)
+
+
+class Crashy(torch.nn.Module):
+    """Adds its two inputs; kills its own process when a row's first feature is 666 (a poison request)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] == 666).any()):
+            import os
+
+            os._exit(17)
+        return x.sum(dim=1, keepdim=True) * self.scale
+
+
+@register_architecture("crashy")
+def build_crashy(*, in_features: int = 2) -> torch.nn.Module:
+    return Crashy()
+
+
+def crashy_spec() -> ModelSpec:
+    return make_spec("crashy", in_features=2)
+
+
+class Slow(torch.nn.Module):
+    """Adds its two inputs, taking 20 ms per batch (to keep a worker busy long enough to be killed mid-load)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.02)
+        return x.sum(dim=1, keepdim=True) * self.scale
+
+
+@register_architecture("slow")
+def build_slow(*, in_features: int = 2) -> torch.nn.Module:
+    return Slow()

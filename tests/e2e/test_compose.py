@@ -219,3 +219,13 @@ def test_dockerfile_installs_pinned_torch_before_the_package() -> None:
     assert 0 <= torch_install < package_install
     compose_default = re.search(r"TORCH_VERSION: \$\{TORCH_VERSION:-([^}]+)\}", COMPOSE_FILE.read_text())
     assert compose_default and compose_default.group(1) == pinned.group(1)
+
+
+def test_flower_environment_names_only_options_flower_knows(resolved: dict[str, Any]) -> None:
+    # Flower turns every FLOWER_* variable into an option at start-up and dies on a name it does not know.
+    import flower.options  # noqa: F401 - registers Flower's options
+    from tornado.options import options
+
+    names = [k[len("FLOWER_") :].lower() for k in environment(service(resolved, "flower")) if k.startswith("FLOWER_")]
+    assert "basic_auth" in names
+    assert [name for name in names if name not in options] == []

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import pytest
 import redis
 import requests
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent_workers.client import Client
 from agent_workers.config import Settings
@@ -82,9 +84,16 @@ class Stack:
         if self.proc.poll() is not None:
             raise AssertionError(f"honcho exited with {self.proc.returncode}:\n{self.log()[-6000:]}")
 
-    def child_pids(self) -> list[int]:
-        """The Procfile processes honcho started; each leads its own session (honcho's ``start_new_session``)."""
-        return [int(pid) for pid in re.findall(r"started \(pid=(\d+)\)", self.log())]
+    def metric(self, process: str, name: str, **labels: str) -> float:
+        """A Prometheus sample of the inference worker (``worker``) or the trainer (``trainer``)."""
+        port = self.settings.metrics_port + (1 if process == "trainer" else 0)
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
 
     def workers(self) -> dict[str, Any]:
         """Flower's ``/api/workers``, refreshed by a broadcast inspect."""
@@ -93,15 +102,28 @@ class Stack:
         return dict(response.json())
 
 
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are both free right now (the Procfile gives the trainer p + 1)."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 def honcho_env(broker: str, tmp: Path) -> dict[str, str]:
     """A clean environment for honcho: no inherited AGENT_WORKERS_*/FLOWER_*, ours on top, the venv on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_WORKERS_", "FLOWER_"))}
-    env.update(pool_env(broker, max_batch_size=MAX_BATCH_SIZE, ready_file=tmp / "ready"))
+    env.update(pool_env(broker, max_batch_size=MAX_BATCH_SIZE, ready_file=tmp / "ready", metrics_port=free_port_pair()))
     env.update(
         FLOWER_PORT=str(free_port()),
         FLOWER_BASIC_AUTH=f"{AUTH[0]}:{AUTH[1]}",
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        PYTHONUNBUFFERED="1",
+        PYTHONUNBUFFERED="1",  # honcho's "started (pid=N)" lines reach the log at once (see stop_honcho)
     )
     return env
 
@@ -129,17 +151,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def stop_stack(stack: Stack) -> None:
+def started_pids(log_path: Path) -> list[int]:
+    """The Procfile processes honcho started; each leads its own session (honcho's ``start_new_session``)."""
+    return [int(pid) for pid in re.findall(r"started \(pid=(\d+)\)", log_path.read_text(errors="replace"))]
+
+
+def stop_honcho(proc: subprocess.Popen[bytes], log_path: Path) -> None:
     """SIGTERM honcho's process group (honcho passes it on), SIGKILL after a timeout; reap the children."""
-    children = stack.child_pids()
-    if stack.proc.poll() is None:
-        os.killpg(stack.proc.pid, signal.SIGTERM)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            stack.proc.wait(STOP_TIMEOUT)
+            proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            os.killpg(stack.proc.pid, signal.SIGKILL)
-            stack.proc.wait(10)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
     # honcho's children run in sessions of their own, so a SIGKILLed honcho would leave them behind.
+    children = started_pids(log_path)
     deadline = time.monotonic() + STOP_TIMEOUT
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -184,7 +211,7 @@ def stack(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sta
         )
         yield s
     finally:
-        stop_stack(s)
+        stop_honcho(proc, log_path)
         _cleanup(settings)
         cleanup_broker(settings)
 
@@ -232,8 +259,8 @@ def test_flower_lists_both_workers_with_their_queues_and_prefetch(stack: Stack) 
         assert info["stats"]["pool"]["implementation"].endswith("thread:TaskPool")
 
 
-def test_flower_sees_the_workers_alive_through_their_events(stack: Stack) -> None:
-    # /api/workers?status=1 is built from worker heartbeats, which only flow when the workers run with -E.
+def test_flower_sees_both_workers_alive_through_their_heartbeats(stack: Stack) -> None:
+    # /api/workers?status=1 comes from the event stream (worker heartbeats), not from a broadcast inspect.
     def alive() -> bool:
         status = requests.get(f"{stack.flower_url}/api/workers", params={"status": "1"}, auth=AUTH, timeout=30)
         status.raise_for_status()
@@ -263,20 +290,27 @@ def _answers(url: str) -> bool:
     return True
 
 
+def served_by(stack: Stack, task_id: str) -> str:
+    """The node that Flower, from the task events, says ran ``task_id`` to success."""
+
+    def check() -> str | None:
+        response = requests.get(f"{stack.flower_url}/api/task/info/{task_id}", auth=AUTH, timeout=30)
+        info = response.json() if response.status_code == 200 else {}
+        return info.get("worker") if info.get("state") == "SUCCESS" else None
+
+    return str(wait_for(f"Flower to record task {task_id} as a success", check, 60, alive=stack.assert_running))
+
+
 def test_prediction_from_outside_is_served_by_the_inference_worker(stack: Stack) -> None:
     store = RedisParamStore.from_settings(stack.settings)
     model = fixed_linear(store)
     client = Client(stack.settings)
     handle = client.send_predict(model, [1.0, 2.0, 3.0])
     assert client.wait(handle, timeout=60) == {"model": model, "version": 0, "outputs": [4.75]}
-
-    def served_by() -> str | None:
-        response = requests.get(f"{stack.flower_url}/api/task/info/{handle.id}", auth=AUTH, timeout=30)
-        info = response.json() if response.status_code == 200 else {}
-        return info.get("worker") if info.get("state") == "SUCCESS" else None
-
-    worker = wait_for("Flower to record the prediction's success", served_by, 60, alive=stack.assert_running)
-    assert worker.startswith(stack.inference_node)
+    assert served_by(stack, handle.id).startswith(stack.inference_node)
+    # The counter moves just after the result is stored, so wait for it before asserting exactly one.
+    wait_for("the request counter", lambda: stack.metric("worker", "agent_workers_requests_total", model=model), 30)
+    assert stack.metric("worker", "agent_workers_requests_total", model=model, outcome="success") == 1
 
 
 def test_train_step_is_committed_by_the_trainer_and_served_next(stack: Stack) -> None:
@@ -284,8 +318,11 @@ def test_train_step_is_committed_by_the_trainer_and_served_next(stack: Stack) ->
     model = fixed_linear(store)
     client = Client(stack.settings)
     row = [1.0, 2.0, 3.0]
-    step = client.wait(client.send_train_step(model, x=[row], y=[[0.0]], hparams={"lr": 0.01}), timeout=60)
-    assert step["version"] == 1
+    handle = client.send_train_step(model, x=[row], y=[[0.0]], hparams={"lr": 0.01})
+    assert client.wait(handle, timeout=60)["version"] == 1
+    assert served_by(stack, handle.id).startswith(stack.trainer_node)
+    assert stack.metric("trainer", "agent_workers_commits_total", model=model, outcome="committed") == 1
+    assert stack.metric("worker", "agent_workers_commits_total", model=model) == 0
     snap = store.read(model, 1)
     module = store.spec(model, snap.epoch).build()
     module.load_state_dict(snap.parameters())
@@ -304,11 +341,14 @@ def test_flower_refuses_to_start_without_basic_auth(tmp_path: Path) -> None:
     log_path = tmp_path / "honcho.log"
     proc = start_honcho(env, log_path, "flower")
     try:
-        code = proc.wait(60)
+        wait_for(
+            "honcho to exit, or Flower to start",
+            lambda: proc.poll() is not None or "Visit me at" in log_path.read_text(errors="replace"),
+            60,
+        )
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_honcho(proc, log_path)
     log = log_path.read_text(errors="replace")
-    assert code != 0, log
+    assert proc.returncode != 0, log
     assert "FLOWER_BASIC_AUTH" in log and "user:password" in log
     assert "Visit me at" not in log

@@ -1,0 +1,241 @@
+"""Training correctness with real worker processes, on both brokers and in both commit modes.
+
+Every test trains the ``counter`` model of tests/plugins.py: one SGD step with ``lr=1`` adds its targets to the
+parameter, so after any interleaving the parameter must equal the exact sum of all deltas, and the version the
+number of distinct steps. A lost update, a doubled one, or a torn read shows as a wrong number.
+
+Trainers are worker processes consuming the training queue. For the N-trainer runs one set of workers per
+(broker, mode) serves all N: two processes with four pool threads each (8 slots), and N ``fit`` jobs of K steps
+each, so exactly N trainers run at once, spread over two processes (true cross-process races) while the CPU cost
+stays at two interpreters with torch instead of eight. A trainer is a thread of a process here; the commit path
+(store client, script, lock) is per thread and per process alike, so the interleavings are the same kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import redis
+
+import tests.plugins  # noqa: F401 - the counter architecture and loss, for create() in this process
+from agent_workers.client import Client
+from agent_workers.config import Settings
+from agent_workers.datasets import DatasetStore
+from agent_workers.errors import ModelError
+from agent_workers.keys import Keys
+from agent_workers.models import make_spec
+from agent_workers.params import STAGING_TTL, RedisParamStore
+from agent_workers.supervisor import WorkerProcess
+from tests.conftest import Pool, pool_env, unique
+from tests.plugins import PAUSE_AFTER, PAUSE_BEFORE, reached_key
+
+pytestmark = pytest.mark.integration
+
+COUNTER_HP = {"loss": "counter", "optimizer": "sgd", "lr": 1.0}
+STEPS_PER_TRAINER = 20
+RESULT_TIMEOUT = 120
+
+
+@pytest.fixture(scope="module", params=["optimistic", "lock"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@dataclasses.dataclass
+class Trainers:
+    """Two training worker processes (4 threads each) and the handles a test needs."""
+
+    settings: Settings
+    client: Client
+    store: RedisParamStore
+    datasets: DatasetStore
+    workers: list[WorkerProcess]
+
+    def counter(self, size: int = 1) -> str:
+        name = unique("ctr")
+        self.store.create(name, make_spec("counter", in_features=1, size=size))
+        return name
+
+    def send_fits(self, model: str, deltas: list[np.ndarray]) -> list[object]:
+        """One fit job (one trainer) per delta vector, each doing one step per delta."""
+        handles = []
+        for d in deltas:
+            dataset = self.datasets.upload(np.zeros((len(d), 1), np.float32), d.reshape(-1, 1).astype(np.float32))
+            handles.append(self.client.send_fit(model, dataset, epochs=1, batch_size=1, hparams=COUNTER_HP))
+        return handles
+
+
+def _cleanup(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.params_url)
+    keys = list(client.scan_iter(match=f"{settings.namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    if settings.broker_is_redis:
+        redis.Redis.from_url(settings.broker_url).delete(settings.training_queue)
+
+
+@pytest.fixture(scope="module")
+def trainers(broker: str, mode: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainers]:
+    # Small chunks and a short retention make every commit of the 2,048-element counter a multi-chunk commit that
+    # collects an old version, so readers race both the renames and the garbage collection.
+    env = pool_env(broker, plugins="tests.plugins", commit_mode=mode, keep_versions=3, chunk_bytes=4096,
+                   lock_timeout=30)
+    settings = Settings.from_env(env)
+    logs = tmp_path_factory.mktemp(f"trainers-{broker}-{mode}")
+    workers = [WorkerProcess(queues=[settings.training_queue], env=env, extra=["-c", "4"],
+                             log_path=logs / f"worker{i}.log") for i in range(2)]
+    try:
+        for w in workers:
+            w.start(wait=False)
+        for w in workers:
+            w.wait_ready()
+        store = RedisParamStore.from_settings(settings)
+        yield Trainers(settings, Client(settings), store,
+                       DatasetStore(client=store.client, keys=Keys(settings.namespace)), workers)
+    finally:
+        for w in workers:
+            w.stop()
+        _cleanup(settings)
+
+
+def value_of(store: RedisParamStore, model: str) -> np.ndarray:
+    return store.read(model).parameters()["value"].numpy()
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_n_trainers_times_k_commits_lose_and_double_nothing(trainers: Trainers, n: int) -> None:
+    model = trainers.counter()
+    # Trainer j adds 100·j + 1 ... 100·j + K: distinct deltas, an exact float32 sum.
+    deltas = [np.arange(1, STEPS_PER_TRAINER + 1, dtype=np.float32) + 100 * j for j in range(n)]
+    results = [trainers.client.wait(h, RESULT_TIMEOUT) for h in trainers.send_fits(model, deltas)]
+
+    assert [r["steps"] for r in results] == [STEPS_PER_TRAINER] * n
+    head = trainers.store.head(model)
+    assert head.version == n * STEPS_PER_TRAINER
+    assert value_of(trainers.store, model).tolist() == [float(sum(d.sum() for d in deltas))]
+    # The history is linear: every version exactly once, each from a distinct update.
+    records = trainers.store.history(model, 1000)
+    commits = [r for r in records if r["kind"] == "commit"]
+    assert sorted(r["version"] for r in commits) == list(range(1, n * STEPS_PER_TRAINER + 1))
+    assert len({r["update_id"] for r in commits}) == n * STEPS_PER_TRAINER
+    assert all(0 <= r["staleness"] <= trainers.settings.max_staleness for r in commits)
+    if trainers.settings.commit_mode == "lock":
+        assert sum(r["conflicts"] for r in results) == 0  # the lock serialises; the CAS never loses
+    print(f"\n{trainers.settings.commit_mode} n={n}: conflicts={sum(r['conflicts'] for r in results)} "
+          f"recomputed={sum(r['recomputed'] for r in results)} "
+          f"max staleness={max(r['max_staleness_seen'] for r in results)}")
+
+
+def test_the_same_step_delivered_twice_changes_the_parameters_once(trainers: Trainers) -> None:
+    model = trainers.counter()
+    client = trainers.client
+    twins = [client.send_train_step(model, x=[[0.0]], y=[[5.0]], hparams=COUNTER_HP, update_id="step-1")
+             for _ in range(2)]
+    results = [client.wait(h, RESULT_TIMEOUT) for h in twins]
+    assert sorted(r["duplicate"] for r in results) == [False, True]
+    assert [r["version"] for r in results] == [1, 1]
+    late = client.wait(client.send_train_step(model, x=[[0.0]], y=[[5.0]], hparams=COUNTER_HP,
+                                              update_id="step-1"), RESULT_TIMEOUT)
+    assert late["duplicate"] and late["version"] == 1
+    assert trainers.store.head(model).version == 1
+    assert value_of(trainers.store, model).tolist() == [5.0]
+
+
+def test_a_polling_reader_never_sees_a_version_disagree_with_its_contents(trainers: Trainers) -> None:
+    size, n, k = 2048, 4, 30  # 8 KiB of parameters: three 4 KiB chunks per version
+    model = trainers.counter(size)
+    assert trainers.store.head(model).chunks >= 2
+    handles = trainers.send_fits(model, [np.ones(k, np.float32)] * n)  # every step adds 1: value == version
+    latest = RedisParamStore.from_settings(trainers.settings)
+    pinned = RedisParamStore.from_settings(trainers.settings, cache=False)
+    seen: set[int] = set()
+    collected = 0
+
+    def check(snap_version: int, meta_version: str, value: np.ndarray) -> None:
+        assert meta_version == str(snap_version)
+        assert value.shape == (size,)
+        assert (value == snap_version).all(), f"v{snap_version} holds {sorted(set(value.tolist()))[:5]}"
+
+    while not all(h.ready() for h in handles):
+        snap = latest.read(model)
+        check(snap.version, snap.meta["version"], snap.parameters()["value"].numpy())
+        seen.add(snap.version)
+        if snap.version > 0:
+            try:
+                old = pinned.read(model, snap.version - 1)
+            except ModelError:
+                collected += 1  # left the 3-version window meanwhile: refused, never half-read
+            else:
+                check(old.version, old.meta["version"], old.parameters()["value"].numpy())
+    for h in handles:
+        trainers.client.wait(h, RESULT_TIMEOUT)
+    final = latest.read(model)
+    check(final.version, final.meta["version"], final.parameters()["value"].numpy())
+    assert final.version == n * k
+    assert any(0 < v < n * k for v in seen), "the reader never overlapped the training"
+    print(f"\nreader saw {len(seen)} versions, {collected} pinned reads found their version collected")
+
+
+def requeue_unacked(settings: Settings, task_ids: set[str]) -> int:
+    """Redis broker: put these tasks' unacknowledged messages back on their queue now.
+
+    This is what the visibility timeout does after ``AGENT_WORKERS_VISIBILITY_TIMEOUT`` seconds (kombu's
+    ``restore_visible``); doing it for exactly our messages keeps the test fast and leaves other pools' messages
+    on the shared Redis alone.
+    """
+    from kombu import Connection
+
+    with Connection(settings.broker_url) as conn:
+        channel = conn.default_channel
+        client = channel.client
+        tags = [tag for tag, raw in client.hscan_iter(channel.unacked_key)
+                if (json.loads(raw)[0].get("headers") or {}).get("id") in task_ids]
+        for tag in tags:
+            channel.qos.restore_by_tag(tag, leftmost=True)
+    return len(tags)
+
+
+def test_a_worker_killed_mid_commit_applies_each_step_exactly_once(start_pool: Callable[..., Pool], broker: str,
+                                                                   mode: str) -> None:
+    pool = start_pool(broker, queues="training", start=False, plugins="tests.plugins", commit_mode=mode,
+                      lock_timeout=2)
+    pool.worker.cmd += ["-c", "2"]  # two steps in flight: one paused before its CAS, one after
+    pool.worker.start()
+    model = unique("ctr")
+    pool.store.create(model, make_spec("counter", in_features=1))
+    before = pool.client.send_train_step(model, x=[[0.0]], y=[[1.0]], hparams=COUNTER_HP,
+                                         update_id=PAUSE_BEFORE + "a")
+    after = pool.client.send_train_step(model, x=[[0.0]], y=[[10.0]], hparams=COUNTER_HP,
+                                        update_id=PAUSE_AFTER + "b")
+    control = redis.Redis.from_url(pool.settings.params_url)
+    paused = set()
+    for _ in range(2):
+        item = control.blpop([reached_key(pool.settings.namespace)], timeout=RESULT_TIMEOUT)
+        assert item is not None, pool.worker.log()[-3000:]
+        paused.add(item[1].decode())
+    assert paused == {PAUSE_BEFORE + "a", PAUSE_AFTER + "b"}
+    # The moment of the kill: b's commit is in Redis (its ack is not), a has staged its blob but not committed.
+    assert pool.store.head(model).version == 1 and value_of(pool.store, model).tolist() == [10.0]
+    pool.worker.kill()
+    assert pool.worker.proc is not None and pool.worker.proc.wait(30) == -9
+    if pool.settings.broker_is_redis:
+        assert requeue_unacked(pool.settings, {before.id, after.id}) == 2
+    second = WorkerProcess(queues=[pool.settings.training_queue], env=pool.env, extra=["-c", "2"],
+                           log_path=pool.worker.log_path.with_name("second.log"))
+    try:
+        second.start()
+        redone_after = pool.client.wait(after, RESULT_TIMEOUT)
+        redone_before = pool.client.wait(before, RESULT_TIMEOUT)
+    finally:
+        second.stop()
+    assert redone_after["duplicate"] and redone_after["version"] == 1
+    assert not redone_before["duplicate"] and redone_before["version"] == 2
+    assert pool.store.head(model).version == 2
+    assert value_of(RedisParamStore.from_settings(pool.settings, cache=False), model).tolist() == [11.0]
+    # The killed step's staged blob is not a leak: it expires on its own.
+    staged = list(control.scan_iter(match=pool.store.keys.staging(model, "") + "*"))
+    assert all(0 < control.ttl(k) <= STAGING_TTL for k in staged)

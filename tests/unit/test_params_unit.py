@@ -1,0 +1,131 @@
+"""The store's pure parts: blob codec, chunking, name escaping, and the durability check on a fake client."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import pytest
+import torch
+
+from agent_workers.config import Settings
+from agent_workers.errors import ConfigError, ModelError, StoreUnavailableError
+from agent_workers.keys import Keys
+from agent_workers.params import (
+    RedisParamStore,
+    _glob_escape,
+    blob_metadata,
+    blob_version,
+    chunk_keys,
+    decode_blob,
+    encode_blob,
+    split_chunks,
+)
+
+
+def test_blob_round_trip_keeps_tensors_and_header() -> None:
+    tensors = {"p.w": torch.arange(6.0).reshape(2, 3), "o.adam.step": torch.tensor([3.0], dtype=torch.float64)}
+    blob = encode_blob(tensors, model="m", version=7, epoch="abc")
+    back = decode_blob(blob)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert blob_metadata(blob) == {"model": "m", "version": "7", "epoch": "abc"}
+    assert blob_version(blob) == 7
+
+
+def test_a_pickle_is_not_a_blob() -> None:
+    with pytest.raises(ModelError, match="not valid safetensors"):
+        decode_blob(pickle.dumps({"w": [1.0]}))
+
+
+@pytest.mark.parametrize(("size", "chunk", "expected"), [(0, 4, 1), (4, 4, 1), (5, 4, 2), (12, 4, 3), (13, 4, 4)])
+def test_split_chunks_covers_the_blob_exactly(size: int, chunk: int, expected: int) -> None:
+    data = bytes(range(size))
+    parts = split_chunks(data, chunk)
+    assert len(parts) == expected
+    assert all(len(p) <= chunk for p in parts)
+    assert b"".join(bytes(p) for p in parts) == data
+
+
+def test_chunk_keys_keep_the_first_key_and_suffix_the_rest() -> None:
+    assert chunk_keys("aw:model:{m}:blob:3", 3) == ["aw:model:{m}:blob:3", "aw:model:{m}:blob:3:1",
+                                                     "aw:model:{m}:blob:3:2"]
+
+
+def test_glob_escape_makes_a_prefix_literal() -> None:
+    assert _glob_escape("a*b?[c]\\") == "a\\*b\\?\\[c\\]\\\\"
+
+
+class FakeRedis:
+    """Just what the store's constructor and the durability path touch."""
+
+    def __init__(self, version: str, aof: int, waitaof: list[int] | None = None) -> None:
+        self.version, self.aof, self.waitaof = version, aof, waitaof or [1, 0]
+        self.commands: list[tuple[Any, ...]] = []
+
+    def register_script(self, script: str) -> object:
+        return object()
+
+    def info(self, section: str) -> dict[str, Any]:
+        return {"redis_version": self.version} if section == "server" else {"aof_enabled": self.aof}
+
+    def execute_command(self, *args: Any) -> list[int]:
+        self.commands.append(args)
+        return self.waitaof
+
+
+def make(client: FakeRedis, **options: Any) -> RedisParamStore:
+    return RedisParamStore(client=client, keys=Keys("t"), **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("version", ["6.2.14", "7.0.15", "7.1.0"])
+def test_wait_aof_needs_redis_7_2_and_says_which_version_it_found(version: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make(FakeRedis(version, aof=1), wait_aof=True)
+    assert "7.2" in str(info.value) and version in str(info.value) and "AGENT_WORKERS_WAIT_AOF" in str(info.value)
+
+
+def test_wait_aof_needs_appendonly() -> None:
+    with pytest.raises(ConfigError, match="appendonly"):
+        make(FakeRedis("7.2.4", aof=0), wait_aof=True)
+
+
+def test_wait_aof_is_accepted_on_7_2_with_aof_and_not_checked_when_off() -> None:
+    make(FakeRedis("7.2.4", aof=1), wait_aof=True)
+    make(FakeRedis("7.0.15", aof=0))
+
+
+def test_an_unconfirmed_fsync_fails_the_commit_as_retryable() -> None:
+    client = FakeRedis("8.0.0", aof=1, waitaof=[0, 0])
+    store = make(client, wait_aof=True)
+    with pytest.raises(StoreUnavailableError, match="AOF fsync"):
+        store._wait_aof("m", 3)
+    assert client.commands == [("WAITAOF", 1, 0, 5000)]
+
+
+def test_unknown_commit_mode_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="optimistic, lock"):
+        make(FakeRedis("7.0.0", aof=0), mode="pessimistic")
+
+
+def test_from_settings_carries_the_store_settings() -> None:
+    settings = Settings.from_env({"AGENT_WORKERS_COMMIT_MODE": "lock", "AGENT_WORKERS_CHUNK_BYTES": "4096",
+                                  "AGENT_WORKERS_LOCK_TIMEOUT": "2.5", "AGENT_WORKERS_KEEP_VERSIONS": "3",
+                                  "AGENT_WORKERS_NAMESPACE": "ns1"})
+    store = RedisParamStore.from_settings(settings)  # redis-py connects lazily: no server needed
+    assert (store.mode, store.chunk_bytes, store.lock_timeout, store.keep_versions, store.keys.namespace) == (
+        "lock", 4096, 2.5, 3, "ns1")
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"AGENT_WORKERS_COMMIT_MODE": "pessimistic"}, "AGENT_WORKERS_COMMIT_MODE"),
+        ({"AGENT_WORKERS_CHUNK_BYTES": "10"}, "AGENT_WORKERS_CHUNK_BYTES=10 is too small"),
+        ({"AGENT_WORKERS_CHUNK_BYTES": str(2**30)}, "512 MiB"),
+        ({"AGENT_WORKERS_WAIT_AOF": "perhaps"}, "AGENT_WORKERS_WAIT_AOF"),
+    ],
+)
+def test_store_settings_are_validated(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert fragment in str(info.value)

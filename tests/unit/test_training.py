@@ -1,0 +1,311 @@
+"""Training maths against torch.optim on tiny models, and the train step's conflict rules on an in-memory store."""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from agent_workers import training
+from agent_workers.errors import InputError, StoreError
+from agent_workers.models import ModelSpec, make_spec
+from agent_workers.params import PARAM_PREFIX, CommitResult, Outcome, Snapshot
+from agent_workers.training import HyperParams, apply_update, compute_gradient, train_step
+
+STEPS = 6
+
+
+def batches(rng: np.random.Generator, classes: int | None, out: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
+    result = []
+    for _ in range(STEPS):
+        x = rng.standard_normal((8, 4)).astype(np.float32)
+        y = rng.integers(0, classes, 8) if classes else rng.standard_normal((8, out)).astype(np.float32)
+        result.append((x, y))
+    return result
+
+
+def run_ours(spec: ModelSpec, module: torch.nn.Module, hp: HyperParams,
+             data: list[tuple[np.ndarray, np.ndarray]]) -> Snapshot:
+    snap = Snapshot("m", 0, "e", {PARAM_PREFIX + k: v.detach().clone() for k, v in module.state_dict().items()})
+    for x, y in data:
+        grads, _ = compute_gradient(spec, snap, x, y, hp)
+        snap = Snapshot("m", snap.version + 1, "e", apply_update(snap, grads, hp))
+    return snap
+
+
+def run_torch(module: torch.nn.Module, hp: HyperParams, data: list[tuple[np.ndarray, np.ndarray]],
+              ) -> torch.optim.Optimizer:
+    if hp.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(module.parameters(), lr=hp.lr, momentum=hp.momentum,
+                                                     weight_decay=hp.l2)
+    else:
+        opt = torch.optim.Adam(module.parameters(), lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.l2)
+    for x, y in data:
+        opt.zero_grad()
+        out = module(torch.from_numpy(x))
+        if hp.loss == "mse":
+            loss = torch.nn.functional.mse_loss(out, torch.from_numpy(y))
+        else:
+            loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(y).long())
+        # torch.optim has no L1 term: put it in the loss, whose gradient l1·sign(p) is what we apply.
+        loss = loss + hp.l1 * sum(p.abs().sum() for p in module.parameters())
+        loss.backward()
+        opt.step()
+    return opt
+
+
+CASES = {
+    "sgd": dict(optimizer="sgd", lr=0.1),
+    "sgd-momentum": dict(optimizer="sgd", lr=0.05, momentum=0.9),
+    "sgd-momentum-l2": dict(optimizer="sgd", lr=0.05, momentum=0.5, l2=0.01),
+    "sgd-l1": dict(optimizer="sgd", lr=0.05, l1=0.01),
+    "adam": dict(optimizer="adam", lr=0.01),
+    "adam-betas-l2-l1": dict(optimizer="adam", lr=0.02, betas=(0.8, 0.99), eps=1e-6, l2=0.05, l1=0.001),
+}
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_step_matches_torch_optim_exactly(case: str, loss: str) -> None:
+    hp = HyperParams.from_json({**CASES[case], "loss": loss})
+    if loss == "mse":
+        spec = make_spec("linear", in_features=4, out_features=2)
+        data = batches(np.random.default_rng(1), None)
+    else:
+        spec = make_spec("mlp", in_features=4, hidden=[5], out_features=3)
+        data = batches(np.random.default_rng(1), 3)
+    torch.manual_seed(0)
+    module = spec.build()
+    ours = run_ours(spec, module, hp, data)
+    opt = run_torch(module, hp, data)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(ours.parameters()[name], p.detach(), rtol=1e-5, atol=1e-6)
+        state = opt.state[p]
+        prefix = f"o.{hp.optimizer}."
+        if hp.optimizer == "adam":
+            # The optimizer state is versioned with the parameters, so it must be torch's state too.
+            torch.testing.assert_close(ours.tensors[f"{prefix}m.{name}"], state["exp_avg"], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(ours.tensors[f"{prefix}v.{name}"], state["exp_avg_sq"], rtol=1e-5,
+                                       atol=1e-9)
+        elif hp.momentum:
+            torch.testing.assert_close(ours.tensors[f"{prefix}buf.{name}"], state["momentum_buffer"], rtol=1e-5,
+                                       atol=1e-7)
+    assert int(ours.tensors[f"o.{hp.optimizer}.step"][0]) == STEPS
+
+
+def test_apply_update_leaves_the_snapshot_untouched() -> None:
+    spec = make_spec("linear", in_features=2)
+    snap = Snapshot("m", 0, "e", {PARAM_PREFIX + k: v.clone() for k, v in spec.build().state_dict().items()})
+    before = {k: v.clone() for k, v in snap.tensors.items()}
+    grads, _ = compute_gradient(spec, snap, np.ones((3, 2), np.float32), np.ones(3, np.float32), HyperParams())
+    apply_update(snap, grads, HyperParams(optimizer="adam", l2=0.1))
+    assert snap.tensors.keys() == before.keys()
+    assert all(torch.equal(snap.tensors[k], before[k]) for k in before)
+
+
+def test_losses_are_torch_losses() -> None:
+    out = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+    assert training._LOSSES["mse"](out, torch.tensor([[1.0, 1.0], [1.0, 1.0]])).item() == pytest.approx(
+        torch.nn.functional.mse_loss(out, torch.ones(2, 2)).item())
+    assert training._LOSSES["cross_entropy"](out, torch.tensor([1.0, 0.0])).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(out, torch.tensor([1, 0])).item())
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"optimizer": "rmsprop"}, "unknown optimizer"),
+        ({"loss": "hinge"}, "unknown loss"),
+        ({"lr": 0}, "lr must be > 0"),
+        ({"momentum": 1.5}, "momentum"),
+        ({"betas": [0.9, 1.0]}, "betas"),
+        ({"l2": -1}, "l1, l2 >= 0"),
+        ({"learning_rate": 0.1}, "unknown hyperparameters"),
+        ({"lr": "fast"}, "lr must be a finite number"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"betas": ["a", 0.9]}, "betas must be a finite number"),
+        ({"betas": 0.9}, "bad hyperparameters"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_with_the_name(data: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(InputError) as info:
+        HyperParams.from_json(data)
+    assert fragment in str(info.value)
+
+
+# -- the step's conflict rules, on an in-memory store ------------------------------------------------------------
+
+
+class MemoryStore:
+    """Enough of RedisParamStore for train_step; ``rivals`` run before each commit to simulate other trainers."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        torch.manual_seed(0)
+        self._spec = spec
+        self.version = 0
+        self.barrier = 0
+        self.tensors = {PARAM_PREFIX + k: v.clone() for k, v in spec.build().state_dict().items()}
+        self.applied_ids: dict[str, int] = {}
+        self.rivals: list[Callable[[MemoryStore], None]] = []
+        self.commits = 0
+        self.locks = 0
+
+    def read(self, name: str, version: int | None = None) -> Snapshot:
+        return Snapshot(name, self.version, "e", dict(self.tensors), self.barrier)
+
+    def spec(self, name: str, epoch: str | None = None) -> ModelSpec:
+        return self._spec
+
+    def applied(self, name: str, update_id: str) -> int | None:
+        return self.applied_ids.get(update_id)
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        self.locks += 1
+        yield
+
+    def rival_commits(self, n: int, *, rollback: bool = False) -> Callable[[MemoryStore], None]:
+        def rival(store: MemoryStore) -> None:
+            store.version += n
+            if rollback:
+                store.barrier = store.version
+        return rival
+
+    def commit(self, name: str, *, expected: int, tensors: dict[str, torch.Tensor], update_id: str = "",
+               info: dict[str, Any] | None = None, epoch: str = "") -> CommitResult:
+        self.commits += 1
+        if self.rivals:
+            self.rivals.pop(0)(self)
+        if update_id in self.applied_ids:
+            return CommitResult(Outcome.DUPLICATE, self.applied_ids[update_id])
+        if expected != self.version:
+            return CommitResult(Outcome.CONFLICT, self.version)
+        self.version += 1
+        self.tensors = tensors
+        self.applied_ids[update_id] = self.version
+        return CommitResult(Outcome.COMMITTED, self.version)
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Counts gradient computations and records backoff sleeps (no real sleeping)."""
+    seen: dict[str, Any] = {"gradients": 0, "sleeps": []}
+    original = training.compute_gradient
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        seen["gradients"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "compute_gradient", counting)
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(sleep=seen["sleeps"].append,
+                                                                perf_counter=__import__("time").perf_counter))
+    return seen
+
+
+X, Y = [[1.0, 2.0]], [[3.0]]
+SPEC = make_spec("linear", in_features=2)
+HP = HyperParams(lr=0.1)
+
+
+def test_a_gradient_within_the_staleness_bound_is_reused(counted: dict[str, Any]) -> None:
+    store = MemoryStore(SPEC)
+    store.rivals = [store.rival_commits(3)]
+    result = train_step(store, "m", X, Y, HP, update_id="u", max_staleness=4)  # type: ignore[arg-type]
+    assert (result.version, result.attempts, result.conflicts, result.staleness, result.recomputed) == (4, 2, 1, 3, 0)
+    assert counted["gradients"] == 1
+
+
+def test_a_gradient_beyond_the_staleness_bound_is_recomputed(counted: dict[str, Any]) -> None:
+    store = MemoryStore(SPEC)
+    store.rivals = [store.rival_commits(3)]
+    result = train_step(store, "m", X, Y, HP, update_id="u", max_staleness=2)  # type: ignore[arg-type]
+    assert (result.version, result.staleness, result.recomputed) == (4, 0, 1)
+    assert counted["gradients"] == 2
+
+
+def test_a_rollback_since_the_gradient_forces_a_recompute(counted: dict[str, Any]) -> None:
+    store = MemoryStore(SPEC)
+    store.rivals = [store.rival_commits(1, rollback=True)]
+    result = train_step(store, "m", X, Y, HP, update_id="u", max_staleness=4)  # type: ignore[arg-type]
+    assert (result.version, result.staleness, result.recomputed) == (2, 0, 1)
+
+
+def test_retries_are_bounded_and_backoff_is_jittered_and_capped(counted: dict[str, Any]) -> None:
+    store = MemoryStore(SPEC)
+    store.rivals = [store.rival_commits(1) for _ in range(10)]
+    with pytest.raises(StoreError, match="still conflicted after 8 attempts"):
+        train_step(store, "m", X, Y, HP, update_id="u", max_attempts=8)  # type: ignore[arg-type]
+    assert store.commits == 8
+    sleeps = counted["sleeps"]
+    assert len(sleeps) == 7
+    for attempt, delay in enumerate(sleeps, start=1):
+        assert 0 <= delay <= min(training.BACKOFF_CAP, training.BACKOFF_BASE * 2**attempt)
+
+
+def test_an_applied_update_id_returns_a_duplicate_without_computing_or_locking(counted: dict[str, Any]) -> None:
+    store = MemoryStore(SPEC)
+    store.applied_ids["u"] = 7
+    result = train_step(store, "m", X, Y, HP, update_id="u")  # type: ignore[arg-type]
+    assert result.duplicate and result.version == 7
+    assert (store.commits, store.locks, counted["gradients"]) == (0, 0, 0)
+    assert result.loss == pytest.approx(training.compute_loss(SPEC, store.read("m"), np.array(X, np.float32),
+                                                              np.array(Y, np.float32), HP))
+
+
+def test_a_duplicate_found_at_commit_time_changes_nothing(counted: dict[str, Any]) -> None:
+    store = MemoryStore(SPEC)
+
+    def twin(s: MemoryStore) -> None:  # the same update, delivered twice, won the race
+        s.version += 1
+        s.applied_ids["u"] = s.version
+
+    store.rivals = [twin]
+    result = train_step(store, "m", X, Y, HP, update_id="u")  # type: ignore[arg-type]
+    assert result.duplicate and result.version == 1 and store.version == 1
+
+
+def test_every_step_runs_inside_the_store_exclusive_section(counted: dict[str, Any]) -> None:
+    store = MemoryStore(SPEC)
+    train_step(store, "m", X, Y, HP, update_id="a")  # type: ignore[arg-type]
+    train_step(store, "m", X, Y, HP, update_id="b")  # type: ignore[arg-type]
+    assert store.locks == 2 and store.version == 2
+
+
+def test_step_result_reports_its_costs_as_json() -> None:
+    store = MemoryStore(SPEC)
+    out = train_step(store, "m", X, Y, HP, update_id="a").to_json()  # type: ignore[arg-type]
+    assert {"version", "loss", "attempts", "staleness", "duplicate", "conflicts", "recomputed",
+            "latency_ms"} <= set(out)
+    assert out["latency_ms"] >= 0
+
+
+# -- the report's pure parts (agent_workers/report.py) -----------------------------------------------------------
+
+
+def test_report_tables_replace_only_what_lies_between_the_markers() -> None:
+    from agent_workers.report import BEGIN_MARK, END_MARK, splice
+
+    doc = f"# T\n\nprose\n\n{BEGIN_MARK}\nold table\n{END_MARK}\n\nmore prose\n"
+    out = splice(doc, "new table\n")
+    assert out == f"# T\n\nprose\n\n{BEGIN_MARK}\nnew table\n{END_MARK}\n\nmore prose\n"
+    assert splice(out, "newer\n").count(BEGIN_MARK) == 1
+    assert splice("# T\n", "t\n") == f"# T\n\n{BEGIN_MARK}\nt\n{END_MARK}\n"
+
+
+def test_report_step_stats_count_conflicts_per_attempt_and_skip_duplicates_in_latency() -> None:
+    from agent_workers.report import layout, step_stats
+
+    results = [
+        {"attempts": 1, "conflicts": 0, "recomputed": 0, "staleness": 0, "latency_ms": 10.0, "duplicate": False},
+        {"attempts": 3, "conflicts": 2, "recomputed": 1, "staleness": 2, "latency_ms": 30.0, "duplicate": False},
+        {"attempts": 0, "conflicts": 0, "recomputed": 0, "staleness": 0, "latency_ms": 999.0, "duplicate": True},
+    ]
+    stats = step_stats(results, 2.0)
+    assert (stats["steps"], stats["steps_per_s"], stats["conflict_rate"], stats["max_staleness"]) == (3, 1.5, 0.5, 2)
+    assert stats["latency_p50_ms"] == 20.0 and stats["latency_p99_ms"] < 30.0 + 1e-9
+    assert [layout(n) for n in (1, 2, 4, 8)] == [(1, 1), (2, 1), (4, 1), (4, 2)]
