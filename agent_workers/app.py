@@ -10,7 +10,7 @@ from functools import cached_property
 from typing import Any
 
 import redis
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from kombu import Exchange, Queue
 
 from agent_workers.config import Settings
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
     transport_options = {"visibility_timeout": settings.visibility_timeout,
                          "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
                          "unacked_restore_throttle": 1}
-    app.conf.update(
+    conf: dict[str, Any] = dict(
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -100,37 +100,46 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
         worker_hijack_root_logger=True,
         worker_enable_soft_shutdown_on_idle=True,
         worker_soft_shutdown_timeout=10.0,
-        **extra_conf,
     )
+    conf.update(extra_conf)
+    app.conf.update(conf)
     from agent_workers.batching import BatcherStep
 
     app.steps["consumer"].add(BatcherStep)
+    app.steps["worker"].add(StartupChecks)
     if settings.broker_is_redis and urlparse(settings.broker_url).scheme == "redis":
         # Same wire format, fewer round trips: see agent_workers/transport.py.
         app.conf.broker_transport = "agent_workers.transport:Transport"
     return app
 
 
-@signals.worker_init.connect
-def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Start-up checks and plugin imports of a worker whose app is ours."""
-    app = getattr(sender, "app", None)
-    if not isinstance(app, WorkerApp):
-        return
-    check_app(app)
-    if app.settings.torch_threads:
-        import torch
+class StartupChecks(bootsteps.Step):
+    """Worker bootstep: start-up checks, torch threads, plugin imports and the metrics endpoint.
 
-        torch.set_num_threads(app.settings.torch_threads)
-    for module in app.settings.plugins:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise ConfigError(f"AGENT_WORKERS_PLUGINS names {module!r}, which cannot be imported: {exc}") from exc
-    if app.settings.metrics_port:
-        from agent_workers import metrics
+    A bootstep rather than a ``worker_init`` handler because Celery logs and swallows exceptions raised by signal
+    handlers, and a worker that cannot work must not start.
+    """
 
-        metrics.serve(app.settings.metrics_port)
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        app = worker.app
+        if not isinstance(app, WorkerApp):
+            return
+        check_app(app)
+        if app.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(app.settings.torch_threads)
+        for module in app.settings.plugins:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigError(
+                    f"AGENT_WORKERS_PLUGINS names {module!r}, which cannot be imported: {exc}") from exc
+        if app.settings.metrics_port:
+            from agent_workers import metrics
+
+            metrics.serve(app.settings.metrics_port)
 
 
 @signals.worker_ready.connect

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import math
 import os
@@ -332,7 +333,7 @@ class _Results:
         index = {self.prefix + task_id: i for i, task_id in enumerate(ids)}
         metas: list[dict[str, Any] | None] = [None] * len(ids)
         pending = set(index)
-        unconfirmed = set(index)
+        unconfirmed: set[str] = set()
 
         def take(key: str, raw: Any) -> None:
             if raw is None or key not in pending:
@@ -351,17 +352,29 @@ class _Results:
                 for key, raw in zip(chunk, self.redis.mget(chunk), strict=True):
                     take(key, raw)
 
+        def subscribe(keys: list[str]) -> None:
+            unconfirmed.update(keys)
+            for start in range(0, len(keys), SUBSCRIBE_CHUNK):
+                ps.subscribe(*keys[start : start + SUBSCRIBE_CHUNK])
+
         ps = self._pubsub()
         keys = list(index)
-        for start in range(0, len(keys), SUBSCRIBE_CHUNK):
-            ps.subscribe(*keys[start : start + SUBSCRIBE_CHUNK])
         resync = time.monotonic() + RESYNC_INTERVAL
         try:
+            subscribe(keys)
             while pending:
                 now = time.monotonic()
                 if now >= deadline:
                     raise ResultTimeout(f"{len(pending)} of {len(ids)} results not ready after {timeout:g}s")
-                message = ps.get_message(timeout=min(deadline, resync) - now)
+                try:
+                    message = ps.get_message(timeout=min(deadline, resync) - now)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    if time.monotonic() >= deadline:
+                        raise
+                    ps.reset()  # Redis went away: listen again on a fresh connection, then re-read
+                    unconfirmed.clear()
+                    subscribe(list(pending))
+                    continue
                 if message is None:
                     if time.monotonic() >= resync:
                         read_stored()
@@ -726,8 +739,6 @@ def bench(settings: Settings | None = None, *, n: int = 2000, width: int = 10) -
     """
     settings = settings or Settings.from_env()
     queue = f"aw-bench-{uuid.uuid4().hex[:8]}"
-    import dataclasses
-
     settings = dataclasses.replace(settings, inference_queue=queue)
     rows = [[float(i % 7) + 0.5 * j for j in range(width)] for i in range(n)]
     plain = producer_app(settings)
@@ -737,22 +748,21 @@ def bench(settings: Settings | None = None, *, n: int = 2000, width: int = 10) -
     def _predict(model: str, inputs: Any, version: int | None = None) -> None:  # a stub: only apply_async is timed
         raise NotImplementedError
 
+    def cpu(fn: Callable[[], Any]) -> float:
+        start = time.process_time()
+        fn()
+        return (time.process_time() - start) / n * 1e6
+
     client = Client(settings)
+    ids_plain: list[str] = []
+    ids_bulk: list[str] = []
     out: dict[str, float] = {}
     try:
         _predict.apply_async(kwargs={"model": "bench", "inputs": rows[0]})  # warm: connection, queue declared
         client.send_predict_bulk("bench", rows[:1])
-
-        def cpu(fn: Callable[[], Any]) -> float:
-            start = time.process_time()
-            fn()
-            return (time.process_time() - start) / n * 1e6
-
-        ids_plain: list[str] = []
         out["publish_apply_async_us"] = cpu(lambda: ids_plain.extend(
             _predict.apply_async(kwargs={"model": "bench", "inputs": row}).id for row in rows))
         out["publish_client_single_us"] = cpu(lambda: [client.send_predict("bench", row) for row in rows])
-        ids_bulk: list[str] = []
         out["publish_client_bulk_us"] = cpu(lambda: ids_bulk.extend(client.send_predict_bulk("bench", rows)))
         _store_fake_results(client, ids_plain + ids_bulk)
         out["collect_asyncresult_get_us"] = cpu(lambda: [plain.AsyncResult(i).get(timeout=30) for i in ids_plain])
@@ -761,10 +771,9 @@ def bench(settings: Settings | None = None, *, n: int = 2000, width: int = 10) -
         out["total_speedup"] = ((out["publish_apply_async_us"] + out["collect_asyncresult_get_us"])
                                 / (out["publish_client_bulk_us"] + out["collect_client_bulk_us"]))
     finally:
-        keys = [plain.backend.get_key_for_task(i) for i in locals().get("ids_plain", []) + locals().get(
-            "ids_bulk", [])]
-        if keys and client._results is not None:
-            client._results.redis.delete(*keys)
+        keys = [plain.backend.get_key_for_task(i) for i in ids_plain + ids_bulk]
+        if keys:
+            plain.backend.client.delete(*keys)
         _delete_queue(client, queue)
         client.close()
         plain.close()
@@ -805,8 +814,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.bench:
         parser.print_help()
         return 2
-    import dataclasses
-
     settings = Settings.from_env()
     if args.broker:
         settings = dataclasses.replace(settings, broker_url=args.broker)

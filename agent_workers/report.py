@@ -386,8 +386,11 @@ def fetch_latency(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
 def render_tables(report: dict[str, Any]) -> str:
     """The markdown that goes between the report markers of docs/training.md."""
     env = report["environment"]
-    parts = [f"Measured {report['finished']} on {env['machine']} ({env['cpus']} CPUs), broker `{env['broker']}`, "
-             f"Redis {env['redis']}, torch {env['torch']}. Regenerate with `agent-workers report`."]
+    load = env.get("load_average_at_start", ["?"])[0], env.get("load_average_at_end", ["?"])[0]
+    parts = [f"Measured {report['finished']} on {env['machine']} ({env['cpus']} CPUs, 1-minute load average "
+             f"{load[0]} at the start and {load[1]} at the end: the machine is shared, so treat rates as rough), "
+             f"broker `{env['broker']}`, Redis {env['redis']}, torch {env['torch']}, "
+             f"τ = {env['max_staleness']}. Regenerate with `agent-workers report`."]
     parts.append("\n**Linear regression through the queue** (seed data, SGD lr 0.05, batch 100, "
                  f"{report['plan']['linear_epochs']} epochs; goal: test MSE <= {MSE_GOAL} x floor)\n")
     parts.append(markdown_table(
@@ -481,7 +484,8 @@ def environment(lab: Lab) -> dict[str, Any]:
     return {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "redis": info.get("redis_version"),
             "broker": urlparse(lab.settings.broker_url).scheme, "max_staleness": lab.settings.max_staleness,
-            "torch_threads_per_worker": lab.settings.torch_threads}
+            "torch_threads_per_worker": lab.settings.torch_threads,
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
 
 
 def run(settings: Settings | None = None, *, quick: bool = False, docs: Path = Path("docs"),
@@ -501,6 +505,7 @@ def run(settings: Settings | None = None, *, quick: bool = False, docs: Path = P
     finally:
         lab.cleanup()
     report["seconds"] = round(time.perf_counter() - started, 1)
+    report["environment"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     report["finished"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = docs / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)

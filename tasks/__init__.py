@@ -6,8 +6,8 @@
 from agent_workers.app import create_app
 
 app = create_app()
-# The process-wide app of `celery -A tasks ...` processes: Flower's GET /api/task/result/<id> builds a bare
-# AsyncResult(id), which reads the *current* app's backend (flower/api/tasks.py TaskResult); without this it answers 503.
+# The process-wide app of `celery -A tasks ...`: Flower's GET /api/task/result/<id> builds a bare AsyncResult(id),
+# which reads the *current* app's backend (flower/api/tasks.py TaskResult); without this Flower answers 503.
 app.set_current()
 
 __all__ = ["app"]

@@ -62,7 +62,8 @@ class Flower:
             raise AssertionError(f"flower exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
 
     def get(self, path: str, *, auth: bool = True, **params: Any) -> requests.Response:
-        return requests.get(self.url + path, params=params, auth=self.auth if auth else None, timeout=30)
+        """GET with query ``params`` (Flower's own ``timeout`` parameter included: the HTTP timeout is longer)."""
+        return requests.get(self.url + path, params=params, auth=self.auth if auth else None, timeout=90)
 
     def post(self, path: str, body: dict[str, Any], *, auth: bool = True) -> requests.Response:
         return requests.post(self.url + path, json=body, auth=self.auth if auth else None, timeout=30)
@@ -89,6 +90,11 @@ def flower(pool: Pool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flo
     try:
         wait_for("flower to answer /healthcheck", lambda: _healthy(running.url), FLOWER_START_TIMEOUT,
                  alive=running.alive)
+        # Flower knows only what its event receiver saw: wait until it has heard our worker's heartbeat, so no
+        # test sends tasks before Flower listens.
+        online = f'flower_worker_online{{worker="{worker_node(pool)}"}} 1.0'
+        wait_for("flower to see the worker's events", lambda: online in running.get("/metrics").text,
+                 FLOWER_START_TIMEOUT, interval=0.5, alive=running.alive)
         yield running
     finally:
         if proc.poll() is None:

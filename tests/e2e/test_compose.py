@@ -31,7 +31,7 @@ APP_SERVICES = ("worker", "trainer", "worker-cpu", "flower")
 WORKERS = ("worker", "trainer", "worker-cpu")
 # Variables the file interpolates, or that steer docker-compose itself (COMPOSE_PROFILES would switch the cpu
 # profile on): the tests must not inherit a developer's values.
-_OURS = ("AGENT_WORKERS_", "FLOWER_", "RABBITMQ_", "REDIS_", "TORCH_", "COMPOSE_")
+_OURS = ("AGENT_WORKERS_", "FLOWER_", "RABBITMQ_", "REDIS_", "TORCH_", "WORKER_IMAGE", "COMPOSE_")
 
 
 def docker_compose(
@@ -229,3 +229,23 @@ def test_flower_environment_names_only_options_flower_knows(resolved: dict[str, 
     names = [k[len("FLOWER_") :].lower() for k in environment(service(resolved, "flower")) if k.startswith("FLOWER_")]
     assert "basic_auth" in names
     assert [name for name in names if name not in options] == []
+
+
+def settings_names() -> set[str]:
+    """Every AGENT_WORKERS_* variable config.py reads (``r.int("MAX_BATCH_SIZE", ...)`` and the like)."""
+    source = (ROOT / "agent_workers" / "config.py").read_text()
+    return {"AGENT_WORKERS_" + name for name in re.findall(r"\br\.\w+\(\s*\"([A-Z0-9_]+)\"", source)}
+
+
+def test_compose_sets_only_real_settings(resolved: dict[str, Any]) -> None:
+    known = settings_names()
+    assert "AGENT_WORKERS_MAX_BATCH_SIZE" in known
+    for name in APP_SERVICES:
+        unknown = {k for k in environment(service(resolved, name)) if k.startswith("AGENT_WORKERS_")} - known
+        assert not unknown, f"{name} sets {sorted(unknown)}, which config.py never reads"
+
+
+def test_every_setting_is_documented_in_operations_md() -> None:
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    missing = sorted(name for name in settings_names() if f"`{name}`" not in docs)
+    assert not missing, f"docs/operations.md does not describe {missing}"

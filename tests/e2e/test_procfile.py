@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from agent_workers.models import make_spec
 from agent_workers.params import RedisParamStore
 from agent_workers.supervisor import free_port
 from tests.conftest import _cleanup, need, pool_env, unique
+from tests.e2e.conftest import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -40,22 +41,8 @@ VENV_BIN = Path(sys.executable).parent
 HONCHO = VENV_BIN / "honcho"
 AUTH = ("operator", "s3cret-pass")
 MAX_BATCH_SIZE = 16  # not the default, so the test sees the Procfile derive the prefetch from the setting
-STARTUP_TIMEOUT = 150.0
+STARTUP_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, *, alive: Callable[[], None] | None = None) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if alive is not None:
-            alive()
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 @dataclasses.dataclass
@@ -94,6 +81,17 @@ class Stack:
             for sample in family.samples
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
         )
+
+    def alive(self) -> dict[str, bool]:
+        """Flower's view, from the event stream (heartbeats), of whether our two workers are alive."""
+        response = requests.get(f"{self.flower_url}/api/workers", params={"status": "1"}, auth=AUTH, timeout=30)
+        response.raise_for_status()
+        status = response.json()
+        found = {
+            "inference": [up for n, up in status.items() if n.startswith(self.inference_node)],
+            "trainer": [up for n, up in status.items() if n.startswith(self.trainer_node)],
+        }
+        return {kind: bool(ups) and all(ups) for kind, ups in found.items()}
 
     def workers(self) -> dict[str, Any]:
         """Flower's ``/api/workers``, refreshed by a broadcast inspect."""
@@ -209,6 +207,14 @@ def stack(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sta
             STARTUP_TIMEOUT,
             alive=s.assert_running,
         )
+        # Flower keeps only the events it receives while connected: wait until it hears both workers' heartbeats,
+        # so no test's task events can go out before Flower listens.
+        wait_for(
+            "Flower to receive both workers' heartbeats",
+            lambda: all(s.alive().values()) if _answers(f"{s.flower_url}/healthcheck") else False,
+            STARTUP_TIMEOUT,
+            alive=s.assert_running,
+        )
         yield s
     finally:
         stop_honcho(proc, log_path)
@@ -257,21 +263,6 @@ def test_flower_lists_both_workers_with_their_queues_and_prefetch(stack: Stack) 
     for info in (inference, trainer):
         assert info["stats"]["pool"]["max-concurrency"] == 1
         assert info["stats"]["pool"]["implementation"].endswith("thread:TaskPool")
-
-
-def test_flower_sees_both_workers_alive_through_their_heartbeats(stack: Stack) -> None:
-    # /api/workers?status=1 comes from the event stream (worker heartbeats), not from a broadcast inspect.
-    def alive() -> bool:
-        status = requests.get(f"{stack.flower_url}/api/workers", params={"status": "1"}, auth=AUTH, timeout=30)
-        status.raise_for_status()
-        mine = {
-            name: up
-            for name, up in status.json().items()
-            if name.startswith((stack.inference_node, stack.trainer_node))
-        }
-        return len(mine) == 2 and all(mine.values())
-
-    wait_for("heartbeats of both workers in Flower", alive, STARTUP_TIMEOUT, alive=stack.assert_running)
 
 
 def test_flower_api_refuses_requests_without_the_right_credentials(stack: Stack) -> None:

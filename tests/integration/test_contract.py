@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from agent_workers.app import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP, create_app
-from agent_workers.client import ResultTimeout
+from agent_workers.client import ResultTimeout, bench
 from agent_workers.control import inspect_models
 from agent_workers.errors import InputError, ModelError
 from agent_workers.models import make_spec
@@ -133,12 +133,13 @@ def test_fit_progress_meta_follows_its_schema(pool: Pool) -> None:
     model = unique("lin")
     pool.store.create(model, make_spec("linear", in_features=2))
     dataset = create_app(pool.settings).datasets.upload(np.ones((40, 2)), np.ones((40, 1)))
-    handle = pool.client.send_fit(model, dataset, epochs=3, batch_size=4)  # 30 steps: PROGRESS at 10 and 20
+    task_id = str(uuid.uuid4())
     seen: list[dict[str, Any]] = []
-    backend = redis.Redis.from_url(pool.settings.result_backend)
-    pubsub = backend.pubsub()
-    pubsub.subscribe(f"celery-task-meta-{handle.id}")
+    pubsub = redis.Redis.from_url(pool.settings.result_backend).pubsub()
+    pubsub.subscribe(f"celery-task-meta-{task_id}")  # before sending: every record it publishes is seen
     try:
+        handle = pool.client.app.send_task(FIT, args=[model, dataset], kwargs={"epochs": 3, "batch_size": 4},
+                                           task_id=task_id, queue=pool.settings.training_queue)  # 30 steps
         pool.client.wait(handle, timeout=120)
         for message in iter(lambda: pubsub.get_message(timeout=0.5), None):
             if message["type"] == "message":
@@ -240,3 +241,10 @@ def test_inspect_models_names_each_loaded_model_with_version_and_device(pool: Po
     assert out.returncode == 0, out.stderr
     cli = json.loads(out.stdout)
     assert any(m["name"] == model and m["version"] == 0 for m in cli[node]["models"])
+
+
+def test_bench_reports_producer_cpu_of_both_paths(pool: Pool) -> None:
+    figures = bench(pool.settings, n=30, width=4)  # a throw-away queue; no worker involved
+    for key in ("publish_apply_async_us", "publish_client_single_us", "publish_client_bulk_us",
+                "collect_asyncresult_get_us", "collect_client_bulk_us"):
+        assert figures[key] >= 0, key

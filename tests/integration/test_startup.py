@@ -1,0 +1,58 @@
+"""Start-up refuses settings that cannot work, with a message that names the fix (real worker processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from agent_workers.app import check_app, create_app
+from agent_workers.config import Settings
+from agent_workers.errors import ConfigError
+from agent_workers.supervisor import settings_env, worker_command
+from tests.conftest import pool_env
+
+pytestmark = pytest.mark.integration
+
+
+def run_worker(env: dict[str, str], prefetch: int) -> subprocess.CompletedProcess[str]:
+    cmd = worker_command(queues=[env["AGENT_WORKERS_INFERENCE_QUEUE"]], hostname="startup@%h",
+                         prefetch_multiplier=prefetch)
+    return subprocess.run(cmd, env=settings_env(env), capture_output=True, text=True, timeout=120)
+
+
+def test_worker_refuses_a_prefetch_that_cannot_fill_a_batch(redis_up: None) -> None:
+    env = pool_env("redis", max_batch_size=64)
+    out = run_worker(env, prefetch=8)
+    assert out.returncode != 0
+    assert "a batch can never fill" in out.stdout + out.stderr
+    assert "--prefetch-multiplier 128" in out.stdout + out.stderr
+
+
+def test_worker_refuses_a_visibility_timeout_shorter_than_the_time_limit(redis_up: None) -> None:
+    env = pool_env("redis", visibility_timeout=30, task_time_limit=60)
+    out = run_worker(env, prefetch=128)
+    assert out.returncode != 0
+    assert "must exceed AGENT_WORKERS_TASK_TIME_LIMIT" in out.stdout + out.stderr
+
+
+def test_pickle_in_accept_content_is_refused() -> None:
+    app = create_app(Settings.from_env({}), accept_content=["json", "pickle"])
+    with pytest.raises(ConfigError, match="Accept only json"):
+        check_app(app)
+
+
+def test_worker_refuses_pickle_in_accept_content(redis_up: None, tmp_path) -> None:
+    # A user config module that re-enables pickle on top of ours: the worker must not start.
+    (tmp_path / "unsafe_app.py").write_text(
+        "from agent_workers.app import create_app\napp = create_app(accept_content=['json', 'pickle'])\n"
+        "import tasks.inference, tasks.training  # noqa\n")
+    env = settings_env(pool_env("redis"))
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    env["C_FORCE_ROOT"] = "1"  # as root, Celery itself refuses pickle first; we test our own guard
+    out = subprocess.run([sys.executable, "-m", "celery", "-A", "unsafe_app", "worker", "-P", "threads", "-c", "1",
+                          "--prefetch-multiplier", "128", "-Q", "nothing"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "untrusted messages could run code" in out.stdout + out.stderr
