@@ -187,10 +187,7 @@ class ResultWriter:
                 meta["group_id"] = group
             key = self.backend.get_key_for_task(o.request.id)
             value = self.backend.encode(meta)
-            if expires:
-                pipe.setex(key, int(expires), value)
-            else:
-                pipe.set(key, value)
+            pipe.set(key, value, ex=int(expires) if expires else None)
             pipe.publish(key, value)
         pipe.execute()
 
@@ -290,6 +287,16 @@ class Batcher:
         request = Pending(id=task_id, name=headers.get("task", self.task.name), message=message, args=args,
                           kwargs=kw, headers=headers, received=now, expires=_parse_expires(headers.get("expires")),
                           redelivered=redelivered)
+        eta = _parse_expires(headers.get("eta"))
+        if eta is not None:
+            delay = (eta - datetime.now(timezone.utc)).total_seconds()
+            if delay > 0:  # eta/countdown: held (unacknowledged) on the event-loop timer, then admitted
+                self.timer.call_after(delay, self.admit, (request,))
+                return
+        self.admit(request)
+
+    def admit(self, request: Pending) -> None:
+        """Put a request into the buffer; flush when the batch is full, or arm the wait timer."""
         self.pending.append(request)
         if len(self.pending) >= self.policy.max_batch_size:
             self.flush()
@@ -510,6 +517,7 @@ def _short(value: Any) -> str:
 
 
 def _parse_expires(value: Any) -> datetime | None:
+    """Parse an ISO-8601 ``expires``/``eta`` header (naive means UTC); None when absent or malformed."""
     if not value:
         return None
     try:

@@ -177,6 +177,12 @@ def parse_proc_stat(text: str, ticks_per_second: float) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks_per_second  # utime, stime: fields 14 and 15 of the line
 
 
+def parse_cpu_busy(text: str, ticks_per_second: float) -> float:
+    """Busy CPU seconds of the whole machine (all CPUs, everything but idle and iowait) from ``/proc/stat``."""
+    fields = [int(v) for v in text.split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / ticks_per_second  # user..steal, less idle and iowait
+
+
 def latency_bound_ms(max_wait_ms: float, batch_compute_ms: float) -> float:
     """The p99 goal at half the saturation rate: max_wait + 3 × batch compute + 10 ms."""
     return max_wait_ms + 3.0 * batch_compute_ms + 10.0
@@ -240,7 +246,7 @@ def check_targets(drains: Sequence[dict[str, Any]], raws: dict[str, dict[str, fl
     """
     checks: list[Check] = []
     by = {(d["system"], d["broker"], d["workload"]): d for d in drains}
-    for (system, broker, workload), d in sorted(by.items()):
+    for (system, broker, workload), d in sorted(by.items(), key=lambda kv: (kv[0][2] != "mlp", kv[0][2], kv[0][1])):
         if system != "ours":
             continue
         where = f"{broker}/{workload}"
@@ -412,12 +418,17 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 class Sampler:
-    """Samples ``(wall time, worker CPU s, Redis CPU s)`` every ``interval`` seconds in a thread."""
+    """Samples, every ``interval`` seconds in a thread, ``(wall time, CPU seconds)`` of the worker, of the Redis
+    server (``INFO cpu``), of this process and of the whole machine, so a drain can say how much CPU other work on
+    a shared machine took while it ran.
+    """
 
     def __init__(self, pid: int, redis_client: Any, interval: float = 0.05) -> None:
         self.pid, self.redis, self.interval = pid, redis_client, interval
         self.worker: list[tuple[float, float]] = []
         self.server: list[tuple[float, float]] = []
+        self.me: list[tuple[float, float]] = []
+        self.machine: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -433,6 +444,11 @@ class Sampler:
         while True:
             now = time.time()
             self.worker.append((now, process_cpu_seconds(self.pid)))
+            self.me.append((now, time.process_time()))
+            try:
+                self.machine.append((now, parse_cpu_busy(Path("/proc/stat").read_text(), _TICKS)))
+            except OSError:
+                pass
             try:
                 info = self.redis.info("cpu")
                 self.server.append((now, float(info["used_cpu_user"]) + float(info["used_cpu_sys"])))
@@ -944,14 +960,20 @@ class Bench:
         rate, seconds, counted = drain_rate(times)
         first, last_t = min(times), max(times)
         cpu = interpolate(sampler.worker, last_t) - interpolate(sampler.worker, first)
-        server = (interpolate(sampler.server, last_t) - interpolate(sampler.server, first)) if sampler.server else None
+        def used(samples: list[tuple[float, float]]) -> float | None:
+            return interpolate(samples, last_t) - interpolate(samples, first) if samples else None
+
+        server, machine, me = used(sampler.server), used(sampler.machine), used(sampler.me)
+        others = machine - cpu - (server or 0.0) - (me or 0.0) if machine is not None else None
         stats = batch_stats({}, metrics) if system == "ours" else {}
         result = {"system": system, "broker": s.broker, "workload": s.workload.name, "max_batch_size": max_batch_size,
                   "max_wait_ms": self.cfg.max_wait_ms, "n": n, "stored": len(times), "failed": failed,
                   "rate": rate, "seconds": seconds, "counted": counted,
                   "cpu_ms_per_request": 1000 * cpu / counted if counted else None,
                   "redis_cpu_ms_per_request": 1000 * server / counted if counted and server is not None else None,
-                  "worker_cpu_utilisation": cpu / seconds if seconds else None, "raw_torch_rate": paired, **stats}
+                  "worker_cpu_utilisation": cpu / seconds if seconds else None,
+                  "other_cpu_cores": others / seconds if others is not None and seconds else None,
+                  "raw_torch_rate": paired, **stats}
         extra = f", mean batch {stats['mean_batch_size']:.1f}" if stats.get("mean_batch_size") else ""
         say(f"{label}: {rate:,.0f} req/s, worker CPU {result['cpu_ms_per_request'] or 0:.3f} ms/req{extra}"
             + (f", {failed} FAILED" if failed else ""))
@@ -1057,7 +1079,8 @@ class Bench:
                 self.drains.append({**self.drain(s, system, baseline_n, cfg.max_batch_size), "role": "main"})
         if "sweep" not in cfg.skip:
             for size in cfg.sweep:
-                self.drains.append({**self.drain(s, "ours", sweep_n, size), "role": "sweep"})
+                if size != cfg.max_batch_size:  # that point is the main drain above
+                    self.drains.append({**self.drain(s, "ours", sweep_n, size), "role": "sweep"})
         if "latency" not in cfg.skip:
             systems = self.systems if "baselines" not in cfg.skip else ["ours"]
             for system in systems:
@@ -1097,7 +1120,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
         drain_rows.append([d["workload"], d["broker"], d["system"], d["counted"], d["rate"], d["cpu_ms_per_request"],
                            d["redis_cpu_ms_per_request"], d.get("mean_batch_size"),
                            ratio(d["rate"], naive["rate"]) if naive else None,
-                           ratio(d["rate"], cb["rate"]) if cb else None])
+                           ratio(d["rate"], cb["rate"]) if cb else None, d.get("other_cpu_cores")])
     raw = results["raw_torch"]
     sweep_rows = []
     for d in sorted((d for d in results["drains"] if d["system"] == "ours"),
@@ -1116,7 +1139,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
     return [
         ("Drain: pre-filled queue, one worker", ["workload", "broker", "system", "requests", "req/s",
                                                  "worker CPU ms/req", "Redis CPU ms/req", "mean batch", "x naive",
-                                                 "x celery-batches"], drain_rows),
+                                                 "x celery-batches", "others' CPU (cores)"], drain_rows),
         ("Ours by max_batch_size (drain) against raw torch at the same batch size",
          ["workload", "broker", "max batch", "requests", "req/s", "worker CPU ms/req", "mean batch",
           "ms/batch", "forward share", "raw torch req/s", "e2e / raw"], sweep_rows),
@@ -1132,7 +1155,11 @@ def plot(results: dict[str, Any], out: Path, tag: str = "") -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
+    # minor ticks of a log axis: label only 2× and 5× a power of ten, so short ranges still read
+    sparse = FuncFormatter(lambda v, _: plain(v) if v > 0 and f"{v:e}"[0] in "25" else "")
     paths = []
     workloads = list(results["workloads"])
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
@@ -1152,6 +1179,9 @@ def plot(results: dict[str, Any], out: Path, tag: str = "") -> list[Path]:
                 ax.annotate(f"{d['system']} ({d['broker']})", (1, d["rate"]), fontsize=7, va="bottom")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(sparse)
         ax.set_xlabel("max_batch_size")
         ax.set_ylabel("requests / s (drain)")
         ax.set_title(f"{workload}: throughput vs max_batch_size")
@@ -1162,7 +1192,8 @@ def plot(results: dict[str, Any], out: Path, tag: str = "") -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    panels = sorted({(r["workload"], r["broker"]) for r in results["latency"]})
+    panels = sorted({(r["workload"], r["broker"]) for r in results["latency"]},
+                    key=lambda p: (workloads.index(p[0]) if p[0] in workloads else 99, p[1]))
     if panels:
         cols = min(2, len(panels))
         rows = math.ceil(len(panels) / cols)
@@ -1176,6 +1207,8 @@ def plot(results: dict[str, Any], out: Path, tag: str = "") -> list[Path]:
                 if r.get("bound_ms"):
                     ax.axvline(r["bound_ms"], color="gray", ls=":", lw=1)
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(sparse)
             ax.set_xlabel("latency (ms), send to result stored")
             ax.set_ylabel("fraction of requests")
             ax.set_title(f"{workload} on {broker}")

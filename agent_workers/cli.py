@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,12 +91,16 @@ def worker(queues: str | None, name: str | None, loglevel: str, gpus: bool, cele
                              prefetch_multiplier=prefetch, extra=list(celery_args))
         procs.append(subprocess.Popen(cmd, env=env))
     click.echo(f"started {len(procs)} worker processes, one per GPU ({', '.join(devices)})", err=True)
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
+
+    def forward(signum: int, _frame: Any) -> None:
+        # systemd, docker and honcho stop us with SIGTERM: pass it on so every worker shuts down warm.
         for p in procs:
-            p.terminate()
-        codes = [p.wait() for p in procs]
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, forward)
+    codes = [p.wait() for p in procs]
     sys.exit(max(codes))
 
 
@@ -117,16 +122,20 @@ def _store() -> Any:
               help="Architecture config as JSON, e.g. '{\"in_features\": 64, \"hidden\": [256, 256]}'.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial weights.")
 @click.option("--replace", is_flag=True, help="Recreate the model if it exists (all versions are dropped).")
-def models_create(name: str, arch: str, config_json: str, seed: int, replace: bool) -> None:
-    """Create NAME at version 0."""
-    from agent_workers.models import make_spec
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Initial weights from a .safetensors file (pickle checkpoints are refused).")
+def models_create(name: str, arch: str, config_json: str, seed: int, replace: bool, weights: Path | None) -> None:
+    """Create NAME at version 0 (seeded random weights, or --weights)."""
+    from agent_workers.models import load_weights, make_spec
 
     try:
         config = json.loads(config_json)
     except json.JSONDecodeError as exc:
         raise click.ClickException(f"--config is not valid JSON: {exc}") from None
-    _store().create(name, make_spec(arch, **config), seed=seed, replace=replace)
-    click.echo(f"created {name} ({arch}) at version 0")
+    spec = make_spec(arch, **config)
+    module = load_weights(spec, weights) if weights is not None else None
+    _store().create(name, spec, seed=seed, module=module, replace=replace)
+    click.echo(f"created {name} ({arch}) at version 0" + (f" from {weights}" if weights else ""))
 
 
 @models.command("list")

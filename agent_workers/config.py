@@ -176,7 +176,7 @@ class Settings:
             raise ConfigError(
                 f"AGENT_WORKERS_DEVICE={self.device!r} is not a device; use auto, cpu, cuda or cuda:N"
             )
-        if self.visibility_timeout <= self.task_time_limit:
+        if self.broker_is_redis and self.visibility_timeout <= self.task_time_limit:
             raise ConfigError(
                 f"AGENT_WORKERS_VISIBILITY_TIMEOUT={self.visibility_timeout}s must exceed "
                 f"AGENT_WORKERS_TASK_TIME_LIMIT={self.task_time_limit}s, or Redis redelivers running tasks; "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -109,3 +110,28 @@ def build_mlp(*, in_features: int, hidden: list[int] | tuple[int, ...] = (256, 2
 def parameter_count(module: torch.nn.Module) -> int:
     """Number of scalar parameters in ``module``."""
     return sum(math.prod(p.shape) for p in module.parameters())
+
+
+def load_weights(spec: ModelSpec, path: str | Path) -> torch.nn.Module:
+    """Build ``spec`` and load weights from a safetensors file; anything else is refused, never unpickled.
+
+    Raises:
+        ModelError: the file is not safetensors (e.g. a pickle ``.pt`` checkpoint) or does not fit the spec.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    data = Path(path).read_bytes()
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise ModelError(
+            f"{path} is not a safetensors file ({exc}); pickle checkpoints (.pt/.pth/.bin) are never loaded. "
+            "Convert it where you trust it: safetensors.torch.save_file(torch.load(path), 'model.safetensors')"
+        ) from None
+    module = spec.build()
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise ModelError(f"weights in {path} do not fit architecture {spec.arch!r}: {exc}") from None
+    return module

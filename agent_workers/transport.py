@@ -13,6 +13,7 @@ key prefix.
 
 from __future__ import annotations
 
+import logging
 from time import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 DEFAULT_POP_COUNT = 128
+logger = logging.getLogger(__name__)
 
 
 class QoS(kredis.QoS):
@@ -89,8 +91,19 @@ class Channel(kredis.Channel):
             dest, items = reply
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            raw = [bytes_to_str(item) for item in items]
-            payloads = [loads(item) for item in raw]
+            raw, payloads = [], []
+            for item in items:
+                text = bytes_to_str(item)
+                try:
+                    payload = loads(text)
+                    payload["properties"]["delivery_tag"]
+                except Exception:  # noqa: BLE001 - one unparseable envelope must not cost the others
+                    logger.error("dropping an unparseable message from %s: %.200r", dest, text)
+                    continue
+                raw.append(text)
+                payloads.append(payload)
+            if not payloads:
+                return True
             self._record_unacked(payloads, raw)
             for payload in payloads:
                 self.connection._deliver(payload, dest)

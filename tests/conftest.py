@@ -96,6 +96,13 @@ class Pool:
 
 
 def _cleanup(settings: Settings) -> None:
+    try:
+        _cleanup_keys_and_queues(settings)
+    except (redis.ConnectionError, OSError):
+        pass  # a server the test started itself and already stopped: nothing left to clean
+
+
+def _cleanup_keys_and_queues(settings: Settings) -> None:
     client = redis.Redis.from_url(settings.params_url)
     keys = list(client.scan_iter(match=f"{settings.namespace}:*", count=1000))
     if keys:

@@ -133,3 +133,15 @@ def test_no_batch_mixes_parameter_versions_while_training_commits(pool: Pool) ->
         idx = [i for i, r in enumerate(results) if r["version"] == version]
         got = np.array([results[i]["outputs"] for i in idx])
         np.testing.assert_allclose(got, reference(pool, model, rows[idx], version), rtol=1e-5, atol=1e-6)
+
+
+def test_countdown_is_honoured(pool: Pool) -> None:
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=2))
+    sent = datetime.now(timezone.utc)
+    handle = pool.client.app.send_task("agent_workers.predict", args=[model, [1.0, 2.0]], countdown=1.5)
+    assert pool.client.wait(handle, 30)["version"] == 0
+    from celery.result import AsyncResult
+
+    done = AsyncResult(handle.id, app=pool.client.app).date_done
+    assert done is not None and done.replace(tzinfo=timezone.utc) >= sent + timedelta(seconds=1.5)

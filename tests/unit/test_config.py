@@ -43,6 +43,12 @@ def test_bad_settings_fail_with_the_variable_named(env: dict[str, str], fragment
     assert fragment in str(info.value)
 
 
+def test_visibility_timeout_only_matters_on_a_redis_broker() -> None:
+    s = Settings.from_env({"AGENT_WORKERS_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+                           "AGENT_WORKERS_VISIBILITY_TIMEOUT": "60", "AGENT_WORKERS_TASK_TIME_LIMIT": "600"})
+    assert s.visibility_timeout == 60
+
+
 def test_plugins_are_split_and_trimmed() -> None:
     s = Settings.from_env({"AGENT_WORKERS_PLUGINS": " a.b , c ,,"})
     assert s.plugins == ("a.b", "c")
