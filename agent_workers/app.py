@@ -9,7 +9,6 @@ from urllib.parse import urlparse
 from functools import cached_property
 from typing import Any
 
-import redis
 from celery import Celery, bootsteps, signals
 from kombu import Exchange, Queue
 
@@ -19,6 +18,7 @@ from agent_workers.errors import ConfigError
 from agent_workers.inference import InferenceEngine
 from agent_workers.keys import Keys
 from agent_workers.params import RedisParamStore
+from agent_workers.redis_clients import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,12 @@ FIT = "agent_workers.fit"
 INFERENCE_TASKS = (PREDICT, PREDICT_MANY)
 TRAINING_TASKS = (TRAIN_STEP, FIT)
 
+#: Quorum queues: deliveries of one message (RabbitMQ counts returns: a rejected message, or one its consumer's
+#: channel closed on) before RabbitMQ dead-letters it to ``<queue>.dead``. The batcher fails a request that
+#: crashed its worker twice on its own (batching.MAX_DELIVERIES); this is the broker's backstop, above it.
+QUORUM_DELIVERY_LIMIT = 5
+DEAD_LETTER_SUFFIX = ".dead"
+
 
 def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
     """Route every task by name to its queue, so producers that never import us still land right."""
@@ -38,10 +44,33 @@ def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
     return routes
 
 
-def declare_queue(name: str) -> Queue:
-    """A durable direct queue declared exactly as a bare Celery producer or a Node client declares it (no extra
-    arguments), so RabbitMQ never refuses a mismatched redeclaration."""
+def declare_queue(name: str, queue_type: str = "classic") -> Queue:
+    """A durable direct queue declared exactly as a bare Celery producer or a Node client declares it, so RabbitMQ
+    never refuses a mismatched redeclaration.
+
+    ``classic`` has no arguments. ``quorum`` carries ``x-queue-type: quorum``, ``x-delivery-limit`` and a
+    dead-letter exchange ``<queue>.dead``; every producer that declares the queue must pass exactly these
+    arguments (RabbitMQ answers ``PRECONDITION_FAILED - inequivalent arg`` otherwise; docs/operations.md).
+    """
+    if queue_type == "quorum":
+        return Queue(name, Exchange(name, type="direct"), routing_key=name, queue_arguments=quorum_arguments(name))
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def quorum_arguments(name: str) -> dict[str, Any]:
+    """The queue arguments of quorum queue ``name``."""
+    return {"x-queue-type": "quorum", "x-delivery-limit": QUORUM_DELIVERY_LIMIT,
+            "x-dead-letter-exchange": name + DEAD_LETTER_SUFFIX}
+
+
+def dead_letter_queue(name: str) -> Queue:
+    """``<name>.dead``: where RabbitMQ moves a message of quorum queue ``name`` past its delivery limit.
+
+    Its exchange is a fanout, so dead letters land here whatever routing key they carried. Nobody consumes it:
+    inspect it (``rabbitmqctl list_queues``, the management UI) and republish or drop by hand.
+    """
+    dead = name + DEAD_LETTER_SUFFIX
+    return Queue(dead, Exchange(dead, type="fanout"), routing_key=dead, queue_arguments={"x-queue-type": "quorum"})
 
 
 class WorkerApp(Celery):
@@ -55,7 +84,8 @@ class WorkerApp(Celery):
 
     @cached_property
     def datasets(self) -> DatasetStore:
-        return DatasetStore(client=redis.Redis.from_url(self.settings.params_url), keys=Keys(self.settings.namespace))
+        client = redis_client(self.settings.params_url, sentinel_master=self.settings.sentinel_master)
+        return DatasetStore(client=client, keys=Keys(self.settings.namespace))
 
     @cached_property
     def engine(self) -> InferenceEngine:
@@ -72,9 +102,20 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
     app.settings = settings
     # Redis broker: an unacknowledged message returns after the visibility timeout, found by a sweep that kombu
     # runs only every interval × throttle seconds (100 s by default); sweep at a quarter of the timeout instead.
-    transport_options = {"visibility_timeout": settings.visibility_timeout,
-                         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
-                         "unacked_restore_throttle": 1}
+    transport_options: dict[str, Any] = {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+        "unacked_restore_throttle": 1}
+    backend_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if urlparse(settings.broker_url).scheme == "sentinel":
+        transport_options["master_name"] = settings.sentinel_master
+    if urlparse(settings.result_backend).scheme == "sentinel":
+        backend_options["master_name"] = settings.sentinel_master
+    quorum = settings.queue_type == "quorum"
+    if quorum:
+        # Quorum queues confirm a publish only once a majority stored it; wait for that (the worker's own
+        # publishes: retries, results of other backends). Celery's docs ask for it with quorum queues.
+        transport_options["confirm_publish"] = True
     conf: dict[str, Any] = dict(
         task_serializer="json",
         result_serializer="json",
@@ -84,14 +125,15 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
         task_reject_on_worker_lost=True,
         task_retry_on_worker_lost=True,
         task_acks_on_failure=True,
-        task_queues=[declare_queue(settings.inference_queue), declare_queue(settings.training_queue)],
+        task_queues=[declare_queue(settings.inference_queue, settings.queue_type),
+                     declare_queue(settings.training_queue, settings.queue_type)],
         task_default_queue=settings.inference_queue,
         task_routes=task_routes(settings),
         task_time_limit=settings.task_time_limit,
         result_expires=settings.result_expires,
         result_backend_always_retry=True,
         broker_transport_options=transport_options,
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        result_backend_transport_options=backend_options,
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
@@ -100,6 +142,8 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
         worker_hijack_root_logger=True,
         worker_enable_soft_shutdown_on_idle=True,
         worker_soft_shutdown_timeout=10.0,
+        # Quorum queues refuse a global QoS; Celery then uses a per-consumer prefetch (static: no autoscale).
+        worker_detect_quorum_queues=True,
     )
     conf.update(extra_conf)
     app.conf.update(conf)
@@ -107,6 +151,8 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
 
     app.steps["consumer"].add(BatcherStep)
     app.steps["worker"].add(StartupChecks)
+    if quorum:
+        app.steps["consumer"].add(DeadLetterQueues)
     if settings.broker_is_redis and urlparse(settings.broker_url).scheme == "redis":
         # Same wire format, fewer round trips: see agent_workers/transport.py.
         app.conf.broker_transport = "agent_workers.transport:Transport"
@@ -126,6 +172,8 @@ class StartupChecks(bootsteps.Step):
         if not isinstance(app, WorkerApp):
             return
         check_app(app)
+        if app.settings.wait_aof:
+            app.store.check_durability()  # refuse now, not in the first commit, a Redis that cannot fsync-wait
         if app.settings.torch_threads:
             import torch
 
@@ -140,6 +188,24 @@ class StartupChecks(bootsteps.Step):
             from agent_workers import metrics
 
             metrics.serve(app.settings.metrics_port)
+
+
+class DeadLetterQueues(bootsteps.StartStopStep):
+    """Consumer bootstep (quorum queues): declare ``<queue>.dead`` for every queue we consume, on each (re)connect.
+
+    Declared here rather than in ``task_queues`` so that no worker ever consumes a dead-letter queue.
+    """
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def start(self, c: Any) -> None:
+        channel = c.connection.channel()
+        try:
+            for queue in c.app.amqp.queues.consume_from.values():
+                if (queue.queue_arguments or {}).get("x-queue-type") == "quorum":
+                    dead_letter_queue(queue.name)(channel).declare()
+        finally:
+            channel.close()
 
 
 @signals.worker_ready.connect

@@ -30,9 +30,15 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_LOCK_TIMEOUT = 30.0
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_CHUNK_BYTES = 512 * 1024 * 1024  # Redis's proto-max-bulk-len default
+DEFAULT_SENTINEL_MASTER = "mymaster"
 
 _BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory", "sentinel"}
 _REDIS_SCHEMES = {"redis", "rediss", "unix", "sentinel"}
+# The parameter store may also live on a Redis Cluster (agent_workers/redis_clients.py); Celery's broker and result
+# backend cannot.
+_PARAMS_SCHEMES = _REDIS_SCHEMES | {"redis+cluster", "rediss+cluster"}
+_AMQP_SCHEMES = {"amqp", "amqps", "pyamqp"}
+_QUEUE_TYPES = {"classic", "quorum"}
 _BATCH_MODES = {"fixed", "adaptive"}
 _COMMIT_MODES = {"optimistic", "lock"}
 
@@ -91,6 +97,9 @@ class Settings:
         torch_threads: CPU threads torch may use in a worker process (0 = torch's default, one per core). One
             keeps the event loop and the forward pass from fighting over cores on CPU; raise it for heavy CPU
             models on big hosts. Irrelevant on GPU.
+        queue_type: RabbitMQ queue type of the inference and training queues: ``classic`` or ``quorum``
+            (replicated, with a delivery limit and a ``<queue>.dead`` dead-letter queue; see app.py).
+        sentinel_master: the master name Redis Sentinel is asked for, for every ``sentinel://`` URL.
     """
 
     broker_url: str = DEFAULT_BROKER_URL
@@ -119,6 +128,8 @@ class Settings:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     torch_threads: int = 1
+    queue_type: str = "classic"
+    sentinel_master: str = DEFAULT_SENTINEL_MASTER
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -138,7 +149,7 @@ class Settings:
         settings = cls(
             broker_url=r.url("BROKER_URL", DEFAULT_BROKER_URL, _BROKER_SCHEMES),
             result_backend=r.url("RESULT_BACKEND", DEFAULT_RESULT_BACKEND, _REDIS_SCHEMES),
-            params_url=r.url("PARAMS_URL", DEFAULT_PARAMS_URL, _REDIS_SCHEMES),
+            params_url=r.url("PARAMS_URL", DEFAULT_PARAMS_URL, _PARAMS_SCHEMES),
             namespace=r.str("NAMESPACE", DEFAULT_NAMESPACE),
             device=r.str("DEVICE", "auto"),
             batch=batch,
@@ -162,6 +173,8 @@ class Settings:
             lock_timeout=r.float("LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, minimum=0.1),
             chunk_bytes=r.int("CHUNK_BYTES", DEFAULT_CHUNK_BYTES, minimum=1024),
             torch_threads=r.int("TORCH_THREADS", 1, minimum=0),
+            queue_type=r.choice("QUEUE_TYPE", "classic", _QUEUE_TYPES),
+            sentinel_master=r.str("SENTINEL_MASTER", DEFAULT_SENTINEL_MASTER),
         )
         settings.validate()
         return settings
@@ -185,6 +198,11 @@ class Settings:
         if self.chunk_bytes > MAX_CHUNK_BYTES:
             raise ConfigError(
                 f"AGENT_WORKERS_CHUNK_BYTES={self.chunk_bytes} exceeds Redis's 512 MiB value limit; set it lower"
+            )
+        if self.queue_type == "quorum" and urlparse(self.broker_url).scheme not in _AMQP_SCHEMES:
+            raise ConfigError(
+                "AGENT_WORKERS_QUEUE_TYPE=quorum needs a RabbitMQ broker (amqp://); quorum queues are a RabbitMQ "
+                "feature. Unset it or point AGENT_WORKERS_BROKER_URL at RabbitMQ"
             )
         if not self.namespace.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(

@@ -254,8 +254,14 @@ class RedisParamStore:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> RedisParamStore:
-        """A store on ``settings.params_url`` in ``settings.namespace`` with the settings' mode and limits."""
-        client = redis.Redis.from_url(settings.params_url, socket_timeout=30, health_check_interval=30)
+        """A store on ``settings.params_url`` in ``settings.namespace`` with the settings' mode and limits.
+
+        The URL may name one Redis, a Sentinel-managed master or a Redis Cluster (see redis_clients.py).
+        """
+        from agent_workers.redis_clients import redis_client
+
+        client = redis_client(settings.params_url, sentinel_master=settings.sentinel_master, socket_timeout=30,
+                              health_check_interval=30)
         options: dict[str, Any] = {
             "keep_versions": settings.keep_versions,
             "mode": settings.commit_mode,

@@ -386,10 +386,13 @@ def fetch_latency(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
 def render_tables(report: dict[str, Any]) -> str:
     """The markdown that goes between the report markers of docs/training.md."""
     env = report["environment"]
-    load = env.get("load_average_at_start", ["?"])[0], env.get("load_average_at_end", ["?"])[0]
-    parts = [f"Measured {report['finished']} on {env['machine']} ({env['cpus']} CPUs, 1-minute load average "
-             f"{load[0]} at the start and {load[1]} at the end: the machine is shared, so treat rates as rough), "
-             f"broker `{env['broker']}`, Redis {env['redis']}, torch {env['torch']}, "
+    if "load_average_at_start" in env:
+        load = (f"1-minute load average {env['load_average_at_start'][0]} at the start and "
+                f"{env.get('load_average_at_end', ['?'])[0]} at the end")
+    else:
+        load = "load average not recorded"
+    parts = [f"Measured {report['finished']} on {env['machine']} ({env['cpus']} CPUs, {load}; a shared machine "
+             f"makes rates rough), broker `{env['broker']}`, Redis {env['redis']}, torch {env['torch']}, "
              f"τ = {env['max_staleness']}. Regenerate with `agent-workers report`."]
     parts.append("\n**Linear regression through the queue** (seed data, SGD lr 0.05, batch 100, "
                  f"{report['plan']['linear_epochs']} epochs; goal: test MSE <= {MSE_GOAL} x floor)\n")

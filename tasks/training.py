@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from celery import Task, signals
+from celery import Task
 
-from agent_workers.app import FIT, TRAIN_STEP, WorkerApp
+from agent_workers.app import FIT, TRAIN_STEP
 from agent_workers.errors import InputError, StoreUnavailableError
 from agent_workers.training import HyperParams
 from agent_workers.training import train_step as run_step
@@ -74,11 +74,3 @@ def fit(self: Task, model: str, dataset: str, epochs: int = 10, batch_size: int 
                                                           "steps": total, "loss": result.loss, "version": version})
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "version": version})
     return {"model": model, "version": version, "steps": total, "history": history, **cost}
-
-
-@signals.worker_init.connect
-def _check_store(sender: Any = None, **_: Any) -> None:
-    """Refuse at start-up, not in the first task, a durability setting this Redis cannot honour."""
-    worker_app = getattr(sender, "app", None)
-    if isinstance(worker_app, WorkerApp) and worker_app.settings.wait_aof:
-        worker_app.store.check_durability()

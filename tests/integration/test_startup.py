@@ -56,3 +56,11 @@ def test_worker_refuses_pickle_in_accept_content(redis_up: None, tmp_path) -> No
                          timeout=120)
     assert out.returncode != 0
     assert "untrusted messages could run code" in out.stdout + out.stderr
+
+
+def test_worker_refuses_wait_aof_on_a_redis_that_cannot_honour_it(redis_up: None) -> None:
+    # The shared Redis keeps no append-only file (and is 7.0 here), so WAITAOF cannot confirm anything.
+    env = pool_env("redis", wait_aof=1)
+    out = run_worker(env, prefetch=128)
+    assert out.returncode != 0
+    assert "WAITAOF" in out.stdout + out.stderr or "appendonly" in out.stdout + out.stderr
