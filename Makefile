@@ -38,5 +38,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format agent_workers tasks tests
 	$(VENV)/bin/ruff check --fix agent_workers tasks tests
 
+soak: $(STAMP)
+	$(VENV)/bin/agent-workers soak
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 import logging
-from pathlib import Path
-from urllib.parse import urlparse
 from functools import cached_property
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from celery import Celery, bootsteps, signals
 from kombu import Exchange, Queue

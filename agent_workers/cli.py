@@ -258,12 +258,14 @@ def status(timeout: float) -> None:
 @click.option("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672//", show_default=True, help="RabbitMQ broker.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs/benchmarks"),
               show_default=True, help="Where the JSON, markdown summary and PNGs go (names end -quick for --quick).")
+@click.option("--repeat", type=int, default=1, show_default=True,
+              help="Drains of ours per broker and workload; the median is reported (a shared machine is noisy).")
 @click.option("--profile", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also run one extra drain of ours under py-spy (not counted) and save its stacks here.")
 def bench(broker: str, workload: str, n: int, baseline_n: int | None, sweep_n: int, heavy_n: int, heavy_small_n: int,
           sweep: str, concurrency: str, duration: float, max_batch_size: int, max_wait_ms: float,
           with_celery_batches: bool, skip: tuple[str, ...], quick: bool, redis_url: str, amqp_url: str,
-          out: Path, profile: Path | None) -> None:
+          out: Path, repeat: int, profile: Path | None) -> None:
     """Benchmark our batcher against a per-request Celery task (and celery-batches) on Redis and RabbitMQ."""
     from agent_workers import bench as bench_module
 
@@ -276,6 +278,7 @@ def bench(broker: str, workload: str, n: int, baseline_n: int | None, sweep_n: i
         "concurrency": tuple(int(c) for c in concurrency.split(",") if c.strip()),
         "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "with_celery_batches": with_celery_batches,
         "skip": frozenset(skip), "redis_url": redis_url, "amqp_url": amqp_url, "out": out, "profile": profile,
+        "repeat": repeat,
         "result_backend": settings.result_backend, "params_url": settings.params_url, "device": settings.device,
     }
     sizes = {"n": n, "baseline_n": baseline_n, "sweep_n": sweep_n, "heavy_n": heavy_n, "heavy_small_n": heavy_small_n,
@@ -300,3 +303,36 @@ def report(quick: bool, docs_dir: Path) -> None:
     from agent_workers import report as report_module
 
     report_module.run(_settings(), quick=quick, docs=docs_dir, progress=lambda line: click.echo(line))
+
+
+@main.command()
+@click.option("--requests", "n_requests", type=int, default=100_000, show_default=True, help="Predictions to send.")
+@click.option("--duration", type=float, default=300.0, show_default=True,
+              help="Seconds to spread them over (ignored with --drain).")
+@click.option("--kill-every", type=float, default=30.0, show_default=True,
+              help="Seconds between SIGKILLs of worker 0 (restarted at once); 0 = never.")
+@click.option("--kill-after-push", is_flag=True,
+              help="Kill right after a push (the worst moment for a Redis broker) instead of on an independent clock.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Inference worker processes.")
+@click.option("--drain", is_flag=True, help="Measure throughput instead: publish everything at once, time the drain.")
+@click.option("--broker-url", default=None, help="Broker of the queue (default: the soak's own redis-server).")
+@click.option("--visibility-timeout", type=int, default=10, show_default=True,
+              help="Seconds before a Redis broker redelivers a killed worker's messages.")
+@click.option("--max-batch-size", type=int, default=64, show_default=True)
+@click.option("--report-every", type=float, default=10.0, show_default=True, help="Seconds between progress lines.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs/benchmarks"),
+              show_default=True, help="Where soak.json and soak.png are written.")
+def soak(n_requests: int, duration: float, kill_every: float, kill_after_push: bool, workers: int, drain: bool,
+         broker_url: str | None, visibility_timeout: int, max_batch_size: int, report_every: float, out: Path) -> None:
+    """Sustained load with periodic worker SIGKILLs; counts sent, completed, lost, duplicated; tracks worker RSS."""
+    from agent_workers import soak as soak_module
+
+    if workers < 1 or n_requests < 1:
+        raise click.BadParameter("--workers and --requests must be at least 1")
+    config = soak_module.SoakConfig(
+        requests=n_requests, duration=duration, kill_every=0.0 if drain else kill_every, workers=workers,
+        drain=drain, broker_url=broker_url, visibility_timeout=visibility_timeout, max_batch_size=max_batch_size,
+        report_every=report_every, out=out, device=_settings().device, kill_after_push=kill_after_push)
+    result = soak_module.run(config, say=click.echo)
+    if result["lost"] or result["failed"] or result["wrong"]:
+        sys.exit(1)

@@ -5,11 +5,15 @@ may touch them together::
 
     aw:models                          set of model names
     aw:model:{linear}:spec             JSON architecture spec
-    aw:model:{linear}:head             hash: version, blob (the key of the current blob)
-    aw:model:{linear}:blob:7           safetensors bytes of version 7 (immutable)
-    aw:model:{linear}:staging:<uuid>   an uploaded blob waiting for its commit (expires)
-    aw:model:{linear}:applied          hash: update id -> version it produced (exactly-once)
+    aw:model:{linear}:head             hash: version, blob (key of the current blob's first chunk), chunks, epoch
+                                       (incarnation), barrier (newest rollback), chunks:<v> for multi-chunk versions
+    aw:model:{linear}:blob:7           safetensors bytes of version 7 (immutable); a blob over the chunk size
+    aw:model:{linear}:blob:7:1 ...     continues in blob:7:1, blob:7:2, ...
+    aw:model:{linear}:staging:<uuid>   an uploaded chunk waiting for its commit (expires)
+    aw:model:{linear}:applied          sorted set: update id scored by the version it produced (exactly-once)
     aw:model:{linear}:history          list of JSON commit records, newest first
+    aw:model:{linear}:lock             the commit lock (lock mode only)
+    aw:deliveries:<task id>            how often a redelivered predict request was tried alone (poison detection)
     aw:data:{<id>}:x / :y              a dataset uploaded for training
 """
 
