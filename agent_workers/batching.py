@@ -29,6 +29,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
+import orjson
 from celery import bootsteps, states
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
@@ -165,13 +167,14 @@ class ResultWriter:
         self.app = app
         self.backend = app.backend
         self._redis = getattr(self.backend, "client", None) if hasattr(self.backend, "get_key_for_task") else None
+        self._fast = self.backend.serializer == "json" and not getattr(self.backend, "compression", None)
 
     def write(self, outcomes: list[Outcome]) -> None:
         if not outcomes:
             return
         if self._redis is None:  # not a Redis backend: fall back to one store per result
             for o in outcomes:
-                self.backend.store_result(o.request.id, self._result(o), o.state, traceback=self._tb(o))
+                self.backend.store_result(o.request.id, _plain(self._result(o)), o.state, traceback=self._tb(o))
             return
         done = self.app.now().isoformat()
         expires = self.backend.expires
@@ -186,10 +189,17 @@ class ResultWriter:
             if group:
                 meta["group_id"] = group
             key = self.backend.get_key_for_task(o.request.id)
-            value = self.backend.encode(meta)
+            value = self._encode(meta)
             pipe.set(key, value, ex=int(expires) if expires else None)
             pipe.publish(key, value)
         pipe.execute()
+
+    def _encode(self, meta: dict[str, Any]) -> bytes | str:
+        """The record as JSON, byte-compatible with what the JSON backend decodes. orjson writes NumPy rows
+        directly (float32 in their shortest round-tripping form), ~10x faster than ``json`` on large outputs."""
+        if self._fast:
+            return orjson.dumps(meta, option=orjson.OPT_SERIALIZE_NUMPY)
+        return self.backend.encode(_plain(meta))
 
     def _result(self, o: Outcome) -> Any:
         if isinstance(o.result, BaseException):
@@ -269,7 +279,7 @@ class Batcher:
             if len(message.body) > self.max_message_bytes:
                 raise InputError(f"message is {len(message.body)} bytes; the limit is {self.max_message_bytes} "
                                  "(AGENT_WORKERS_MAX_MESSAGE_BYTES)")
-            payload = message.decode()  # enforces accept_content: a pickle message raises ContentDisallowed here
+            payload = _decode(message)
             if body is not None:  # protocol 1
                 args, kw = body.get("args", []), body.get("kwargs", {})
             else:
@@ -429,7 +439,7 @@ class Batcher:
             started = time.monotonic()
             for req, _ in chunk:
                 self._event("task-started", req)
-            results = self.engine.run_batch(loaded, [a for _, a in chunk])
+            results = self.engine.run_batch_arrays(loaded, [a for _, a in chunk])
             elapsed = time.monotonic() - started
             self.policy.observe(len(chunk), elapsed)
             m = self._metrics(model)
@@ -442,7 +452,10 @@ class Batcher:
                     outcomes.append(Outcome(req, states.FAILURE, value, elapsed))
                 else:
                     outcomes.append(Outcome(req, states.SUCCESS,
-                                            {"model": model, "version": loaded.version, "outputs": value}, elapsed))
+                                            {"model": model, "version": loaded.version,
+                                             # float64 prints exactly as json prints float(float32):
+                                             # the same digits as every other path (predict_many, eager)
+                                             "outputs": value.astype(np.float64)}, elapsed))
             self.stats["batches"] += 1
         return outcomes
 
@@ -496,6 +509,30 @@ class Batcher:
             eventer.send(type_, uuid=req.id, **fields)
 
 
+def _decode(message: Any) -> Any:
+    """The message body as Python objects: JSON only.
+
+    Plain JSON is parsed with orjson (several times faster than ``json`` on large inputs); anything else (a
+    compressed body, another content type) goes through kombu's ``Message.decode``, which enforces
+    ``accept_content``, so a pickle message raises ``ContentDisallowed`` here and is never unpickled.
+    """
+    if message.content_type == "application/json" and not (message.headers or {}).get("compression"):
+        try:
+            return orjson.loads(message.body)
+        except orjson.JSONDecodeError:
+            pass  # e.g. NaN/Infinity literals, which Python producers emit: let json parse them, validation names them
+    return message.decode()
+
+
+def _plain(value: Any) -> Any:
+    """NumPy rows to lists, for serializers other than orjson."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def short_repr(value: Any, limit: int = ARGS_REPR_LIMIT) -> str:
     """A short, cheap repr for Flower: lists of numbers are summarised, never a megabyte of floats."""
     if isinstance(value, dict):
@@ -509,6 +546,8 @@ def short_repr(value: Any, limit: int = ARGS_REPR_LIMIT) -> str:
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"<{value.size} numbers>"
     if isinstance(value, (list, tuple)):
         return f"<{len(value)} items>" if len(value) > 4 else repr(value)[:60]
     if isinstance(value, dict):

@@ -204,6 +204,11 @@ class Settings:
                 "AGENT_WORKERS_QUEUE_TYPE=quorum needs a RabbitMQ broker (amqp://); quorum queues are a RabbitMQ "
                 "feature. Unset it or point AGENT_WORKERS_BROKER_URL at RabbitMQ"
             )
+        for name, url in (("BROKER_URL", self.broker_url), ("RESULT_BACKEND", self.result_backend),
+                          ("PARAMS_URL", self.params_url)):
+            problem = sentinel_url_problem(url)
+            if problem:
+                raise ConfigError(f"AGENT_WORKERS_{name}: {problem}")
         if not self.namespace.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(
                 f"AGENT_WORKERS_NAMESPACE={self.namespace!r} must be letters, digits, '-' or '_' (it prefixes keys)"
@@ -213,6 +218,27 @@ class Settings:
     def broker_is_redis(self) -> bool:
         """True when the broker is Redis (visibility timeout applies)."""
         return urlparse(self.broker_url).scheme in _REDIS_SCHEMES
+
+
+def sentinel_url_problem(url: str) -> str | None:
+    """What is wrong with a ``sentinel://a:26379;sentinel://b:26379/db`` URL, or None (also for other schemes).
+
+    kombu and Celery read the database and the credentials from the FIRST sentinel's part only, so a ``/db`` or a
+    password written on a later part alone is silently ignored (database 0, no password).
+    """
+    parts = [urlparse(p.strip()) for p in url.split(";")]
+    if parts[0].scheme != "sentinel":
+        return None
+    first = parts[0]
+    for part in parts:
+        if part.scheme != "sentinel" or not part.hostname:
+            return "every ';'-separated part of a Sentinel URL must be sentinel://host:port"
+        if ((part.path.strip("/") and part.path.strip("/") != first.path.strip("/"))
+                or (part.password and part.password != first.password)
+                or (part.username and part.username != first.username)):
+            return ("kombu and Celery take the database and the password of a Sentinel URL from its first part "
+                    "only; write them on the first sentinel (sentinel://:password@host:26379/2;sentinel://host2:26379)")
+    return None
 
 
 def _valid_device(device: str) -> bool:

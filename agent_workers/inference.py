@@ -178,18 +178,25 @@ class InferenceEngine:
         return torch.autocast("cuda", dtype=dtype)
 
     def run_batch(self, loaded: LoadedModel, arrays: list[np.ndarray]) -> list[list[Any] | Exception]:
-        """Forward ``arrays`` together; if the model raises, bisect so only the culprits fail."""
+        """Forward ``arrays`` together; one output (a list of floats) or one error per input, in order."""
+        return [r if isinstance(r, Exception) else r.tolist() for r in self.run_batch_arrays(loaded, arrays)]
+
+    def run_batch_arrays(self, loaded: LoadedModel, arrays: list[np.ndarray]) -> list[np.ndarray | Exception]:
+        """Forward ``arrays`` together; if the model raises, bisect so only the culprits fail.
+
+        Returns one float32 row per input (the batcher serializes them without a Python-list detour).
+        """
         try:
             out = self.forward(loaded, np.stack(arrays))
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated below
             if len(arrays) == 1:
                 return [ModelError(f"model {loaded.name!r} v{loaded.version} failed on this input: {exc}")]
             mid = len(arrays) // 2
-            return self.run_batch(loaded, arrays[:mid]) + self.run_batch(loaded, arrays[mid:])
+            return self.run_batch_arrays(loaded, arrays[:mid]) + self.run_batch_arrays(loaded, arrays[mid:])
         if len(out) != len(arrays):
             error = ModelError(f"model {loaded.name!r} returned {len(out)} outputs for {len(arrays)} inputs")
             return [error] * len(arrays)
-        return out.tolist()
+        return list(out)
 
     def predict_many(self, name: str, inputs: Any, version: int | None = None) -> dict[str, Any]:
         """Score many examples of one model in GPU-sized batches; outputs in input order.

@@ -28,7 +28,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
-from agent_workers.config import DEFAULT_SENTINEL_MASTER
+from agent_workers.config import DEFAULT_SENTINEL_MASTER, sentinel_url_problem
 from agent_workers.errors import ConfigError
 
 SENTINEL_SCHEMES = frozenset({"sentinel"})
@@ -79,7 +79,11 @@ def sentinel_hosts(url: str) -> list[tuple[str, int]]:
 
 
 def _sentinel_master(url: str, master: str, options: dict[str, Any]) -> redis.Redis:
-    # kombu and Celery read the password and the database from the first sentinel's URL; so do we.
+    # kombu and Celery read the password and the database from the first sentinel's URL; so do we, and refuse a
+    # URL that puts them elsewhere (they would silently use database 0 there).
+    problem = sentinel_url_problem(url)
+    if problem:
+        raise ConfigError(f"{_masked(url)}: {problem}")
     first = urlparse(url.split(";")[0].strip())
     connection: dict[str, Any] = dict(options)
     connection["db"] = _db(first.path, url)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import statistics
 import threading
 import time
@@ -124,6 +125,11 @@ def cpu_seconds(pid: int | None) -> float:
         return 0.0
 
 
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def rows_for(n: int) -> np.ndarray:
     """Deterministic inputs: row ``i`` is a function of ``i`` only."""
     i = np.arange(n, dtype=np.float64)[:, None]
@@ -184,6 +190,7 @@ class Soak:
         self.workers: list[WorkerProcess] = []
         self.samples: list[Sample] = []
         self.kills: list[float] = []
+        self.death_ms: list[float] = []  # from SIGKILL to the process being gone (its sockets close last)
         self.ids: list[str] = []
 
     # -- setup ----------------------------------------------------------------------------------------------------
@@ -297,6 +304,7 @@ class Soak:
             killer.start()
         next_report = cfg.report_every
         next_sample = 0.0
+        progress = (0, 0.0)  # (completed, when it last grew)
         try:
             while True:
                 t = time.monotonic() - start
@@ -313,7 +321,16 @@ class Soak:
                     if t >= next_report:
                         self.say(self._line(sample))
                         next_report += cfg.report_every
+                    if sample.completed > progress[0]:
+                        progress = (sample.completed, t)
                     if sample.sent >= cfg.requests and sample.completed >= cfg.requests:
+                        break
+                    # Nothing queued or unacknowledged, and nothing completed for longer than a redelivery takes:
+                    # what is missing now is nowhere.
+                    if (sample.sent >= cfg.requests and sample.backlog == 0
+                            and t - progress[1] > 2 * cfg.visibility_timeout + 5):
+                        self.say(f"{cfg.requests - sample.completed} requests have no result and the broker holds "
+                                 "none of them")
                         break
                     if sample.sent >= cfg.requests and t > cfg.duration + cfg.drain_timeout:
                         self.say(f"drain timeout: {cfg.requests - sample.completed} requests have no result")
@@ -325,13 +342,17 @@ class Soak:
                 killer.join(30)
         last = self._sample(time.monotonic() - start, len(self.ids), results, broker)
         self.say(self._line(last))
-        return {"mode": "soak", "seconds": last.t, "kills": self.kills, "rate_target": rate}
+        return {"mode": "soak", "seconds": last.t, "kills": self.kills, "death_ms": self.death_ms,
+                "rate_target": rate}
 
     def _killer(self, start: float, loading: threading.Event, pushed: threading.Event) -> None:
         """Every ``kill_every`` seconds while the load runs: SIGKILL worker 0 and start its replacement."""
         cfg = self.config
         victim = self.workers[0]
-        next_kill = start + cfg.kill_every
+        rng = random.Random(0)
+        # Each kill at a random phase of the producer's pushes (TICK apart), unless asked for the worst one.
+        kills = 1
+        next_kill = start + cfg.kill_every + rng.uniform(0, TICK)
         while loading.is_set():
             wait = next_kill - time.monotonic()
             if wait > 0:
@@ -342,17 +363,21 @@ class Soak:
                 pushed.wait(5)
             if not loading.is_set():
                 return
+            killed = time.monotonic()
+            self.kills.append(killed - start)
             victim.kill()
             assert victim.proc is not None
             victim.proc.wait(10)
-            self.kills.append(time.monotonic() - start)
+            self.death_ms.append(1000 * (time.monotonic() - killed))
             victim.start(wait=False)  # the replacement, as systemd or Kubernetes would start it
-            next_kill += cfg.kill_every
+            kills += 1
+            next_kill = start + kills * cfg.kill_every + rng.uniform(0, TICK)
 
     def _drain(self, client: Client, rows: np.ndarray, results: redis.Redis, broker: Any) -> dict[str, Any]:
         cfg = self.config
         pids = [w.proc.pid for w in self.workers if w.proc is not None]
         cpu_before = [cpu_seconds(p) for p in pids]
+        redis_before = _redis_cpu(results)
         start = time.monotonic()
         for lo in range(0, cfg.requests, 10_000):
             self.ids.extend(client.send_predict_bulk("soak", rows[lo : lo + 10_000]))
@@ -367,6 +392,9 @@ class Soak:
             time.sleep(0.02)
         elapsed = done[-1][0]
         cpu = [cpu_seconds(p) - b for p, b in zip(pids, cpu_before, strict=True)]
+        # The soak's own redis-server: broker (unless --broker-url), results and parameters. Its CPU per request
+        # bounds what one Redis can carry: about 1 / (CPU seconds per request) requests/s per core.
+        redis_cpu = _redis_cpu(results) - redis_before
         # Steady rate: between 10% and 90% of the requests done (start-up and tail excluded).
         lo = next((t for t, n in done if n >= 0.1 * cfg.requests), None)
         hi = next((t for t, n in done if n >= 0.9 * cfg.requests), None)
@@ -375,10 +403,11 @@ class Soak:
         self.say(f"drained {done[-1][1]:,}/{cfg.requests:,} requests with {cfg.workers} worker(s) in "
                  f"{elapsed:.2f} s (published in {published:.2f} s): {done[-1][1] / elapsed:,.0f} requests/s overall"
                  + (f", {steady:,.0f} requests/s steady (10%-90%)" if steady else "")
-                 + f"; worker CPU {', '.join(f'{c:.1f} s' for c in cpu)}; load average {' '.join(load)}")
+                 + f"; worker CPU {', '.join(f'{c:.1f} s' for c in cpu)}; redis-server CPU {redis_cpu:.2f} s "
+                 f"({1e6 * redis_cpu / cfg.requests:.0f} us per request); load average {' '.join(load)}")
         return {"mode": "drain", "seconds": elapsed, "publish_seconds": published,
                 "rate": done[-1][1] / elapsed, "steady_rate": steady, "worker_cpu_seconds": cpu,
-                "loadavg": load}
+                "redis_cpu_seconds": redis_cpu, "loadavg": load}
 
     # -- accounting -----------------------------------------------------------------------------------------------
 
@@ -426,6 +455,9 @@ class Soak:
             self.say(f"sent {report['sent']:,}  completed {report['completed']:,}  lost {report['lost']:,}  "
                      f"duplicated {report.get('duplicated', 0):,} (computed twice after a kill; same result)  "
                      f"failed {report['failed']:,}  wrong {report['wrong']:,}  kills {len(self.kills)}")
+            if self.death_ms:
+                self.say(f"a SIGKILLed worker took {min(self.death_ms):.0f}-{max(self.death_ms):.0f} ms to be gone "
+                         "(its broker connection stays open until then)")
             for name, info in report["rss"].items():
                 g = info["growth"]
                 if g is not None:
@@ -437,14 +469,20 @@ class Soak:
         else:
             self.say(f"lost {report['lost']:,}  failed {report['failed']:,}  wrong {report['wrong']:,}")
         if self.config.out is not None and report["mode"] == "soak":
+            # soak.{json,png} for the soak's own Redis broker, soak-<scheme>.* for another broker (e.g. amqp)
+            stem = "soak" if self.config.broker_url is None else f"soak-{urlparse(self.config.broker_url).scheme}"
             self.config.out.mkdir(parents=True, exist_ok=True)
             report["samples"] = [dataclasses.asdict(s) for s in self.samples]
-            (self.config.out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
-            self.say(f"wrote {self.config.out / 'soak.json'} and {plot(report, self.config.out / 'soak.png')}")
+            (self.config.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+            png = plot(report, self.config.out / f"{stem}.png")
+            self.say(f"wrote {self.config.out / f'{stem}.json'} and {png}")
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
-    """Requests (sent, completed, backlog) and worker RSS over time, kills marked; returns ``path``."""
+    """Requests over time, requests not (yet) completed against the broker's backlog, and worker RSS; kills marked.
+
+    Returns ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,27 +490,33 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
     samples = report["samples"]
     t = [s["t"] for s in samples]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(10, 9), sharex=True,
+                                              gridspec_kw={"height_ratios": [2, 2, 2]})
     top.plot(t, [s["sent"] for s in samples], label="sent")
-    top.plot(t, [s["completed"] for s in samples], label="completed")
-    top.plot(t, [max(0, s["backlog"]) for s in samples], label="backlog (queued + unacknowledged)")
+    top.plot(t, [s["completed"] for s in samples], label="completed", ls="--")
     top.set_ylabel("requests")
-    top.set_title(f"soak: {report['sent']:,} sent, {report['completed']:,} completed, {report['lost']:,} lost, "
-                  f"{report.get('duplicated', 0):,} computed twice, {len(report['kills'])} SIGKILLs")
+    broker = urlparse(report["config"].get("broker_url") or "redis://").scheme
+    top.set_title(f"soak ({broker} broker): {report['sent']:,} sent, {report['completed']:,} completed, "
+                  f"{report['lost']:,} lost, {report.get('duplicated', 0):,} computed twice, "
+                  f"{len(report['kills'])} SIGKILLs")
     top.legend(loc="upper left", fontsize=8)
+    middle.plot(t, [s["sent"] - s["completed"] for s in samples], label="sent - completed (in flight, or lost)")
+    middle.plot(t, [max(0, s["backlog"]) for s in samples], label="held by the broker (queued + unacknowledged)")
+    middle.set_ylabel("requests")
+    middle.legend(loc="upper left", fontsize=8)
     for slot in range(len(samples[0]["rss_mb"])):
         role = report["rss"][f"w{slot}"]["role"]
         bottom.plot(t, [s["rss_mb"][slot] if s["rss_mb"][slot] is not None else math.nan for s in samples],
                     label=f"worker {slot} ({role})")
-    bottom.set_ylabel("RSS (MiB)")
+    bottom.set_ylabel("worker RSS (MiB)")
     bottom.set_xlabel("seconds")
     bottom.legend(loc="lower right", fontsize=8)
-    for ax in (top, bottom):
+    for ax in (top, middle, bottom):
         for k in report["kills"]:
             ax.axvline(k, color="tab:red", lw=0.8, alpha=0.5)
         ax.grid(alpha=0.3)
-    bottom.annotate("red lines: SIGKILL of worker 0", (0.01, 0.03), xycoords="axes fraction", fontsize=8,
-                    color="tab:red")
+    bottom.annotate("red lines: SIGKILL of worker 0, restarted at once", (0.01, 0.03), xycoords="axes fraction",
+                    fontsize=8, color="tab:red")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -25,10 +25,10 @@ from kombu import Connection
 from redis.exceptions import CrossSlotTransactionError
 from redis.sentinel import MasterNotFoundError, Sentinel
 
-from agent_workers.app import PREDICT, create_app, declare_queue
+from agent_workers.app import PREDICT, QUORUM_DELIVERY_LIMIT, create_app, declare_queue
 from agent_workers.client import Client
 from agent_workers.config import Settings
-from agent_workers.errors import ModelError
+from agent_workers.errors import ConfigError, ModelError
 from agent_workers.models import make_spec
 from agent_workers.params import Outcome, RedisParamStore
 from agent_workers.redis_clients import redis_client
@@ -194,6 +194,43 @@ def served(backend: redis.Redis, ids: list[str], worker: WorkerProcess, timeout:
     failed = [metas[i] for i in ids if metas[i]["status"] != "SUCCESS"]
     assert not failed, failed[:2]
     return [metas[i]["result"] for i in ids]
+
+
+# -- settings and URLs (no servers) ---------------------------------------------------------------------------------
+
+
+def test_settings_and_urls_choose_the_topology() -> None:
+    sentinel = redis_client("sentinel://:pw@127.0.0.1:26379/3;sentinel://127.0.0.1:26380", sentinel_master="m")
+    pool = sentinel.connection_pool
+    assert (pool.service_name, pool.connection_kwargs["db"], pool.connection_kwargs["password"]) == ("m", 3, "pw")
+    assert [s.connection_pool.connection_kwargs["port"] for s in pool.sentinel_manager.sentinels] == [26379, 26380]
+    # kombu and Celery read /db and the password from the first sentinel only: elsewhere they would be ignored.
+    with pytest.raises(ConfigError, match="first part"):
+        redis_client("sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380/3")
+    with pytest.raises(ConfigError, match="AGENT_WORKERS_RESULT_BACKEND.*first part"):
+        Settings.from_env({"AGENT_WORKERS_RESULT_BACKEND": "sentinel://a:26379;sentinel://b:26379/1"})
+    with pytest.raises(ConfigError, match="only database 0"):
+        redis_client("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/2")
+    with pytest.raises(ConfigError, match="not a Redis URL"):
+        redis_client("http://127.0.0.1:6379")
+    # A cluster holds parameters only: Celery's broker and result backend cannot use one.
+    assert Settings.from_env({"AGENT_WORKERS_PARAMS_URL": "redis+cluster://a:7000,b:7001"}).params_url
+    with pytest.raises(ConfigError, match="RESULT_BACKEND"):
+        Settings.from_env({"AGENT_WORKERS_RESULT_BACKEND": "redis+cluster://a:7000"})
+    # Quorum queues are RabbitMQ's; with them come arguments, a dead-letter step and publisher confirms.
+    with pytest.raises(ConfigError, match="quorum"):
+        Settings.from_env({"AGENT_WORKERS_QUEUE_TYPE": "quorum"})
+    app = create_app(Settings.from_env({"AGENT_WORKERS_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+                                        "AGENT_WORKERS_QUEUE_TYPE": "quorum"}))
+    args = {q.name: q.queue_arguments for q in app.conf.task_queues}
+    assert args["inference"] == {"x-queue-type": "quorum", "x-delivery-limit": QUORUM_DELIVERY_LIMIT,
+                                 "x-dead-letter-exchange": "inference.dead"}
+    assert app.conf.broker_transport_options["confirm_publish"] is True
+    app = create_app(Settings.from_env({"AGENT_WORKERS_BROKER_URL": "sentinel://127.0.0.1:26379/0",
+                                        "AGENT_WORKERS_RESULT_BACKEND": "sentinel://127.0.0.1:26379/1",
+                                        "AGENT_WORKERS_SENTINEL_MASTER": "prod"}))
+    assert app.conf.broker_transport_options["master_name"] == "prod"
+    assert app.conf.result_backend_transport_options["master_name"] == "prod"
 
 
 # -- RabbitMQ quorum queues -----------------------------------------------------------------------------------------

@@ -213,6 +213,14 @@ def test_report_tables_carry_the_ratios() -> None:
     assert verdicts["redis/mlp p99 at half saturation (ms)"] == "met"
 
 
+def test_drain_table_shows_the_spread_of_repeated_runs() -> None:
+    results = _results()
+    results["drains"][0]["rates_all"] = [3100.0, 3600.0, 4050.0]
+    headers, rows = bench.report_tables(results)[0][1:]
+    assert dict(zip(headers, rows[0], strict=True))["runs (req/s)"] == "3: 3,100–4,050"
+    assert dict(zip(headers, rows[1], strict=True))["runs (req/s)"] == "1"
+
+
 def test_write_outputs_writes_json_markdown_and_both_plots(tmp_path: Path) -> None:
     paths = bench.write_outputs(_results(), tmp_path, "-t")
     assert sorted(p.name for p in paths) == ["latency-cdf-t.png", "results-t.json", "summary-t.md",
