@@ -660,8 +660,10 @@ class LatencyRun:
 
 
 def raw_torch_rate(workload: Workload, batch_size: int, seconds: float = 1.0, device: str = "cpu",
-                   repeats: int = 10) -> tuple[float, float]:
+                   repeats: int = 10, threads: int = 0) -> tuple[float, float]:
     """In-process forward loop at ``batch_size``, same threads and device as a worker: (examples/s, ms per batch).
+
+    ``threads`` is the worker's ``AGENT_WORKERS_TORCH_THREADS`` (0: torch's default); it is set for the loop only.
 
     Each step is what the worker's forward does (host array in, host array out). The loop runs ``repeats`` windows
     of ``seconds / repeats`` and reports the fastest: torch's intra-op threads slow down by large factors when
@@ -680,15 +682,21 @@ def raw_torch_rate(workload: Workload, batch_size: int, seconds: float = 1.0, de
         module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
 
     windows = []
-    with torch.inference_mode():
-        for _ in range(3):
-            step()
-        for _ in range(repeats):
-            iters, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds / repeats or iters < 3:
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(3):
                 step()
-                iters += 1
-            windows.append((time.perf_counter() - start) / iters)
+            for _ in range(repeats):
+                iters, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds / repeats or iters < 3:
+                    step()
+                    iters += 1
+                windows.append((time.perf_counter() - start) / iters)
+    finally:
+        torch.set_num_threads(before)
     per_batch = min(windows)
     return batch_size / per_batch, 1000 * per_batch
 
@@ -700,7 +708,7 @@ def machine_info(redis_client: Any, amqp_url: str | None) -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"nproc": os.cpu_count(), "python": platform.python_version(),
-                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "torch_default_threads": torch.get_num_threads(),
                             "celery": celery.__version__, "kombu": kombu.__version__,
                             "loadavg_at_start": list(os.getloadavg())}
     try:
@@ -787,6 +795,7 @@ class BenchConfig:
     result_backend: str = "redis://127.0.0.1:6379/1"
     params_url: str = "redis://127.0.0.1:6379/2"
     device: str = "cpu"
+    torch_threads: int = 1
     out: Path = Path("docs/benchmarks")
     tag: str = ""
     profile: Path | None = None
@@ -887,7 +896,8 @@ class Bench:
                "AGENT_WORKERS_INFERENCE_QUEUE": queue_name, "AGENT_WORKERS_TRAINING_QUEUE": f"{queue_name}.training",
                "AGENT_WORKERS_DEVICE": self.cfg.device, "AGENT_WORKERS_MAX_BATCH_SIZE": str(max_batch_size),
                "AGENT_WORKERS_MAX_WAIT_MS": str(self.cfg.max_wait_ms), "AGENT_WORKERS_METRICS_PORT": str(port),
-               "AGENT_WORKERS_PLUGINS": "agent_workers.bench_tasks", "AGENT_WORKERS_RESULT_EXPIRES": "3600"}
+               "AGENT_WORKERS_PLUGINS": "agent_workers.bench_tasks", "AGENT_WORKERS_RESULT_EXPIRES": "3600",
+               "AGENT_WORKERS_TORCH_THREADS": str(self.cfg.torch_threads)}
         return WorkerProcess(queues=[queue_name], env=env, name=f"{run}@%h", loglevel="WARNING"), port
 
     def _messages(self, s: Session, system: str, ids: Sequence[str]) -> Iterator[TaskMessage]:
@@ -925,8 +935,7 @@ class Bench:
         run = "b" + uuid.uuid4().hex[:10]
         queue_name = f"{s.namespace}.{run}"
         ids = [f"{run}-{i:07d}" for i in range(n)]
-        paired = raw_torch_rate(s.workload, max_batch_size, self._raw_seconds, self.cfg.device)[0] \
-            if system == "ours" else None
+        paired = self._raw(s.workload, max_batch_size)[0] if system == "ours" else None
         publisher = Publisher(s.broker_url, queue_name)
         worker = None
         try:
@@ -1046,11 +1055,15 @@ class Bench:
 
     # -- the matrix -----------------------------------------------------------------------------------------------
 
+    def _raw(self, workload: Workload, batch_size: int) -> tuple[float, float]:
+        return raw_torch_rate(workload, batch_size, self._raw_seconds, self.cfg.device,
+                              threads=self.cfg.torch_threads)
+
     def raw_torch(self, workload: Workload) -> None:
         sizes = sorted({1, self.cfg.max_batch_size, *self.cfg.sweep})
         self.raw[workload.name], self.raw_ms[workload.name] = {}, {}
         for size in sizes:
-            rate, ms = raw_torch_rate(workload, size, self._raw_seconds, self.cfg.device)
+            rate, ms = self._raw(workload, size)
             self.raw[workload.name][str(size)] = rate
             self.raw_ms[workload.name][str(size)] = ms
         say(f"{workload.name}: raw torch " + ", ".join(f"b{k}: {v:,.0f}/s" for k, v in self.raw[workload.name].items()))

@@ -280,6 +280,7 @@ def bench(broker: str, workload: str, n: int, baseline_n: int | None, sweep_n: i
         "skip": frozenset(skip), "redis_url": redis_url, "amqp_url": amqp_url, "out": out, "profile": profile,
         "repeat": repeat,
         "result_backend": settings.result_backend, "params_url": settings.params_url, "device": settings.device,
+        "torch_threads": settings.torch_threads,
     }
     sizes = {"n": n, "baseline_n": baseline_n, "sweep_n": sweep_n, "heavy_n": heavy_n, "heavy_small_n": heavy_small_n,
              "duration": duration}

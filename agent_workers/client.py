@@ -44,6 +44,7 @@ from agent_workers import errors
 from agent_workers.app import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP, declare_queue, task_routes
 from agent_workers.config import Settings
 from agent_workers.errors import AgentWorkersError
+from agent_workers.redis_clients import redis_client
 
 DEFAULT_TIMEOUT = 60.0
 #: Messages per LPUSH command of a bulk (one pipeline carries them all).
@@ -66,8 +67,14 @@ def producer_app(settings: Settings) -> Celery:
                  set_as_current=False)
     app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
                     result_accept_content=["json"], task_routes=task_routes(settings),
+                    task_queues=[declare_queue(settings.inference_queue, settings.queue_type),
+                                 declare_queue(settings.training_queue, settings.queue_type)],
                     broker_transport_options={"visibility_timeout": settings.visibility_timeout},
                     broker_connection_retry_on_startup=True)
+    if urlparse(settings.broker_url).scheme == "sentinel":
+        app.conf.broker_transport_options["master_name"] = settings.sentinel_master
+    if urlparse(settings.result_backend).scheme == "sentinel":
+        app.conf.result_backend_transport_options = {"master_name": settings.sentinel_master}
     return app
 
 
@@ -223,8 +230,9 @@ class _Publisher:
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.is_redis = urlparse(settings.broker_url).scheme in _REDIS_URL_SCHEMES
-        self._redis = redis.Redis.from_url(settings.broker_url) if self.is_redis else None
+        self.is_redis = urlparse(settings.broker_url).scheme in _REDIS_URL_SCHEMES | {"sentinel"}
+        self._redis = (redis_client(settings.broker_url, sentinel_master=settings.sentinel_master)
+                       if self.is_redis else None)
         self._lock = threading.Lock()
         self._conn: Any = None
         self._frames: dict[str, AmqpFrames] = {}
@@ -267,7 +275,7 @@ class _Publisher:
         frames = self._frames.get(envelope.queue)
         if frames is None:
             # The default exchange drops messages for a queue nobody declared, so declare it exactly as workers do.
-            declare_queue(envelope.queue)(channel).declare()
+            declare_queue(envelope.queue, self.settings.queue_type)(channel).declare()
             frames = AmqpFrames(envelope, channel_id=channel.channel_id, frame_max=self._conn.connection.frame_max)
             self._frames[envelope.queue] = frames
         elif time.monotonic() - self._last_used > self.IDLE_CHECK:

@@ -327,8 +327,10 @@ class RedisParamStore:
                 head["chunks:0"] = len(chunks)
             pipe.hset(self.keys.head(name), mapping=head)
             pipe.lpush(self.keys.history(name), json.dumps({"version": 0, "kind": "create", "at": time.time()}))
-            pipe.sadd(self.keys.models(), name)
             pipe.execute()
+            # The index of models is not in the model's hash slot, so it is written outside its transaction (a
+            # Redis Cluster refuses cross-slot transactions); a crash in between leaves a model `list` misses.
+            self.client.sadd(self.keys.models(), name)
         self._forget(name)
         return 0
 

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import threading
 import time
@@ -290,6 +291,7 @@ class Soak:
                 finally:
                     broker_conn.close()
             self.server.stop()
+            shutil.rmtree(self.server.dir, ignore_errors=True)
 
     def _soak(self, client: Client, rows: np.ndarray, results: redis.Redis, broker: Any,
               counter: ResultCounter | None) -> dict[str, Any]:
@@ -501,7 +503,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
                   f"{len(report['kills'])} SIGKILLs")
     top.legend(loc="upper left", fontsize=8)
     middle.plot(t, [s["sent"] - s["completed"] for s in samples], label="sent - completed (in flight, or lost)")
-    middle.plot(t, [max(0, s["backlog"]) for s in samples], label="held by the broker (queued + unacknowledged)")
+    held = ("held by the broker (queued + unacknowledged)" if broker in ("redis", "rediss")
+            else "ready in the broker (its unacknowledged deliveries are not counted)")
+    middle.plot(t, [max(0, s["backlog"]) for s in samples], label=held)
     middle.set_ylabel("requests")
     middle.legend(loc="upper left", fontsize=8)
     for slot in range(len(samples[0]["rss_mb"])):

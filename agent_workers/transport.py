@@ -2,9 +2,10 @@
 
 kombu's Redis transport issues one ``BRPOP`` per message and then one pipeline per message to record it as
 unacknowledged (the visibility-timeout bookkeeping), so a worker pays two round trips and a loop iteration for every
-message before any work happens. Here the consumer issues ``BLMPOP ... COUNT n`` (Redis >= 7.0), with ``n`` the
-free prefetch window, and records all popped messages as unacknowledged in ONE pipeline before handing any of them
-to the consumer, so the crash window is the same as kombu's (pop, then record) but paid once per batch.
+message before any work happens. Here the consumer blocks for one message exactly as kombu does (``BLMPOP ...
+COUNT 1``, Redis >= 7.0), then in ONE round trip records it as unacknowledged and runs a Lua script that pops up
+to the rest of the free prefetch window and records those atomically. The crash window is kombu's own (one message
+between its blocking pop and its record), never the whole bulk.
 
 Messages on the wire are unchanged: producers keep using the stock transport. Enabled for Redis brokers by
 ``create_app`` (``broker_transport``); falls back to the stock behaviour for a Redis older than 7.0 or with a global
@@ -69,12 +70,13 @@ class Channel(kredis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return None
-        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        self._bulk_keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         self._in_poll = self.client.connection
         self._brpop_sent_at = kredis.monotonic()
-        # RIGHT matches BRPOP (producers LPUSH); keys are tried in order, so priorities keep their meaning.
-        self.client.connection.send_command("BLMPOP", timeout or 0, len(keys), *keys, "RIGHT", "COUNT",
-                                            self._pop_count())
+        # Block for ONE message, exactly as kombu's BRPOP does (RIGHT: producers LPUSH; keys in priority order).
+        # The rest of the window is popped and recorded atomically by _POP_AND_RECORD in _brpop_read.
+        self.client.connection.send_command("BLMPOP", timeout or 0, len(self._bulk_keys), *self._bulk_keys,
+                                            "RIGHT", "COUNT", 1)
         return None
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -89,47 +91,88 @@ class Channel(kredis.Channel):
             if not reply:
                 raise kredis.Empty()
             dest, items = reply
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(dest)
-            raw, payloads = [], []
-            for item in items:
-                text = bytes_to_str(item)
+            popped = [(bytes_to_str(dest), bytes_to_str(item)) for item in items]
+            more = self._pop_count() - len(popped)
+            popped += self._record_and_pop_more(popped, more)
+            for key, text in popped:
+                queue = key.rsplit(self.sep, 1)[0]
                 try:
                     payload = loads(text)
                     payload["properties"]["delivery_tag"]
                 except Exception:  # noqa: BLE001 - one unparseable envelope must not cost the others
-                    logger.error("dropping an unparseable message from %s: %.200r", dest, text)
+                    logger.error("dropping an unparseable message from %s: %.200r", queue, text)
                     continue
-                raw.append(text)
-                payloads.append(payload)
-            if not payloads:
-                return True
-            self._record_unacked(payloads, raw)
-            for payload in payloads:
-                self.connection._deliver(payload, dest)
+                self.qos._recorded.add(payload["properties"]["delivery_tag"])
+                self._queue_cycle.rotate(queue)
+                self.connection._deliver(payload, queue)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _record_unacked(self, payloads: list[dict[str, Any]], raw: list[str]) -> None:
-        """What ``QoS.append`` does per message, for all of them in one pipeline.
-
-        The stored value is ``json([payload, exchange, routing_key])``; the payload's JSON is spliced in as
-        received instead of being encoded again.
+    def _record_and_pop_more(self, popped: list[tuple[str, str]], more: int) -> list[tuple[str, str]]:
+        """Record the blocking pop's message as unacknowledged and, in the same round trip, pop up to ``more``
+        further messages AND record them, atomically (a Lua script), so no popped message ever exists only in
+        this process: a SIGKILL at any point leaves each message either in its queue or in the unacked hash, from
+        which the visibility-timeout sweep restores it.
         """
         now = time()
-        qos = self.qos
-        with qos.pipe_or_acquire() as pipe:
-            for payload, text in zip(payloads, raw, strict=True):
-                props = payload["properties"]
-                tag = props["delivery_tag"]
+        script = self._pop_script()
+        with self.qos.pipe_or_acquire() as pipe:
+            for _key, text in popped:
+                try:
+                    payload = loads(text)
+                    props = payload["properties"]
+                    tag = props["delivery_tag"]
+                except Exception:  # noqa: BLE001 - dropped (and logged) by the caller
+                    continue
                 info = props.get("delivery_info") or {}
                 pipe.zadd(self.unacked_index_key, {tag: now})
                 pipe.hset(self.unacked_key, tag,
                           f"[{text}, {dumps(info.get('exchange'))}, {dumps(info.get('routing_key'))}]")
-            pipe.execute()
-        qos._recorded.update(p["properties"]["delivery_tag"] for p in payloads)
+            if more > 0:
+                script(keys=[self.unacked_index_key, self.unacked_key, *self._bulk_keys], args=[more, now],
+                       client=pipe)
+            results = pipe.execute()
+        if more <= 0 or not results or not results[-1]:
+            return []
+        key, items = results[-1]
+        return [(bytes_to_str(key), bytes_to_str(item)) for item in items]
+
+    def _pop_script(self) -> Any:
+        script = getattr(self, "_pop_and_record", None)
+        if script is None:
+            script = self._pop_and_record = self.client.register_script(_POP_AND_RECORD)
+        return script
+
+
+_POP_AND_RECORD = """
+-- KEYS: 1 unacked index (zset), 2 unacked (hash), 3.. the queue lists in priority order
+-- ARGV: 1 how many to pop, 2 now (the index score)
+-- Pops up to ARGV[1] messages from the first non-empty list and records each as unacknowledged, exactly as kombu's
+-- QoS.append does ([payload, exchange, routing_key] under the delivery tag), in one atomic step.
+local cmd = {'LMPOP', #KEYS - 2}
+for i = 3, #KEYS do cmd[#cmd + 1] = KEYS[i] end
+cmd[#cmd + 1] = 'RIGHT'
+cmd[#cmd + 1] = 'COUNT'
+cmd[#cmd + 1] = ARGV[1]
+local popped = redis.call(unpack(cmd))
+if not popped then return false end
+for _, raw in ipairs(popped[2]) do
+  local ok, msg = pcall(cjson.decode, raw)
+  if ok and type(msg) == 'table' and type(msg.properties) == 'table' and msg.properties.delivery_tag then
+    local info = msg.properties.delivery_info
+    local ex, rk = 'null', 'null'
+    if type(info) == 'table' then
+      if info.exchange ~= nil then ex = cjson.encode(info.exchange) end
+      if info.routing_key ~= nil then rk = cjson.encode(info.routing_key) end
+    end
+    redis.call('ZADD', KEYS[1], ARGV[2], msg.properties.delivery_tag)
+    redis.call('HSET', KEYS[2], msg.properties.delivery_tag, '[' .. raw .. ', ' .. ex .. ', ' .. rk .. ']')
+  end
+end
+return popped
+"""
 
 
 class Transport(kredis.Transport):

@@ -22,7 +22,6 @@ import redis
 import torch
 from amqp.exceptions import PreconditionFailed
 from kombu import Connection
-from redis.exceptions import CrossSlotTransactionError
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from agent_workers.app import PREDICT, QUORUM_DELIVERY_LIMIT, create_app, declare_queue
@@ -291,9 +290,6 @@ def _get(channel: Any, queue: str, timeout: float = 2.0) -> Any:
     return None
 
 
-@pytest.mark.xfail(strict=True, raises=PreconditionFailed,
-                   reason="client.py declares the queue with declare_queue(name) (classic arguments), which a "
-                          "quorum queue refuses; it must pass settings.queue_type")
 def test_client_publishes_to_quorum_queues(own_rabbitmq: LocalRabbitMQ) -> None:
     settings = Settings.from_env(pool_env("rabbitmq", broker_url=own_rabbitmq.url, queue_type="quorum"))
     with Connection(own_rabbitmq.url) as conn:
@@ -316,7 +312,7 @@ def test_sentinel_urls_for_broker_backend_and_params_follow_a_failover(sentinel_
     store = RedisParamStore.from_settings(settings)
     backend = redis_client(settings.result_backend, sentinel_master=g.name)
     worker = WorkerProcess(queues=[settings.inference_queue], env=env, log_path=tmp_path / "worker.log")
-    producer = create_app(settings)
+    producer = Client(settings).app  # the producer client, through Sentinel too
     model = unique("lin")
     rows = [[float(i), 1.0] for i in range(20)]
     try:
@@ -347,38 +343,6 @@ def test_sentinel_urls_for_broker_backend_and_params_follow_a_failover(sentinel_
 # -- Redis Cluster --------------------------------------------------------------------------------------------------
 
 
-def create_on_cluster(store: RedisParamStore, name: str, spec: Any) -> None:
-    """``store.create`` with its ``SADD`` to the models set run after the transaction instead of inside it: the
-    set has no hash tag, so inside a cluster transaction it is CROSSSLOT (see ``test_create_on_cluster``)."""
-    client = store.client
-    real = client.pipeline
-
-    class Pipe:
-        def __init__(self, pipe: Any) -> None:
-            self.pipe, self.later = pipe, []
-
-        def sadd(self, *args: Any) -> None:
-            self.later.append(args)
-
-        def execute(self) -> Any:
-            out = self.pipe.execute()
-            for args in self.later:
-                client.sadd(*args)
-            return out
-
-        def __getattr__(self, attr: str) -> Any:
-            return getattr(self.pipe, attr)
-
-    client.pipeline = lambda transaction=True, **kw: Pipe(real(transaction=transaction, **kw))
-    try:
-        store.create(name, spec, seed=1)
-    finally:
-        client.pipeline = real
-
-
-@pytest.mark.xfail(strict=True, raises=CrossSlotTransactionError,
-                   reason="RedisParamStore.create adds the model to the untagged models set inside the model's "
-                          "transaction; on a cluster that is CROSSSLOT (move the SADD after the transaction)")
 def test_create_on_cluster(cluster: RedisClusterGroup) -> None:
     settings = Settings.from_env(pool_env("redis", params_url=cluster.url))
     RedisParamStore.from_settings(settings).create(unique("lin"), make_spec("linear", in_features=2))
@@ -390,7 +354,7 @@ def test_param_store_on_cluster_commits_reads_and_serves(cluster: RedisClusterGr
     store = RedisParamStore.from_settings(settings)
     assert isinstance(store.client, redis.RedisCluster)
     model = unique("lin")
-    create_on_cluster(store, model, make_spec("linear", in_features=2))
+    store.create(model, make_spec("linear", in_features=2), seed=1)
     snap = store.read(model)
     # The commit script's compare-and-set, dedup and collection run on the one node that holds the model's slot.
     assert store.commit(model, expected=0, tensors=snap.tensors, update_id="u1", epoch=snap.epoch).version == 1

@@ -228,3 +228,13 @@ def test_write_outputs_writes_json_markdown_and_both_plots(tmp_path: Path) -> No
     assert all(p.stat().st_size > 0 for p in paths)
     assert json.loads((tmp_path / "results-t.json").read_text())["drains"][0]["rate"] == 3600.0
     assert "| redis/mlp drain vs naive | >= 10x | 12.00 | met |" in (tmp_path / "summary-t.md").read_text()
+
+
+def test_raw_torch_rate_uses_the_worker_thread_count_and_restores_it() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    rate, ms = bench.raw_torch_rate(bench.WORKLOADS["mlp"], 4, seconds=0.05, repeats=2, threads=1)
+    assert rate > 0 and ms > 0
+    assert rate == pytest.approx(4 / (ms / 1000))
+    assert torch.get_num_threads() == before
