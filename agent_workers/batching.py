@@ -7,9 +7,9 @@ loop, where messages arrive:
    see transport.py);
 2. the buffer is flushed when it holds ``max_batch_size`` requests or its oldest request has waited ``max_wait_ms``;
 3. a flush announces the batch to Flower (``task-received``, one buffered event publish per batch), checks revoke
-   and ``expires``, groups requests by model and pinned version, resolves ONE parameter version per group (a batch never mixes
-   versions), validates every request on its own, and runs the valid ones in one forward pass (bisecting if the
-   model raises);
+   and ``expires``, groups requests by model and pinned version, resolves ONE parameter version per group (a batch
+   never mixes versions), validates every request on its own, and runs the valid ones in one forward pass
+   (bisecting if the model raises); redelivered requests are served alone afterwards (poison isolation);
 4. every request gets its own result: written for the whole batch in one pipelined Redis round trip, in the exact
    format Celery's Redis backend uses (``AsyncResult.get()`` works, including its pub/sub wake-up); then the
    messages are acknowledged in bulk and ``task-started`` / ``task-succeeded`` / ``task-failed`` events are sent.
@@ -26,7 +26,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -299,7 +299,7 @@ class Batcher:
                           redelivered=redelivered)
         eta = _parse_expires(headers.get("eta"))
         if eta is not None:
-            delay = (eta - datetime.now(timezone.utc)).total_seconds()
+            delay = (eta - datetime.now(UTC)).total_seconds()
             if delay > 0:  # eta/countdown: held (unacknowledged) on the event-loop timer, then admitted
                 self.timer.call_after(delay, self.admit, (request,))
                 return
@@ -360,7 +360,7 @@ class Batcher:
     def _serve(self, batch: list[Pending]) -> tuple[list[Outcome], list[tuple[str, int | None, tuple[Pending, Any]]]]:
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]] = {}
-        now_utc = datetime.now(timezone.utc)
+        now_utc = datetime.now(UTC)
         revoked = worker_state.revoked
         for req in batch:
             if req.id in revoked:
@@ -563,7 +563,7 @@ def _parse_expires(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(str(value))
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _revoked_error(req: Pending, why: str) -> Exception:

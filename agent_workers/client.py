@@ -41,10 +41,10 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 
 from agent_workers import errors
-from agent_workers.app import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP, declare_queue, task_routes
 from agent_workers.config import Settings
 from agent_workers.errors import AgentWorkersError
 from agent_workers.redis_clients import redis_client
+from agent_workers.routing import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP, declare_queue, task_routes
 
 DEFAULT_TIMEOUT = 60.0
 #: Messages per LPUSH command of a bulk (one pipeline carries them all).

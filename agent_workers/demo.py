@@ -68,7 +68,8 @@ def run(settings: Settings, *, model: str = "seed-linear", epochs: int = 10, bat
         dataset = create_app(settings).datasets.upload(x_train, y_train.reshape(-1, 1))
         steps = epochs * -(-len(x_train) // batch_size)
         started = time.perf_counter()
-        with tqdm(total=steps, desc="train (queued steps)", unit="step", disable=not progress, mininterval=1.0) as bar:
+        with tqdm(total=steps, desc="train (queued steps)", unit="step", disable=not progress,
+                  mininterval=1.0) as bar:
             def on_step(result: dict[str, Any]) -> None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", version=result['version'], refresh=False)
@@ -77,7 +78,8 @@ def run(settings: Settings, *, model: str = "seed-linear", epochs: int = 10, bat
                          on_step=on_step)
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        with tqdm(total=N_TEST, desc="predict (queued requests)", unit="req", disable=not progress, mininterval=1.0) as bar:
+        with tqdm(total=N_TEST, desc="predict (queued requests)", unit="req", disable=not progress,
+                  mininterval=1.0) as bar:
             results = client.predict_bulk(model, x_test.tolist(), on_result=lambda _: bar.update(1))
         predict_seconds = time.perf_counter() - started
     finally:

@@ -72,7 +72,11 @@ class WorkerProcess:
                                      start_new_session=True)
         log.close()
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.kill()  # never leave a half-started worker behind
+                raise
         return self
 
     @property

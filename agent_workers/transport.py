@@ -2,10 +2,15 @@
 
 kombu's Redis transport issues one ``BRPOP`` per message and then one pipeline per message to record it as
 unacknowledged (the visibility-timeout bookkeeping), so a worker pays two round trips and a loop iteration for every
-message before any work happens. Here the consumer blocks for one message exactly as kombu does (``BLMPOP ...
-COUNT 1``, Redis >= 7.0), then in ONE round trip records it as unacknowledged and runs a Lua script that pops up
-to the rest of the free prefetch window and records those atomically. The crash window is kombu's own (one message
-between its blocking pop and its record), never the whole bulk.
+message before any work happens, and a SIGKILL between the pop and the record loses the message. Here:
+
+* a worker consuming ONE queue (the recommended topology) waits with ``BLMOVE q q RIGHT RIGHT``, which wakes it
+  without removing anything, then a Lua script pops up to the free prefetch window and records every popped message
+  as unacknowledged in the same atomic step: a popped message is never only in flight to this process, so a SIGKILL
+  at any moment loses nothing (the visibility-timeout sweep restores what it had recorded);
+* a worker consuming several queues blocks for one message with ``BLMPOP ... COUNT 1`` (Redis >= 7.0), exactly as
+  kombu's ``BRPOP`` does, and keeps kombu's own one-message window; the rest of the window is popped and recorded
+  atomically by the same script, in the same round trip as that message's record.
 
 Messages on the wire are unchanged: producers keep using the stock transport. Enabled for Redis brokers by
 ``create_app`` (``broker_transport``); falls back to the stock behaviour for a Redis older than 7.0 or with a global
@@ -73,8 +78,16 @@ class Channel(kredis.Channel):
         self._bulk_keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         self._in_poll = self.client.connection
         self._brpop_sent_at = kredis.monotonic()
-        # Block for ONE message, exactly as kombu's BRPOP does (RIGHT: producers LPUSH; keys in priority order).
-        # The rest of the window is popped and recorded atomically by _POP_AND_RECORD in _brpop_read.
+        self._peek = len(queues) == 1
+        if self._peek:
+            # One queue (the recommended topology: a worker per queue): wait WITHOUT popping. BLMOVE from a list to
+            # its own tail leaves it unchanged, and only wakes us; _POP_AND_RECORD then pops and records atomically,
+            # so no message is ever only in flight to this process. Priority sub-lists are swept by that script too.
+            base = self._bulk_keys[0]
+            self.client.connection.send_command("BLMOVE", base, base, "RIGHT", "RIGHT", timeout or 0)
+            return None
+        # Several queues: block for ONE message, exactly as kombu's BRPOP does (keys in priority order), the one
+        # message kombu itself can lose to a SIGKILL; the rest of the window is popped and recorded atomically.
         self.client.connection.send_command("BLMPOP", timeout or 0, len(self._bulk_keys), *self._bulk_keys,
                                             "RIGHT", "COUNT", 1)
         return None
@@ -83,17 +96,23 @@ class Channel(kredis.Channel):
         if not self._can_bulk_pop():
             return bool(super()._brpop_read(**options))
         try:
+            command = "BLMOVE" if self._peek else "BLMPOP"
             try:
-                reply = self.client.parse_response(self.client.connection, "BLMPOP", **options)
+                reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            if not reply:
+            if self._peek:
+                # Woken (or timed out: sweep the priority sub-lists anyway); nothing was popped yet.
+                popped = self._record_and_pop_more([], self._pop_count())
+            else:
+                if not reply:
+                    raise kredis.Empty()
+                dest, items = reply
+                popped = [(bytes_to_str(dest), bytes_to_str(item)) for item in items]
+                popped += self._record_and_pop_more(popped, self._pop_count() - len(popped))
+            if not popped:
                 raise kredis.Empty()
-            dest, items = reply
-            popped = [(bytes_to_str(dest), bytes_to_str(item)) for item in items]
-            more = self._pop_count() - len(popped)
-            popped += self._record_and_pop_more(popped, more)
             for key, text in popped:
                 queue = key.rsplit(self.sep, 1)[0]
                 try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -71,7 +71,7 @@ def test_model_that_raises_on_one_input_is_bisected(broker: str, start_pool) -> 
 def test_expired_request_is_not_computed(pool: Pool) -> None:
     model = unique("lin")
     pool.store.create(model, make_spec("linear", in_features=2))
-    past = datetime.now(timezone.utc) - timedelta(seconds=5)
+    past = datetime.now(UTC) - timedelta(seconds=5)
     handle = pool.client.app.send_task("agent_workers.predict", args=[model, [1.0, 2.0]], expires=past)
     handle.get(timeout=30, propagate=False)
     assert handle.state == "REVOKED"
@@ -138,10 +138,10 @@ def test_no_batch_mixes_parameter_versions_while_training_commits(pool: Pool) ->
 def test_countdown_is_honoured(pool: Pool) -> None:
     model = unique("lin")
     pool.store.create(model, make_spec("linear", in_features=2))
-    sent = datetime.now(timezone.utc)
+    sent = datetime.now(UTC)
     handle = pool.client.app.send_task("agent_workers.predict", args=[model, [1.0, 2.0]], countdown=1.5)
     assert pool.client.wait(handle, 30)["version"] == 0
     from celery.result import AsyncResult
 
     done = AsyncResult(handle.id, app=pool.client.app).date_done
-    assert done is not None and done.replace(tzinfo=timezone.utc) >= sent + timedelta(seconds=1.5)
+    assert done is not None and done.replace(tzinfo=UTC) >= sent + timedelta(seconds=1.5)

@@ -6,8 +6,8 @@ Erlang cookie). The model blocks at a gate (a file) with a batch in hand, so the
 worker holds unacknowledged messages and hundreds more wait in the queue; the gate opens once the broker is back.
 
 The last test kills a worker the moment the broker handed it messages, on both brokers. Nothing may go down
-popped messages with it: on Redis at most the one message of kombu's own blocking-pop window is lost (the rest is
-popped and recorded atomically by transport.py); RabbitMQ requeues everything.
+popped messages with it: on Redis a one-queue worker waits without popping and pops-and-records atomically
+(transport.py); RabbitMQ requeues a closed channel's deliveries.
 
 The worker imports this module as a plugin (``AGENT_WORKERS_PLUGINS``) to get the ``gated`` architecture.
 """
@@ -375,7 +375,7 @@ def consuming(settings: Settings) -> bool:
     if settings.broker_is_redis:
         client = redis.Redis.from_url(settings.broker_url)
         try:
-            return any(c.get("cmd") in ("blmpop", "brpop") and "b" in c.get("flags", "") for c in client.client_list())
+            return any(c.get("cmd") in ("blmove", "blmpop", "brpop") and "b" in c.get("flags", "") for c in client.client_list())
         finally:
             client.close()
     from kombu import Connection
@@ -405,8 +405,8 @@ def test_sigkill_right_after_a_push_leaves_every_message_with_the_broker(broker:
         # will never read them.
         os.killpg(worker.pid, signal.SIGSTOP)
         ids = client.send_predict_bulk(model, [[1.0, 2.0]] * 10)
-        # RabbitMQ pushes the whole prefetch window; Redis answers the worker's pending blocking pop (one message).
-        handed = (lambda: queued(settings) < len(ids)) if settings.broker_is_redis else (lambda: queued(settings) == 0)
+        # RabbitMQ pushes the whole prefetch window; Redis answers the worker's pending blocking wait.
+        handed = (lambda: not consuming(settings)) if settings.broker_is_redis else (lambda: queued(settings) == 0)
         wait_until(handed, 10, "the broker to hand messages to the frozen worker")
         worker.kill()
         assert worker.proc is not None
@@ -414,11 +414,10 @@ def test_sigkill_right_after_a_push_leaves_every_message_with_the_broker(broker:
         missing = len(ids) - len(results(backend, ids))
         assert missing == len(ids), "the frozen worker served requests"
         if settings.broker_is_redis:  # the worker is dead: what the broker holds now is all it will hold
-            # The blocking pop answered into the frozen process can hold one message: kombu's own BRPOP window,
-            # which no multi-queue blocking pop on Redis can close. Everything past it was popped and recorded
-            # atomically (transport.py), so it must still be with the broker.
+            # A one-queue worker waits without popping (BLMOVE to the same list) and pops and records atomically
+            # (transport.py), so the reply that reached the frozen process carried no message away.
             vanished = missing - in_broker(settings)
-            assert vanished <= 1, f"{vanished} of {missing} messages vanished (at most kombu's one is acceptable)"
+            assert vanished == 0, f"{vanished} of {missing} messages vanished"
         else:  # RabbitMQ requeues a closed channel's deliveries asynchronously: poll until they are back
             wait_until(lambda: in_broker(settings) >= missing, 10, f"{missing} messages to be requeued")
     finally:

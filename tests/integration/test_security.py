@@ -56,7 +56,8 @@ def test_cli_creates_a_model_from_safetensors_and_refuses_a_pickle(redis_up: Non
     torch.save(weights, tmp_path / "w.pt")
     runner = CliRunner()
     config = '{"in_features": 3}'
-    ok = runner.invoke(cli, ["models", "create", "good", "--config", config, "--weights", str(tmp_path / "w.safetensors")])
+    ok = runner.invoke(cli, ["models", "create", "good", "--config", config, "--weights",
+                             str(tmp_path / "w.safetensors")])
     assert ok.exit_code == 0, ok.output
     bad = runner.invoke(cli, ["models", "create", "bad", "--config", config, "--weights", str(tmp_path / "w.pt")])
     assert bad.exit_code != 0 and "never loaded" in bad.output

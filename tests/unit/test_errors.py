@@ -50,3 +50,17 @@ def test_public_api_is_pinned() -> None:
         "Settings", "StoreError", "StoreUnavailableError", "VersionConflictError", "architectures", "make_spec",
         "register_architecture", "register_loss",
     ]
+
+
+def test_producers_do_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, agent_workers.client; assert 'torch' not in sys.modules, 'client pulled in torch'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_lazy_names_resolve() -> None:
+    for name in agent_workers.__all__:
+        assert getattr(agent_workers, name) is not None
