@@ -112,9 +112,10 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
     )
     conf.update(extra_conf)
     app.conf.update(conf)
-    from agent_workers.batching import BatcherStep
+    from agent_workers.batching import BatcherStep, QueueDepthStep
 
     app.steps["consumer"].add(BatcherStep)
+    app.steps["consumer"].add(QueueDepthStep)
     app.steps["worker"].add(StartupChecks)
     if quorum:
         app.steps["consumer"].add(DeadLetterQueues)

@@ -619,3 +619,46 @@ class BatcherStep(bootsteps.StartStopStep):
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)
+
+
+QUEUE_DEPTH_INTERVAL = 5.0
+
+
+class QueueDepthStep(bootsteps.StartStopStep):
+    """Consumer bootstep: every few seconds, the depth of each consumed queue into ``agent_workers_queue_depth``.
+
+    Runs on the event loop's timer with the consumer's own channel (one ``LLEN`` per queue and priority on Redis,
+    one passive declare on RabbitMQ), so it costs one round trip per queue every ``QUEUE_DEPTH_INTERVAL`` seconds.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self._tref: Any = None
+
+    def start(self, c: Any) -> None:
+        if getattr(c.app, "settings", None) is None or not c.app.settings.metrics_port:
+            return
+        self._tref = c.timer.call_repeatedly(QUEUE_DEPTH_INTERVAL, self.update, (c,))
+
+    def update(self, c: Any) -> None:
+        try:
+            channel = c.connection.default_channel
+            for queue in c.task_consumer.queues:
+                if hasattr(channel, "_q_for_pri"):
+                    keys = {channel._q_for_pri(queue.name, pri) for pri in channel.priority_steps}
+                    pipe = channel.client.pipeline(transaction=False)
+                    for key in keys:
+                        pipe.llen(key)
+                    depth = sum(pipe.execute())
+                else:
+                    depth = channel.queue_declare(queue.name, passive=True).message_count
+                metrics.QUEUE_DEPTH.labels(queue.name).set(depth)
+        except Exception:  # noqa: BLE001 - a metric must never disturb the consumer
+            log.debug("queue depth update failed", exc_info=True)
+
+    def stop(self, c: Any) -> None:
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None

@@ -69,8 +69,16 @@ def validate_input(spec: ModelSpec, inputs: Any, *, max_elements: int) -> np.nda
     if array.shape != spec.input_shape:
         raise InputError(f"inputs must have shape {list(spec.input_shape)}, got {list(array.shape)}")
     if not np.isfinite(array).all():
+        if _has_null(inputs):  # numpy turns null (None) into NaN: name what was actually sent
+            raise InputError("inputs contain null; every element must be a number")
         raise InputError("inputs contain NaN or infinity")
     return array
+
+
+def _has_null(value: Any) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, (list, tuple)) and any(_has_null(v) for v in value)
 
 
 class InferenceEngine:

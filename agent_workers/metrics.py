@@ -13,6 +13,8 @@ QUEUE_WAIT = Histogram("agent_workers_queue_wait_seconds", "Time a request waite
                        ["model"], buckets=TIME_BUCKETS)
 COMPUTE = Histogram("agent_workers_compute_seconds", "Forward-pass time of a batch", ["model"], buckets=TIME_BUCKETS)
 PARAM_VERSION = Gauge("agent_workers_param_version", "Parameter version being served or trained", ["model"])
+QUEUE_DEPTH = Gauge("agent_workers_queue_depth", "Messages waiting in the broker, per queue this worker consumes",
+                    ["queue"])
 COMMITS = Counter("agent_workers_commits_total", "Training commits by outcome", ["model", "outcome"])
 STALENESS = Histogram("agent_workers_commit_staleness", "Versions between a gradient's read and its commit",
                       ["model"], buckets=(0, 1, 2, 4, 8, 16, 32))

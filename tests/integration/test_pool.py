@@ -77,9 +77,15 @@ def test_train_step_advances_version_and_prediction_uses_new_parameters(pool: Po
         ("not numbers", None, "got str"),
         ([1.0, "x", 3.0], None, "must be numbers"),
         ([1.0, float("nan"), 3.0], None, "NaN"),
+        ([1.0, float("-inf"), 3.0], None, "NaN or infinity"),
+        ([], None, "got length 0"),
+        ({"a": [1, 2, 3]}, None, "got dict"),
+        ([[1.0], [2.0], [3.0]], None, "got [3, 1]"),
+        ([1.0, None, 3.0], None, "inputs contain null"),
         ([1.0, 2.0, 3.0], "no-such-model", "unknown model 'no-such-model'"),
     ],
-    ids=["wrong-length", "string", "string-inside", "nan", "unknown-model"],
+    ids=["wrong-length", "string", "string-inside", "nan", "inf", "empty", "nested-junk", "wrong-shape", "null",
+         "unknown-model"],
 )
 def test_bad_input_fails_alone_and_the_next_request_succeeds(pool: Pool, inputs: object, model: str | None,
                                                               message: str) -> None:
@@ -126,3 +132,45 @@ def test_fit_job_trains_and_reports_progress(pool: Pool) -> None:
     assert result["history"][-1]["loss"] < result["history"][0]["loss"] / 10
     params = pool.store.read(model).parameters()
     np.testing.assert_allclose(params["weight"].numpy(), [[2.0, -1.0]], atol=0.05)
+
+
+def test_unknown_version_and_oversized_message_fail_alone(pool: Pool) -> None:
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=3))
+    with pytest.raises(ModelError, match="has no version 7"):
+        pool.client.wait(pool.client.app.send_task("agent_workers.predict", args=[model, [1.0, 2.0, 3.0], 7]), 30)
+    huge = [0.5] * (pool.settings.max_message_bytes // 4)  # > the byte limit once JSON-encoded
+    with pytest.raises(InputError, match="the limit is"):
+        pool.client.wait(pool.client.app.send_task("agent_workers.predict", args=[model, huge]), 60)
+    assert pool.client.predict(model, [1.0, 2.0, 3.0], timeout=30)["version"] == 0
+
+
+def test_malformed_json_from_a_raw_kombu_producer_fails_alone(pool: Pool) -> None:
+    from celery.result import AsyncResult
+    from kombu import Connection, Exchange, Producer
+
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=3))
+    task_id = unique("raw")
+    queue = pool.settings.inference_queue
+    with Connection(pool.settings.broker_url) as conn:
+        Producer(conn.default_channel).publish(
+            b'[["m", [1, 2, 3]], {"oops": ', content_type="application/json", content_encoding="utf-8",
+            exchange=Exchange(queue, type="direct"), routing_key=queue, declare=[], retry=True,
+            headers={"task": "agent_workers.predict", "id": task_id, "lang": "py"})
+    with pytest.raises(InputError, match="cannot decode message"):
+        pool.client.wait(AsyncResult(task_id, app=pool.client.app), 30)
+    assert pool.client.predict(model, [1.0, 2.0, 3.0], timeout=30)["version"] == 0
+
+
+def test_queue_depth_is_exported(pool: Pool) -> None:
+    import time
+
+    import requests
+
+    wanted = f'agent_workers_queue_depth{{queue="{pool.settings.inference_queue}"}}'
+    deadline = time.monotonic() + 30
+    while wanted not in requests.get(f"http://127.0.0.1:{pool.metrics_port}/metrics", timeout=5).text:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{wanted} never appeared")
+        time.sleep(0.2)

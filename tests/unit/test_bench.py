@@ -139,6 +139,14 @@ def test_check_targets_computes_the_ratios_and_verdicts() -> None:
     assert checks["redis/mlp p99 at half saturation (ms)"].met is False
 
 
+def test_open_loop_checks_name_the_rate_they_were_run_at() -> None:
+    opens = [{"broker": "redis", "workload": "mlp", "p99_ms": 30.0, "bound_ms": 21.0, "open_basis": "drain"},
+             {"broker": "redis", "workload": "mlp", "p99_ms": 12.0, "bound_ms": 20.0, "open_basis": "closed-loop max"}]
+    checks = [(c.what, c.met) for c in bench.check_targets([], {}, opens)]
+    assert checks == [("redis/mlp p99 at half saturation (ms)", False),
+                      ("redis/mlp p99 at half saturation (ms, half the closed-loop max rate)", True)]
+
+
 def test_check_targets_falls_back_to_the_raw_sweep_when_a_drain_has_no_paired_raw() -> None:
     checks = bench.check_targets([_drain("ours", 450.0, workload="heavy")], {"heavy": {"64": 500.0}}, [])
     assert [(c.what, c.measured) for c in checks] == [("redis/heavy end-to-end / raw torch", 0.9)]
