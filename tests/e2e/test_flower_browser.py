@@ -101,7 +101,11 @@ def test_flower_shows_the_worker_online_and_a_finished_predict(pool: Pool, flowe
     WORKERS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(WORKERS_SCREENSHOT))
 
-    browser.get(f"{flower.url}/tasks?worker={node}")  # Flower turns this into the search "worker:<node>"
+    # Flower pages its task table (15 rows) and the shared worker has served other tests' requests: search for ours.
+    browser.get(f"{flower.url}/tasks")
+    wait_page(browser, lambda d: d.find_elements("css selector", "#tasks-table_filter input"), "the task search box",
+              "tasks-table")
+    browser.find_element("css selector", "#tasks-table_filter input").send_keys(task_id)
 
     def predict_row_succeeded(driver: Any) -> bool:
         return any(task_id in row and "agent_workers.predict" in row and "SUCCESS" in row
