@@ -375,7 +375,8 @@ def consuming(settings: Settings) -> bool:
     if settings.broker_is_redis:
         client = redis.Redis.from_url(settings.broker_url)
         try:
-            return any(c.get("cmd") in ("blmove", "blmpop", "brpop") and "b" in c.get("flags", "") for c in client.client_list())
+            return any(c.get("cmd") in ("blmove", "blmpop", "brpop") and "b" in c.get("flags", "")
+                       for c in client.client_list())
         finally:
             client.close()
     from kombu import Connection
