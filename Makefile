@@ -31,8 +31,7 @@ bench: $(STAMP)
 	$(VENV)/bin/agent-workers bench
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check agent_workers tasks tests
-	$(VENV)/bin/ruff format --check agent_workers tasks tests
+	$(VENV)/bin/ruff check agent_workers tasks tests scripts
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format agent_workers tasks tests

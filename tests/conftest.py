@@ -12,9 +12,11 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 import redis
 import requests
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent_workers.client import Client
@@ -159,6 +161,15 @@ def pool(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool
     yield p
     worker.stop()
     _cleanup(settings)
+
+
+def reference(pool: Pool, model: str, rows: np.ndarray, version: int | None = None) -> np.ndarray:
+    """What torch computes locally with the stored parameters of ``version`` (the ground truth for outputs)."""
+    snap = pool.store.read(model, version)
+    module = pool.store.spec(model, snap.epoch).build()
+    module.load_state_dict(snap.parameters())
+    with torch.no_grad():
+        return module(torch.from_numpy(rows.astype(np.float32))).numpy()
 
 
 def unique(prefix: str = "m") -> str:

@@ -7,22 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
-import torch
 from kombu import Connection, Exchange, Producer
 
 from agent_workers.errors import InputError
 from agent_workers.models import make_spec
-from tests.conftest import Pool, unique
+from tests.conftest import Pool, reference, unique
 
 pytestmark = pytest.mark.integration
-
-
-def reference(pool: Pool, model: str, rows: np.ndarray, version: int | None = None) -> np.ndarray:
-    snap = pool.store.read(model, version)
-    module = pool.store.spec(model, snap.epoch).build()
-    module.load_state_dict(snap.parameters())
-    with torch.no_grad():
-        return module(torch.from_numpy(rows.astype(np.float32))).numpy()
 
 
 def test_batches_form_and_one_bad_input_among_63_fails_alone(broker: str, start_pool) -> None:

@@ -9,23 +9,13 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from agent_workers.errors import InputError, ModelError
 from agent_workers.models import make_spec
-from tests.conftest import Pool, unique
+from tests.conftest import Pool, reference, unique
 
 pytestmark = pytest.mark.integration
-
-
-def reference(pool: Pool, model: str, rows: np.ndarray, version: int | None = None) -> np.ndarray:
-    """What torch computes locally with the stored parameters of ``version``."""
-    snap = pool.store.read(model, version)
-    module = pool.store.spec(model, snap.epoch).build()
-    module.load_state_dict(snap.parameters())
-    with torch.no_grad():
-        return module(torch.from_numpy(rows.astype(np.float32))).numpy()
 
 
 BARE_PRODUCER = textwrap.dedent(
