@@ -437,9 +437,8 @@ class Batcher:
         for start in range(0, len(valid), size):
             chunk = valid[start : start + size]
             started = time.monotonic()
-            if self.track_started:  # Flower needs only received + succeeded/failed (with runtime) per request
-                for req, _ in chunk:
-                    self._event("task-started", req)
+            for req, _ in chunk:  # Flower shows received / started / succeeded times per request
+                self._event("task-started", req)
             results = self.engine.run_batch_arrays(loaded, [a for _, a in chunk])
             elapsed = time.monotonic() - started
             self.policy.observe(len(chunk), elapsed)
