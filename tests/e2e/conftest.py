@@ -42,7 +42,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, *, interval: f
             return last
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
-        time.sleep(interval)
+        time.sleep(interval)  # noqa: sleep-ok - poll interval of a deadline-bounded wait
 
 
 @dataclasses.dataclass

@@ -167,7 +167,7 @@ def stop_honcho(proc: subprocess.Popen[bytes], log_path: Path) -> None:
     children = started_pids(log_path)
     deadline = time.monotonic() + STOP_TIMEOUT
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.1)  # noqa: sleep-ok - poll interval of a deadline-bounded wait
     for pid in children:
         if _alive(pid):
             os.killpg(pid, signal.SIGKILL)

@@ -135,4 +135,5 @@ def test_countdown_is_honoured(pool: Pool) -> None:
     from celery.result import AsyncResult
 
     done = AsyncResult(handle.id, app=pool.client.app).date_done
-    assert done is not None and done.replace(tzinfo=UTC) >= sent + timedelta(seconds=1.5)
+    eta = sent + timedelta(seconds=1.5)  # served no earlier than its countdown (a semantic, not a speed, check)
+    assert done is not None and done.replace(tzinfo=UTC) >= eta

@@ -63,7 +63,7 @@ class Gated(torch.nn.Module):
             Path(f"{self.gate}.reached").touch()
             deadline = time.monotonic() + GATE_LIMIT
             while not self.gate.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)  # the model under test waiting for its gate, not test synchronisation
+                time.sleep(0.01)  # noqa: sleep-ok - the model under test waiting for its gate, not test synchronisation
         return x.sum(dim=1, keepdim=True) * self.scale
 
 
@@ -146,7 +146,7 @@ class LocalRabbitMQ:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"RabbitMQ node {self.node} did not start:\n{self.log()[-3000:]}")
-            time.sleep(0.2)
+            time.sleep(0.2)  # noqa: sleep-ok - poll interval of a deadline-bounded wait
         check = self.ctl("await_startup", "--timeout", str(max(1, int(deadline - time.monotonic()))))
         if check.returncode != 0:
             raise RuntimeError(f"rabbitmqctl await_startup failed: {check.stdout}{check.stderr}")
@@ -219,7 +219,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, worker:
         if time.monotonic() > deadline:
             tail = f"\nworker log:\n{worker.log()[-3000:]}" if worker is not None else ""
             pytest.fail(f"timed out after {timeout}s waiting for {what}{tail}")
-        time.sleep(0.05)
+        time.sleep(0.05)  # noqa: sleep-ok - poll interval of a deadline-bounded wait
 
 
 def results(backend: redis.Redis, ids: list[str]) -> dict[str, dict[str, Any]]:

@@ -41,7 +41,7 @@ def wait_until(condition, timeout: float, what: str) -> None:
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.05)  # noqa: sleep-ok - poll interval of a deadline-bounded wait
 
 
 def test_sigkill_mid_load_loses_nothing(broker: str, start_pool) -> None:
@@ -98,7 +98,7 @@ def test_poison_request_fails_alone_after_bounded_attempts(broker: str, start_po
             restarts += 1
             assert restarts <= 3, "the poison request keeps crashing workers: a redelivery loop"
             pool.worker.start()
-        time.sleep(0.05)
+        time.sleep(0.05)  # noqa: sleep-ok - poll interval of a deadline-bounded wait
     with pytest.raises(ModelError, match="poison message"):
         pool.client.wait(handles[7], 5)
     for i, handle in enumerate(handles):

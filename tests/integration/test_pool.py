@@ -163,4 +163,4 @@ def test_queue_depth_is_exported(pool: Pool) -> None:
     while wanted not in requests.get(f"http://127.0.0.1:{pool.metrics_port}/metrics", timeout=5).text:
         if time.monotonic() > deadline:
             pytest.fail(f"{wanted} never appeared")
-        time.sleep(0.2)
+        time.sleep(0.2)  # noqa: sleep-ok - poll interval of a deadline-bounded wait

@@ -117,7 +117,7 @@ def _wait_for(check: callable, timeout: float = 15.0) -> None:
             pass
         if time.monotonic() > deadline:
             raise TimeoutError("server did not come up")
-        time.sleep(0.05)
+        time.sleep(0.05)  # noqa: sleep-ok - poll interval of a deadline-bounded wait
 
 
 def test_tls_redis_serves_broker_backend_and_params(redis_up: None, start_pool, tmp_path: Path) -> None:

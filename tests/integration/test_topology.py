@@ -286,7 +286,7 @@ def _get(channel: Any, queue: str, timeout: float = 2.0) -> Any:
         message = channel.basic_get(queue, no_ack=False)
         if message is not None:
             return message
-        time.sleep(0.02)
+        time.sleep(0.02)  # noqa: sleep-ok - poll interval of a deadline-bounded wait
     return None
 
 
