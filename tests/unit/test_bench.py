@@ -46,11 +46,11 @@ def test_latency_summary_reports_milliseconds() -> None:
 
 
 def test_cdf_points_run_from_min_to_max_and_never_fall() -> None:
-    seconds = np.random.default_rng(2).exponential(0.01, 500).tolist()
-    points = bench.cdf_points(seconds, points=50)
+    latencies = np.random.default_rng(2).exponential(0.01, 500).tolist()  # synthetic samples: pure maths
+    points = bench.cdf_points(latencies, points=50)
     assert len(points) == 50
-    assert points[0] == (pytest.approx(min(seconds) * 1000), 0.0)
-    assert points[-1] == (pytest.approx(max(seconds) * 1000), 1.0)
+    assert points[0] == (pytest.approx(min(latencies) * 1000), 0.0)
+    assert points[-1] == (pytest.approx(max(latencies) * 1000), 1.0)
     assert all(a[0] <= b[0] and a[1] < b[1] for a, b in zip(points, points[1:], strict=False))
 
 
@@ -63,8 +63,8 @@ def test_ratio_is_none_when_it_cannot_be_computed(num: float | None, den: float 
 
 def test_drain_rate_counts_from_the_first_stored_batch_to_the_last_result() -> None:
     # a first batch of 3 at t=100, then 4 more results over 2 seconds: 4 requests / 2 s
-    rate, seconds, counted = bench.drain_rate([100.0, 100.0, 100.0, 101.0, 101.5, 102.0, 101.0])
-    assert (rate, seconds, counted) == (2.0, 2.0, 4)
+    rate, span, counted = bench.drain_rate([100.0, 100.0, 100.0, 101.0, 101.5, 102.0, 101.0])
+    assert (rate, span, counted) == (2.0, 2.0, 4)
 
 
 @pytest.mark.parametrize("times", [[], [5.0], [5.0, 5.0, 5.0]])
