@@ -15,9 +15,7 @@ from agent_workers.config import Settings
 from agent_workers.datasets import DatasetStore
 from agent_workers.errors import ConfigError
 from agent_workers.inference import InferenceEngine
-from agent_workers.keys import Keys
 from agent_workers.params import RedisParamStore
-from agent_workers.redis_clients import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +47,7 @@ class WorkerApp(Celery):
 
     @cached_property
     def datasets(self) -> DatasetStore:
-        client = redis_client(self.settings.params_url, sentinel_master=self.settings.sentinel_master)
-        return DatasetStore(client=client, keys=Keys(self.settings.namespace))
+        return DatasetStore.from_settings(self.settings)
 
     @cached_property
     def engine(self) -> InferenceEngine:

@@ -215,17 +215,16 @@ class ResultWriter:
 
 def ack_all(messages: list[Any]) -> None:
     """Acknowledge many messages; on Redis in one pipelined round trip instead of one per message."""
-    redis_msgs = [m for m in messages if isinstance(getattr(m.channel, "qos", None), virtual.QoS)
-                  and hasattr(m.channel.qos, "_remove_from_indices")]
+    by_qos: dict[int, list[Any]] = {}
     for m in messages:
-        if m not in redis_msgs and not m.acknowledged:
+        qos = getattr(m.channel, "qos", None)
+        if isinstance(qos, virtual.QoS) and hasattr(qos, "_remove_from_indices"):
+            by_qos.setdefault(id(qos), []).append(m)
+        elif not m.acknowledged:
             try:
                 m.ack()
             except Exception:  # noqa: BLE001 - channel gone: the broker redelivers it
                 log.warning("ack of %s failed; the broker will redeliver it", m.delivery_tag, exc_info=True)
-    by_qos: dict[int, list[Any]] = {}
-    for m in redis_msgs:
-        by_qos.setdefault(id(m.channel.qos), []).append(m)
     for group in by_qos.values():
         qos = group[0].channel.qos
         try:
@@ -263,7 +262,6 @@ class Batcher:
         self.pending: list[Pending] = []
         self._metric_cache: dict[str, _ModelMetrics] = {}
         self._tref: Any = None
-        self.stats = {"batches": 0, "requests": 0}
         self.max_message_bytes = app.settings.max_message_bytes
         self.track_started = app.settings.track_started
 
@@ -456,7 +454,6 @@ class Batcher:
                                              # float64 prints exactly as json prints float(float32):
                                              # the same digits as every other path (predict_many, eager)
                                              "outputs": value.astype(np.float64)}, elapsed))
-            self.stats["batches"] += 1
         return outcomes
 
     def _retry_or_fail(self, req: Pending, exc: Exception) -> Outcome:
@@ -475,7 +472,6 @@ class Batcher:
             log.exception("storing %d results failed; their messages are not acknowledged", len(outcomes))
             return
         ack_all([o.request.message for o in outcomes])
-        self.stats["requests"] += len(outcomes)
         counts: dict[tuple[str, str], int] = {}
         for o in outcomes:
             model = o.request.kwargs.get("model") or (o.request.args[0] if o.request.args else "?")
@@ -594,11 +590,6 @@ def batch_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callabl
     batcher = Batcher(task=task, app=app, consumer=consumer, engine=app.engine, policy=BatchPolicy(settings.batch))
     _live[id(app)] = batcher
     return batcher.on_message
-
-
-def live_batcher(app: Any) -> Batcher | None:
-    """The batcher serving ``app`` in this process, if any (for inspect and tests)."""
-    return _live.get(id(app))
 
 
 class BatcherStep(bootsteps.StartStopStep):

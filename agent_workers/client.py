@@ -306,6 +306,46 @@ class _Publisher:
             self._redis.close()
 
 
+class _Collection:
+    """What one wait for many results knows, shared by the blocking and the asyncio loop: which keys are still
+    pending, which subscriptions are unconfirmed, and the metas found so far (in id order)."""
+
+    def __init__(self, prefix: str, ids: Sequence[str],
+                 on_ready: Callable[[int, dict[str, Any]], None] | None = None) -> None:
+        self.ids = ids
+        self.index = {prefix + task_id: i for i, task_id in enumerate(ids)}
+        self.metas: list[dict[str, Any] | None] = [None] * len(ids)
+        self.pending = set(self.index)
+        self.unconfirmed: set[str] = set()
+        self.on_ready = on_ready
+
+    def take(self, key: str, raw: Any) -> None:
+        """Record a stored or published result record if it is final."""
+        if raw is None or key not in self.pending:
+            return
+        meta = json.loads(raw)
+        if meta.get("status") in READY_STATES:
+            self.pending.discard(key)
+            self.metas[self.index[key]] = meta
+            if self.on_ready is not None:
+                self.on_ready(self.index[key], meta)
+
+    def on_message(self, message: dict[str, Any]) -> bool:
+        """Handle one pub/sub message; True when every subscription is confirmed and stored results must be read
+        (a result published before we listened is already stored: the backend SETs before it PUBLISHes)."""
+        channel = message["channel"].decode()
+        if message["type"] == "message":
+            self.take(channel, message["data"])
+        elif message["type"] == "subscribe" and self.unconfirmed:
+            self.unconfirmed.discard(channel)
+            return not self.unconfirmed
+        return False
+
+    def check_deadline(self, now: float, deadline: float, timeout: float) -> None:
+        if now >= deadline:
+            raise ResultTimeout(f"{len(self.pending)} of {len(self.ids)} results not ready after {timeout:g}s")
+
+
 class _Results:
     """Reads many results from the Redis result backend: one subscription, one MGET, then pub/sub messages.
 
@@ -338,66 +378,46 @@ class _Results:
             ResultTimeout: some results were not ready within ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
-        index = {self.prefix + task_id: i for i, task_id in enumerate(ids)}
-        metas: list[dict[str, Any] | None] = [None] * len(ids)
-        pending = set(index)
-        unconfirmed: set[str] = set()
-
-        def take(key: str, raw: Any) -> None:
-            if raw is None or key not in pending:
-                return
-            meta = json.loads(raw)
-            if meta.get("status") in READY_STATES:
-                pending.discard(key)
-                metas[index[key]] = meta
-                if on_ready is not None:
-                    on_ready(index[key], meta)
+        state = _Collection(self.prefix, ids, on_ready)
 
         def read_stored() -> None:
-            keys = list(pending)
+            keys = list(state.pending)
             for start in range(0, len(keys), SUBSCRIBE_CHUNK):
                 chunk = keys[start : start + SUBSCRIBE_CHUNK]
                 for key, raw in zip(chunk, self.redis.mget(chunk), strict=True):
-                    take(key, raw)
+                    state.take(key, raw)
 
         def subscribe(keys: list[str]) -> None:
-            unconfirmed.update(keys)
+            state.unconfirmed.update(keys)
             for start in range(0, len(keys), SUBSCRIBE_CHUNK):
                 ps.subscribe(*keys[start : start + SUBSCRIBE_CHUNK])
 
         ps = self._pubsub()
-        keys = list(index)
+        keys = list(state.index)
         resync = time.monotonic() + RESYNC_INTERVAL
         try:
             subscribe(keys)
-            while pending:
+            while state.pending:
                 now = time.monotonic()
-                if now >= deadline:
-                    raise ResultTimeout(f"{len(pending)} of {len(ids)} results not ready after {timeout:g}s")
+                state.check_deadline(now, deadline, timeout)
                 try:
                     message = ps.get_message(timeout=min(deadline, resync) - now)
                 except (redis.ConnectionError, redis.TimeoutError):
                     if time.monotonic() >= deadline:
                         raise
                     ps.reset()  # Redis went away: listen again on a fresh connection, then re-read
-                    unconfirmed.clear()
-                    subscribe(list(pending))
+                    state.unconfirmed.clear()
+                    subscribe(list(state.pending))
                     continue
                 if message is None:
                     if time.monotonic() >= resync:
                         read_stored()
                         resync = time.monotonic() + RESYNC_INTERVAL
-                    continue
-                channel = message["channel"].decode()
-                if message["type"] == "message":
-                    take(channel, message["data"])
-                elif message["type"] == "subscribe" and unconfirmed:
-                    unconfirmed.discard(channel)
-                    if not unconfirmed:
-                        read_stored()
+                elif state.on_message(message):
+                    read_stored()
         finally:
             self._unsubscribe(ps, keys)
-        return metas  # type: ignore[return-value]
+        return state.metas  # type: ignore[return-value]
 
     def _unsubscribe(self, ps: Any, keys: list[str]) -> None:
         try:
@@ -410,47 +430,31 @@ class _Results:
         """asyncio form of :meth:`collect` (redis.asyncio; no thread per waiting request)."""
         client = self._async_client()
         deadline = time.monotonic() + timeout
-        index = {self.prefix + task_id: i for i, task_id in enumerate(ids)}
-        metas: list[dict[str, Any] | None] = [None] * len(ids)
-        pending = set(index)
-        unconfirmed = set(index)
-
-        def take(key: str, raw: Any) -> None:
-            if raw is not None and key in pending:
-                meta = json.loads(raw)
-                if meta.get("status") in READY_STATES:
-                    pending.discard(key)
-                    metas[index[key]] = meta
+        state = _Collection(self.prefix, ids)
+        state.unconfirmed.update(state.index)
 
         async def read_stored() -> None:
-            keys = list(pending)
+            keys = list(state.pending)
             for key, raw in zip(keys, await client.mget(keys), strict=True):
-                take(key, raw)
+                state.take(key, raw)
 
         ps = client.pubsub()
         try:
-            await ps.subscribe(*index)
+            await ps.subscribe(*state.index)
             resync = time.monotonic() + RESYNC_INTERVAL
-            while pending:
+            while state.pending:
                 now = time.monotonic()
-                if now >= deadline:
-                    raise ResultTimeout(f"{len(pending)} of {len(ids)} results not ready after {timeout:g}s")
+                state.check_deadline(now, deadline, timeout)
                 message = await ps.get_message(timeout=min(deadline, resync) - now)
                 if message is None:
                     if time.monotonic() >= resync:
                         await read_stored()
                         resync = time.monotonic() + RESYNC_INTERVAL
-                    continue
-                channel = message["channel"].decode()
-                if message["type"] == "message":
-                    take(channel, message["data"])
-                elif message["type"] == "subscribe" and unconfirmed:
-                    unconfirmed.discard(channel)
-                    if not unconfirmed:
-                        await read_stored()
+                elif state.on_message(message):
+                    await read_stored()
         finally:
             await ps.aclose()
-        return metas  # type: ignore[return-value]
+        return state.metas  # type: ignore[return-value]
 
     def _async_client(self) -> Any:
         """One redis.asyncio client per event loop (a client is bound to the loop that created it)."""

@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import redis
 
+from agent_workers.config import Settings
 from agent_workers.errors import InputError
 from agent_workers.keys import Keys
+from agent_workers.redis_clients import redis_client
 
 DEFAULT_TTL = 7 * 24 * 3600
 CACHE_SIZE = 8
@@ -41,6 +43,12 @@ class DatasetStore:
         self.keys = keys
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()  # pool threads share one store
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DatasetStore:
+        """A store on ``settings.params_url`` in ``settings.namespace``."""
+        return cls(client=redis_client(settings.params_url, sentinel_master=settings.sentinel_master),
+                   keys=Keys(settings.namespace))
 
     def upload(self, x: np.ndarray, y: np.ndarray, *, dataset_id: str | None = None, ttl: int = DEFAULT_TTL) -> str:
         """Store ``x`` (rows × features) and ``y`` (one target per row); returns the dataset id."""

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from agent_workers.client import Client
 from agent_workers.config import Settings
+from agent_workers.datasets import DatasetStore
 from agent_workers.models import make_spec
 from agent_workers.params import RedisParamStore
 from agent_workers.supervisor import WorkerProcess, ensure_redis
@@ -63,9 +64,7 @@ def run(settings: Settings, *, model: str = "seed-linear", epochs: int = 10, bat
         worker.start()
         print(f"worker {worker.hostname} ready")
     try:
-        from agent_workers.app import create_app
-
-        dataset = create_app(settings).datasets.upload(x_train, y_train.reshape(-1, 1))
+        dataset = DatasetStore.from_settings(settings).upload(x_train, y_train.reshape(-1, 1))
         steps = epochs * -(-len(x_train) // batch_size)
         started = time.perf_counter()
         with tqdm(total=steps, desc="train (queued steps)", unit="step", disable=not progress,

@@ -19,6 +19,7 @@ import redis
 
 from agent_workers.config import Settings
 from agent_workers.errors import ConfigError
+from agent_workers.redis_clients import redis_client
 
 READY_TIMEOUT = 90.0
 
@@ -124,8 +125,8 @@ class WorkerProcess:
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
     """True when the Redis at ``url`` answers PING."""
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return bool(redis_client(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
+    except (redis.ConnectionError, redis.TimeoutError, OSError, ConfigError):
         return False
 
 

@@ -19,9 +19,10 @@ import redis
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from agent_workers.app import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP, create_app
+from agent_workers.app import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP
 from agent_workers.client import ResultTimeout, bench
 from agent_workers.control import inspect_models
+from agent_workers.datasets import DatasetStore
 from agent_workers.errors import InputError, ModelError
 from agent_workers.models import make_spec
 from agent_workers.supervisor import settings_env
@@ -113,7 +114,7 @@ def test_schemas_refuse_requests_that_workers_refuse(task: str, request_: dict[s
 def test_documented_example_requests_are_served_and_results_validate(pool: Pool) -> None:
     pool.store.create(EXAMPLE_MODEL, make_spec("linear", in_features=3), seed=11, replace=True)
     rng = np.random.default_rng(0)
-    create_app(pool.settings).datasets.upload(rng.standard_normal((8, 3)), rng.standard_normal((8, 1)),
+    DatasetStore.from_settings(pool.settings).upload(rng.standard_normal((8, 3)), rng.standard_normal((8, 1)),
                                               dataset_id=EXAMPLE_DATASET)
     schemas, _ = contract()
     for task in TASKS:  # inference first: the examples pin version 0, before training moves the model on
@@ -132,7 +133,7 @@ def test_documented_example_requests_are_served_and_results_validate(pool: Pool)
 def test_fit_progress_meta_follows_its_schema(pool: Pool) -> None:
     model = unique("lin")
     pool.store.create(model, make_spec("linear", in_features=2))
-    dataset = create_app(pool.settings).datasets.upload(np.ones((40, 2)), np.ones((40, 1)))
+    dataset = DatasetStore.from_settings(pool.settings).upload(np.ones((40, 2)), np.ones((40, 1)))
     task_id = str(uuid.uuid4())
     seen: list[dict[str, Any]] = []
     pubsub = redis.Redis.from_url(pool.settings.result_backend).pubsub()

@@ -106,13 +106,13 @@ def test_predict_many_names_the_bad_example(pool: Pool) -> None:
 
 
 def test_fit_job_trains_and_reports_progress(pool: Pool) -> None:
-    from agent_workers.app import create_app
+    from agent_workers.datasets import DatasetStore
 
     model = unique("lin")
     pool.store.create(model, make_spec("linear", in_features=2))
     x = np.random.default_rng(2).standard_normal((200, 2)).astype(np.float32)
     y = (x @ np.array([[2.0], [-1.0]], dtype=np.float32)) + 0.5
-    dataset = create_app(pool.settings).datasets.upload(x, y)
+    dataset = DatasetStore.from_settings(pool.settings).upload(x, y)
     handle = pool.client.send_fit(model, dataset, epochs=5, batch_size=20, hparams={"lr": 0.1})
     try:
         result = pool.client.wait(handle, timeout=120)
