@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench lint format soak clean
+.PHONY: install demo test test-fast node-modules bench lint format soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,8 +21,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/agent-workers demo
 
-test: $(STAMP)
+test: $(STAMP) node-modules
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+		echo "note: the browser test is skipped without Chromium: sudo apt-get install chromium chromium-driver"
+	@command -v docker-compose >/dev/null 2>&1 || \
+		echo "note: the compose check is skipped without docker-compose: sudo apt-get install docker-compose"
 	$(PY) -m pytest
+
+# The Node.js producer test needs examples/node's modules: installed here when Node is present and they are missing.
+node-modules:
+	@if command -v npm >/dev/null 2>&1 && [ ! -d examples/node/node_modules/celery-ts ]; then \
+		(cd examples/node && npm ci --no-audit --no-fund --loglevel=error); \
+	elif ! command -v npm >/dev/null 2>&1; then \
+		echo "note: the Node.js producer test is skipped without Node.js (https://nodejs.org, or apt-get install nodejs npm)"; \
+	fi
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit
@@ -32,10 +44,11 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check agent_workers tasks tests scripts
+	$(VENV)/bin/ruff format --check agent_workers tasks tests scripts
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format agent_workers tasks tests
-	$(VENV)/bin/ruff check --fix agent_workers tasks tests
+	$(VENV)/bin/ruff format agent_workers tasks tests scripts
+	$(VENV)/bin/ruff check --fix agent_workers tasks tests scripts
 
 soak: $(STAMP)
 	$(VENV)/bin/agent-workers soak

@@ -186,9 +186,7 @@ class Settings:
             ConfigError: naming the variable to change.
         """
         if not _valid_device(self.device):
-            raise ConfigError(
-                f"AGENT_WORKERS_DEVICE={self.device!r} is not a device; use auto, cpu, cuda or cuda:N"
-            )
+            raise ConfigError(f"AGENT_WORKERS_DEVICE={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         if self.broker_is_redis and self.visibility_timeout <= self.task_time_limit:
             raise ConfigError(
                 f"AGENT_WORKERS_VISIBILITY_TIMEOUT={self.visibility_timeout}s must exceed "
@@ -204,8 +202,11 @@ class Settings:
                 "AGENT_WORKERS_QUEUE_TYPE=quorum needs a RabbitMQ broker (amqp://); quorum queues are a RabbitMQ "
                 "feature. Unset it or point AGENT_WORKERS_BROKER_URL at RabbitMQ"
             )
-        for name, url in (("BROKER_URL", self.broker_url), ("RESULT_BACKEND", self.result_backend),
-                          ("PARAMS_URL", self.params_url)):
+        for name, url in (
+            ("BROKER_URL", self.broker_url),
+            ("RESULT_BACKEND", self.result_backend),
+            ("PARAMS_URL", self.params_url),
+        ):
             problem = sentinel_url_problem(url)
             if problem:
                 raise ConfigError(f"AGENT_WORKERS_{name}: {problem}")
@@ -214,10 +215,41 @@ class Settings:
                 f"AGENT_WORKERS_NAMESPACE={self.namespace!r} must be letters, digits, '-' or '_' (it prefixes keys)"
             )
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``AGENT_WORKERS_*`` variables: ``Settings.from_env(s.to_env()) == s``.
+
+        How tools hand their settings to the worker processes they start.
+        """
+        env: dict[str, str] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "batch":
+                env.update({PREFIX + name: _env_value(getattr(value, attr)) for attr, name in _BATCH_VARIABLES.items()})
+            else:
+                env[PREFIX + field.name.upper()] = _env_value(value)
+        return env
+
     @property
     def broker_is_redis(self) -> bool:
         """True when the broker is Redis (visibility timeout applies)."""
         return urlparse(self.broker_url).scheme in _REDIS_SCHEMES
+
+
+#: BatchSettings attribute -> variable name (without the prefix).
+_BATCH_VARIABLES = {
+    "max_batch_size": "MAX_BATCH_SIZE",
+    "max_wait_ms": "MAX_WAIT_MS",
+    "mode": "BATCH_MODE",
+    "latency_target_ms": "LATENCY_TARGET_MS",
+}
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
 
 
 def sentinel_url_problem(url: str) -> str | None:
@@ -233,11 +265,15 @@ def sentinel_url_problem(url: str) -> str | None:
     for part in parts:
         if part.scheme != "sentinel" or not part.hostname:
             return "every ';'-separated part of a Sentinel URL must be sentinel://host:port"
-        if ((part.path.strip("/") and part.path.strip("/") != first.path.strip("/"))
-                or (part.password and part.password != first.password)
-                or (part.username and part.username != first.username)):
-            return ("kombu and Celery take the database and the password of a Sentinel URL from its first part "
-                    "only; write them on the first sentinel (sentinel://:password@host:26379/2;sentinel://host2:26379)")
+        if (
+            (part.path.strip("/") and part.path.strip("/") != first.path.strip("/"))
+            or (part.password and part.password != first.password)
+            or (part.username and part.username != first.username)
+        ):
+            return (
+                "kombu and Celery take the database and the password of a Sentinel URL from its first part "
+                "only; write them on the first sentinel (sentinel://:password@host:26379/2;sentinel://host2:26379)"
+            )
     return None
 
 

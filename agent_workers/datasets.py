@@ -6,6 +6,7 @@ import io
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -47,8 +48,10 @@ class DatasetStore:
     @classmethod
     def from_settings(cls, settings: Settings) -> DatasetStore:
         """A store on ``settings.params_url`` in ``settings.namespace``."""
-        return cls(client=redis_client(settings.params_url, sentinel_master=settings.sentinel_master),
-                   keys=Keys(settings.namespace))
+        return cls(
+            client=redis_client(settings.params_url, sentinel_master=settings.sentinel_master),
+            keys=Keys(settings.namespace),
+        )
 
     def upload(self, x: np.ndarray, y: np.ndarray, *, dataset_id: str | None = None, ttl: int = DEFAULT_TTL) -> str:
         """Store ``x`` (rows × features) and ``y`` (one target per row); returns the dataset id."""
@@ -88,3 +91,16 @@ class DatasetStore:
         if index.ndim != 1 or index.size == 0 or index.min() < 0 or index.max() >= len(x):
             raise InputError(f"rows must be a non-empty list of indices in [0, {len(x)})")
         return x[index], y[index]
+
+
+def epoch_batches(n_rows: int, *, epochs: int, batch_size: int, seed: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The mini-batches of a training run: ``(epoch, step, row indices)``, a fresh permutation per epoch.
+
+    ``fit`` in a worker and ``Client.train`` through the queue walk the same schedule for the same seed.
+    """
+    rng = np.random.default_rng(seed)
+    steps = (n_rows + batch_size - 1) // batch_size
+    for epoch in range(epochs):
+        order = rng.permutation(n_rows)
+        for step in range(steps):
+            yield epoch, step, order[step * batch_size : (step + 1) * batch_size]

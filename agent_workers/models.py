@@ -96,8 +96,9 @@ def build_linear(*, in_features: int, out_features: int = 1) -> torch.nn.Module:
 
 
 @register_architecture("mlp")
-def build_mlp(*, in_features: int, hidden: list[int] | tuple[int, ...] = (256, 256),
-              out_features: int = 10) -> torch.nn.Module:
+def build_mlp(
+    *, in_features: int, hidden: list[int] | tuple[int, ...] = (256, 256), out_features: int = 10
+) -> torch.nn.Module:
     """A ReLU multi-layer perceptron; ``hidden`` gives the widths of the hidden layers."""
     layers: list[torch.nn.Module] = []
     width = in_features

@@ -21,6 +21,8 @@ and its multi-key reads stay within one slot.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -29,7 +31,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from agent_workers.config import DEFAULT_SENTINEL_MASTER, sentinel_url_problem
-from agent_workers.errors import ConfigError
+from agent_workers.errors import ConfigError, StoreUnavailableError
 
 SENTINEL_SCHEMES = frozenset({"sentinel"})
 CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
@@ -40,8 +42,9 @@ DEFAULT_REDIS_PORT = 6379
 __all__ = ["CLUSTER_SCHEMES", "SENTINEL_SCHEMES", "redis_client", "sentinel_hosts"]
 
 
-def redis_client(url: str, *, sentinel_master: str = DEFAULT_SENTINEL_MASTER,
-                 **options: Any) -> redis.Redis | RedisCluster:
+def redis_client(
+    url: str, *, sentinel_master: str = DEFAULT_SENTINEL_MASTER, **options: Any
+) -> redis.Redis | RedisCluster:
     """A redis-py client for ``url`` (any form in the module docstring).
 
     Args:
@@ -63,8 +66,9 @@ def redis_client(url: str, *, sentinel_master: str = DEFAULT_SENTINEL_MASTER,
         return _sentinel_master(url, sentinel_master, options)
     if scheme in CLUSTER_SCHEMES:
         return _cluster(url, options)
-    raise ConfigError(f"{_masked(url)} is not a Redis URL; use redis://, rediss://, unix://, sentinel:// or "
-                      "redis+cluster://")
+    raise ConfigError(
+        f"{_masked(url)} is not a Redis URL; use redis://, rediss://, unix://, sentinel:// or redis+cluster://"
+    )
 
 
 def sentinel_hosts(url: str) -> list[tuple[str, int]]:
@@ -132,3 +136,23 @@ def _masked(url: str) -> str:
     if parsed.password:
         return url.replace(f":{parsed.password}@", ":***@")
     return url
+
+
+def server_version(client: redis.Redis) -> tuple[int, ...]:
+    """The server's version as a tuple, e.g. ``(7, 0, 15)``."""
+    raw = str(client.info("server").get("redis_version", "0"))
+    return tuple(int(p) for p in raw.split(".") if p.isdigit())
+
+
+def glob_escape(text: str) -> str:
+    """Escape Redis glob metacharacters so a key prefix matches only itself."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+@contextlib.contextmanager
+def unavailable(what: str = "parameter store") -> Iterator[None]:
+    """Turn redis connection errors inside the block into :class:`StoreUnavailableError` (transient, retryable)."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StoreUnavailableError(f"{what} unreachable: {exc}") from exc

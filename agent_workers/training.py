@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent_workers import metrics
-from agent_workers.errors import InputError, StoreError
+from agent_workers.blobs import PARAM_PREFIX, Snapshot
+from agent_workers.datasets import epoch_batches
+from agent_workers.errors import InputError, VersionConflictError
 from agent_workers.models import ModelSpec
-from agent_workers.params import PARAM_PREFIX, Outcome, RedisParamStore, Snapshot
+from agent_workers.params import CommitOutcome, RedisParamStore
+from agent_workers.worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +123,9 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _loss(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray,
-          hp: HyperParams) -> tuple[torch.nn.Module, torch.Tensor]:
+def _loss(
+    spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray, hp: HyperParams
+) -> tuple[torch.nn.Module, torch.Tensor]:
     module = spec.build()
     module.load_state_dict(snapshot.parameters())
     module.train()
@@ -136,8 +139,9 @@ def compute_loss(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarr
         return float(_loss(spec, snapshot, x, y, hp)[1])
 
 
-def compute_gradient(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray,
-                     hp: HyperParams) -> tuple[dict[str, torch.Tensor], float]:
+def compute_gradient(
+    spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray, hp: HyperParams
+) -> tuple[dict[str, torch.Tensor], float]:
     """Gradient of the mini-batch loss at ``snapshot``; returns (grads by name, loss).
 
     The L1/L2 terms are not in this gradient: :func:`apply_update` adds them to it (``l2·p`` and
@@ -146,8 +150,10 @@ def compute_gradient(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.n
     module, loss = _loss(spec, snapshot, x, y, hp)
     module.zero_grad()
     loss.backward()
-    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
-             for name, p in module.named_parameters()}
+    grads = {
+        name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+        for name, p in module.named_parameters()
+    }
     return grads, float(loss.detach())
 
 
@@ -214,8 +220,17 @@ class StepResult:
         return dataclasses.asdict(self)
 
 
-def train_step(store: RedisParamStore, model: str, x: Any, y: Any, hp: HyperParams, *, update_id: str,
-               max_staleness: int = 4, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> StepResult:
+def train_step(
+    store: RedisParamStore,
+    model: str,
+    x: Any,
+    y: Any,
+    hp: HyperParams,
+    *,
+    update_id: str,
+    max_staleness: int = 4,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> StepResult:
     """One training step with compare-and-set, bounded staleness and bounded retries (see the module docstring).
 
     Args:
@@ -227,7 +242,7 @@ def train_step(store: RedisParamStore, model: str, x: Any, y: Any, hp: HyperPara
     Raises:
         InputError: x or y malformed.
         ModelError: unknown model, or recreated while the step ran.
-        StoreError: still conflicting after ``max_attempts``.
+        VersionConflictError: still conflicting after ``max_attempts``.
     """
     started = time.perf_counter()
     xa, ya = as_batch(x, y)
@@ -237,15 +252,34 @@ def train_step(store: RedisParamStore, model: str, x: Any, y: Any, hp: HyperPara
             # A redelivery of a step already applied: report it without taking the lock or computing a gradient.
             snapshot = store.read(model)
             loss = compute_loss(store.spec(model, snapshot.epoch), snapshot, xa, ya, hp)
-            metrics.COMMITS.labels(model, Outcome.DUPLICATE.value).inc()
+            metrics.COMMITS.labels(model, CommitOutcome.DUPLICATE.value).inc()
             return StepResult(model, done, loss, 0, 0, True, latency_ms=_ms_since(started))
     with store.exclusive(model):
-        return _optimistic_step(store, model, xa, ya, hp, update_id=update_id, max_staleness=max_staleness,
-                                max_attempts=max_attempts, started=started)
+        return _optimistic_step(
+            store,
+            model,
+            xa,
+            ya,
+            hp,
+            update_id=update_id,
+            max_staleness=max_staleness,
+            max_attempts=max_attempts,
+            started=started,
+        )
 
 
-def _optimistic_step(store: RedisParamStore, model: str, xa: np.ndarray, ya: np.ndarray, hp: HyperParams, *,
-                     update_id: str, max_staleness: int, max_attempts: int, started: float) -> StepResult:
+def _optimistic_step(
+    store: RedisParamStore,
+    model: str,
+    xa: np.ndarray,
+    ya: np.ndarray,
+    hp: HyperParams,
+    *,
+    update_id: str,
+    max_staleness: int,
+    max_attempts: int,
+    started: float,
+) -> StepResult:
     snapshot = store.read(model)
     spec = store.spec(model, snapshot.epoch)
     if xa.shape[1:] != spec.input_shape:
@@ -256,17 +290,23 @@ def _optimistic_step(store: RedisParamStore, model: str, xa: np.ndarray, ya: np.
     for attempt in range(1, max_attempts + 1):
         staleness = snapshot.version - grad_version
         new = apply_update(snapshot, grads, hp)
-        result = store.commit(model, expected=snapshot.version, tensors=new, update_id=update_id,
-                              epoch=snapshot.epoch, info={"loss": loss, "staleness": staleness})
+        result = store.commit(
+            model,
+            expected=snapshot.version,
+            tensors=new,
+            update_id=update_id,
+            epoch=snapshot.epoch,
+            info={"loss": loss, "staleness": staleness},
+        )
         metrics.COMMITS.labels(model, result.outcome.value).inc()
-        if result.outcome is Outcome.COMMITTED:
+        if result.outcome is CommitOutcome.COMMITTED:
             metrics.STALENESS.labels(model).observe(staleness)
             metrics.PARAM_VERSION.labels(model).set(result.version)
-            return StepResult(model, result.version, loss, attempt, staleness, False, conflicts, recomputed,
-                              _ms_since(started))
-        if result.outcome is Outcome.DUPLICATE:
-            return StepResult(model, result.version, loss, attempt, 0, True, conflicts, recomputed,
-                              _ms_since(started))
+            return StepResult(
+                model, result.version, loss, attempt, staleness, False, conflicts, recomputed, _ms_since(started)
+            )
+        if result.outcome is CommitOutcome.DUPLICATE:
+            return StepResult(model, result.version, loss, attempt, 0, True, conflicts, recomputed, _ms_since(started))
         conflicts += 1
         if attempt == max_attempts:
             break
@@ -277,9 +317,81 @@ def _optimistic_step(store: RedisParamStore, model: str, xa: np.ndarray, ya: np.
             grads, loss = compute_gradient(spec, snapshot, xa, ya, hp)
             grad_version = snapshot.version
             recomputed += 1
-    raise StoreError(f"train step on {model!r} still conflicted after {max_attempts} attempts; "
-                     "fewer concurrent trainers, AGENT_WORKERS_COMMIT_MODE=lock or a higher "
-                     "AGENT_WORKERS_MAX_STALENESS help")
+    raise VersionConflictError(
+        f"train step on {model!r} still conflicted after {max_attempts} attempts; "
+        "fewer concurrent trainers, AGENT_WORKERS_COMMIT_MODE=lock or a higher "
+        "AGENT_WORKERS_MAX_STALENESS help",
+        expected=snapshot.version,
+        actual=result.version,
+    )
+
+
+def fit(
+    store: RedisParamStore,
+    model: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    hp: HyperParams,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    update_prefix: str,
+    max_staleness: int = 4,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    progress_every: int = 10,
+) -> dict[str, Any]:
+    """A whole training job in this process: every mini-batch is one :func:`train_step`, committed on its own.
+
+    Each step's update id is ``<update_prefix>:<epoch>:<step>``, so a re-run of the same job (a redelivered
+    ``fit``) skips the steps it already committed.
+
+    Args:
+        on_progress: called every ``progress_every`` steps and after the last with
+            ``{"epoch", "epochs", "step", "steps", "loss", "version"}``.
+
+    Returns:
+        ``{"model", "version", "steps", "history", "conflicts", "recomputed", "duplicates", "max_staleness_seen"}``;
+        ``history`` has one ``{"epoch", "loss", "version"}`` per epoch (the mean mini-batch loss).
+
+    Raises:
+        InputError: ``epochs`` or ``batch_size`` not a positive integer, or bad data.
+    """
+    if not (isinstance(epochs, int) and epochs > 0 and isinstance(batch_size, int) and batch_size > 0):
+        raise InputError("epochs and batch_size must be positive integers")
+    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
+    total = epochs * steps_per_epoch
+    history: list[dict[str, Any]] = []
+    losses: list[float] = []
+    version = -1
+    cost = {"conflicts": 0, "recomputed": 0, "duplicates": 0, "max_staleness_seen": 0}
+    for done, (epoch, step, rows) in enumerate(
+        epoch_batches(len(x), epochs=epochs, batch_size=batch_size, seed=seed), start=1
+    ):
+        result = train_step(
+            store, model, x[rows], y[rows], hp, update_id=f"{update_prefix}:{epoch}:{step}", max_staleness=max_staleness
+        )
+        losses.append(result.loss)
+        version = result.version
+        cost["conflicts"] += result.conflicts
+        cost["recomputed"] += result.recomputed
+        cost["duplicates"] += int(result.duplicate)
+        cost["max_staleness_seen"] = max(cost["max_staleness_seen"], result.staleness)
+        if on_progress is not None and (done % progress_every == 0 or done == total):
+            on_progress(
+                {
+                    "epoch": epoch + 1,
+                    "epochs": epochs,
+                    "step": done,
+                    "steps": total,
+                    "loss": result.loss,
+                    "version": version,
+                }
+            )
+        if step == steps_per_epoch - 1:
+            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "version": version})
+            losses = []
+    return {"model": model, "version": version, "steps": total, "history": history, **cost}
 
 
 def _ms_since(started: float) -> float:

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent_workers.config import Settings  # noqa: E402
-from agent_workers.inference import InferenceEngine, LoadedModel  # noqa: E402
 from agent_workers.models import make_spec, parameter_count  # noqa: E402
+from agent_workers.worker.inference import InferenceEngine, LoadedModel  # noqa: E402
 
 WORKLOADS = {
     "reference-mlp": dict(in_features=64, hidden=[256, 256], out_features=10),
@@ -49,14 +49,20 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-sizes", default="1,8,64,256")
     parser.add_argument("--out", default="docs/benchmarks/gpu.json")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help="comma-separated subset of " + ", ".join(WORKLOADS))
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ", ".join(WORKLOADS)
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here; run with --device cpu for a dry run")
         return 2
-    report: dict = {"device": args.device, "torch": torch.__version__, "host": platform.node(), "checks": {},
-                    "bench": []}
+    report: dict = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "checks": {},
+        "bench": [],
+    }
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name(0)
     for amp in ("off", "bf16", "fp16") if args.device.startswith("cuda") else ("off",):
@@ -79,8 +85,10 @@ def main() -> int:
             report["checks"][f"{name}/amp={amp}/max-rel-err"] = err
             report["checks"][f"{name}/amp={amp}/ok"] = err < tol
             for n in [int(b) for b in args.batch_sizes.split(",")]:
-                rows = [np.random.default_rng(n).standard_normal(config["in_features"]).astype(np.float32).tolist()
-                        for _ in range(n)]
+                rows = [
+                    np.random.default_rng(n).standard_normal(config["in_features"]).astype(np.float32).tolist()
+                    for _ in range(n)
+                ]
                 xb = torch.from_numpy(np.array(rows, dtype=np.float32)).to(engine.device)
                 repeats = 20 if "heavy" in name else 200
 
@@ -93,12 +101,20 @@ def main() -> int:
                     engine.run_batch(loaded, arrays)
 
                 t_raw, t_ours = timed(raw, repeats), timed(ours, repeats)
-                line = {"workload": name, "params": parameter_count(module), "amp": amp, "batch": n,
-                        "raw_examples_per_s": n / t_raw, "engine_examples_per_s": n / t_ours,
-                        "engine_vs_raw": t_raw / t_ours}
+                line = {
+                    "workload": name,
+                    "params": parameter_count(module),
+                    "amp": amp,
+                    "batch": n,
+                    "raw_examples_per_s": n / t_raw,
+                    "engine_examples_per_s": n / t_ours,
+                    "engine_vs_raw": t_raw / t_ours,
+                }
                 report["bench"].append(line)
-                print(f"{name:14s} amp={amp:4s} batch={n:4d}  raw {n / t_raw:12,.0f}/s  engine {n / t_ours:12,.0f}/s"
-                      f"  ({100 * t_raw / t_ours:5.1f}% of raw, includes JSON-list validation and host copies)")
+                print(
+                    f"{name:14s} amp={amp:4s} batch={n:4d}  raw {n / t_raw:12,.0f}/s  engine {n / t_ours:12,.0f}/s"
+                    f"  ({100 * t_raw / t_ours:5.1f}% of raw, includes JSON-list validation and host copies)"
+                )
     failed = [k for k, v in report["checks"].items() if v is False]
     print("checks:", "all ok" if not failed else f"FAILED {failed}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 ``app`` is built from ``AGENT_WORKERS_*`` settings; the task modules are thin adapters over the library.
 """
 
-from agent_workers.app import create_app
+from agent_workers.worker.app import create_app
 
 app = create_app()
 # The process-wide app of `celery -A tasks ...`: Flower's GET /api/task/result/<id> builds a bare AsyncResult(id),

@@ -6,8 +6,7 @@ from typing import Any
 
 from celery import Task
 
-from agent_workers.app import PREDICT, PREDICT_MANY
-from agent_workers.batching import bind_predict
+from agent_workers.contract import PREDICT, PREDICT_MANY, bind_predict
 from agent_workers.errors import InputError, StoreUnavailableError
 from tasks import app
 
@@ -15,7 +14,7 @@ from tasks import app
 class BatchedTask(Task):
     """A task whose messages the worker routes into the dynamic batcher instead of one pool job each."""
 
-    Strategy = "agent_workers.batching:batch_strategy"
+    Strategy = "agent_workers.worker.batcher:batch_strategy"
 
 
 @app.task(name=PREDICT, base=BatchedTask, bind=True)
@@ -30,8 +29,7 @@ def predict(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return {"model": model, "version": loaded.version, "outputs": result}
 
 
-@app.task(name=PREDICT_MANY, bind=True, autoretry_for=(StoreUnavailableError,), max_retries=3,
-          retry_backoff=True)
+@app.task(name=PREDICT_MANY, bind=True, autoretry_for=(StoreUnavailableError,), max_retries=3, retry_backoff=True)
 def predict_many(self: Task, model: str, inputs: Any, version: int | None = None) -> dict[str, Any]:
     """Score many examples in one message, in GPU-sized batches; outputs in input order."""
     if not isinstance(model, str):

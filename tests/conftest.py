@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent_workers.client import Client
 from agent_workers.config import Settings
 from agent_workers.params import RedisParamStore
-from agent_workers.supervisor import WorkerProcess, free_port
+from agent_workers.tools.supervisor import WorkerProcess, free_port
 
 IN_CI = os.environ.get("CI") == "true"
 REDIS = "redis://127.0.0.1:6379"
@@ -132,8 +132,11 @@ def start_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
         port = free_port()
         env = pool_env(broker, metrics_port=port, **overrides)
         settings = Settings.from_env(env)
-        wanted = {"both": [settings.inference_queue, settings.training_queue],
-                  "inference": [settings.inference_queue], "training": [settings.training_queue]}[queues]
+        wanted = {
+            "both": [settings.inference_queue, settings.training_queue],
+            "inference": [settings.inference_queue],
+            "training": [settings.training_queue],
+        }[queues]
         log = tmp_path_factory.mktemp("worker") / "worker.log"
         worker = WorkerProcess(queues=wanted, env=env, log_path=log)
         pool = Pool(broker, env, settings, worker, Client(settings), RedisParamStore.from_settings(settings), port)

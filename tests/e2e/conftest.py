@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from agent_workers.supervisor import free_port, settings_env
+from agent_workers.tools.supervisor import free_port, settings_env
 from tests.conftest import Pool, need
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +29,14 @@ FLOWER_USER, FLOWER_PASSWORD = "flower-user", "flower-Pa55"
 FLOWER_START_TIMEOUT = 90.0
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, *, interval: float = 0.2,
-             alive: Callable[[], None] | None = None) -> Any:
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float,
+    *,
+    interval: float = 0.2,
+    alive: Callable[[], None] | None = None,
+) -> Any:
     """Poll ``check`` until it returns something truthy and return that; fail naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -81,20 +87,36 @@ def flower(pool: Pool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flo
     """Flower for the session's worker of this broker, with basic auth, started as ``celery -A tasks flower``."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("flower") / "flower.log"
-    cmd = [sys.executable, "-m", "celery", "-A", "tasks", "flower", "--address=127.0.0.1", f"--port={port}",
-           f"--basic-auth={FLOWER_USER}:{FLOWER_PASSWORD}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks",
+        "flower",
+        "--address=127.0.0.1",
+        f"--port={port}",
+        f"--basic-auth={FLOWER_USER}:{FLOWER_PASSWORD}",
+    ]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=settings_env(pool.env), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=settings_env(pool.env), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
     running = Flower(f"http://127.0.0.1:{port}", (FLOWER_USER, FLOWER_PASSWORD), proc, log_path)
     try:
-        wait_for("flower to answer /healthcheck", lambda: _healthy(running.url), FLOWER_START_TIMEOUT,
-                 alive=running.alive)
+        wait_for(
+            "flower to answer /healthcheck", lambda: _healthy(running.url), FLOWER_START_TIMEOUT, alive=running.alive
+        )
         # Flower knows only what its event receiver saw: wait until it has heard our worker's heartbeat, so no
         # test sends tasks before Flower listens.
         online = f'flower_worker_online{{worker="{worker_node(pool)}"}} 1.0'
-        wait_for("flower to see the worker's events", lambda: online in running.get("/metrics").text,
-                 FLOWER_START_TIMEOUT, interval=0.5, alive=running.alive)
+        wait_for(
+            "flower to see the worker's events",
+            lambda: online in running.get("/metrics").text,
+            FLOWER_START_TIMEOUT,
+            interval=0.5,
+            alive=running.alive,
+        )
         yield running
     finally:
         if proc.poll() is None:
@@ -115,6 +137,8 @@ def worker_node(pool: Pool) -> str:
 def node_producer() -> Path:
     """``examples/node/producer.js`` with its dependencies installed (``npm ci`` in examples/node)."""
     need(shutil.which("node") is not None, "node (Node.js)")
-    need((NODE_EXAMPLE / "node_modules" / "celery-ts").is_dir(),
-         "examples/node/node_modules (run `npm ci` in examples/node)")
+    need(
+        (NODE_EXAMPLE / "node_modules" / "celery-ts").is_dir(),
+        "examples/node/node_modules (run `npm ci` in examples/node)",
+    )
     return NODE_EXAMPLE / "producer.js"

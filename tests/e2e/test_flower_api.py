@@ -23,8 +23,9 @@ def test_send_task_through_flower_and_read_the_result(pool: Pool, flower: Flower
     row = [0.5, -1.0, 2.0]
     expected = pool.client.predict(model, row, timeout=30)
 
-    sent = flower.post("/api/task/send-task/agent_workers.predict",
-                       {"args": [model, row], "queue": pool.settings.inference_queue})
+    sent = flower.post(
+        "/api/task/send-task/agent_workers.predict", {"args": [model, row], "queue": pool.settings.inference_queue}
+    )
     assert sent.status_code == 200, sent.text
     task_id = sent.json()["task-id"]
 
@@ -43,8 +44,10 @@ def test_flower_api_refuses_requests_without_credentials(flower: Flower) -> None
 def test_a_failed_request_shows_its_error_through_flower(pool: Pool, flower: Flower) -> None:
     model = unique("lin")
     pool.store.create(model, make_spec("linear", in_features=3))
-    sent = flower.post("/api/task/send-task/agent_workers.predict",
-                       {"args": [model, [1.0, 2.0]], "queue": pool.settings.inference_queue})
+    sent = flower.post(
+        "/api/task/send-task/agent_workers.predict",
+        {"args": [model, [1.0, 2.0]], "queue": pool.settings.inference_queue},
+    )
     task_id = sent.json()["task-id"]
     final = wait_for("the request to fail", lambda: _settled(flower, task_id, "FAILURE"), 30)
     assert "InputError" in str(final["result"]) and "got length 2" in str(final["result"])

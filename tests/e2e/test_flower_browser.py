@@ -30,8 +30,10 @@ PAGE_TIMEOUT = 60
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
     """Headless Chromium driven by chromedriver, with a fresh profile."""
-    need(Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "chromium and chromedriver (apt-get install "
-         "chromium chromium-driver)")
+    need(
+        Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(),
+        "chromium and chromedriver (apt-get install chromium chromium-driver)",
+    )
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -41,12 +43,22 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         pytest.skip("selenium is not installed (pip install -e '.[dev]')")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,900",
+    ):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")),
-                              options=options)
+    driver = webdriver.Chrome(
+        service=Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")), options=options
+    )
     try:
         yield driver
     finally:
@@ -62,8 +74,10 @@ def log_in(driver: Any, flower: Flower) -> None:
 
 def rows(driver: Any, table_id: str) -> list[str]:
     """The text of each body row of a table, cells joined by " | " (textContent: no layout line breaks)."""
-    script = ("return Array.from(document.querySelectorAll(arguments[0]))"
-              ".map(r => Array.from(r.cells).map(c => c.textContent.trim()).join(' | '));")
+    script = (
+        "return Array.from(document.querySelectorAll(arguments[0]))"
+        ".map(r => Array.from(r.cells).map(c => c.textContent.trim()).join(' | '));"
+    )
     return list(driver.execute_script(script, f"#{table_id} tbody tr"))
 
 
@@ -75,8 +89,10 @@ def wait_page(driver: Any, condition: Any, what: str, table_id: str) -> None:
     try:
         WebDriverWait(driver, PAGE_TIMEOUT, poll_frequency=0.5).until(condition)
     except TimeoutException:
-        raise AssertionError(f"timed out waiting for {what}; {driver.current_url} shows {rows(driver, table_id)!r}"
-                             f"\n{driver.find_element('tag name', 'body').text[:2000]}") from None
+        raise AssertionError(
+            f"timed out waiting for {what}; {driver.current_url} shows {rows(driver, table_id)!r}"
+            f"\n{driver.find_element('tag name', 'body').text[:2000]}"
+        ) from None
 
 
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)
@@ -103,15 +119,22 @@ def test_flower_shows_the_worker_online_and_a_finished_predict(pool: Pool, flowe
 
     # Flower pages its task table (15 rows) and the shared worker has served other tests' requests: search for ours.
     browser.get(f"{flower.url}/tasks")
-    wait_page(browser, lambda d: d.find_elements("css selector", "#tasks-table_filter input"), "the task search box",
-              "tasks-table")
+    wait_page(
+        browser,
+        lambda d: d.find_elements("css selector", "#tasks-table_filter input"),
+        "the task search box",
+        "tasks-table",
+    )
     browser.find_element("css selector", "#tasks-table_filter input").send_keys(task_id)
 
     def predict_row_succeeded(driver: Any) -> bool:
-        return any(task_id in row and "agent_workers.predict" in row and "SUCCESS" in row
-                   for row in rows(driver, "tasks-table"))
+        return any(
+            task_id in row and "agent_workers.predict" in row and "SUCCESS" in row
+            for row in rows(driver, "tasks-table")
+        )
 
-    wait_page(browser, predict_row_succeeded, f"task {task_id} listed as a finished agent_workers.predict",
-              "tasks-table")
+    wait_page(
+        browser, predict_row_succeeded, f"task {task_id} listed as a finished agent_workers.predict", "tasks-table"
+    )
     assert browser.save_screenshot(str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000

@@ -20,8 +20,14 @@ pytestmark = pytest.mark.e2e
 def run_node(producer: Path, pool: Pool, model: str, rows: list[list[float]]) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_WORKERS_")}
     env.update(pool.env)  # broker, result backend and inference queue of this pool
-    return subprocess.run(["node", str(producer), model, json.dumps(rows), "60"], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=producer.parent)
+    return subprocess.run(
+        ["node", str(producer), model, json.dumps(rows), "60"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=producer.parent,
+    )
 
 
 def test_node_producer_gets_the_same_numbers_as_the_python_client(pool: Pool, node_producer: Path) -> None:
@@ -33,8 +39,7 @@ def test_node_producer_gets_the_same_numbers_as_the_python_client(pool: Pool, no
     results = json.loads(out.stdout)
     assert [r["status"] for r in results] == ["SUCCESS"] * len(rows)
     expected = pool.client.predict_bulk(model, rows, timeout=60)
-    np.testing.assert_allclose([r["result"]["outputs"] for r in results], [e["outputs"] for e in expected],
-                               rtol=1e-6)
+    np.testing.assert_allclose([r["result"]["outputs"] for r in results], [e["outputs"] for e in expected], rtol=1e-6)
     assert {r["result"]["version"] for r in results} == {0}
 
 
@@ -46,5 +51,8 @@ def test_node_producer_sees_a_bad_row_fail_alone(pool: Pool, node_producer: Path
     good, bad, other = json.loads(out.stdout)
     assert good["status"] == other["status"] == "SUCCESS"
     assert bad["status"] == "FAILURE"
-    assert bad["result"] == {"exc_type": "InputError", "exc_message": ["inputs must have shape [3], got length 2"],
-                             "exc_module": "agent_workers.errors"}
+    assert bad["result"] == {
+        "exc_type": "InputError",
+        "exc_message": ["inputs must have shape [3], got length 2"],
+        "exc_module": "agent_workers.errors",
+    }

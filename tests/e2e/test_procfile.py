@@ -29,7 +29,7 @@ from agent_workers.client import Client
 from agent_workers.config import Settings
 from agent_workers.models import make_spec
 from agent_workers.params import RedisParamStore
-from agent_workers.supervisor import free_port
+from agent_workers.tools.supervisor import free_port
 from tests.conftest import _cleanup, need, pool_env, unique
 from tests.e2e.conftest import wait_for
 

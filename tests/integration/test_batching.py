@@ -24,8 +24,9 @@ def test_batches_form_and_one_bad_input_among_63_fails_alone(broker: str, start_
     rows = np.random.default_rng(4).standard_normal((64, 8)).astype(np.float32)
     inputs: list[object] = rows.tolist()
     inputs[17] = [1.0] * 7  # the culprit: wrong length
-    handles = [pool.client.app.send_task("agent_workers.predict", kwargs={"model": model, "inputs": row})
-               for row in inputs]
+    handles = [
+        pool.client.app.send_task("agent_workers.predict", kwargs={"model": model, "inputs": row}) for row in inputs
+    ]
     expected = reference(pool, model, rows)
     for i, handle in enumerate(handles):
         if i == 17:
@@ -89,9 +90,14 @@ def test_pickle_message_is_refused_and_the_worker_stays_up(pool: Pool) -> None:
     with Connection(pool.settings.broker_url) as conn:
         queue = pool.settings.inference_queue
         Producer(conn.default_channel).publish(
-            ((model, [1.0, 2.0]), {}, {}), serializer="pickle", exchange=Exchange(queue, type="direct"),
-            routing_key=queue, headers={"task": "agent_workers.predict", "id": task_id, "lang": "py"},
-            declare=[], retry=True)
+            ((model, [1.0, 2.0]), {}, {}),
+            serializer="pickle",
+            exchange=Exchange(queue, type="direct"),
+            routing_key=queue,
+            headers={"task": "agent_workers.predict", "id": task_id, "lang": "py"},
+            declare=[],
+            retry=True,
+        )
     from celery.result import AsyncResult
 
     handle = AsyncResult(task_id, app=pool.client.app)

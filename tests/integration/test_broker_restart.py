@@ -34,7 +34,7 @@ from agent_workers.client import Client
 from agent_workers.config import Settings
 from agent_workers.models import make_spec, register_architecture
 from agent_workers.params import RedisParamStore
-from agent_workers.supervisor import LocalRedis, WorkerProcess, free_port
+from agent_workers.tools.supervisor import LocalRedis, WorkerProcess, free_port
 from tests.conftest import need, pool_env, tcp_answers, unique
 
 pytestmark = pytest.mark.integration
@@ -113,32 +113,41 @@ class LocalRabbitMQ:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
-        env.update({
-            "HOME": str(self.dir / "home"),  # the Erlang cookie lives here, shared by the node and our rabbitmqctl
-            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
-            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        })
+        env.update(
+            {
+                "HOME": str(self.dir / "home"),  # the Erlang cookie lives here, shared by the node and our rabbitmqctl
+                "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
+                "RABBITMQ_NODENAME": self.node,
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+                "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+                "ERL_EPMD_ADDRESS": "127.0.0.1",
+                "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            }
+        )
         return env
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         assert self.ctl_binary is not None
-        return subprocess.run([self.ctl_binary, "-n", self.node, *args], env=self.env(), capture_output=True,
-                              text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            [self.ctl_binary, "-n", self.node, *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def start(self, timeout: float = 120.0) -> LocalRabbitMQ:
         assert self.server is not None
         log = open(self.dir / "server.out", "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen([self.server], env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [self.server], env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         # The AMQP listener opens last in the boot; then confirm with the node itself.
@@ -181,8 +190,10 @@ _node: dict[str, Any] = {"node": None, "users": 0}
 
 def acquire_rabbitmq() -> LocalRabbitMQ:
     """The session's own RabbitMQ node, started on first use (test_topology.py shares it: one start)."""
-    need(rabbit_binary("rabbitmq-server") is not None and rabbit_binary("rabbitmqctl") is not None,
-         "rabbitmq-server (to start a RabbitMQ node of our own)")
+    need(
+        rabbit_binary("rabbitmq-server") is not None and rabbit_binary("rabbitmqctl") is not None,
+        "rabbitmq-server (to start a RabbitMQ node of our own)",
+    )
     if _node["node"] is None:
         node = LocalRabbitMQ()
         try:
@@ -264,11 +275,18 @@ class GatedPool:
         wait_until(Path(f"{self.gate}.reached").exists, 60, "the worker to hold a batch at the gate", self.worker)
 
     def check_all_served(self, ids: list[str], offset: int = 0, timeout: float = 90) -> dict[str, dict[str, Any]]:
-        wait_until(lambda: backend_answers(self.backend) and len(results(self.backend, ids)) == len(ids), timeout,
-                   f"all {len(ids)} results", self.worker)
+        wait_until(
+            lambda: backend_answers(self.backend) and len(results(self.backend, ids)) == len(ids),
+            timeout,
+            f"all {len(ids)} results",
+            self.worker,
+        )
         metas = results(self.backend, ids)
-        wrong = [(i, metas[t]) for i, t in enumerate(ids)
-                 if metas[t]["status"] != "SUCCESS" or metas[t]["result"]["outputs"] != [float(offset + i) + 1.0]]
+        wrong = [
+            (i, metas[t])
+            for i, t in enumerate(ids)
+            if metas[t]["status"] != "SUCCESS" or metas[t]["result"]["outputs"] != [float(offset + i) + 1.0]
+        ]
         assert not wrong, f"{len(wrong)} requests got a wrong answer, e.g. {wrong[:3]}"
         return metas
 
@@ -292,8 +310,16 @@ def own_redis() -> Iterator[LocalRedis]:
 
 def test_redis_restart_mid_load_loses_nothing(own_redis: LocalRedis, tmp_path: Path) -> None:
     base = f"redis://127.0.0.1:{own_redis.port}"
-    env = pool_env("redis", broker_url=f"{base}/0", result_backend=f"{base}/1", params_url=f"{base}/2",
-                   max_batch_size=8, max_wait_ms=20, plugins=PLUGIN, **FAST_REDELIVERY)
+    env = pool_env(
+        "redis",
+        broker_url=f"{base}/0",
+        result_backend=f"{base}/1",
+        params_url=f"{base}/2",
+        max_batch_size=8,
+        max_wait_ms=20,
+        plugins=PLUGIN,
+        **FAST_REDELIVERY,
+    )
     pool = GatedPool(env, tmp_path)
     broker = redis.Redis.from_url(f"{base}/0")
     try:
@@ -375,8 +401,10 @@ def consuming(settings: Settings) -> bool:
     if settings.broker_is_redis:
         client = redis.Redis.from_url(settings.broker_url)
         try:
-            return any(c.get("cmd") in ("blmove", "blmpop", "brpop") and "b" in c.get("flags", "")
-                       for c in client.client_list())
+            return any(
+                c.get("cmd") in ("blmove", "blmpop", "brpop") and "b" in c.get("flags", "")
+                for c in client.client_list()
+            )
         finally:
             client.close()
     from kombu import Connection
@@ -385,8 +413,9 @@ def consuming(settings: Settings) -> bool:
         return int(conn.default_channel.queue_declare(settings.inference_queue, passive=True).consumer_count) > 0
 
 
-def test_sigkill_right_after_a_push_leaves_every_message_with_the_broker(broker: str, request: pytest.FixtureRequest,
-                                                                         tmp_path: Path) -> None:
+def test_sigkill_right_after_a_push_leaves_every_message_with_the_broker(
+    broker: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     """A worker SIGKILLed while its blocking pop is being answered must not take messages to its grave."""
     # On Redis, a broker of our own: kombu's 'unacked' hash is per database, and must hold only our messages.
     own = LocalRedis().start() if broker == "redis" else None

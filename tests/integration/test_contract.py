@@ -19,13 +19,14 @@ import redis
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from agent_workers.app import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP
-from agent_workers.client import ResultTimeout, bench
-from agent_workers.control import inspect_models
+from agent_workers.client import ResultTimeout
+from agent_workers.contract import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP
 from agent_workers.datasets import DatasetStore
 from agent_workers.errors import InputError, ModelError
 from agent_workers.models import make_spec
-from agent_workers.supervisor import settings_env
+from agent_workers.tools.producer_bench import bench
+from agent_workers.worker.control import inspect_models
+from agent_workers.worker.launch import settings_env
 from tests.conftest import Pool, unique
 
 pytestmark = pytest.mark.integration
@@ -95,15 +96,18 @@ def test_every_task_has_a_request_and_a_result_schema_with_examples() -> None:
     assert re.search(r"\*\*Contract version: \d+\.\d+\*\*", DOC.read_text())
 
 
-@pytest.mark.parametrize(("task", "request_"), [
-    (PREDICT, {"args": ["house"]}),
-    (PREDICT, {"args": ["house", "not a list"]}),
-    (PREDICT, {"kwargs": {"model": "house", "inputs": [1.0], "temperature": 0.5}}),
-    (PREDICT_MANY, {"args": ["house", [1.0, 2.0]]}),
-    (TRAIN_STEP, {"kwargs": {"model": "house", "x": [[1.0]]}}),
-    (TRAIN_STEP, {"kwargs": {"model": "house", "x": [[1.0]], "y": [1.0], "hparams": {"lr": -1}}}),
-    (FIT, {"args": ["house"], "kwargs": {"epochs": 0}}),
-])
+@pytest.mark.parametrize(
+    ("task", "request_"),
+    [
+        (PREDICT, {"args": ["house"]}),
+        (PREDICT, {"args": ["house", "not a list"]}),
+        (PREDICT, {"kwargs": {"model": "house", "inputs": [1.0], "temperature": 0.5}}),
+        (PREDICT_MANY, {"args": ["house", [1.0, 2.0]]}),
+        (TRAIN_STEP, {"kwargs": {"model": "house", "x": [[1.0]]}}),
+        (TRAIN_STEP, {"kwargs": {"model": "house", "x": [[1.0]], "y": [1.0], "hparams": {"lr": -1}}}),
+        (FIT, {"args": ["house"], "kwargs": {"epochs": 0}}),
+    ],
+)
 def test_schemas_refuse_requests_that_workers_refuse(task: str, request_: dict[str, Any]) -> None:
     assert not validator(f"{task}:request").is_valid(request_)
 
@@ -114,15 +118,15 @@ def test_schemas_refuse_requests_that_workers_refuse(task: str, request_: dict[s
 def test_documented_example_requests_are_served_and_results_validate(pool: Pool) -> None:
     pool.store.create(EXAMPLE_MODEL, make_spec("linear", in_features=3), seed=11, replace=True)
     rng = np.random.default_rng(0)
-    DatasetStore.from_settings(pool.settings).upload(rng.standard_normal((8, 3)), rng.standard_normal((8, 1)),
-                                              dataset_id=EXAMPLE_DATASET)
+    DatasetStore.from_settings(pool.settings).upload(
+        rng.standard_normal((8, 3)), rng.standard_normal((8, 1)), dataset_id=EXAMPLE_DATASET
+    )
     schemas, _ = contract()
     for task in TASKS:  # inference first: the examples pin version 0, before training moves the model on
         for example in schemas[f"{URN}{task}:request"]["examples"]:
             options = {k: v for k, v in example.items() if k not in ("args", "kwargs")}
             options["queue"] = queue_for(pool, task)  # the deployment's queue name, as the page says
-            handle = pool.client.app.send_task(task, args=example.get("args"), kwargs=example.get("kwargs"),
-                                               **options)
+            handle = pool.client.app.send_task(task, args=example.get("args"), kwargs=example.get("kwargs"), **options)
             result = pool.client.wait(handle, timeout=60)
             check(f"{task}:result", result)
             stored = record(pool, handle.id)
@@ -139,8 +143,13 @@ def test_fit_progress_meta_follows_its_schema(pool: Pool) -> None:
     pubsub = redis.Redis.from_url(pool.settings.result_backend).pubsub()
     pubsub.subscribe(f"celery-task-meta-{task_id}")  # before sending: every record it publishes is seen
     try:
-        handle = pool.client.app.send_task(FIT, args=[model, dataset], kwargs={"epochs": 3, "batch_size": 4},
-                                           task_id=task_id, queue=pool.settings.training_queue)  # 30 steps
+        handle = pool.client.app.send_task(
+            FIT,
+            args=[model, dataset],
+            kwargs={"epochs": 3, "batch_size": 4},
+            task_id=task_id,
+            queue=pool.settings.training_queue,
+        )  # 30 steps
         pool.client.wait(handle, timeout=120)
         for message in iter(lambda: pubsub.get_message(timeout=0.5), None):
             if message["type"] == "message":
@@ -153,12 +162,16 @@ def test_fit_progress_meta_follows_its_schema(pool: Pool) -> None:
         check(f"{FIT}:progress", meta)
 
 
-@pytest.mark.parametrize(("inputs", "model", "exc_type"), [
-    ([1.0, 2.0], None, "InputError"),
-    ([1.0, 2.0, 3.0], "no-such-model", "ModelError"),
-])
-def test_failures_are_stored_in_the_documented_error_format(pool: Pool, inputs: list[float], model: str | None,
-                                                            exc_type: str) -> None:
+@pytest.mark.parametrize(
+    ("inputs", "model", "exc_type"),
+    [
+        ([1.0, 2.0], None, "InputError"),
+        ([1.0, 2.0, 3.0], "no-such-model", "ModelError"),
+    ],
+)
+def test_failures_are_stored_in_the_documented_error_format(
+    pool: Pool, inputs: list[float], model: str | None, exc_type: str
+) -> None:
     name = unique("lin")
     pool.store.create(name, make_spec("linear", in_features=3))
     handle = pool.client.app.send_task(PREDICT, args=[model or name, inputs], queue=pool.settings.inference_queue)
@@ -181,8 +194,10 @@ def test_client_bulk_messages_are_served_like_celery_messages(pool: Pool) -> Non
     rows = np.random.default_rng(9).standard_normal((20, 4)).astype(np.float32)
     bulk = pool.client.predict_bulk(model, rows)  # numpy rows: the client turns them into JSON lists
     single = pool.client.predict(model, rows[0].tolist())
-    celery = [pool.client.wait(pool.client.app.send_task(PREDICT, args=[model, r], queue=pool.settings.inference_queue))
-              for r in rows[:3].tolist()]
+    celery = [
+        pool.client.wait(pool.client.app.send_task(PREDICT, args=[model, r], queue=pool.settings.inference_queue))
+        for r in rows[:3].tolist()
+    ]
     for result in bulk:
         check(f"{PREDICT}:result", result)
     assert [r["outputs"] for r in bulk[:3]] == [r["outputs"] for r in celery]
@@ -237,8 +252,13 @@ def test_inspect_models_names_each_loaded_model_with_version_and_device(pool: Po
     mine = [m for m in reply["models"] if m["name"] == model]
     assert mine == [{"name": model, "version": 0, "epoch": mine[0]["epoch"], "arch": "linear", "device": "cpu"}]
 
-    out = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks", "inspect", "models", "-d", node, "-t", "5",
-                          "--json"], env=settings_env(pool.env), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "inspect", "models", "-d", node, "-t", "5", "--json"],
+        env=settings_env(pool.env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     cli = json.loads(out.stdout)
     assert any(m["name"] == model and m["version"] == 0 for m in cli[node]["models"])
@@ -246,6 +266,11 @@ def test_inspect_models_names_each_loaded_model_with_version_and_device(pool: Po
 
 def test_bench_reports_producer_cpu_of_both_paths(pool: Pool) -> None:
     figures = bench(pool.settings, n=30, width=4)  # a throw-away queue; no worker involved
-    for key in ("publish_apply_async_us", "publish_client_single_us", "publish_client_bulk_us",
-                "collect_asyncresult_get_us", "collect_client_bulk_us"):
+    for key in (
+        "publish_apply_async_us",
+        "publish_client_single_us",
+        "publish_client_bulk_us",
+        "collect_asyncresult_get_us",
+        "collect_client_bulk_us",
+    ):
         assert figures[key] >= 0, key

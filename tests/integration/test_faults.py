@@ -46,8 +46,14 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 def test_sigkill_mid_load_loses_nothing(broker: str, start_pool) -> None:
     # 8 requests per batch at 20 ms a batch: ~2 s of work, so the kill lands mid-load.
-    pool: Pool = start_pool(broker, queues="inference", max_wait_ms=20, max_batch_size=8,
-                            plugins="tests.plugins_batching", **FAST_REDELIVERY)
+    pool: Pool = start_pool(
+        broker,
+        queues="inference",
+        max_wait_ms=20,
+        max_batch_size=8,
+        plugins="tests.plugins_batching",
+        **FAST_REDELIVERY,
+    )
     model = unique("slow")
     pool.store.create(model, make_spec("slow", in_features=2))
     ids = [pool.client.app.send_task("agent_workers.predict", args=[model, [float(i), 1.0]]).id for i in range(800)]
@@ -62,8 +68,10 @@ def test_sigkill_mid_load_loses_nothing(broker: str, start_pool) -> None:
     served_after = pool.metric("agent_workers_requests_total", {"model": model, "outcome": "success"})
     redelivered = served_after - (len(ids) - done_before)
     assert redelivered >= 0
-    print(f"\n[{broker}] SIGKILL with {done_before}/800 stored: the replacement served {served_after:.0f}, "
-          f"of which {redelivered:.0f} had been computed before the kill but not acknowledged (delivered twice)")
+    print(
+        f"\n[{broker}] SIGKILL with {done_before}/800 stored: the replacement served {served_after:.0f}, "
+        f"of which {redelivered:.0f} had been computed before the kill but not acknowledged (delivered twice)"
+    )
 
 
 def test_sigterm_serves_the_half_filled_batch(broker: str, start_pool) -> None:
@@ -80,8 +88,9 @@ def test_sigterm_serves_the_half_filled_batch(broker: str, start_pool) -> None:
 
 
 def test_poison_request_fails_alone_after_bounded_attempts(broker: str, start_pool) -> None:
-    pool: Pool = start_pool(broker, queues="inference", max_wait_ms=200, plugins="tests.plugins_batching",
-                            **FAST_REDELIVERY)
+    pool: Pool = start_pool(
+        broker, queues="inference", max_wait_ms=200, plugins="tests.plugins_batching", **FAST_REDELIVERY
+    )
     from tests.plugins_batching import crashy_spec
 
     model = unique("crashy")

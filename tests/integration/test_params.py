@@ -18,7 +18,7 @@ from agent_workers.models import make_spec
 from agent_workers.params import (
     PARAM_PREFIX,
     STAGING_TTL,
-    Outcome,
+    CommitOutcome,
     RedisParamStore,
     blob_metadata,
     chunk_keys,
@@ -58,13 +58,13 @@ def test_commit_outcomes_committed_conflict_duplicate(make_store: Callable[..., 
     store.create("m", COUNTER)
     epoch = store.head("m").epoch
     won = store.commit("m", expected=0, tensors=values(1), update_id="a", epoch=epoch)
-    assert (won.outcome, won.version) == (Outcome.COMMITTED, 1)
+    assert (won.outcome, won.version) == (CommitOutcome.COMMITTED, 1)
     head = store.head("m")
     assert head.version == 1
     lost = store.commit("m", expected=0, tensors=values(99), update_id="b", epoch=epoch)
-    assert (lost.outcome, lost.version) == (Outcome.CONFLICT, 1)
+    assert (lost.outcome, lost.version) == (CommitOutcome.CONFLICT, 1)
     again = store.commit("m", expected=1, tensors=values(99), update_id="a", epoch=epoch)
-    assert (again.outcome, again.version) == (Outcome.DUPLICATE, 1)
+    assert (again.outcome, again.version) == (CommitOutcome.DUPLICATE, 1)
     assert store.head("m").version == 1 and counter_value(make_store(), "m") == 1.0
     assert store.applied("m", "a") == 1 and store.applied("m", "b") is None
     # Losers leave no staging behind: the script deletes it on conflict and duplicate.
@@ -83,13 +83,12 @@ def test_commit_to_unknown_or_recreated_model_is_refused(make_store: Callable[..
     assert store.head("m").version == 0
 
 
-def test_last_k_versions_stay_readable_and_older_ones_are_collected(
-        make_store: Callable[..., RedisParamStore]) -> None:
+def test_last_k_versions_stay_readable_and_older_ones_are_collected(make_store: Callable[..., RedisParamStore]) -> None:
     store = make_store(keep_versions=3)
     store.create("m", COUNTER)
     epoch = store.head("m").epoch
     for v in range(6):
-        assert store.commit("m", expected=v, tensors=values(v + 1), epoch=epoch).outcome is Outcome.COMMITTED
+        assert store.commit("m", expected=v, tensors=values(v + 1), epoch=epoch).outcome is CommitOutcome.COMMITTED
     reader = make_store(keep_versions=3, cache=False)
     assert [counter_value(reader, "m", v) for v in (4, 5, 6)] == [4.0, 5.0, 6.0]
     for v in (0, 1, 2, 3):
@@ -113,7 +112,8 @@ def test_pinned_read_returns_that_version_and_its_header_agrees(make_store: Call
 
 
 def test_rollback_is_a_new_version_with_the_old_parameters_and_a_barrier(
-        make_store: Callable[..., RedisParamStore]) -> None:
+    make_store: Callable[..., RedisParamStore],
+) -> None:
     store = make_store(keep_versions=3)
     store.create("m", COUNTER)
     epoch = store.head("m").epoch
@@ -163,7 +163,7 @@ def test_large_blobs_are_chunked_and_read_back_whole(make_store: Callable[..., R
     assert head.chunks >= 4
     for v in range(3):
         tensors = {PARAM_PREFIX + "value": torch.arange(1000, dtype=torch.float32) + v}
-        assert store.commit("big", expected=v, tensors=tensors, epoch=head.epoch).outcome is Outcome.COMMITTED
+        assert store.commit("big", expected=v, tensors=tensors, epoch=head.epoch).outcome is CommitOutcome.COMMITTED
     reader = make_store(chunk_bytes=1024, cache=False)
     torch.testing.assert_close(reader.read("big").parameters()["value"], torch.arange(1000.0) + 2)
     torch.testing.assert_close(reader.read("big", 2).parameters()["value"], torch.arange(1000.0) + 1)
@@ -194,7 +194,8 @@ def test_a_missing_staged_chunk_fails_the_whole_commit(make_store: Callable[...,
 
 
 def test_reader_downloads_the_blob_only_when_the_version_changed(
-        make_store: Callable[..., RedisParamStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    make_store: Callable[..., RedisParamStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
     writer = make_store()
     writer.create("m", COUNTER)
     epoch = writer.head("m").epoch
@@ -225,9 +226,10 @@ def test_concurrent_committers_lose_no_update(make_store: Callable[..., RedisPar
                 while True:
                     snap = store.read("m")
                     new = {PARAM_PREFIX + "value": snap.tensors[PARAM_PREFIX + "value"] + 1}
-                    result = store.commit("m", expected=snap.version, tensors=new, update_id=f"{index}:{i}",
-                                          epoch=snap.epoch)
-                    if result.outcome is not Outcome.CONFLICT:
+                    result = store.commit(
+                        "m", expected=snap.version, tensors=new, update_id=f"{index}:{i}", epoch=snap.epoch
+                    )
+                    if result.outcome is not CommitOutcome.CONFLICT:
                         break
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -260,7 +262,8 @@ def test_lock_mode_serialises_holders(make_store: Callable[..., RedisParamStore]
                 snap = own.read("m")
                 new = {PARAM_PREFIX + "value": snap.tensors[PARAM_PREFIX + "value"] + 1}
                 assert own.commit("m", expected=snap.version, tensors=new, epoch=snap.epoch).outcome is (
-                    Outcome.COMMITTED)
+                    CommitOutcome.COMMITTED
+                )
                 inside.remove(index)
 
     threads = [threading.Thread(target=holder, args=(i,)) for i in range(3)]

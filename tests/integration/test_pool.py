@@ -37,8 +37,21 @@ def test_bare_celery_producer_gets_the_numbers_torch_computes(pool: Pool) -> Non
     pool.store.create(model, make_spec("linear", in_features=10), seed=3)
     rows = np.random.default_rng(0).standard_normal((5, 10)).astype(np.float32)
     s = pool.settings
-    out = subprocess.run([sys.executable, "-c", BARE_PRODUCER, s.broker_url, s.result_backend, s.inference_queue,
-                          model, json.dumps(rows.tolist())], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BARE_PRODUCER,
+            s.broker_url,
+            s.result_backend,
+            s.inference_queue,
+            model,
+            json.dumps(rows.tolist()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
     got = np.array([r["outputs"] for r in results])
@@ -51,8 +64,9 @@ def test_train_step_advances_version_and_prediction_uses_new_parameters(pool: Po
     pool.store.create(model, make_spec("linear", in_features=3), seed=1)
     row = [1.0, -2.0, 0.5]
     before = pool.client.predict(model, row)
-    step = pool.client.wait(pool.client.send_train_step(model, x=[row, [0.0, 1.0, 1.0]], y=[[5.0], [-1.0]],
-                                                        hparams={"lr": 0.1}))
+    step = pool.client.wait(
+        pool.client.send_train_step(model, x=[row, [0.0, 1.0, 1.0]], y=[[5.0], [-1.0]], hparams={"lr": 0.1})
+    )
     assert step["version"] == 1 and not step["duplicate"]
     after = pool.client.predict(model, row)
     assert after["version"] == 1
@@ -74,11 +88,22 @@ def test_train_step_advances_version_and_prediction_uses_new_parameters(pool: Po
         ([1.0, None, 3.0], None, "inputs contain null"),
         ([1.0, 2.0, 3.0], "no-such-model", "unknown model 'no-such-model'"),
     ],
-    ids=["wrong-length", "string", "string-inside", "nan", "inf", "empty", "nested-junk", "wrong-shape", "null",
-         "unknown-model"],
+    ids=[
+        "wrong-length",
+        "string",
+        "string-inside",
+        "nan",
+        "inf",
+        "empty",
+        "nested-junk",
+        "wrong-shape",
+        "null",
+        "unknown-model",
+    ],
 )
-def test_bad_input_fails_alone_and_the_next_request_succeeds(pool: Pool, inputs: object, model: str | None,
-                                                              message: str) -> None:
+def test_bad_input_fails_alone_and_the_next_request_succeeds(
+    pool: Pool, inputs: object, model: str | None, message: str
+) -> None:
     name = unique("lin")
     pool.store.create(name, make_spec("linear", in_features=3))
     bad = pool.client.app.send_task("agent_workers.predict", kwargs={"model": model or name, "inputs": inputs})
@@ -145,9 +170,15 @@ def test_malformed_json_from_a_raw_kombu_producer_fails_alone(pool: Pool) -> Non
     queue = pool.settings.inference_queue
     with Connection(pool.settings.broker_url) as conn:
         Producer(conn.default_channel).publish(
-            b'[["m", [1, 2, 3]], {"oops": ', content_type="application/json", content_encoding="utf-8",
-            exchange=Exchange(queue, type="direct"), routing_key=queue, declare=[], retry=True,
-            headers={"task": "agent_workers.predict", "id": task_id, "lang": "py"})
+            b'[["m", [1, 2, 3]], {"oops": ',
+            content_type="application/json",
+            content_encoding="utf-8",
+            exchange=Exchange(queue, type="direct"),
+            routing_key=queue,
+            declare=[],
+            retry=True,
+            headers={"task": "agent_workers.predict", "id": task_id, "lang": "py"},
+        )
     with pytest.raises(InputError, match="cannot decode message"):
         pool.client.wait(AsyncResult(task_id, app=pool.client.app), 30)
     assert pool.client.predict(model, [1.0, 2.0, 3.0], timeout=30)["version"] == 0

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from agent_workers.cli import main as cli
 from agent_workers.errors import ModelError
 from agent_workers.models import load_weights, make_spec
-from agent_workers.supervisor import LocalRedis, free_port
+from agent_workers.tools.supervisor import LocalRedis, free_port
 from tests.conftest import IN_CI, Pool, need, pool_env, unique
 
 pytestmark = pytest.mark.integration
@@ -46,8 +46,9 @@ def test_pickle_checkpoint_is_refused_and_never_unpickled(tmp_path: Path) -> Non
     assert not marker.exists()
 
 
-def test_cli_creates_a_model_from_safetensors_and_refuses_a_pickle(redis_up: None, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_creates_a_model_from_safetensors_and_refuses_a_pickle(
+    redis_up: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = pool_env("redis")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -56,8 +57,9 @@ def test_cli_creates_a_model_from_safetensors_and_refuses_a_pickle(redis_up: Non
     torch.save(weights, tmp_path / "w.pt")
     runner = CliRunner()
     config = '{"in_features": 3}'
-    ok = runner.invoke(cli, ["models", "create", "good", "--config", config, "--weights",
-                             str(tmp_path / "w.safetensors")])
+    ok = runner.invoke(
+        cli, ["models", "create", "good", "--config", config, "--weights", str(tmp_path / "w.safetensors")]
+    )
     assert ok.exit_code == 0, ok.output
     bad = runner.invoke(cli, ["models", "create", "bad", "--config", config, "--weights", str(tmp_path / "w.pt")])
     assert bad.exit_code != 0 and "never loaded" in bad.output
@@ -82,8 +84,10 @@ def test_password_protected_redis_serves_broker_backend_and_params(redis_up: Non
     server = LocalRedis(args=["--requirepass", "s3cret", "--save", "", "--appendonly", "no"])
     server.args = ["--requirepass", "s3cret", "--save", "", "--appendonly", "no"]
     port = server.port
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", server.dir,
-                             *server.args], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", server.dir, *server.args],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         _wait_for(lambda: redis.Redis(port=port, password="s3cret").ping())
         with pytest.raises(redis.AuthenticationError):
@@ -101,9 +105,28 @@ def test_password_protected_redis_serves_broker_backend_and_params(redis_up: Non
 
 def _make_cert(tmp: Path) -> tuple[Path, Path]:
     key, cert = tmp / "redis.key", tmp / "redis.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
-                    str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return key, cert
 
 
@@ -124,11 +147,35 @@ def test_tls_redis_serves_broker_backend_and_params(redis_up: None, start_pool, 
     need(shutil.which("openssl") is not None, "openssl binary")
     key, cert = _make_cert(tmp_path)
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-                             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file",
-                             str(cert), "--tls-auth-clients", "no", "--requirepass", "s3cret", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(cert),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = lambda db: f"rediss://:s3cret@127.0.0.1:{port}/{db}?ssl_cert_reqs=required&ssl_ca_certs={cert}"  # noqa: E731
         _wait_for(lambda: redis.Redis.from_url(url(0)).ping())

@@ -7,18 +7,20 @@ import sys
 
 import pytest
 
-from agent_workers.app import check_app, create_app
 from agent_workers.config import Settings
 from agent_workers.errors import ConfigError
-from agent_workers.supervisor import settings_env, worker_command
+from agent_workers.worker.app import create_app
+from agent_workers.worker.bootsteps import check_app
+from agent_workers.worker.launch import settings_env, worker_command
 from tests.conftest import pool_env
 
 pytestmark = pytest.mark.integration
 
 
 def run_worker(env: dict[str, str], prefetch: int) -> subprocess.CompletedProcess[str]:
-    cmd = worker_command(queues=[env["AGENT_WORKERS_INFERENCE_QUEUE"]], hostname="startup@%h",
-                         prefetch_multiplier=prefetch)
+    cmd = worker_command(
+        queues=[env["AGENT_WORKERS_INFERENCE_QUEUE"]], hostname="startup@%h", prefetch_multiplier=prefetch
+    )
     return subprocess.run(cmd, env=settings_env(env), capture_output=True, text=True, timeout=120)
 
 
@@ -46,14 +48,34 @@ def test_pickle_in_accept_content_is_refused() -> None:
 def test_worker_refuses_pickle_in_accept_content(redis_up: None, tmp_path) -> None:
     # A user config module that re-enables pickle on top of ours: the worker must not start.
     (tmp_path / "unsafe_app.py").write_text(
-        "from agent_workers.app import create_app\napp = create_app(accept_content=['json', 'pickle'])\n"
-        "import tasks.inference, tasks.training  # noqa\n")
+        "from agent_workers.worker.app import create_app\napp = create_app(accept_content=['json', 'pickle'])\n"
+        "import tasks.inference, tasks.training  # noqa\n"
+    )
     env = settings_env(pool_env("redis"))
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
     env["C_FORCE_ROOT"] = "1"  # as root, Celery itself refuses pickle first; we test our own guard
-    out = subprocess.run([sys.executable, "-m", "celery", "-A", "unsafe_app", "worker", "-P", "threads", "-c", "1",
-                          "--prefetch-multiplier", "128", "-Q", "nothing"], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "unsafe_app",
+            "worker",
+            "-P",
+            "threads",
+            "-c",
+            "1",
+            "--prefetch-multiplier",
+            "128",
+            "-Q",
+            "nothing",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "untrusted messages could run code" in out.stdout + out.stderr
 

@@ -24,14 +24,15 @@ from amqp.exceptions import PreconditionFailed
 from kombu import Connection
 from redis.sentinel import MasterNotFoundError, Sentinel
 
-from agent_workers.app import PREDICT, QUORUM_DELIVERY_LIMIT, create_app, declare_queue
 from agent_workers.client import Client
 from agent_workers.config import Settings
+from agent_workers.contract import PREDICT, QUORUM_DELIVERY_LIMIT, declare_queue
 from agent_workers.errors import ConfigError, ModelError
 from agent_workers.models import make_spec
-from agent_workers.params import Outcome, RedisParamStore
+from agent_workers.params import CommitOutcome, RedisParamStore
 from agent_workers.redis_clients import redis_client
-from agent_workers.supervisor import WorkerProcess, free_port, redis_answers
+from agent_workers.tools.supervisor import WorkerProcess, free_port, redis_answers
+from agent_workers.worker.app import create_app
 from tests.conftest import need, pool_env, unique
 from tests.integration.test_broker_restart import LocalRabbitMQ, acquire_rabbitmq, release_rabbitmq, results, wait_until
 
@@ -48,7 +49,7 @@ class RedisProcess:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="aw-topo-"))
         self.conf = self.dir / "redis.conf"
-        self.conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\nsave \"\"\n{config}\n")
+        self.conf.write_text(f'port {self.port}\nbind 127.0.0.1\ndir {self.dir}\nsave ""\n{config}\n')
         self.sentinel = sentinel
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -59,8 +60,11 @@ class RedisProcess:
         log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_until(lambda: self.proc.poll() is not None or redis_answers(self.url(), 0.2), timeout,
-                   f"redis-server on port {self.port}")
+        wait_until(
+            lambda: self.proc.poll() is not None or redis_answers(self.url(), 0.2),
+            timeout,
+            f"redis-server on port {self.port}",
+        )
         assert self.proc.poll() is None, (self.dir / "server.log").read_text()
         return self
 
@@ -87,7 +91,8 @@ class SentinelGroup:
         self.sentinel = RedisProcess(
             f"sentinel resolve-hostnames no\nsentinel monitor {self.name} 127.0.0.1 {self.master.port} 1\n"
             f"sentinel down-after-milliseconds {self.name} 1000\nsentinel failover-timeout {self.name} 10000",
-            sentinel=True)
+            sentinel=True,
+        )
 
     def start(self) -> SentinelGroup:
         self.master.start()
@@ -96,8 +101,9 @@ class SentinelGroup:
         replica = self.replica.client()
         wait_until(lambda: replica.info("replication").get("master_link_status") == "up", 20, "the replica to sync")
         # A failover needs the sentinel to know the replica, which it learns from the master's INFO.
-        wait_until(lambda: bool(self.sentinel.client().sentinel_slaves(self.name)), 30,
-                   "the sentinel to see the replica")
+        wait_until(
+            lambda: bool(self.sentinel.client().sentinel_slaves(self.name)), 30, "the sentinel to see the replica"
+        )
         return self
 
     def url(self, db: int) -> str:
@@ -121,15 +127,32 @@ class RedisClusterGroup:
 
     def __init__(self) -> None:
         # The bus port is named, not derived (port + 10000, which must stay below 65536 and free).
-        self.nodes = [RedisProcess("appendonly no\ncluster-enabled yes\ncluster-config-file nodes.conf\n"
-                                   f"cluster-node-timeout 5000\ncluster-port {free_port()}") for _ in range(3)]
+        self.nodes = [
+            RedisProcess(
+                "appendonly no\ncluster-enabled yes\ncluster-config-file nodes.conf\n"
+                f"cluster-node-timeout 5000\ncluster-port {free_port()}"
+            )
+            for _ in range(3)
+        ]
 
     def start(self) -> RedisClusterGroup:
         for node in self.nodes:
             node.start()
-        out = subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
-                              *[f"127.0.0.1:{n.port}" for n in self.nodes], "--cluster-replicas", "0", "--cluster-yes"],
-                             capture_output=True, text=True, timeout=60, check=False)
+        out = subprocess.run(
+            [
+                shutil.which("redis-cli") or "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         for node in self.nodes:
             client = node.client()
@@ -165,8 +188,10 @@ def sentinel_group() -> Iterator[SentinelGroup]:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisClusterGroup]:
     """One cluster for this module; tests keep apart by namespace."""
-    need(shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None,
-         "redis-server and redis-cli (to start a Redis Cluster of our own)")
+    need(
+        shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None,
+        "redis-server and redis-cli (to start a Redis Cluster of our own)",
+    )
     group = RedisClusterGroup()
     try:
         yield group.start()
@@ -219,15 +244,27 @@ def test_settings_and_urls_choose_the_topology() -> None:
     # Quorum queues are RabbitMQ's; with them come arguments, a dead-letter step and publisher confirms.
     with pytest.raises(ConfigError, match="quorum"):
         Settings.from_env({"AGENT_WORKERS_QUEUE_TYPE": "quorum"})
-    app = create_app(Settings.from_env({"AGENT_WORKERS_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
-                                        "AGENT_WORKERS_QUEUE_TYPE": "quorum"}))
+    app = create_app(
+        Settings.from_env(
+            {"AGENT_WORKERS_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//", "AGENT_WORKERS_QUEUE_TYPE": "quorum"}
+        )
+    )
     args = {q.name: q.queue_arguments for q in app.conf.task_queues}
-    assert args["inference"] == {"x-queue-type": "quorum", "x-delivery-limit": QUORUM_DELIVERY_LIMIT,
-                                 "x-dead-letter-exchange": "inference.dead"}
+    assert args["inference"] == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": QUORUM_DELIVERY_LIMIT,
+        "x-dead-letter-exchange": "inference.dead",
+    }
     assert app.conf.broker_transport_options["confirm_publish"] is True
-    app = create_app(Settings.from_env({"AGENT_WORKERS_BROKER_URL": "sentinel://127.0.0.1:26379/0",
-                                        "AGENT_WORKERS_RESULT_BACKEND": "sentinel://127.0.0.1:26379/1",
-                                        "AGENT_WORKERS_SENTINEL_MASTER": "prod"}))
+    app = create_app(
+        Settings.from_env(
+            {
+                "AGENT_WORKERS_BROKER_URL": "sentinel://127.0.0.1:26379/0",
+                "AGENT_WORKERS_RESULT_BACKEND": "sentinel://127.0.0.1:26379/1",
+                "AGENT_WORKERS_SENTINEL_MASTER": "prod",
+            }
+        )
+    )
     assert app.conf.broker_transport_options["master_name"] == "prod"
     assert app.conf.result_backend_transport_options["master_name"] == "prod"
 
@@ -235,8 +272,9 @@ def test_settings_and_urls_choose_the_topology() -> None:
 # -- RabbitMQ quorum queues -----------------------------------------------------------------------------------------
 
 
-def test_quorum_queues_serve_and_dead_letter_past_the_delivery_limit(own_rabbitmq: LocalRabbitMQ,
-                                                                     tmp_path: Path) -> None:
+def test_quorum_queues_serve_and_dead_letter_past_the_delivery_limit(
+    own_rabbitmq: LocalRabbitMQ, tmp_path: Path
+) -> None:
     env = pool_env("rabbitmq", broker_url=own_rabbitmq.url, queue_type="quorum")
     settings = Settings.from_env(env)
     queue = settings.inference_queue
@@ -249,12 +287,13 @@ def test_quorum_queues_serve_and_dead_letter_past_the_delivery_limit(own_rabbitm
         worker.start()
         rows = [[float(i), 1.0] for i in range(20)]
         ids = [producer.send_task(PREDICT, args=[model, row]).id for row in rows]
-        assert_outputs(served(redis.Redis.from_url(settings.result_backend), ids, worker),
-                       linear_outputs(store, model, rows))
+        assert_outputs(
+            served(redis.Redis.from_url(settings.result_backend), ids, worker), linear_outputs(store, model, rows)
+        )
         assert "Global QoS is disabled" in worker.log()  # Celery noticed the quorum queue (per-consumer prefetch)
 
         listed = own_rabbitmq.ctl("list_queues", "name", "type", "arguments", "--formatter", "json")
-        queues = {q["name"]: q for q in json.loads(listed.stdout[listed.stdout.index("["):])}
+        queues = {q["name"]: q for q in json.loads(listed.stdout[listed.stdout.index("[") :])}
         assert queues[queue]["type"] == "quorum"
         assert queues[f"{queue}.dead"]["type"] == "quorum"  # declared by the worker's DeadLetterQueues step
 
@@ -303,11 +342,11 @@ def test_client_publishes_to_quorum_queues(own_rabbitmq: LocalRabbitMQ) -> None:
 # -- Redis Sentinel -------------------------------------------------------------------------------------------------
 
 
-def test_sentinel_urls_for_broker_backend_and_params_follow_a_failover(sentinel_group: SentinelGroup,
-                                                                      tmp_path: Path) -> None:
+def test_sentinel_urls_for_broker_backend_and_params_follow_a_failover(
+    sentinel_group: SentinelGroup, tmp_path: Path
+) -> None:
     g = sentinel_group
-    env = pool_env("redis", broker_url=g.url(0), result_backend=g.url(1), params_url=g.url(2),
-                   sentinel_master=g.name)
+    env = pool_env("redis", broker_url=g.url(0), result_backend=g.url(1), params_url=g.url(2), sentinel_master=g.name)
     settings = Settings.from_env(env)
     store = RedisParamStore.from_settings(settings)
     backend = redis_client(settings.result_backend, sentinel_master=g.name)
@@ -331,7 +370,7 @@ def test_sentinel_urls_for_broker_backend_and_params_follow_a_failover(sentinel_
         # version from it and stores its results there.
         snap = store.read(model)
         doubled = {k: v * 2 for k, v in snap.tensors.items()}
-        assert store.commit(model, expected=0, tensors=doubled, epoch=snap.epoch).outcome is Outcome.COMMITTED
+        assert store.commit(model, expected=0, tensors=doubled, epoch=snap.epoch).outcome is CommitOutcome.COMMITTED
         second = served(backend, [producer.send_task(PREDICT, args=[model, r]).id for r in rows], worker)
         assert {r["version"] for r in second} == {1}
         assert_outputs(second, linear_outputs(store, model, rows, 1))
@@ -358,10 +397,14 @@ def test_param_store_on_cluster_commits_reads_and_serves(cluster: RedisClusterGr
     snap = store.read(model)
     # The commit script's compare-and-set, dedup and collection run on the one node that holds the model's slot.
     assert store.commit(model, expected=0, tensors=snap.tensors, update_id="u1", epoch=snap.epoch).version == 1
-    assert store.commit(model, expected=0, tensors=snap.tensors, update_id="u2", epoch=snap.epoch).outcome \
-        is Outcome.CONFLICT
-    assert store.commit(model, expected=1, tensors=snap.tensors, update_id="u1", epoch=snap.epoch).outcome \
-        is Outcome.DUPLICATE
+    assert (
+        store.commit(model, expected=0, tensors=snap.tensors, update_id="u2", epoch=snap.epoch).outcome
+        is CommitOutcome.CONFLICT
+    )
+    assert (
+        store.commit(model, expected=1, tensors=snap.tensors, update_id="u1", epoch=snap.epoch).outcome
+        is CommitOutcome.DUPLICATE
+    )
     chunked = RedisParamStore.from_settings(settings, chunk_bytes=1024)
     tripled = {k: v * 3 for k, v in snap.tensors.items()} | {"opt.big": torch.arange(2000.0)}
     for expected in (1, 2, 3):

@@ -29,7 +29,7 @@ from agent_workers.errors import ModelError
 from agent_workers.keys import Keys
 from agent_workers.models import make_spec
 from agent_workers.params import STAGING_TTL, RedisParamStore
-from agent_workers.supervisor import WorkerProcess
+from agent_workers.tools.supervisor import WorkerProcess
 from tests.conftest import Pool, pool_env, unique
 from tests.plugins import PAUSE_AFTER, PAUSE_BEFORE, reached_key
 
@@ -82,20 +82,24 @@ def _cleanup(settings: Settings) -> None:
 def trainers(broker: str, mode: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainers]:
     # Small chunks and a short retention make every commit of the 2,048-element counter a multi-chunk commit that
     # collects an old version, so readers race both the renames and the garbage collection.
-    env = pool_env(broker, plugins="tests.plugins", commit_mode=mode, keep_versions=3, chunk_bytes=4096,
-                   lock_timeout=30)
+    env = pool_env(
+        broker, plugins="tests.plugins", commit_mode=mode, keep_versions=3, chunk_bytes=4096, lock_timeout=30
+    )
     settings = Settings.from_env(env)
     logs = tmp_path_factory.mktemp(f"trainers-{broker}-{mode}")
-    workers = [WorkerProcess(queues=[settings.training_queue], env=env, extra=["-c", "4"],
-                             log_path=logs / f"worker{i}.log") for i in range(2)]
+    workers = [
+        WorkerProcess(queues=[settings.training_queue], env=env, extra=["-c", "4"], log_path=logs / f"worker{i}.log")
+        for i in range(2)
+    ]
     try:
         for w in workers:
             w.start(wait=False)
         for w in workers:
             w.wait_ready()
         store = RedisParamStore.from_settings(settings)
-        yield Trainers(settings, Client(settings), store,
-                       DatasetStore(client=store.client, keys=Keys(settings.namespace)), workers)
+        yield Trainers(
+            settings, Client(settings), store, DatasetStore(client=store.client, keys=Keys(settings.namespace)), workers
+        )
     finally:
         for w in workers:
             w.stop()
@@ -125,21 +129,25 @@ def test_n_trainers_times_k_commits_lose_and_double_nothing(trainers: Trainers, 
     assert all(0 <= r["staleness"] <= trainers.settings.max_staleness for r in commits)
     if trainers.settings.commit_mode == "lock":
         assert sum(r["conflicts"] for r in results) == 0  # the lock serialises; the CAS never loses
-    print(f"\n{trainers.settings.commit_mode} n={n}: conflicts={sum(r['conflicts'] for r in results)} "
-          f"recomputed={sum(r['recomputed'] for r in results)} "
-          f"max staleness={max(r['max_staleness_seen'] for r in results)}")
+    print(
+        f"\n{trainers.settings.commit_mode} n={n}: conflicts={sum(r['conflicts'] for r in results)} "
+        f"recomputed={sum(r['recomputed'] for r in results)} "
+        f"max staleness={max(r['max_staleness_seen'] for r in results)}"
+    )
 
 
 def test_the_same_step_delivered_twice_changes_the_parameters_once(trainers: Trainers) -> None:
     model = trainers.counter()
     client = trainers.client
-    twins = [client.send_train_step(model, x=[[0.0]], y=[[5.0]], hparams=COUNTER_HP, update_id="step-1")
-             for _ in range(2)]
+    twins = [
+        client.send_train_step(model, x=[[0.0]], y=[[5.0]], hparams=COUNTER_HP, update_id="step-1") for _ in range(2)
+    ]
     results = [client.wait(h, RESULT_TIMEOUT) for h in twins]
     assert sorted(r["duplicate"] for r in results) == [False, True]
     assert [r["version"] for r in results] == [1, 1]
-    late = client.wait(client.send_train_step(model, x=[[0.0]], y=[[5.0]], hparams=COUNTER_HP,
-                                              update_id="step-1"), RESULT_TIMEOUT)
+    late = client.wait(
+        client.send_train_step(model, x=[[0.0]], y=[[5.0]], hparams=COUNTER_HP, update_id="step-1"), RESULT_TIMEOUT
+    )
     assert late["duplicate"] and late["version"] == 1
     assert trainers.store.head(model).version == 1
     assert value_of(trainers.store, model).tolist() == [5.0]
@@ -192,25 +200,26 @@ def requeue_unacked(settings: Settings, task_ids: set[str]) -> int:
     with Connection(settings.broker_url) as conn:
         channel = conn.default_channel
         client = channel.client
-        tags = [tag for tag, raw in client.hscan_iter(channel.unacked_key)
-                if (json.loads(raw)[0].get("headers") or {}).get("id") in task_ids]
+        tags = [
+            tag
+            for tag, raw in client.hscan_iter(channel.unacked_key)
+            if (json.loads(raw)[0].get("headers") or {}).get("id") in task_ids
+        ]
         for tag in tags:
             channel.qos.restore_by_tag(tag, leftmost=True)
     return len(tags)
 
 
-def test_a_worker_killed_mid_commit_applies_each_step_exactly_once(start_pool: Callable[..., Pool], broker: str,
-                                                                   mode: str) -> None:
-    pool = start_pool(broker, queues="training", start=False, plugins="tests.plugins", commit_mode=mode,
-                      lock_timeout=2)
+def test_a_worker_killed_mid_commit_applies_each_step_exactly_once(
+    start_pool: Callable[..., Pool], broker: str, mode: str
+) -> None:
+    pool = start_pool(broker, queues="training", start=False, plugins="tests.plugins", commit_mode=mode, lock_timeout=2)
     pool.worker.cmd += ["-c", "2"]  # two steps in flight: one paused before its CAS, one after
     pool.worker.start()
     model = unique("ctr")
     pool.store.create(model, make_spec("counter", in_features=1))
-    before = pool.client.send_train_step(model, x=[[0.0]], y=[[1.0]], hparams=COUNTER_HP,
-                                         update_id=PAUSE_BEFORE + "a")
-    after = pool.client.send_train_step(model, x=[[0.0]], y=[[10.0]], hparams=COUNTER_HP,
-                                        update_id=PAUSE_AFTER + "b")
+    before = pool.client.send_train_step(model, x=[[0.0]], y=[[1.0]], hparams=COUNTER_HP, update_id=PAUSE_BEFORE + "a")
+    after = pool.client.send_train_step(model, x=[[0.0]], y=[[10.0]], hparams=COUNTER_HP, update_id=PAUSE_AFTER + "b")
     control = redis.Redis.from_url(pool.settings.params_url)
     paused = set()
     for _ in range(2):
@@ -224,8 +233,12 @@ def test_a_worker_killed_mid_commit_applies_each_step_exactly_once(start_pool: C
     assert pool.worker.proc is not None and pool.worker.proc.wait(30) == -9
     if pool.settings.broker_is_redis:
         assert requeue_unacked(pool.settings, {before.id, after.id}) == 2
-    second = WorkerProcess(queues=[pool.settings.training_queue], env=pool.env, extra=["-c", "2"],
-                           log_path=pool.worker.log_path.with_name("second.log"))
+    second = WorkerProcess(
+        queues=[pool.settings.training_queue],
+        env=pool.env,
+        extra=["-c", "2"],
+        log_path=pool.worker.log_path.with_name("second.log"),
+    )
     try:
         second.start()
         redone_after = pool.client.wait(after, RESULT_TIMEOUT)

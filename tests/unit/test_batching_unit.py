@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from agent_workers.batching import BatchPolicy, bind_predict
 from agent_workers.config import BatchSettings
+from agent_workers.contract import bind_predict
 from agent_workers.errors import InputError, ModelError
-from agent_workers.inference import LoadedModel, validate_input
 from agent_workers.models import make_spec
+from agent_workers.worker.inference import LoadedModel, validate_input
+from agent_workers.worker.policy import BatchPolicy
 
 SPEC = make_spec("linear", in_features=3)
 
@@ -54,8 +55,12 @@ def test_bind_predict_accepts_positional_and_keyword() -> None:
 
 @pytest.mark.parametrize(
     ("args", "kwargs", "fragment"),
-    [([], {}, "takes (model, inputs, version=None)"), ([1, [1]], {}, "model must be a model name"),
-     (["m", [1]], {"version": "2"}, "version must be an integer"), (["m", [1]], {"colour": 1}, "takes")],
+    [
+        ([], {}, "takes (model, inputs, version=None)"),
+        ([1, [1]], {}, "model must be a model name"),
+        (["m", [1]], {"version": "2"}, "version must be an integer"),
+        (["m", [1]], {"colour": 1}, "takes"),
+    ],
 )
 def test_bind_predict_refuses_bad_calls(args: list, kwargs: dict, fragment: str) -> None:
     with pytest.raises(InputError) as info:
@@ -94,7 +99,7 @@ class _Raises(torch.nn.Module):
 
 def test_run_batch_bisects_to_the_culprits() -> None:
     from agent_workers.config import Settings
-    from agent_workers.inference import InferenceEngine
+    from agent_workers.worker.inference import InferenceEngine
 
     engine = InferenceEngine(store=None, settings=Settings.from_env({}))  # type: ignore[arg-type]
     loaded = LoadedModel("m", 1, "e", SPEC, _Raises(), torch.device("cpu"))

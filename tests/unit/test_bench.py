@@ -1,48 +1,52 @@
-"""The benchmark's pure parts: percentiles, rates, ratios, targets, tables, message envelopes, outputs. No services."""
+"""The benchmark's pure parts: percentiles, rates, ratios, targets, tables, message envelopes, outputs. No services.
+
+The shared numbers and tables (percentile, latency_summary, format_table, markdown_table, /proc readers) live in
+agent_workers.tools.stats; the rest in the agent_workers.tools.bench package."""
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from agent_workers import bench
 from agent_workers.client import producer_app
 from agent_workers.config import Settings
 from agent_workers.models import parameter_count
+from agent_workers.tools import bench, stats
+from agent_workers.wire import redis_envelope
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 99.9, 100])
 def test_percentile_matches_numpy_linear_interpolation(q: float) -> None:
     values = np.random.default_rng(1).exponential(5.0, 1001).tolist()
-    assert bench.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert stats.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
 
 
 def test_percentile_of_one_value_is_that_value_and_order_does_not_matter() -> None:
-    assert bench.percentile([7.0], 99) == 7.0
-    assert bench.percentile([3.0, 1.0, 2.0], 50) == 2.0
-    assert bench.percentile([1.0, 2.0], 50) == 1.5
+    assert stats.percentile([7.0], 99) == 7.0
+    assert stats.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert stats.percentile([1.0, 2.0], 50) == 1.5
 
 
-def test_percentile_refuses_no_values_and_out_of_range_q() -> None:
+def test_percentile_of_no_values_is_nan_and_out_of_range_q_is_refused() -> None:
+    assert math.isnan(stats.percentile([], 50))
     with pytest.raises(ValueError):
-        bench.percentile([], 50)
-    with pytest.raises(ValueError):
-        bench.percentile([1.0], 101)
+        stats.percentile([1.0], 101)
 
 
 def test_latency_summary_reports_milliseconds() -> None:
-    summary = bench.latency_summary([0.001 * i for i in range(1, 101)])  # 1..100 ms
+    summary = stats.latency_summary([0.001 * i for i in range(1, 101)])  # 1..100 ms
     assert summary["count"] == 100
     assert summary["p50_ms"] == pytest.approx(50.5)
     assert summary["p99_ms"] == pytest.approx(99.01)
     assert summary["max_ms"] == pytest.approx(100.0)
     assert summary["mean_ms"] == pytest.approx(50.5)
-    assert bench.latency_summary([]) == {"count": 0}
+    assert stats.latency_summary([]) == {"count": 0}
 
 
 def test_cdf_points_run_from_min_to_max_and_never_fall() -> None:
@@ -54,10 +58,11 @@ def test_cdf_points_run_from_min_to_max_and_never_fall() -> None:
     assert all(a[0] <= b[0] and a[1] < b[1] for a, b in zip(points, points[1:], strict=False))
 
 
-@pytest.mark.parametrize(("num", "den", "expected"), [(10.0, 2.0, 5.0), (1.0, 0.0, None), (None, 2.0, None),
-                                                      (3.0, None, None), (0.0, 4.0, 0.0)])
-def test_ratio_is_none_when_it_cannot_be_computed(num: float | None, den: float | None,
-                                                  expected: float | None) -> None:
+@pytest.mark.parametrize(
+    ("num", "den", "expected"),
+    [(10.0, 2.0, 5.0), (1.0, 0.0, None), (None, 2.0, None), (3.0, None, None), (0.0, 4.0, 0.0)],
+)
+def test_ratio_is_none_when_it_cannot_be_computed(num: float | None, den: float | None, expected: float | None) -> None:
     assert bench.ratio(num, den) == expected
 
 
@@ -85,13 +90,13 @@ def test_interpolate_between_samples_and_clamps_outside() -> None:
 def test_parse_proc_stat_sums_user_and_system_ticks_even_with_odd_command_names() -> None:
     # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
     line = "4242 (celery (worker) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 3 1 20 0 9 0 123 456 789"
-    assert bench.parse_proc_stat(line, 100.0) == pytest.approx(3.0)
+    assert stats.parse_proc_stat(line, 100.0) == pytest.approx(3.0)
 
 
 def test_process_cpu_seconds_reads_this_process() -> None:
     import os
 
-    used = bench.process_cpu_seconds(os.getpid())  # reads /proc: this process has used some CPU
+    used = stats.process_cpu_seconds(os.getpid())  # reads /proc: this process has used some CPU
     assert used > 0.0
 
 
@@ -100,30 +105,58 @@ def test_latency_bound_is_wait_plus_three_batches_plus_ten_ms() -> None:
 
 
 def test_format_table_aligns_numbers_right_and_shows_missing_as_dash() -> None:
-    text = bench.format_table(["system", "req/s", "ratio"], [["ours", 3512.4, 12.5], ["naive", 281.0, None]])
+    text = stats.format_table(["system", "req/s", "ratio"], [["ours", 3512.4, 12.5], ["naive", 281.0, None]])
     lines = text.splitlines()
     assert lines[0].split() == ["system", "req/s", "ratio"]
     assert lines[2].split() == ["ours", "3,512", "12.50"]
     assert lines[3].split() == ["naive", "281", "-"]
     assert len({len(line) for line in lines[:3]}) == 1  # header, rule and rows share the column widths
-    assert bench.format_table(["x"], [[0.2812]]).splitlines()[2].strip() == "0.281"
+    assert stats.format_table(["x"], [[0.2812]]).splitlines()[2].strip() == "0.281"
 
 
 def test_markdown_table_has_a_header_rule_and_right_aligned_numbers() -> None:
-    md = bench.markdown_table(["system", "req/s"], [["ours", 3512.4], ["naive", 281.0]])
+    md = stats.markdown_table(["system", "req/s"], [["ours", 3512.4], ["naive", 281.0]])
     assert md.splitlines() == ["| system | req/s |", "| --- | ---: |", "| ours | 3,512 |", "| naive | 281 |"]
 
 
-def _drain(system: str, rate: float, *, broker: str = "redis", workload: str = "mlp", cpu: float | None = 0.25,
-           raw: float | None = None) -> dict[str, Any]:
-    return {"system": system, "broker": broker, "workload": workload, "rate": rate, "cpu_ms_per_request": cpu,
-            "max_batch_size": 64, "raw_torch_rate": raw, "role": "main", "counted": 1000, "seconds": 2.0,
-            "redis_cpu_ms_per_request": 0.03, "mean_batch_size": 60.0 if system == "ours" else None}
+def test_tables_of_no_rows_are_their_header_and_rule() -> None:
+    assert stats.markdown_table(["a", "b"], []).splitlines() == ["| a | b |", "| ---: | ---: |"]
+    assert stats.format_table(["a", "b"], []).splitlines() == ["a  b", "-  -"]
+
+
+def _drain(
+    system: str,
+    rate: float,
+    *,
+    broker: str = "redis",
+    workload: str = "mlp",
+    cpu: float | None = 0.25,
+    raw: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "system": system,
+        "broker": broker,
+        "workload": workload,
+        "rate": rate,
+        "cpu_ms_per_request": cpu,
+        "max_batch_size": 64,
+        "raw_torch_rate": raw,
+        "role": "main",
+        "counted": 1000,
+        "seconds": 2.0,
+        "redis_cpu_ms_per_request": 0.03,
+        "mean_batch_size": 60.0 if system == "ours" else None,
+    }
 
 
 def test_check_targets_computes_the_ratios_and_verdicts() -> None:
-    drains = [_drain("ours", 3600.0), _drain("naive", 300.0), _drain("celery-batches", 1500.0),
-              _drain("ours", 800.0, workload="heavy", raw=1000.0, cpu=None), _drain("naive", 100.0, workload="heavy")]
+    drains = [
+        _drain("ours", 3600.0),
+        _drain("naive", 300.0),
+        _drain("celery-batches", 1500.0),
+        _drain("ours", 800.0, workload="heavy", raw=1000.0, cpu=None),
+        _drain("naive", 100.0, workload="heavy"),
+    ]
     opens = [{"broker": "redis", "workload": "mlp", "p99_ms": 30.0, "bound_ms": 21.0}]
     checks = {c.what: c for c in bench.check_targets(drains, {}, opens)}
     assert checks["redis/mlp drain vs naive"].measured == 12.0
@@ -141,11 +174,15 @@ def test_check_targets_computes_the_ratios_and_verdicts() -> None:
 
 
 def test_open_loop_checks_name_the_rate_they_were_run_at() -> None:
-    opens = [{"broker": "redis", "workload": "mlp", "p99_ms": 30.0, "bound_ms": 21.0, "open_basis": "drain"},
-             {"broker": "redis", "workload": "mlp", "p99_ms": 12.0, "bound_ms": 20.0, "open_basis": "closed-loop max"}]
+    opens = [
+        {"broker": "redis", "workload": "mlp", "p99_ms": 30.0, "bound_ms": 21.0, "open_basis": "drain"},
+        {"broker": "redis", "workload": "mlp", "p99_ms": 12.0, "bound_ms": 20.0, "open_basis": "closed-loop max"},
+    ]
     checks = [(c.what, c.met) for c in bench.check_targets([], {}, opens)]
-    assert checks == [("redis/mlp p99 at half saturation (ms)", False),
-                      ("redis/mlp p99 at half saturation (ms, half the closed-loop max rate)", True)]
+    assert checks == [
+        ("redis/mlp p99 at half saturation (ms)", False),
+        ("redis/mlp p99 at half saturation (ms, half the closed-loop max rate)", True),
+    ]
 
 
 def test_check_targets_falls_back_to_the_raw_sweep_when_a_drain_has_no_paired_raw() -> None:
@@ -171,8 +208,11 @@ def test_message_factory_makes_what_send_task_would_for_each_id() -> None:
     want = bench.task_message(amqp, "abc-1", "agent_workers.predict", ["m", rows[1]])
     assert got.headers == want.headers
     assert got.properties == want.properties
-    assert json.loads(got.body) == [["m", rows[1]], {}, {"callbacks": None, "errbacks": None, "chain": None,
-                                                          "chord": None}]
+    assert json.loads(got.body) == [
+        ["m", rows[1]],
+        {},
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    ]
 
 
 def test_redis_envelope_is_what_kombu_virtual_transport_stores() -> None:
@@ -181,32 +221,75 @@ def test_redis_envelope_is_what_kombu_virtual_transport_stores() -> None:
     message = bench.task_message(_amqp(), "id-1", "agent_workers.predict", ["m", [1.0, 2.0]])
     with Connection("memory://") as conn:
         channel = conn.channel()
-        Producer(channel).publish(message.body, exchange="", routing_key="q1", headers=message.headers,
-                                  content_type="application/json", content_encoding="utf-8", delivery_mode=2,
-                                  **message.properties)
+        Producer(channel).publish(
+            message.body,
+            exchange="",
+            routing_key="q1",
+            headers=message.headers,
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+            **message.properties,
+        )
         stored = channel._get("q1")
-    ours = json.loads(bench.redis_envelope(message, "q1", delivery_tag=stored["properties"]["delivery_tag"]))
-    stored["properties"]["delivery_info"]["exchange"] = "q1"  # we publish to the direct exchange named like the queue
+    ours = json.loads(redis_envelope(message, "q1", delivery_tag=stored["properties"]["delivery_tag"]))
     assert ours["properties"] == stored["properties"]
     assert base64.b64decode(ours["body"]) == base64.b64decode(stored["body"])
-    assert {k: v for k, v in ours.items() if k not in {"body", "properties"}} == \
-        {k: v for k, v in stored.items() if k not in {"body", "properties"}}
+    assert {k: v for k, v in ours.items() if k not in {"body", "properties"}} == {
+        k: v for k, v in stored.items() if k not in {"body", "properties"}
+    }
 
 
 def _results() -> dict[str, Any]:
-    drains = [_drain("ours", 3600.0), _drain("naive", 300.0),
-              {**_drain("ours", 900.0), "role": "sweep", "max_batch_size": 1, "raw_torch_rate": 20000.0}]
+    drains = [
+        _drain("ours", 3600.0),
+        _drain("naive", 300.0),
+        {**_drain("ours", 900.0), "role": "sweep", "max_batch_size": 1, "raw_torch_rate": 20000.0},
+    ]
     cdf = bench.cdf_points([0.004, 0.006, 0.009, 0.02])
-    latency = [{"system": "ours", "broker": "redis", "workload": "mlp", "mode": "closed", "concurrency": 32,
-                "offered_rate": None, "rate": 2000.0, "p50_ms": 6.0, "p95_ms": 9.0, "p99_ms": 20.0, "max_ms": 20.0,
-                "cdf": cdf},
-               {"system": "ours", "broker": "redis", "workload": "mlp", "mode": "open", "concurrency": None,
-                "offered_rate": 1800.0, "rate": 1790.0, "p50_ms": 6.0, "p95_ms": 9.0, "p99_ms": 12.0,
-                "max_ms": 20.0, "bound_ms": 21.0, "mean_batch_size": 9.0, "mean_batch_compute_ms": 2.0, "cdf": cdf}]
+    latency = [
+        {
+            "system": "ours",
+            "broker": "redis",
+            "workload": "mlp",
+            "mode": "closed",
+            "concurrency": 32,
+            "offered_rate": None,
+            "rate": 2000.0,
+            "p50_ms": 6.0,
+            "p95_ms": 9.0,
+            "p99_ms": 20.0,
+            "max_ms": 20.0,
+            "cdf": cdf,
+        },
+        {
+            "system": "ours",
+            "broker": "redis",
+            "workload": "mlp",
+            "mode": "open",
+            "concurrency": None,
+            "offered_rate": 1800.0,
+            "rate": 1790.0,
+            "p50_ms": 6.0,
+            "p95_ms": 9.0,
+            "p99_ms": 12.0,
+            "max_ms": 20.0,
+            "bound_ms": 21.0,
+            "mean_batch_size": 9.0,
+            "mean_batch_compute_ms": 2.0,
+            "cdf": cdf,
+        },
+    ]
     opens = [r for r in latency if r["mode"] == "open"]
     checks = bench.check_targets([d for d in drains if d["role"] == "main"], {}, opens)
-    return {"workloads": {"mlp": {}}, "drains": drains, "latency": latency, "raw_torch": {"mlp": {"1": 20000.0,
-            "64": 300000.0}}, "targets": [vars(c) for c in checks], "notes": []}
+    return {
+        "workloads": {"mlp": {}},
+        "drains": drains,
+        "latency": latency,
+        "raw_torch": {"mlp": {"1": 20000.0, "64": 300000.0}},
+        "targets": [vars(c) for c in checks],
+        "notes": [],
+    }
 
 
 def test_report_tables_carry_the_ratios() -> None:
@@ -232,8 +315,12 @@ def test_drain_table_shows_the_spread_of_repeated_runs() -> None:
 
 def test_write_outputs_writes_json_markdown_and_both_plots(tmp_path: Path) -> None:
     paths = bench.write_outputs(_results(), tmp_path, "-t")
-    assert sorted(p.name for p in paths) == ["latency-cdf-t.png", "results-t.json", "summary-t.md",
-                                            "throughput-vs-batch-size-t.png"]
+    assert sorted(p.name for p in paths) == [
+        "latency-cdf-t.png",
+        "results-t.json",
+        "summary-t.md",
+        "throughput-vs-batch-size-t.png",
+    ]
     assert all(p.stat().st_size > 0 for p in paths)
     assert json.loads((tmp_path / "results-t.json").read_text())["drains"][0]["rate"] == 3600.0
     assert "| redis/mlp drain vs naive | >= 10x | 12.00 | met |" in (tmp_path / "summary-t.md").read_text()

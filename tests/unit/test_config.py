@@ -32,8 +32,10 @@ def test_amqp_broker_is_accepted() -> None:
         ({"AGENT_WORKERS_DEVICE": "tpu"}, "use auto, cpu, cuda or cuda:N"),
         ({"AGENT_WORKERS_BATCH_MODE": "magic"}, "is not one of adaptive, fixed"),
         ({"AGENT_WORKERS_TRACK_STARTED": "maybe"}, "is not a boolean"),
-        ({"AGENT_WORKERS_VISIBILITY_TIMEOUT": "60", "AGENT_WORKERS_TASK_TIME_LIMIT": "600"},
-         "must exceed AGENT_WORKERS_TASK_TIME_LIMIT"),
+        (
+            {"AGENT_WORKERS_VISIBILITY_TIMEOUT": "60", "AGENT_WORKERS_TASK_TIME_LIMIT": "600"},
+            "must exceed AGENT_WORKERS_TASK_TIME_LIMIT",
+        ),
         ({"AGENT_WORKERS_NAMESPACE": "a:b"}, "AGENT_WORKERS_NAMESPACE"),
     ],
 )
@@ -44,8 +46,13 @@ def test_bad_settings_fail_with_the_variable_named(env: dict[str, str], fragment
 
 
 def test_visibility_timeout_only_matters_on_a_redis_broker() -> None:
-    s = Settings.from_env({"AGENT_WORKERS_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
-                           "AGENT_WORKERS_VISIBILITY_TIMEOUT": "60", "AGENT_WORKERS_TASK_TIME_LIMIT": "600"})
+    s = Settings.from_env(
+        {
+            "AGENT_WORKERS_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+            "AGENT_WORKERS_VISIBILITY_TIMEOUT": "60",
+            "AGENT_WORKERS_TASK_TIME_LIMIT": "600",
+        }
+    )
     assert s.visibility_timeout == 60
 
 

@@ -11,8 +11,14 @@ from celery import Celery
 import agent_workers
 from agent_workers import errors
 
-ALL = [errors.AgentWorkersError, errors.ConfigError, errors.InputError, errors.ModelError, errors.StoreError,
-       errors.StoreUnavailableError]
+ALL = [
+    errors.AgentWorkersError,
+    errors.ConfigError,
+    errors.InputError,
+    errors.ModelError,
+    errors.StoreError,
+    errors.StoreUnavailableError,
+]
 
 
 @pytest.mark.parametrize("cls", ALL)
@@ -46,9 +52,21 @@ def test_every_error_descends_from_the_root() -> None:
 def test_public_api_is_pinned() -> None:
     assert agent_workers.__all__ == sorted(agent_workers.__all__)
     assert agent_workers.__all__ == [
-        "AgentWorkersError", "BatchSettings", "ConfigError", "HyperParams", "InputError", "ModelError", "ModelSpec",
-        "Settings", "StoreError", "StoreUnavailableError", "VersionConflictError", "architectures", "make_spec",
-        "register_architecture", "register_loss",
+        "AgentWorkersError",
+        "BatchSettings",
+        "ConfigError",
+        "HyperParams",
+        "InputError",
+        "ModelError",
+        "ModelSpec",
+        "Settings",
+        "StoreError",
+        "StoreUnavailableError",
+        "VersionConflictError",
+        "architectures",
+        "make_spec",
+        "register_architecture",
+        "register_loss",
     ]
 
 

@@ -8,19 +8,12 @@ from typing import Any
 import pytest
 import torch
 
+from agent_workers.blobs import blob_metadata, blob_version, chunk_keys, decode_blob, encode_blob, split_chunks
 from agent_workers.config import Settings
 from agent_workers.errors import ConfigError, ModelError, StoreUnavailableError
 from agent_workers.keys import Keys
-from agent_workers.params import (
-    RedisParamStore,
-    _glob_escape,
-    blob_metadata,
-    blob_version,
-    chunk_keys,
-    decode_blob,
-    encode_blob,
-    split_chunks,
-)
+from agent_workers.params import RedisParamStore
+from agent_workers.redis_clients import glob_escape as _glob_escape
 
 
 def test_blob_round_trip_keeps_tensors_and_header() -> None:
@@ -47,8 +40,11 @@ def test_split_chunks_covers_the_blob_exactly(size: int, chunk: int, expected: i
 
 
 def test_chunk_keys_keep_the_first_key_and_suffix_the_rest() -> None:
-    assert chunk_keys("aw:model:{m}:blob:3", 3) == ["aw:model:{m}:blob:3", "aw:model:{m}:blob:3:1",
-                                                     "aw:model:{m}:blob:3:2"]
+    assert chunk_keys("aw:model:{m}:blob:3", 3) == [
+        "aw:model:{m}:blob:3",
+        "aw:model:{m}:blob:3:1",
+        "aw:model:{m}:blob:3:2",
+    ]
 
 
 def test_glob_escape_makes_a_prefix_literal() -> None:
@@ -108,12 +104,23 @@ def test_unknown_commit_mode_is_a_config_error() -> None:
 
 
 def test_from_settings_carries_the_store_settings() -> None:
-    settings = Settings.from_env({"AGENT_WORKERS_COMMIT_MODE": "lock", "AGENT_WORKERS_CHUNK_BYTES": "4096",
-                                  "AGENT_WORKERS_LOCK_TIMEOUT": "2.5", "AGENT_WORKERS_KEEP_VERSIONS": "3",
-                                  "AGENT_WORKERS_NAMESPACE": "ns1"})
+    settings = Settings.from_env(
+        {
+            "AGENT_WORKERS_COMMIT_MODE": "lock",
+            "AGENT_WORKERS_CHUNK_BYTES": "4096",
+            "AGENT_WORKERS_LOCK_TIMEOUT": "2.5",
+            "AGENT_WORKERS_KEEP_VERSIONS": "3",
+            "AGENT_WORKERS_NAMESPACE": "ns1",
+        }
+    )
     store = RedisParamStore.from_settings(settings)  # redis-py connects lazily: no server needed
     assert (store.mode, store.chunk_bytes, store.lock_timeout, store.keep_versions, store.keys.namespace) == (
-        "lock", 4096, 2.5, 3, "ns1")
+        "lock",
+        4096,
+        2.5,
+        3,
+        "ns1",
+    )
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from agent_workers import training
+from agent_workers.blobs import PARAM_PREFIX, Snapshot
 from agent_workers.errors import InputError, StoreError
 from agent_workers.models import ModelSpec, make_spec
-from agent_workers.params import PARAM_PREFIX, CommitResult, Outcome, Snapshot
+from agent_workers.params import CommitOutcome, CommitResult
 from agent_workers.training import HyperParams, apply_update, compute_gradient, train_step
 
 STEPS = 6
@@ -29,8 +30,9 @@ def batches(rng: np.random.Generator, classes: int | None, out: int = 2) -> list
     return result
 
 
-def run_ours(spec: ModelSpec, module: torch.nn.Module, hp: HyperParams,
-             data: list[tuple[np.ndarray, np.ndarray]]) -> Snapshot:
+def run_ours(
+    spec: ModelSpec, module: torch.nn.Module, hp: HyperParams, data: list[tuple[np.ndarray, np.ndarray]]
+) -> Snapshot:
     snap = Snapshot("m", 0, "e", {PARAM_PREFIX + k: v.detach().clone() for k, v in module.state_dict().items()})
     for x, y in data:
         grads, _ = compute_gradient(spec, snap, x, y, hp)
@@ -38,11 +40,15 @@ def run_ours(spec: ModelSpec, module: torch.nn.Module, hp: HyperParams,
     return snap
 
 
-def run_torch(module: torch.nn.Module, hp: HyperParams, data: list[tuple[np.ndarray, np.ndarray]],
-              ) -> torch.optim.Optimizer:
+def run_torch(
+    module: torch.nn.Module,
+    hp: HyperParams,
+    data: list[tuple[np.ndarray, np.ndarray]],
+) -> torch.optim.Optimizer:
     if hp.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(module.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                                     weight_decay=hp.l2)
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            module.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.l2
+        )
     else:
         opt = torch.optim.Adam(module.parameters(), lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.l2)
     for x, y in data:
@@ -90,11 +96,11 @@ def test_step_matches_torch_optim_exactly(case: str, loss: str) -> None:
         if hp.optimizer == "adam":
             # The optimizer state is versioned with the parameters, so it must be torch's state too.
             torch.testing.assert_close(ours.tensors[f"{prefix}m.{name}"], state["exp_avg"], rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(ours.tensors[f"{prefix}v.{name}"], state["exp_avg_sq"], rtol=1e-5,
-                                       atol=1e-9)
+            torch.testing.assert_close(ours.tensors[f"{prefix}v.{name}"], state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
         elif hp.momentum:
-            torch.testing.assert_close(ours.tensors[f"{prefix}buf.{name}"], state["momentum_buffer"], rtol=1e-5,
-                                       atol=1e-7)
+            torch.testing.assert_close(
+                ours.tensors[f"{prefix}buf.{name}"], state["momentum_buffer"], rtol=1e-5, atol=1e-7
+            )
     assert int(ours.tensors[f"o.{hp.optimizer}.step"][0]) == STEPS
 
 
@@ -111,9 +117,11 @@ def test_apply_update_leaves_the_snapshot_untouched() -> None:
 def test_losses_are_torch_losses() -> None:
     out = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
     assert training._LOSSES["mse"](out, torch.tensor([[1.0, 1.0], [1.0, 1.0]])).item() == pytest.approx(
-        torch.nn.functional.mse_loss(out, torch.ones(2, 2)).item())
+        torch.nn.functional.mse_loss(out, torch.ones(2, 2)).item()
+    )
     assert training._LOSSES["cross_entropy"](out, torch.tensor([1.0, 0.0])).item() == pytest.approx(
-        torch.nn.functional.cross_entropy(out, torch.tensor([1, 0])).item())
+        torch.nn.functional.cross_entropy(out, torch.tensor([1, 0])).item()
+    )
 
 
 @pytest.mark.parametrize(
@@ -174,21 +182,30 @@ class MemoryStore:
             store.version += n
             if rollback:
                 store.barrier = store.version
+
         return rival
 
-    def commit(self, name: str, *, expected: int, tensors: dict[str, torch.Tensor], update_id: str = "",
-               info: dict[str, Any] | None = None, epoch: str = "") -> CommitResult:
+    def commit(
+        self,
+        name: str,
+        *,
+        expected: int,
+        tensors: dict[str, torch.Tensor],
+        update_id: str = "",
+        info: dict[str, Any] | None = None,
+        epoch: str = "",
+    ) -> CommitResult:
         self.commits += 1
         if self.rivals:
             self.rivals.pop(0)(self)
         if update_id in self.applied_ids:
-            return CommitResult(Outcome.DUPLICATE, self.applied_ids[update_id])
+            return CommitResult(CommitOutcome.DUPLICATE, self.applied_ids[update_id])
         if expected != self.version:
-            return CommitResult(Outcome.CONFLICT, self.version)
+            return CommitResult(CommitOutcome.CONFLICT, self.version)
         self.version += 1
         self.tensors = tensors
         self.applied_ids[update_id] = self.version
-        return CommitResult(Outcome.COMMITTED, self.version)
+        return CommitResult(CommitOutcome.COMMITTED, self.version)
 
 
 @pytest.fixture
@@ -202,8 +219,11 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(training, "compute_gradient", counting)
-    monkeypatch.setattr(training, "time", types.SimpleNamespace(sleep=seen["sleeps"].append,
-                                                                perf_counter=__import__("time").perf_counter))
+    monkeypatch.setattr(
+        training,
+        "time",
+        types.SimpleNamespace(sleep=seen["sleeps"].append, perf_counter=__import__("time").perf_counter),
+    )
     return seen
 
 
@@ -253,8 +273,9 @@ def test_an_applied_update_id_returns_a_duplicate_without_computing_or_locking(c
     result = train_step(store, "m", X, Y, HP, update_id="u")  # type: ignore[arg-type]
     assert result.duplicate and result.version == 7
     assert (store.commits, store.locks, counted["gradients"]) == (0, 0, 0)
-    assert result.loss == pytest.approx(training.compute_loss(SPEC, store.read("m"), np.array(X, np.float32),
-                                                              np.array(Y, np.float32), HP))
+    assert result.loss == pytest.approx(
+        training.compute_loss(SPEC, store.read("m"), np.array(X, np.float32), np.array(Y, np.float32), HP)
+    )
 
 
 def test_a_duplicate_found_at_commit_time_changes_nothing(counted: dict[str, Any]) -> None:
@@ -279,16 +300,17 @@ def test_every_step_runs_inside_the_store_exclusive_section(counted: dict[str, A
 def test_step_result_reports_its_costs_as_json() -> None:
     store = MemoryStore(SPEC)
     out = train_step(store, "m", X, Y, HP, update_id="a").to_json()  # type: ignore[arg-type]
-    assert {"version", "loss", "attempts", "staleness", "duplicate", "conflicts", "recomputed",
-            "latency_ms"} <= set(out)
+    assert {"version", "loss", "attempts", "staleness", "duplicate", "conflicts", "recomputed", "latency_ms"} <= set(
+        out
+    )
     assert out["latency_ms"] >= 0
 
 
-# -- the report's pure parts (agent_workers/report.py) -----------------------------------------------------------
+# -- the report's pure parts (agent_workers/tools/report) ---------------------------------------------------------
 
 
 def test_report_tables_replace_only_what_lies_between_the_markers() -> None:
-    from agent_workers.report import BEGIN_MARK, END_MARK, splice
+    from agent_workers.tools.report import BEGIN_MARK, END_MARK, splice
 
     doc = f"# T\n\nprose\n\n{BEGIN_MARK}\nold table\n{END_MARK}\n\nmore prose\n"
     out = splice(doc, "new table\n")
@@ -298,7 +320,7 @@ def test_report_tables_replace_only_what_lies_between_the_markers() -> None:
 
 
 def test_report_step_stats_count_conflicts_per_attempt_and_skip_duplicates_in_latency() -> None:
-    from agent_workers.report import layout, step_stats
+    from agent_workers.tools.report import layout, step_stats
 
     results = [
         {"attempts": 1, "conflicts": 0, "recomputed": 0, "staleness": 0, "latency_ms": 10.0, "duplicate": False},
@@ -309,3 +331,17 @@ def test_report_step_stats_count_conflicts_per_attempt_and_skip_duplicates_in_la
     assert (stats["steps"], stats["steps_per_s"], stats["conflict_rate"], stats["max_staleness"]) == (3, 1.5, 0.5, 2)
     assert stats["latency_p50_ms"] == 20.0 and stats["latency_p99_ms"] < 30.0 + 1e-9
     assert [layout(n) for n in (1, 2, 4, 8)] == [(1, 1), (2, 1), (4, 1), (4, 2)]
+
+
+def test_report_tables_keep_four_significant_digits() -> None:
+    from agent_workers.tools.report.output import markdown_table
+
+    md = markdown_table(
+        ["run", "mse", "steps/s", "goal met"], [["a", 0.010234, 12345.6, "yes"], ["b", 1.5, None, "NO"]]
+    )
+    assert md.splitlines() == [
+        "| run | mse | steps/s | goal met |",
+        "| --- | ---: | ---: | --- |",
+        "| a | 0.01023 | 12,346 | yes |",
+        "| b | 1.5 | None | NO |",
+    ]

@@ -1,4 +1,5 @@
-"""The benchmark's baselines, registered in a worker started with ``AGENT_WORKERS_PLUGINS=agent_workers.bench_tasks``.
+"""The benchmark's baselines, registered in a worker started with
+``AGENT_WORKERS_PLUGINS=agent_workers.tools.baselines``.
 
 * ``agent_workers.bench.predict_naive``: the plain per-request Celery task, one forward pass per message, executed by
   Celery's ordinary strategy and pool (what one writes without a batcher);
@@ -6,16 +7,30 @@
   ``flush_every`` = max batch size, ``flush_interval`` = max wait), each request's result stored with
   ``backend.mark_as_done`` as its docs say ("Returning results"). Registered only when ``celery_batches`` imports.
 
-Both use the worker's own :class:`~agent_workers.inference.InferenceEngine`, so the model, the parameter cache, the
-validation and the forward pass are exactly those of ``agent_workers.predict``; only the Celery plumbing differs.
+Both use the worker's own :class:`~agent_workers.worker.inference.InferenceEngine`, so the model, the parameter
+cache, the validation and the forward pass are exactly those of ``agent_workers.predict``; only the Celery plumbing
+differs.
+
+They are registered on the *current* app: a worker imports its plugins in a bootstep (``StartupChecks``), after
+Celery made the worker's app current and finalized it (``setup_worker_optimizations``), so the tasks land on that
+app whatever module defined it. Imported anywhere else, this module refuses.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from agent_workers.inference import LoadedModel
-from tasks import app
+from celery import current_app
+
+from agent_workers.worker.app import WorkerApp
+from agent_workers.worker.inference import LoadedModel
+
+app = current_app._get_current_object()
+if not isinstance(app, WorkerApp):
+    raise ImportError(
+        f"{__name__} is a worker plugin (AGENT_WORKERS_PLUGINS={__name__}); the current Celery app "
+        f"is {app.main!r}, not an agent-workers worker's"
+    )
 
 NAIVE = "agent_workers.bench.predict_naive"
 CELERY_BATCHES = "agent_workers.bench.predict_celery_batches"
@@ -39,8 +54,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 if Batches is not None:
 
-    @app.task(name=CELERY_BATCHES, base=Batches, flush_every=app.settings.batch.max_batch_size,
-              flush_interval=app.settings.batch.max_wait_ms / 1000.0)
+    @app.task(
+        name=CELERY_BATCHES,
+        base=Batches,
+        flush_every=app.settings.batch.max_batch_size,
+        flush_interval=app.settings.batch.max_wait_ms / 1000.0,
+    )
     def predict_celery_batches(requests: list[Any]) -> None:
         """Score a celery-batches buffer: one forward pass per model, one ``mark_as_done`` per request."""
         engine = app.engine
@@ -65,5 +84,6 @@ if Batches is not None:
                 if isinstance(value, Exception):
                     backend.mark_as_failure(request.id, value, request=request)
                 else:
-                    backend.mark_as_done(request.id, {"model": model, "version": loaded.version, "outputs": value},
-                                         request=request)
+                    backend.mark_as_done(
+                        request.id, {"model": model, "version": loaded.version, "outputs": value}, request=request
+                    )

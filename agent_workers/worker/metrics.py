@@ -9,15 +9,24 @@ TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 REQUESTS = Counter("agent_workers_requests_total", "Inference requests by outcome", ["model", "outcome"])
 BATCH_SIZE = Histogram("agent_workers_batch_size", "Requests per forward pass", ["model"], buckets=BATCH_BUCKETS)
-QUEUE_WAIT = Histogram("agent_workers_queue_wait_seconds", "Time a request waited in the worker for its batch",
-                       ["model"], buckets=TIME_BUCKETS)
+QUEUE_WAIT = Histogram(
+    "agent_workers_queue_wait_seconds",
+    "Time a request waited in the worker for its batch",
+    ["model"],
+    buckets=TIME_BUCKETS,
+)
 COMPUTE = Histogram("agent_workers_compute_seconds", "Forward-pass time of a batch", ["model"], buckets=TIME_BUCKETS)
 PARAM_VERSION = Gauge("agent_workers_param_version", "Parameter version being served or trained", ["model"])
-QUEUE_DEPTH = Gauge("agent_workers_queue_depth", "Messages waiting in the broker, per queue this worker consumes",
-                    ["queue"])
+QUEUE_DEPTH = Gauge(
+    "agent_workers_queue_depth", "Messages waiting in the broker, per queue this worker consumes", ["queue"]
+)
 COMMITS = Counter("agent_workers_commits_total", "Training commits by outcome", ["model", "outcome"])
-STALENESS = Histogram("agent_workers_commit_staleness", "Versions between a gradient's read and its commit",
-                      ["model"], buckets=(0, 1, 2, 4, 8, 16, 32))
+STALENESS = Histogram(
+    "agent_workers_commit_staleness",
+    "Versions between a gradient's read and its commit",
+    ["model"],
+    buckets=(0, 1, 2, 4, 8, 16, 32),
+)
 
 _started: set[int] = set()
 

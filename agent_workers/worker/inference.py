@@ -56,8 +56,9 @@ def validate_input(spec: ModelSpec, inputs: Any, *, max_elements: int) -> np.nda
         InputError: naming what is wrong (type, shape, size, NaN/inf).
     """
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, (list, tuple)):
-        raise InputError(f"inputs must be a list of numbers of shape {list(spec.input_shape)}, "
-                         f"got {type(inputs).__name__}")
+        raise InputError(
+            f"inputs must be a list of numbers of shape {list(spec.input_shape)}, got {type(inputs).__name__}"
+        )
     if len(inputs) != spec.input_shape[0]:
         raise InputError(f"inputs must have shape {list(spec.input_shape)}, got length {len(inputs)}")
     try:
@@ -160,8 +161,9 @@ class InferenceEngine:
         module = module.to(self.device).eval()
         if self.settings.compile:
             module = torch.compile(module)  # type: ignore[assignment]
-        loaded = LoadedModel(name=name, version=snapshot.version, epoch=snapshot.epoch, spec=spec,
-                             module=module, device=self.device)
+        loaded = LoadedModel(
+            name=name, version=snapshot.version, epoch=snapshot.epoch, spec=spec, module=module, device=self.device
+        )
         self.forward(loaded, np.zeros((1, *spec.input_shape), dtype=np.float32))  # warm before serving
         log.info("loaded %s v%d on %s", name, snapshot.version, self.device)
         return loaded

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import redis
@@ -20,26 +21,25 @@ import redis
 from agent_workers.config import Settings
 from agent_workers.errors import ConfigError
 from agent_workers.redis_clients import redis_client
+from agent_workers.worker.launch import settings_env, worker_command
 
 READY_TIMEOUT = 90.0
 
 
-def worker_command(*, queues: list[str], hostname: str, loglevel: str = "INFO", concurrency: int = 1,
-                   prefetch_multiplier: int = 1, pool: str = "threads", extra: list[str] | None = None) -> list[str]:
-    """The ``celery worker`` command line for one worker process of ours."""
-    return [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", pool, "-c", str(concurrency),
-            "-Q", ",".join(queues), "-n", hostname, "-l", loglevel, "-E",
-            "--prefetch-multiplier", str(prefetch_multiplier), "--without-mingle", "--without-gossip",
-            *(extra or [])]
+def derive_settings(base: Settings, *, batch: Mapping[str, Any] | None = None, **changes: Any) -> Settings:
+    """``base`` with ``changes`` to its fields and ``batch`` to its batching policy, validated.
 
+    How a tool sets up the workers it starts: ``WorkerProcess(env=derive_settings(...).to_env())``; start from the
+    settings of the environment (``Settings.from_env()``) so the workers keep whatever else the operator set.
 
-def settings_env(settings_env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The current environment plus ``AGENT_WORKERS_*`` overrides, with the repo importable."""
-    env = dict(os.environ)
-    env.update(settings_env or {})
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+    Raises:
+        ConfigError: the combination cannot work.
+    """
+    settings = dataclasses.replace(base, **changes)
+    if batch:
+        settings = dataclasses.replace(settings, batch=dataclasses.replace(settings.batch, **batch))
+    settings.validate()
+    return settings
 
 
 class WorkerProcess:
@@ -51,9 +51,17 @@ class WorkerProcess:
         inference: size the prefetch so a batch can fill (2 × max batch size).
     """
 
-    def __init__(self, *, queues: list[str], env: Mapping[str, str] | None = None, name: str | None = None,
-                 loglevel: str = "INFO", pool: str = "threads", extra: list[str] | None = None,
-                 log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        queues: list[str],
+        env: Mapping[str, str] | None = None,
+        name: str | None = None,
+        loglevel: str = "INFO",
+        pool: str = "threads",
+        extra: list[str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.env = settings_env(env)
         self.ready_path = Path(tempfile.mkdtemp(prefix="aw-ready-")) / "ready"
         self.env["AGENT_WORKERS_READY_FILE"] = str(self.ready_path)
@@ -61,16 +69,23 @@ class WorkerProcess:
         self.hostname = name or f"aw-{uuid.uuid4().hex[:8]}@%h"
         inference = settings.inference_queue in queues
         prefetch = 2 * settings.batch.max_batch_size if inference else 1
-        self.cmd = worker_command(queues=queues, hostname=self.hostname, loglevel=loglevel,
-                                  prefetch_multiplier=prefetch, pool=pool, extra=extra)
+        self.cmd = worker_command(
+            queues=queues,
+            hostname=self.hostname,
+            loglevel=loglevel,
+            prefetch_multiplier=prefetch,
+            pool=pool,
+            extra=extra,
+        )
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="aw-worker-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait: bool = True) -> WorkerProcess:
         self.ready_path.unlink(missing_ok=True)  # a killed worker leaves its ready file behind
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         if wait:
             try:
@@ -154,8 +169,11 @@ class LocalRedis:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ConfigError(NO_REDIS_HELP)
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-                                      *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, *self.args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout
         while not redis_answers(self.url, 0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:

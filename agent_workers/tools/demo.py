@@ -20,7 +20,7 @@ from agent_workers.config import Settings
 from agent_workers.datasets import DatasetStore
 from agent_workers.models import make_spec
 from agent_workers.params import RedisParamStore
-from agent_workers.supervisor import WorkerProcess, ensure_redis
+from agent_workers.tools.supervisor import WorkerProcess, ensure_redis
 
 SEED_REPORTED_MSE = 0.0118
 N_ROWS, N_FEATURES, N_TEST = 10_000, 10, 1_000
@@ -47,8 +47,16 @@ def seed_data(seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def run(settings: Settings, *, model: str = "seed-linear", epochs: int = 10, batch_size: int = 100,
-        hparams: dict[str, Any] | None = None, progress: bool = True, start_worker: bool = True) -> DemoResult:
+def run(
+    settings: Settings,
+    *,
+    model: str = "seed-linear",
+    epochs: int = 10,
+    batch_size: int = 100,
+    hparams: dict[str, Any] | None = None,
+    progress: bool = True,
+    start_worker: bool = True,
+) -> DemoResult:
     """Train and evaluate through the queue; returns the figures (also printed)."""
     hparams = hparams or {"loss": "mse", "optimizer": "sgd", "lr": 0.05}
     x, y = seed_data()
@@ -58,8 +66,9 @@ def run(settings: Settings, *, model: str = "seed-linear", epochs: int = 10, bat
     client = Client(settings)
     worker = None
     if start_worker:
-        worker = WorkerProcess(queues=[settings.inference_queue, settings.training_queue],
-                               name="demo@%h", loglevel="WARNING")
+        worker = WorkerProcess(
+            queues=[settings.inference_queue, settings.training_queue], name="demo@%h", loglevel="WARNING"
+        )
         print(f"starting a worker (log: {worker.log_path}) ...")
         worker.start()
         print(f"worker {worker.hostname} ready")
@@ -67,18 +76,20 @@ def run(settings: Settings, *, model: str = "seed-linear", epochs: int = 10, bat
         dataset = DatasetStore.from_settings(settings).upload(x_train, y_train.reshape(-1, 1))
         steps = epochs * -(-len(x_train) // batch_size)
         started = time.perf_counter()
-        with tqdm(total=steps, desc="train (queued steps)", unit="step", disable=not progress,
-                  mininterval=1.0) as bar:
+        with tqdm(total=steps, desc="train (queued steps)", unit="step", disable=not progress, mininterval=1.0) as bar:
+
             def on_step(result: dict[str, Any]) -> None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{result['loss']:.4f}", version=result['version'], refresh=False)
+                bar.set_postfix(loss=f"{result['loss']:.4f}", version=result["version"], refresh=False)
 
-            client.train(model, dataset, len(x_train), epochs=epochs, batch_size=batch_size, hparams=hparams,
-                         on_step=on_step)
+            client.train(
+                model, dataset, len(x_train), epochs=epochs, batch_size=batch_size, hparams=hparams, on_step=on_step
+            )
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        with tqdm(total=N_TEST, desc="predict (queued requests)", unit="req", disable=not progress,
-                  mininterval=1.0) as bar:
+        with tqdm(
+            total=N_TEST, desc="predict (queued requests)", unit="req", disable=not progress, mininterval=1.0
+        ) as bar:
             results = client.predict_bulk(model, x_test.tolist(), on_result=lambda _: bar.update(1))
         predict_seconds = time.perf_counter() - started
     finally:

@@ -45,8 +45,10 @@ def models_reply(app: Any) -> dict[str, Any]:
     return {
         "device": str(device) if device is not None else engine.settings.device,
         "models": sorted(
-            ({"name": m.name, "version": m.version, "epoch": m.epoch, "arch": m.spec.arch, "device": str(m.device)}
-             for m in loaded),
+            (
+                {"name": m.name, "version": m.version, "epoch": m.epoch, "arch": m.spec.arch, "device": str(m.device)}
+                for m in loaded
+            ),
             key=lambda m: m["name"],
         ),
     }

@@ -1,4 +1,5 @@
-"""A kombu Redis transport that pops many messages per round trip.
+"""The only module that knows kombu's Redis internals: a transport that pops many messages per round trip, bulk
+acknowledgement, and queue depth.
 
 kombu's Redis transport issues one ``BRPOP`` per message and then one pipeline per message to record it as
 unacknowledged (the visibility-timeout bookkeeping), so a worker pays two round trips and a loop iteration for every
@@ -27,6 +28,8 @@ from kombu.transport import redis as kredis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+
+from agent_workers import lua
 
 DEFAULT_POP_COUNT = 128
 logger = logging.getLogger(__name__)
@@ -88,8 +91,9 @@ class Channel(kredis.Channel):
             return None
         # Several queues: block for ONE message, exactly as kombu's BRPOP does (keys in priority order), the one
         # message kombu itself can lose to a SIGKILL; the rest of the window is popped and recorded atomically.
-        self.client.connection.send_command("BLMPOP", timeout or 0, len(self._bulk_keys), *self._bulk_keys,
-                                            "RIGHT", "COUNT", 1)
+        self.client.connection.send_command(
+            "BLMPOP", timeout or 0, len(self._bulk_keys), *self._bulk_keys, "RIGHT", "COUNT", 1
+        )
         return None
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -147,11 +151,11 @@ class Channel(kredis.Channel):
                     continue
                 info = props.get("delivery_info") or {}
                 pipe.zadd(self.unacked_index_key, {tag: now})
-                pipe.hset(self.unacked_key, tag,
-                          f"[{text}, {dumps(info.get('exchange'))}, {dumps(info.get('routing_key'))}]")
+                pipe.hset(
+                    self.unacked_key, tag, f"[{text}, {dumps(info.get('exchange'))}, {dumps(info.get('routing_key'))}]"
+                )
             if more > 0:
-                script(keys=[self.unacked_index_key, self.unacked_key, *self._bulk_keys], args=[more, now],
-                       client=pipe)
+                script(keys=[self.unacked_index_key, self.unacked_key, *self._bulk_keys], args=[more, now], client=pipe)
             results = pipe.execute()
         if more <= 0 or not results or not results[-1]:
             return []
@@ -161,40 +165,61 @@ class Channel(kredis.Channel):
     def _pop_script(self) -> Any:
         script = getattr(self, "_pop_and_record", None)
         if script is None:
-            script = self._pop_and_record = self.client.register_script(_POP_AND_RECORD)
+            script = self._pop_and_record = self.client.register_script(lua.source("pop_and_record"))
         return script
-
-
-_POP_AND_RECORD = """
--- KEYS: 1 unacked index (zset), 2 unacked (hash), 3.. the queue lists in priority order
--- ARGV: 1 how many to pop, 2 now (the index score)
--- Pops up to ARGV[1] messages from the first non-empty list and records each as unacknowledged, exactly as kombu's
--- QoS.append does ([payload, exchange, routing_key] under the delivery tag), in one atomic step.
-local cmd = {'LMPOP', #KEYS - 2}
-for i = 3, #KEYS do cmd[#cmd + 1] = KEYS[i] end
-cmd[#cmd + 1] = 'RIGHT'
-cmd[#cmd + 1] = 'COUNT'
-cmd[#cmd + 1] = ARGV[1]
-local popped = redis.call(unpack(cmd))
-if not popped then return false end
-for _, raw in ipairs(popped[2]) do
-  local ok, msg = pcall(cjson.decode, raw)
-  if ok and type(msg) == 'table' and type(msg.properties) == 'table' and msg.properties.delivery_tag then
-    local info = msg.properties.delivery_info
-    local ex, rk = 'null', 'null'
-    if type(info) == 'table' then
-      if info.exchange ~= nil then ex = cjson.encode(info.exchange) end
-      if info.routing_key ~= nil then rk = cjson.encode(info.routing_key) end
-    end
-    redis.call('ZADD', KEYS[1], ARGV[2], msg.properties.delivery_tag)
-    redis.call('HSET', KEYS[2], msg.properties.delivery_tag, '[' .. raw .. ', ' .. ex .. ', ' .. rk .. ']')
-  end
-end
-return popped
-"""
 
 
 class Transport(kredis.Transport):
     """The stock Redis transport with :class:`Channel` above."""
 
     Channel = Channel
+
+
+# -- acknowledgement and depth, for any transport (Redis in bulk) ---------------------------------------------------
+
+
+def ack_all(messages: list[Any]) -> None:
+    """Acknowledge many messages; on Redis in one pipelined round trip instead of one per message."""
+    by_qos: dict[int, list[Any]] = {}
+    for m in messages:
+        qos = getattr(m.channel, "qos", None)
+        if isinstance(qos, virtual.QoS) and hasattr(qos, "_remove_from_indices"):
+            by_qos.setdefault(id(qos), []).append(m)
+        elif not m.acknowledged:
+            try:
+                m.ack()
+            except Exception:  # noqa: BLE001 - channel gone: the broker redelivers it
+                logger.warning("ack of %s failed; the broker will redeliver it", m.delivery_tag, exc_info=True)
+    for group in by_qos.values():
+        qos = group[0].channel.qos
+        try:
+            with qos.pipe_or_acquire() as pipe:
+                for m in group:
+                    qos._remove_from_indices(m.delivery_tag, pipe)  # kombu/transport/redis.py QoS.ack, batched
+                pipe.execute()
+        except Exception:  # noqa: BLE001
+            logger.warning("bulk ack failed; the broker will redeliver %d messages", len(group), exc_info=True)
+            continue
+        for m in group:
+            virtual.QoS.ack(qos, m.delivery_tag)
+            m._state = "ACK"
+
+
+def queue_depth(channel: Any, queue: str) -> int:
+    """Messages waiting in ``queue``: the sum over its priority lists on Redis, a passive declare on AMQP."""
+    if hasattr(channel, "_q_for_pri"):
+        keys = {channel._q_for_pri(queue, pri) for pri in channel.priority_steps}
+        pipe = channel.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.llen(key)
+        return int(sum(pipe.execute()))
+    return int(channel.queue_declare(queue, passive=True).message_count)
+
+
+#: kombu's hash of delivered, not yet acknowledged messages (every queue of the database).
+UNACKED_KEY: str = kredis.Channel.unacked_key
+
+
+def binding_key(queue: str) -> str:
+    """kombu's binding key of ``queue`` on a Redis broker (``_kombu.binding.<queue>``)."""
+    return kredis.Channel.keyprefix_queue % queue

@@ -1,0 +1,419 @@
+"""What a producer calls: inference and training jobs by task name, results from the Redis result backend.
+
+    from agent_workers.client import Client
+    client = Client.from_env()
+    client.predict("linear", [0.1] * 10)                 # {'model': 'linear', 'version': 3, 'outputs': [0.09]}
+    client.predict_bulk("linear", rows)                  # one result per row, in order
+    await client.predict_async("linear", [0.1] * 10)
+
+Predictions take a cheap path: the client builds the Celery protocol-v2 message itself (exactly the envelope
+kombu puts on the wire, see :mod:`agent_workers.wire`) and publishes it without ``apply_async``'s routing, signals
+and repr work; a bulk of them goes out in one pipelined Redis round trip (or one confirmed burst on one AMQP
+channel). Results are read straight from the Redis result backend (:mod:`agent_workers.client.results`): one pub/sub
+subscription for a whole bulk plus one MGET for those already stored. ``agent-workers bench-producer`` measures the
+producer CPU this saves.
+
+A producer that does not want this package sends the same messages with any Celery client:
+``send_task("agent_workers.predict", args=[model, inputs], queue="inference")`` (the contract is docs/tasks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlparse
+
+from celery import Celery
+from celery.exceptions import TimeoutError as ResultTimeout
+from celery.result import AsyncResult
+
+from agent_workers import errors, wire
+from agent_workers.client.publisher import Publisher, PublishError
+from agent_workers.client.results import ResultReader
+from agent_workers.config import Settings
+from agent_workers.contract import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP, declare_queue, task_routes
+from agent_workers.datasets import epoch_batches
+from agent_workers.errors import AgentWorkersError
+from agent_workers.wire import Envelope
+
+DEFAULT_TIMEOUT = 60.0
+KWARGSREPR_LIMIT = 120
+_ERRORS: dict[str, type[AgentWorkersError]] = {name: getattr(errors, name) for name in errors.__all__}
+_REDIS_URL_SCHEMES = {"redis", "rediss", "unix"}
+
+__all__ = ["DEFAULT_TIMEOUT", "Client", "PublishError", "ResultTimeout", "producer_app"]
+
+
+def producer_app(settings: Settings) -> Celery:
+    """A minimal Celery app for producing: JSON only, our routes, our result backend."""
+    app = Celery(
+        "agent_workers_client", broker=settings.broker_url, backend=settings.result_backend, set_as_current=False
+    )
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_routes=task_routes(settings),
+        task_queues=[
+            declare_queue(settings.inference_queue, settings.queue_type),
+            declare_queue(settings.training_queue, settings.queue_type),
+        ],
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+    )
+    if urlparse(settings.broker_url).scheme == "sentinel":
+        app.conf.broker_transport_options["master_name"] = settings.sentinel_master
+    if urlparse(settings.result_backend).scheme == "sentinel":
+        app.conf.result_backend_transport_options = {"master_name": settings.sentinel_master}
+    return app
+
+
+def _predict_parts(model_json: str, model: str, inputs: Any, version: int | None) -> tuple[bytes, str]:
+    """Body and kwargs repr of one ``agent_workers.predict`` message (kwargs: model, inputs[, version])."""
+    if hasattr(inputs, "tolist"):  # numpy arrays and scalars
+        inputs = inputs.tolist()
+    inputs_json = json.dumps(inputs)
+    extra = "" if version is None else f', "version": {int(version)}'
+    body = wire.body("[]", f'{{"model": {model_json}, "inputs": {inputs_json}{extra}}}')
+    shown = inputs_json if len(inputs_json) <= KWARGSREPR_LIMIT else inputs_json[: KWARGSREPR_LIMIT - 3] + "..."
+    return body, f"{{'model': {model!r}, 'inputs': {shown}{extra.replace(chr(34), chr(39))}}}"
+
+
+class Client:
+    """Send inference and training jobs and wait for their results.
+
+    Args:
+        settings: broker, backend and queue names (``Settings.from_env()`` when omitted).
+        app: an existing Celery app to send training jobs with, instead of a new producer app.
+
+    Every ``wait``-ing method raises our typed errors for a task that failed on our side (:class:`InputError`,
+    :class:`ModelError`, :class:`StoreError` and its subclasses), Celery's exception otherwise (e.g.
+    ``TaskRevokedError``), and :data:`ResultTimeout` (``celery.exceptions.TimeoutError``) when no result came within
+    ``timeout`` seconds.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.app = app or producer_app(self.settings)
+        self.id = str(uuid.uuid4())
+        self._predict = Envelope(task=PREDICT, queue=self.settings.inference_queue, reply_to=self.id)
+        self._publisher = Publisher(self.app, self.settings)
+        self._results = (
+            ResultReader(self.app, self.settings.result_backend)
+            if urlparse(self.settings.result_backend).scheme in _REDIS_URL_SCHEMES
+            else None
+        )
+
+    @classmethod
+    def from_env(cls) -> Client:
+        return cls(Settings.from_env())
+
+    def close(self) -> None:
+        """Release the broker and backend connections."""
+        self._publisher.close()
+        if self._results is not None:
+            self._results.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- predict --------------------------------------------------------------------------------------------------
+
+    def send_predict(
+        self, model: str, inputs: Sequence[float], *, version: int | None = None, expires: float | None = None
+    ) -> AsyncResult:
+        """Enqueue one prediction (the cheap path: no ``apply_async``); returns its result handle at once."""
+        task_id = self.send_predict_bulk(model, [inputs], version=version, expires=expires)[0]
+        return AsyncResult(task_id, app=self.app)
+
+    def send_predict_bulk(
+        self, model: str, rows: Iterable[Sequence[float]], *, version: int | None = None, expires: float | None = None
+    ) -> list[str]:
+        """Enqueue one ``agent_workers.predict`` message per row in one round trip; returns their task ids.
+
+        Args:
+            version: pin a parameter version (default: the newest when the request is served).
+            expires: seconds from now after which workers drop a request unserved (state REVOKED).
+        """
+        model_json = json.dumps(model)
+        items = []
+        for row in rows:
+            body, kwrepr = _predict_parts(model_json, model, row, version)
+            items.append((str(uuid.uuid4()), body, kwrepr))
+        when = None
+        if expires is not None:
+            when = (datetime.now(UTC) + timedelta(seconds=expires)).isoformat()
+        self._publisher.publish(self._predict, items, when)
+        return [task_id for task_id, _, _ in items]
+
+    def predict(
+        self, model: str, inputs: Sequence[float], *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> dict[str, Any]:
+        """Score one example and wait for it: ``{"model", "version", "outputs"}``.
+
+        Raises:
+            InputError / ModelError / StoreError: the worker refused the request (message says why).
+            ResultTimeout: no result within ``timeout`` seconds.
+        """
+        ids = self.send_predict_bulk(model, [inputs], version=version)
+        return self.collect(ids, timeout)[0]
+
+    def predict_bulk(
+        self,
+        model: str,
+        rows: Iterable[Sequence[float]],
+        *,
+        version: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        on_result: Callable[[int], None] | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Score many examples, one message each (the workers batch them), published and collected together.
+
+        Args:
+            on_result: called with a row's index as its result arrives.
+            return_exceptions: put a failed row's error in its place instead of raising the first one.
+        Returns:
+            One result per row, in row order.
+        """
+        ids = self.send_predict_bulk(model, rows, version=version)
+        return self.collect(ids, timeout, on_result=on_result, return_exceptions=return_exceptions)
+
+    def predict_many(
+        self,
+        model: str,
+        rows: Sequence[Sequence[float]],
+        *,
+        version: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Score many examples carried by one message (offline scoring)."""
+        return self.wait(self.send_predict_many(model, rows, version=version), timeout)
+
+    def send_predict_many(
+        self, model: str, rows: Sequence[Sequence[float]], *, version: int | None = None
+    ) -> AsyncResult:
+        kwargs: dict[str, Any] = {"model": model, "inputs": [_plain(r) for r in rows]}
+        if version is not None:
+            kwargs["version"] = version
+        return self.app.send_task(PREDICT_MANY, kwargs=kwargs)
+
+    # -- training -------------------------------------------------------------------------------------------------
+
+    def send_train_step(
+        self,
+        model: str,
+        *,
+        x: Any = None,
+        y: Any = None,
+        dataset: str | None = None,
+        rows: Sequence[int] | None = None,
+        hparams: dict[str, Any] | None = None,
+        update_id: str | None = None,
+    ) -> AsyncResult:
+        """Enqueue one training step (inline ``x``/``y`` or ``rows`` of an uploaded dataset)."""
+        kwargs: dict[str, Any] = {"model": model, "hparams": hparams or {}}
+        if dataset is not None:
+            kwargs.update(dataset=dataset, rows=[int(r) for r in rows or ()])
+        else:
+            kwargs.update(x=_plain(x), y=_plain(y))
+        if update_id is not None:
+            kwargs["update_id"] = update_id
+        return self.app.send_task(TRAIN_STEP, kwargs=kwargs)
+
+    def train_step(self, model: str, *, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> dict[str, Any]:
+        """One training step, waited for (arguments as :meth:`send_train_step`)."""
+        return self.wait(self.send_train_step(model, **kwargs), timeout)
+
+    def send_fit(
+        self,
+        model: str,
+        dataset: str,
+        *,
+        epochs: int = 10,
+        batch_size: int = 100,
+        hparams: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> AsyncResult:
+        """Enqueue a whole training job that one worker runs (progress in the task's ``PROGRESS`` meta)."""
+        return self.app.send_task(
+            FIT,
+            kwargs={
+                "model": model,
+                "dataset": dataset,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "hparams": hparams or {},
+                "seed": seed,
+            },
+        )
+
+    def fit(self, model: str, dataset: str, *, timeout: float = 600.0, **kwargs: Any) -> dict[str, Any]:
+        """Run a whole training job and wait for it: ``{"model", "version", "steps", "history"}``."""
+        return self.wait(self.send_fit(model, dataset, **kwargs), timeout)
+
+    def train(
+        self,
+        model: str,
+        dataset: str,
+        n_rows: int,
+        *,
+        epochs: int,
+        batch_size: int,
+        hparams: dict[str, Any] | None = None,
+        seed: int = 0,
+        window: int = 8,
+        timeout: float = DEFAULT_TIMEOUT,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Data-parallel training through the queue: every mini-batch is its own ``train_step`` message.
+
+        At most ``window`` steps are in flight, which bounds how stale a gradient can get with many workers.
+        Returns the step results in completion order.
+        """
+        in_flight: list[AsyncResult] = []
+        results: list[dict[str, Any]] = []
+
+        def drain(keep: int) -> None:
+            while len(in_flight) > keep:
+                result = self.wait(in_flight.pop(0), timeout)
+                results.append(result)
+                if on_step is not None:
+                    on_step(result)
+
+        for _epoch, _step, rows in epoch_batches(n_rows, epochs=epochs, batch_size=batch_size, seed=seed):
+            in_flight.append(self.send_train_step(model, dataset=dataset, rows=rows.tolist(), hparams=hparams))
+            drain(window - 1)
+        drain(0)
+        return results
+
+    # -- waiting --------------------------------------------------------------------------------------------------
+
+    def wait(self, handle: AsyncResult | str, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        """Wait for one result; a task failure comes back as our typed error when the class is ours."""
+        task_id = handle if isinstance(handle, str) else handle.id
+        return self.collect([task_id], timeout)[0]
+
+    def collect(
+        self,
+        ids: Sequence[str],
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        on_result: Callable[[int], None] | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Wait for the results of many task ids together; results in id order.
+
+        Raises:
+            the first failed task's error (unless ``return_exceptions``), or ResultTimeout.
+        """
+        if self._results is None:  # not a Redis backend: Celery's own, one by one
+            return [self._unwrap_celery(AsyncResult(i, app=self.app), timeout, return_exceptions) for i in ids]
+        metas = self._results.collect(ids, timeout, None if on_result is None else lambda i, _m: on_result(i))
+        return [self._outcome(meta, task_id, return_exceptions) for meta, task_id in zip(metas, ids, strict=True)]
+
+    def _outcome(self, meta: dict[str, Any], task_id: str, return_exceptions: bool) -> Any:
+        if meta["status"] == "SUCCESS":
+            return meta["result"]
+        error = self.error_from(meta["result"])
+        error.task_id = task_id  # type: ignore[attr-defined]
+        if return_exceptions:
+            return error
+        raise error
+
+    def _unwrap_celery(self, handle: AsyncResult, timeout: float, return_exceptions: bool) -> Any:
+        try:
+            return handle.get(timeout=timeout, disable_sync_subtasks=False)
+        except ResultTimeout:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to ours or handed back as is
+            mapped = _ERRORS.get(type(exc).__name__)
+            error = mapped(*exc.args) if mapped is not None and not isinstance(exc, mapped) else exc
+            if return_exceptions:
+                return error
+            raise error from (exc if error is not exc else None)
+
+    def error_from(self, payload: Any) -> BaseException:
+        """The exception a stored failure stands for: ours by class name, anything else as Celery rebuilds it.
+
+        ``payload`` is Celery's failure format ``{"exc_type", "exc_message", "exc_module"}`` (docs/tasks.md).
+        """
+        if isinstance(payload, dict):
+            cls = _ERRORS.get(str(payload.get("exc_type")))
+            if cls is not None and payload.get("exc_module", errors.__name__) == errors.__name__:
+                args = payload.get("exc_message")
+                args = list(args) if isinstance(args, (list, tuple)) else [args]
+                try:
+                    return cls(*args)
+                except TypeError:
+                    return cls(" ".join(map(str, args)))
+        try:
+            exc = self.app.backend.exception_to_python(payload)
+        except Exception as err:  # noqa: BLE001 - an unknown or malformed payload still tells what happened
+            return RuntimeError(f"task failed: {payload!r} ({err})")
+        return exc if isinstance(exc, BaseException) else RuntimeError(f"task failed: {payload!r}")
+
+    # -- asyncio --------------------------------------------------------------------------------------------------
+
+    async def collect_async(
+        self, ids: Sequence[str], timeout: float = DEFAULT_TIMEOUT, *, return_exceptions: bool = False
+    ) -> list[Any]:
+        """asyncio variant of :meth:`collect`."""
+        if self._results is None:
+            return await asyncio.to_thread(self.collect, ids, timeout, return_exceptions=return_exceptions)
+        metas = await self._results.collect_async(ids, timeout)
+        return [self._outcome(meta, task_id, return_exceptions) for meta, task_id in zip(metas, ids, strict=True)]
+
+    async def predict_async(
+        self, model: str, inputs: Sequence[float], *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> dict[str, Any]:
+        """asyncio variant of :meth:`predict` (publishing is one cheap call; the wait never blocks the loop)."""
+        ids = self.send_predict_bulk(model, [inputs], version=version)
+        return (await self.collect_async(ids, timeout))[0]
+
+    async def predict_bulk_async(
+        self,
+        model: str,
+        rows: Iterable[Sequence[float]],
+        *,
+        version: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """asyncio variant of :meth:`predict_bulk`."""
+        ids = self.send_predict_bulk(model, rows, version=version)
+        return await self.collect_async(ids, timeout, return_exceptions=return_exceptions)
+
+    async def predict_many_async(
+        self,
+        model: str,
+        rows: Sequence[Sequence[float]],
+        *,
+        version: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> dict[str, Any]:
+        """asyncio variant of :meth:`predict_many`."""
+        handle = await asyncio.to_thread(self.send_predict_many, model, rows, version=version)
+        return (await self.collect_async([handle.id], timeout))[0]
+
+    async def fit_async(self, model: str, dataset: str, *, timeout: float = 600.0, **kwargs: Any) -> dict[str, Any]:
+        """asyncio variant of :meth:`fit`."""
+        handle = await asyncio.to_thread(self.send_fit, model, dataset, **kwargs)
+        return (await self.collect_async([handle.id], timeout))[0]
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays to lists, so the JSON serializer takes them."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

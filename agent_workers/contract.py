@@ -1,0 +1,126 @@
+"""The task contract in one place (docs/tasks.md): task names, queues and routes, argument binding, and the
+result record with its states. Producers and workers both import it; it never imports torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from agent_workers.config import Settings
+from agent_workers.errors import InputError
+
+PREDICT = "agent_workers.predict"
+PREDICT_MANY = "agent_workers.predict_many"
+TRAIN_STEP = "agent_workers.train_step"
+FIT = "agent_workers.fit"
+
+INFERENCE_TASKS = (PREDICT, PREDICT_MANY)
+TRAINING_TASKS = (TRAIN_STEP, FIT)
+
+#: Quorum queues: deliveries of one message (RabbitMQ counts returns: a rejected message, or one its consumer's
+#: channel closed on) before RabbitMQ dead-letters it to ``<queue>.dead``. The batcher fails a request that
+#: crashed its worker twice on its own (batching.MAX_DELIVERIES); this is the broker's backstop, above it.
+QUORUM_DELIVERY_LIMIT = 5
+DEAD_LETTER_SUFFIX = ".dead"
+
+
+def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
+    """Route every task by name to its queue, so producers that never import us still land right."""
+    routes = {name: {"queue": settings.inference_queue} for name in INFERENCE_TASKS}
+    routes.update({name: {"queue": settings.training_queue} for name in TRAINING_TASKS})
+    return routes
+
+
+def declare_queue(name: str, queue_type: str = "classic") -> Queue:
+    """A durable direct queue declared exactly as a bare Celery producer or a Node client declares it, so RabbitMQ
+    never refuses a mismatched redeclaration.
+
+    ``classic`` has no arguments. ``quorum`` carries ``x-queue-type: quorum``, ``x-delivery-limit`` and a
+    dead-letter exchange ``<queue>.dead``; every producer that declares the queue must pass exactly these
+    arguments (RabbitMQ answers ``PRECONDITION_FAILED - inequivalent arg`` otherwise; docs/operations.md).
+    """
+    if queue_type == "quorum":
+        return Queue(name, Exchange(name, type="direct"), routing_key=name, queue_arguments=quorum_arguments(name))
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def quorum_arguments(name: str) -> dict[str, Any]:
+    """The queue arguments of quorum queue ``name``."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": QUORUM_DELIVERY_LIMIT,
+        "x-dead-letter-exchange": name + DEAD_LETTER_SUFFIX,
+    }
+
+
+def dead_letter_queue(name: str) -> Queue:
+    """``<name>.dead``: where RabbitMQ moves a message of quorum queue ``name`` past its delivery limit.
+
+    Its exchange is a fanout, so dead letters land here whatever routing key they carried. Nobody consumes it:
+    inspect it (``rabbitmqctl list_queues``, the management UI) and republish or drop by hand.
+    """
+    dead = name + DEAD_LETTER_SUFFIX
+    return Queue(dead, Exchange(dead, type="fanout"), routing_key=dead, queue_arguments={"x-queue-type": "quorum"})
+
+
+# -- arguments ------------------------------------------------------------------------------------------------------
+
+
+def _bind_predict(model: Any, inputs: Any, version: Any = None) -> tuple[str, Any, int | None]:
+    if not isinstance(model, str):
+        raise InputError(f"model must be a model name (a string), got {type(model).__name__}")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise InputError(f"version must be an integer or null, got {version!r}")
+    return model, inputs, version
+
+
+def bind_predict(args: list[Any], kwargs: dict[str, Any]) -> tuple[str, Any, int | None]:
+    """Check a predict call's arguments against ``predict(model, inputs, version=None)``.
+
+    Raises:
+        InputError: naming the argument that does not fit.
+    """
+    try:
+        return _bind_predict(*args, **kwargs)
+    except TypeError as exc:
+        raise InputError(f"agent_workers.predict takes (model, inputs, version=None): {exc}") from None
+
+
+# -- results --------------------------------------------------------------------------------------------------------
+
+#: Where Celery's Redis backend stores a task's result record (``get_key_for_task``, no global key prefix).
+RESULT_KEY_PREFIX = "celery-task-meta-"
+#: The final states: once one is stored, the task id has its answer.
+READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+
+def result_record(
+    task_id: str,
+    status: str,
+    result: Any,
+    *,
+    traceback: str | None = None,
+    date_done: str | None = None,
+    parent_id: str | None = None,
+    group_id: str | None = None,
+) -> dict[str, Any]:
+    """The result record Celery's backends store for a task (``BaseBackend._get_result_meta``), as a dict.
+
+    Args:
+        date_done: ISO 8601; set for final states only.
+        parent_id, group_id: included only when set, as Celery does.
+    """
+    record: dict[str, Any] = {
+        "status": status,
+        "result": result,
+        "traceback": traceback,
+        "children": [],
+        "date_done": date_done,
+        "task_id": task_id,
+    }
+    if parent_id:
+        record["parent_id"] = parent_id
+    if group_id:
+        record["group_id"] = group_id
+    return record

@@ -1,0 +1,45 @@
+-- KEYS: 1 head, 2 applied (zset update id -> version), 3 history, then n staging chunks, then n blob chunks
+-- ARGV: 1 expected version, 2 update id ('' = none), 3 history record, 4 n, 5 keep versions,
+--       6 epoch ('' = any), 7 set the staleness barrier (1/0), 8 dedup window (versions), 9 blob key prefix,
+--       10 history length
+local n = tonumber(ARGV[4])
+local function drop_staging()
+  for i = 1, n do redis.call('DEL', KEYS[3 + i]) end
+end
+if ARGV[2] ~= '' then
+  local done = redis.call('ZSCORE', KEYS[2], ARGV[2])
+  if done then drop_staging(); return {'duplicate', tonumber(done)} end
+end
+local head = redis.call('HMGET', KEYS[1], 'version', 'epoch')
+local cur = tonumber(head[1])
+if cur == nil then drop_staging(); return {'missing', -1} end
+if ARGV[6] ~= '' and head[2] ~= ARGV[6] then drop_staging(); return {'replaced', cur} end
+if cur ~= tonumber(ARGV[1]) then drop_staging(); return {'conflict', cur} end
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[3 + i]) == 0 then drop_staging(); return {'nostaging', cur} end
+end
+local new = cur + 1
+for i = 1, n do
+  redis.call('RENAME', KEYS[3 + i], KEYS[3 + n + i])
+  redis.call('PERSIST', KEYS[3 + n + i])
+end
+redis.call('HSET', KEYS[1], 'version', new, 'blob', KEYS[4 + n], 'chunks', n)
+if n > 1 then redis.call('HSET', KEYS[1], 'chunks:' .. new, n) end
+if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'barrier', new) end
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], new, ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', new - tonumber(ARGV[8]))
+end
+redis.call('LPUSH', KEYS[3], ARGV[3])
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[10]) - 1)
+-- Collect the version that just left the retention window. Its chunk keys are derived from the blob prefix
+-- rather than declared: they share the model's hash tag, hence the slot, and the client cannot know how many
+-- chunks an old version had without another round trip.
+local old = new - tonumber(ARGV[5])
+if old >= 0 then
+  local m = tonumber(redis.call('HGET', KEYS[1], 'chunks:' .. old) or '1')
+  redis.call('DEL', ARGV[9] .. old)
+  for i = 1, m - 1 do redis.call('DEL', ARGV[9] .. old .. ':' .. i) end
+  if m > 1 then redis.call('HDEL', KEYS[1], 'chunks:' .. old) end
+end
+return {'committed', new}

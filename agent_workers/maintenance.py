@@ -1,0 +1,97 @@
+"""Store maintenance: rollback to a kept version, collecting leftovers, and the commit history.
+
+Each is also a method of :class:`~agent_workers.params.RedisParamStore` (``store.rollback(...)``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from agent_workers.errors import VersionConflictError
+from agent_workers.redis_clients import glob_escape, unavailable
+from agent_workers.versions import CommitOutcome
+
+if TYPE_CHECKING:
+    from agent_workers.params import RedisParamStore
+
+#: Seconds a staging key lives if its commit never ran.
+STAGING_TTL = 300
+
+
+def rollback(store: RedisParamStore, name: str, version: int, *, update_id: str = "", max_attempts: int = 64) -> int:
+    """Make the parameters (and optimizer state) of ``version`` current again, as a new version.
+
+    The blob is re-encoded, not copied, because its header must carry the new version. The new version is a
+    staleness barrier: gradients computed before it are recomputed rather than applied on top of it.
+
+    Returns:
+        The new version (or, for an ``update_id`` already applied, the version it produced).
+
+    Raises:
+        ModelError: ``version`` is unknown or no longer kept.
+        StoreError: still conflicting after ``max_attempts`` commits.
+    """
+    if update_id:
+        done = store.applied(name, update_id)
+        if done is not None:
+            return done
+    with store.exclusive(name):
+        old = store.read(name, version)
+        for _ in range(max_attempts):
+            head = store.head(name)
+            result = store.commit(
+                name,
+                expected=head.version,
+                tensors=old.tensors,
+                update_id=update_id,
+                info={"to": version},
+                epoch=head.epoch,
+                barrier=True,
+            )
+            if result.outcome is not CommitOutcome.CONFLICT:
+                return result.version
+    raise VersionConflictError(
+        f"rollback of {name!r} to version {version} lost {max_attempts} races; retry",
+        expected=head.version,
+        actual=store.head(name).version,
+    )
+
+
+def gc(store: RedisParamStore, name: str) -> int:
+    """Delete blob keys outside the retention window that a commit did not collect; returns how many.
+
+    Leftovers come from a lowered ``keep_versions`` or a Redis that lost a script's tail; staging keys expire
+    on their own (``STAGING_TTL``), and any without an expiry get one here.
+    """
+    head = store.head(name)
+    oldest_kept = head.version - store.keep_versions + 1
+    prefix = store.keys.blob_prefix(name)
+    doomed: list[str] = []
+    with unavailable():
+        for raw in store.client.scan_iter(match=glob_escape(prefix) + "*", count=1000):
+            key = raw.decode()
+            number = key[len(prefix) :].split(":", 1)[0]
+            if number.isdigit() and int(number) < oldest_kept:
+                doomed.append(key)
+        staging = glob_escape(store.keys.staging(name, "")) + "*"
+        for raw in store.client.scan_iter(match=staging, count=1000):
+            if store.client.ttl(raw) == -1:
+                store.client.expire(raw, STAGING_TTL)
+        stale = [
+            f
+            for f in store.client.hkeys(store.keys.head(name))
+            if f.startswith(b"chunks:") and int(f[7:]) < oldest_kept
+        ]
+        if doomed:
+            store.client.delete(*doomed)
+        if stale:
+            store.client.hdel(store.keys.head(name), *stale)
+    return len(doomed)
+
+
+def history(store: RedisParamStore, name: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest ``limit`` commit records of ``name``."""
+    with unavailable():
+        raw = store.client.lrange(store.keys.history(name), 0, limit - 1)
+    return [json.loads(r) for r in raw]

@@ -1,0 +1,100 @@
+"""The benchmark's requests: protocol-v2 messages built once per input row, and a publisher that fills a queue
+with them in bulk (LPUSH of kombu's envelope on Redis, ``basic_publish`` on RabbitMQ), outside the client."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+from agent_workers.contract import declare_queue
+from agent_workers.tools.broker import backlog, delete_queue
+from agent_workers.wire import DEFAULT_EXCHANGE, TaskMessage, redis_envelope
+
+
+def task_message(amqp: Any, task_id: str, name: str, args: list[Any]) -> TaskMessage:
+    """Build the message ``send_task(name, args=args, task_id=task_id)`` would publish (``amqp`` is ``app.amqp``)."""
+    headers, properties, body, _ = amqp.as_task_v2(task_id, name, args=args, kwargs={})
+    return TaskMessage(task_id, headers, dict(properties), json.dumps(body).encode())
+
+
+class MessageFactory:
+    """Messages for one task name and model, cheap to make: ``as_task_v2`` runs once per input row (a template),
+    and each message only swaps in its task id (``id``, ``root_id``, ``correlation_id``).
+    """
+
+    def __init__(self, amqp: Any, name: str, model: str, rows: Sequence[list[float]]) -> None:
+        self.templates = [task_message(amqp, "0", name, [model, row]) for row in rows]
+
+    def __call__(self, task_id: str, index: int) -> TaskMessage:
+        t = self.templates[index % len(self.templates)]
+        return TaskMessage(
+            task_id,
+            {**t.headers, "id": task_id, "root_id": task_id},
+            {**t.properties, "correlation_id": task_id},
+            t.body,
+        )
+
+
+class Publisher:
+    """Publishes task messages onto one queue, on Redis (LPUSH of kombu's envelope) or RabbitMQ (``basic_publish``
+    on a channel, what kombu's ``Producer.publish`` ends in, minus its per-call overhead)."""
+
+    def __init__(self, broker_url: str, queue_name: str) -> None:
+        self.url = broker_url
+        self.queue = queue_name
+        self.redis = urlparse(broker_url).scheme.lower() in {"redis", "rediss"}
+        self._conn: Any = None
+        self._channel: Any = None
+        if self.redis:
+            import redis
+
+            self._client = redis.Redis.from_url(broker_url)
+        else:
+            from kombu import Connection
+
+            self._conn = Connection(broker_url)
+            self._channel = self._conn.channel()
+            declare_queue(queue_name)(self._channel).declare()
+
+    def send(self, message: TaskMessage) -> None:
+        if self.redis:
+            self._client.lpush(self.queue, redis_envelope(message, self.queue))
+            return
+        amqp_message = self._channel.prepare_message(
+            message.body, 0, "application/json", "utf-8", message.headers, {**message.properties, "delivery_mode": 2}
+        )
+        self._channel.basic_publish(amqp_message, exchange=DEFAULT_EXCHANGE, routing_key=self.queue)
+
+    def fill(self, messages: Iterator[TaskMessage], chunk: int = 1000) -> int:
+        """Publish everything ``messages`` yields, pipelined on Redis; returns the count."""
+        count = 0
+        if not self.redis:
+            for message in messages:
+                self.send(message)
+                count += 1
+            return count
+        while True:
+            batch = [redis_envelope(m, self.queue) for m in itertools.islice(messages, chunk)]
+            if not batch:
+                return count
+            self._client.lpush(self.queue, *batch)
+            count += len(batch)
+
+    def depth(self) -> int:
+        """Messages waiting in the queue."""
+        if self.redis:
+            return int(self._client.llen(self.queue))
+        return backlog(self._channel, self.queue)
+
+    def delete(self) -> None:
+        """Remove the queue (and, on Redis, its kombu binding key; on RabbitMQ, its exchange)."""
+        delete_queue(self._client if self.redis else self._channel, self.queue)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.release()
+        else:
+            self._client.close()

@@ -1,0 +1,90 @@
+"""The issue's targets, compared with what was measured (reported, never asserted; see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+TARGET_VS_NAIVE = 10.0
+TARGET_VS_CELERY_BATCHES = 3.0
+TARGET_RATE = 3500.0
+TARGET_CPU_MS = 0.28
+TARGET_VS_RAW = 0.80
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or None when either is missing or the denominator is not positive."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One target compared with what was measured."""
+
+    what: str
+    target: str
+    measured: float | None
+    met: bool | None
+
+
+def check_targets(
+    drains: Sequence[dict[str, Any]], raws: dict[str, dict[str, float]], opens: Sequence[dict[str, Any]]
+) -> list[Check]:
+    """Compare results with the issue's targets, per broker and workload.
+
+    Args:
+        drains: drain results (``system``, ``broker``, ``workload``, ``rate``, ``cpu_ms_per_request``,
+            ``max_batch_size``) at the default batch size.
+        raws: raw torch req/s per workload and batch size (``raws["heavy"]["64"]``), used when a drain carries
+            no ``raw_torch_rate`` of its own (measured just before it).
+        opens: open-loop results of ours with ``p99_ms`` and ``bound_ms``.
+    """
+    checks: list[Check] = []
+    by = {(d["system"], d["broker"], d["workload"]): d for d in drains}
+    for (system, broker, workload), d in sorted(by.items(), key=lambda kv: (kv[0][2] != "mlp", kv[0][2], kv[0][1])):
+        if system != "ours":
+            continue
+        where = f"{broker}/{workload}"
+        for other, target in (("naive", TARGET_VS_NAIVE), ("celery-batches", TARGET_VS_CELERY_BATCHES)):
+            baseline = by.get((other, broker, workload))
+            if baseline:
+                r = ratio(d["rate"], baseline["rate"])
+                checks.append(
+                    Check(f"{where} drain vs {other}", f">= {target:g}x", r, None if r is None else r >= target)
+                )
+        if workload == "mlp":
+            checks.append(Check(f"{where} drain req/s", f"~{TARGET_RATE:,.0f}", d["rate"], d["rate"] >= TARGET_RATE))
+            cpu = d.get("cpu_ms_per_request")
+            checks.append(
+                Check(
+                    f"{where} worker CPU ms/request",
+                    f"~{TARGET_CPU_MS}",
+                    cpu,
+                    None if cpu is None else cpu <= TARGET_CPU_MS,
+                )
+            )
+        raw = d.get("raw_torch_rate") or raws.get(workload, {}).get(str(d["max_batch_size"]))
+        if workload == "heavy" and raw:
+            r = ratio(d["rate"], raw)
+            checks.append(
+                Check(
+                    f"{where} end-to-end / raw torch",
+                    f">= {TARGET_VS_RAW:.0%}",
+                    r,
+                    None if r is None else r >= TARGET_VS_RAW,
+                )
+            )
+    for o in opens:
+        basis = "" if o.get("open_basis", "drain") == "drain" else f", half the {o['open_basis']} rate"
+        checks.append(
+            Check(
+                f"{o['broker']}/{o['workload']} p99 at half saturation (ms{basis})",
+                f"<= {o['bound_ms']:.1f}",
+                o["p99_ms"],
+                o["p99_ms"] <= o["bound_ms"],
+            )
+        )
+    return checks

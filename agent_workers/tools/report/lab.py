@@ -1,0 +1,182 @@
+"""The report's laboratory: what each part runs (the plan and its goals), a private namespace with worker processes
+started on demand, and the cost of a set of queued training steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from agent_workers.client import Client
+from agent_workers.config import Settings
+from agent_workers.datasets import DatasetStore
+from agent_workers.keys import Keys
+from agent_workers.params import RedisParamStore
+from agent_workers.tools.stats import percentile
+from agent_workers.tools.supervisor import WorkerProcess, derive_settings
+
+Progress = Callable[[str], None]
+
+MSE_GOAL = 1.02
+ACCURACY_GOAL = 0.96
+ACCURACY_GAP_GOAL = 0.01
+
+LINEAR_HP = {"loss": "mse", "optimizer": "sgd", "lr": 0.05}
+DIGITS_HP = {"loss": "cross_entropy", "optimizer": "adam", "lr": 0.005}
+DIGITS_HIDDEN = [128]
+DIGITS_BATCH = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How much work each part does (``quick`` shrinks everything for a smoke run)."""
+
+    linear_trainers: tuple[int, ...] = (1, 2, 4)
+    linear_epochs: int = 10
+    digits_trainers: int = 4
+    digits_epochs: int = 20
+    commit_trainers: tuple[int, ...] = (1, 2, 4, 8)
+    commit_steps: int = 400
+    fetch_sizes: tuple[tuple[str, int, int], ...] = (("~1M", 1000, 1000), ("~25M", 5000, 5000))
+    fetch_reads: tuple[int, ...] = (20, 5)
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            linear_trainers=(1, 2),
+            linear_epochs=2,
+            digits_epochs=3,
+            commit_trainers=(1, 4),
+            commit_steps=60,
+            fetch_sizes=(("~1M", 1000, 1000),),
+            fetch_reads=(5,),
+        )
+
+
+def layout(trainers: int) -> tuple[int, int]:
+    """(processes, threads each) for ``trainers`` concurrent trainers: processes up to 4, then threads.
+
+    Four processes with torch are already two per core here; past that, pool threads in the same processes give
+    the same commit races (each thread has its own Redis connection) without more interpreters.
+    """
+    processes = min(trainers, 4)
+    return processes, math.ceil(trainers / processes)
+
+
+class Lab:
+    """A private namespace and training queue, worker processes started on demand, and cleanup."""
+
+    def __init__(self, base: Settings, progress: Progress) -> None:
+        tag = "report" + uuid.uuid4().hex[:8]
+        # The workers get these settings (Settings.to_env), commit mode aside.
+        self.settings = derive_settings(
+            base, namespace=tag, training_queue=f"{tag}.training", inference_queue=f"{tag}.inference", metrics_port=0
+        )
+        self.progress = progress
+        self.store = RedisParamStore.from_settings(self.settings)
+        self.datasets = DatasetStore(client=self.store.client, keys=Keys(self.settings.namespace))
+        self.client = Client(self.settings)
+
+    def workers(self, trainers: int, *, mode: str = "optimistic") -> list[WorkerProcess]:
+        """Start worker processes giving ``trainers`` concurrent trainers in commit ``mode``; returns them."""
+        processes, threads = layout(trainers)
+        env = derive_settings(self.settings, commit_mode=mode).to_env()
+        started = [
+            WorkerProcess(
+                queues=[self.settings.training_queue], env=env, loglevel="WARNING", extra=["-c", str(threads)]
+            )
+            for _ in range(processes)
+        ]
+        for w in started:
+            w.start(wait=False)
+        try:
+            for w in started:
+                w.wait_ready()
+        except BaseException:
+            stop_all(started)
+            raise
+        return started
+
+    def cleanup(self) -> None:
+        client = self.store.client
+        keys = list(client.scan_iter(match=f"{self.settings.namespace}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        try:
+            with self.client.app.connection_for_write() as conn:
+                for queue in (self.settings.training_queue, self.settings.inference_queue):
+                    try:
+                        conn.default_channel.queue_delete(queue)
+                    except Exception:  # noqa: BLE001 - never declared
+                        pass
+        except Exception as exc:  # noqa: BLE001 - cleanup is best effort
+            self.progress(f"  (could not delete the report's queues: {exc})")
+
+
+def stop_all(workers: Sequence[WorkerProcess]) -> None:
+    for w in workers:
+        w.stop()
+
+
+def step_stats(results: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Throughput and coordination cost of a set of ``train_step`` results."""
+    attempts = sum(r["attempts"] for r in results)
+    conflicts = sum(r["conflicts"] for r in results)
+    latencies = [r["latency_ms"] for r in results if not r["duplicate"]]
+    return {
+        "steps": len(results),
+        "seconds": round(seconds, 3),
+        "steps_per_s": round(len(results) / seconds, 2) if seconds > 0 else None,
+        "attempts": attempts,
+        "conflicts": conflicts,
+        "conflict_rate": round(conflicts / attempts, 4) if attempts else 0.0,
+        "recomputed": sum(r["recomputed"] for r in results),
+        "max_staleness": max((r["staleness"] for r in results), default=0),
+        "latency_p50_ms": round(percentile(latencies, 50), 2),
+        "latency_p99_ms": round(percentile(latencies, 99), 2),
+    }
+
+
+def train_through_queue(
+    lab: Lab,
+    model: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    hparams: dict[str, Any],
+    window: int,
+    label: str,
+) -> tuple[list[dict[str, Any]], float]:
+    """Upload ``x, y`` and train ``model`` on it with queued steps; returns (step results, seconds)."""
+    dataset = lab.datasets.upload(x, y)
+    total = epochs * math.ceil(len(x) / batch_size)
+    done = [0]
+    last = [time.perf_counter()]
+
+    def on_step(_: dict[str, Any]) -> None:
+        done[0] += 1
+        now = time.perf_counter()
+        if now - last[0] >= 5 or done[0] == total:
+            last[0] = now
+            lab.progress(f"  {label}: {done[0]}/{total} steps")
+
+    started = time.perf_counter()
+    results = lab.client.train(
+        model,
+        dataset,
+        len(x),
+        epochs=epochs,
+        batch_size=batch_size,
+        hparams=hparams,
+        window=window,
+        timeout=300,
+        on_step=on_step,
+    )
+    return results, time.perf_counter() - started

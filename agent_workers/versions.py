@@ -1,0 +1,41 @@
+"""What a version of a model's parameters is, and what a commit did to it."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class CommitOutcome(enum.StrEnum):
+    """What a commit did."""
+
+    COMMITTED = "committed"
+    CONFLICT = "conflict"
+    DUPLICATE = "duplicate"
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitResult:
+    """The outcome of a commit and the version it concerns (new, current, or the one the update produced)."""
+
+    outcome: CommitOutcome
+    version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """Where a model's parameters are now.
+
+    Attributes:
+        version: the current version.
+        blob: the key of its (first) blob chunk.
+        epoch: the model's incarnation; ``create(replace=True)`` starts a new one.
+        barrier: the newest rollback's version; gradients computed before it must not be applied after it.
+        chunks: how many keys the current blob spans.
+    """
+
+    version: int
+    blob: str
+    epoch: str
+    barrier: int = 0
+    chunks: int = 1

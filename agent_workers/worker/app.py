@@ -1,0 +1,108 @@
+"""The Celery app: JSON only, late acks, queues routed by task name, results in Redis with an expiry."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+from urllib.parse import urlparse
+
+from celery import Celery
+
+from agent_workers.config import Settings
+from agent_workers.contract import declare_queue, task_routes
+from agent_workers.datasets import DatasetStore
+from agent_workers.params import RedisParamStore
+from agent_workers.worker.bootsteps import BatcherStep, DeadLetterQueues, QueueDepthStep, StartupChecks
+from agent_workers.worker.inference import InferenceEngine
+
+
+class WorkerApp(Celery):
+    """A Celery app that carries our settings and, lazily, the parameter store and the inference engine."""
+
+    settings: Settings
+
+    @cached_property
+    def store(self) -> RedisParamStore:
+        return RedisParamStore.from_settings(self.settings)
+
+    @cached_property
+    def datasets(self) -> DatasetStore:
+        return DatasetStore.from_settings(self.settings)
+
+    @cached_property
+    def engine(self) -> InferenceEngine:
+        return InferenceEngine(store=self.store, settings=self.settings)
+
+
+def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp:
+    """Build the Celery app for ``settings`` (read from the environment when omitted)."""
+    from agent_workers.worker import control  # noqa: F401 - registers the `celery inspect models` command
+
+    settings = settings or Settings.from_env()
+    app = WorkerApp(
+        "agent_workers",
+        broker=settings.broker_url,
+        backend=settings.result_backend,
+        include=["tasks.inference", "tasks.training"],
+        set_as_current=False,
+    )
+    app.settings = settings
+    # Redis broker: an unacknowledged message returns after the visibility timeout, found by a sweep that kombu
+    # runs only every interval × throttle seconds (100 s by default); sweep at a quarter of the timeout instead.
+    transport_options: dict[str, Any] = {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+        "unacked_restore_throttle": 1,
+    }
+    backend_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if urlparse(settings.broker_url).scheme == "sentinel":
+        transport_options["master_name"] = settings.sentinel_master
+    if urlparse(settings.result_backend).scheme == "sentinel":
+        backend_options["master_name"] = settings.sentinel_master
+    quorum = settings.queue_type == "quorum"
+    if quorum:
+        # Quorum queues confirm a publish only once a majority stored it; wait for that (the worker's own
+        # publishes: retries, results of other backends). Celery's docs ask for it with quorum queues.
+        transport_options["confirm_publish"] = True
+    conf: dict[str, Any] = dict(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_retry_on_worker_lost=True,
+        task_acks_on_failure=True,
+        task_queues=[
+            declare_queue(settings.inference_queue, settings.queue_type),
+            declare_queue(settings.training_queue, settings.queue_type),
+        ],
+        task_default_queue=settings.inference_queue,
+        task_routes=task_routes(settings),
+        task_time_limit=settings.task_time_limit,
+        result_expires=settings.result_expires,
+        result_backend_always_retry=True,
+        broker_transport_options=transport_options,
+        result_backend_transport_options=backend_options,
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_proc_alive_timeout=60,
+        worker_pool_start_method="spawn",
+        worker_hijack_root_logger=True,
+        worker_enable_soft_shutdown_on_idle=True,
+        worker_soft_shutdown_timeout=10.0,
+        # Quorum queues refuse a global QoS; Celery then uses a per-consumer prefetch (static: no autoscale).
+        worker_detect_quorum_queues=True,
+    )
+    conf.update(extra_conf)
+    app.conf.update(conf)
+    app.steps["consumer"].add(BatcherStep)
+    app.steps["consumer"].add(QueueDepthStep)
+    app.steps["worker"].add(StartupChecks)
+    if quorum:
+        app.steps["consumer"].add(DeadLetterQueues)
+    if settings.broker_is_redis and urlparse(settings.broker_url).scheme == "redis":
+        # Same wire format, fewer round trips: see agent_workers/worker/kombu_redis.py.
+        app.conf.broker_transport = "agent_workers.worker.kombu_redis:Transport"
+    return app

@@ -1,0 +1,152 @@
+"""Worker and consumer bootsteps: start-up checks, dead-letter queues, the batcher's warm shutdown, queue depth,
+and the ready file."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from celery import bootsteps, signals
+
+from agent_workers.contract import dead_letter_queue
+from agent_workers.errors import ConfigError
+from agent_workers.worker import metrics
+from agent_workers.worker.batcher import live_batcher
+from agent_workers.worker.kombu_redis import queue_depth
+
+log = logging.getLogger(__name__)
+
+
+class StartupChecks(bootsteps.Step):
+    """Worker bootstep: start-up checks, torch threads, plugin imports and the metrics endpoint.
+
+    A bootstep rather than a ``worker_init`` handler because Celery logs and swallows exceptions raised by signal
+    handlers, and a worker that cannot work must not start.
+    """
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        app = worker.app
+        if getattr(app, "settings", None) is None:  # not our WorkerApp
+            return
+        check_app(app)
+        if app.settings.wait_aof:
+            app.store.check_durability()  # refuse now, not in the first commit, a Redis that cannot fsync-wait
+        if app.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(app.settings.torch_threads)
+        for module in app.settings.plugins:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigError(f"AGENT_WORKERS_PLUGINS names {module!r}, which cannot be imported: {exc}") from exc
+        if app.settings.metrics_port:
+            metrics.serve(app.settings.metrics_port)
+
+
+class DeadLetterQueues(bootsteps.StartStopStep):
+    """Consumer bootstep (quorum queues): declare ``<queue>.dead`` for every queue we consume, on each (re)connect.
+
+    Declared here rather than in ``task_queues`` so that no worker ever consumes a dead-letter queue.
+    """
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def start(self, c: Any) -> None:
+        channel = c.connection.channel()
+        try:
+            for queue in c.app.amqp.queues.consume_from.values():
+                if (queue.queue_arguments or {}).get("x-queue-type") == "quorum":
+                    dead_letter_queue(queue.name)(channel).declare()
+        finally:
+            channel.close()
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if getattr(app, "settings", None) is not None and app.settings.ready_file:
+        path = Path(app.settings.ready_file)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(getattr(sender, "hostname", "")))
+        tmp.replace(path)
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if getattr(app, "settings", None) is not None and app.settings.ready_file:
+        Path(app.settings.ready_file).unlink(missing_ok=True)
+
+
+class BatcherStep(bootsteps.StartStopStep):
+    """Consumer bootstep: on warm shutdown (SIGTERM), serve the half-filled batch before the channel closes.
+
+    Without it the buffered messages would simply be redelivered (they are unacknowledged), which is safe but slow;
+    with it they finish here. After a lost connection the flush still stores results, and the failed acks only
+    mean the broker redelivers messages whose results already exist.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def stop(self, c: Any) -> None:
+        batcher = live_batcher(c.app)
+        if batcher is not None and batcher.pending:
+            log.info("shutting down: serving %d buffered requests", len(batcher.pending))
+            batcher.flush()
+
+    def shutdown(self, c: Any) -> None:
+        self.stop(c)
+
+
+QUEUE_DEPTH_INTERVAL = 5.0
+
+
+class QueueDepthStep(bootsteps.StartStopStep):
+    """Consumer bootstep: every few seconds, the depth of each consumed queue into ``agent_workers_queue_depth``.
+
+    Runs on the event loop's timer with the consumer's own channel (one ``LLEN`` per queue and priority on Redis,
+    one passive declare on RabbitMQ), so it costs one round trip per queue every ``QUEUE_DEPTH_INTERVAL`` seconds.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self._tref: Any = None
+
+    def start(self, c: Any) -> None:
+        if getattr(c.app, "settings", None) is None or not c.app.settings.metrics_port:
+            return
+        self._tref = c.timer.call_repeatedly(QUEUE_DEPTH_INTERVAL, self.update, (c,))
+
+    def update(self, c: Any) -> None:
+        try:
+            channel = c.connection.default_channel
+            for queue in c.task_consumer.queues:
+                metrics.QUEUE_DEPTH.labels(queue.name).set(queue_depth(channel, queue.name))
+        except Exception:  # noqa: BLE001 - a metric must never disturb the consumer
+            log.debug("queue depth update failed", exc_info=True)
+
+    def stop(self, c: Any) -> None:
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+
+
+def check_app(app: Any) -> None:
+    """Refuse Celery settings that break our promises.
+
+    Raises:
+        ConfigError: naming the setting to fix.
+    """
+    unsafe = {"pickle", "application/x-python-serialize", "yaml"} & set(app.conf.accept_content or ())
+    if unsafe:
+        raise ConfigError(
+            f"accept_content allows {sorted(unsafe)}; untrusted messages could run code. Accept only json (or msgpack)"
+        )
+    if not app.conf.task_acks_late:
+        raise ConfigError("task_acks_late is off, so a crash loses work; leave it on")

@@ -1,0 +1,55 @@
+"""How ``agent-workers worker`` (and the tools) start a worker process: its ``celery worker`` command line and
+environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def worker_command(
+    *,
+    queues: list[str],
+    hostname: str,
+    loglevel: str = "INFO",
+    concurrency: int = 1,
+    prefetch_multiplier: int = 1,
+    pool: str = "threads",
+    extra: list[str] | None = None,
+) -> list[str]:
+    """The ``celery worker`` command line for one worker process of ours."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks",
+        "worker",
+        "-P",
+        pool,
+        "-c",
+        str(concurrency),
+        "-Q",
+        ",".join(queues),
+        "-n",
+        hostname,
+        "-l",
+        loglevel,
+        "-E",
+        "--prefetch-multiplier",
+        str(prefetch_multiplier),
+        "--without-mingle",
+        "--without-gossip",
+        *(extra or []),
+    ]
+
+
+def settings_env(settings_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The current environment plus ``AGENT_WORKERS_*`` overrides, with the repo importable."""
+    env = dict(os.environ)
+    env.update(settings_env or {})
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
