@@ -24,6 +24,8 @@ DEFAULT_RESULT_EXPIRES = 24 * 3600
 DEFAULT_VISIBILITY_TIMEOUT = 3600
 DEFAULT_TASK_TIME_LIMIT = 600
 DEFAULT_KEEP_VERSIONS = 10
+#: Versions an applied update id is remembered for: ~100 bytes of Redis memory per id, so ~10 MiB per model.
+DEFAULT_DEDUP_WINDOW = 100_000
 DEFAULT_MAX_STALENESS = 4
 DEFAULT_MAX_INPUT_ELEMENTS = 1_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -75,6 +77,9 @@ class Settings:
         visibility_timeout: seconds before Redis redelivers an unacknowledged message.
         task_time_limit: hard time limit of one task, seconds.
         keep_versions: parameter versions kept per model before old blobs are collected.
+        dedup_window: versions an applied update id is remembered for, so a redelivered step is applied once;
+            a redelivery later than that would apply again. Costs about 100 bytes of Redis memory per remembered
+            id (one id per commit): 100,000 versions ≈ 10 MiB per model.
         max_staleness: a training gradient computed at version v may be applied up to version v + max_staleness.
         max_input_elements: the largest input, in numbers, that one request may carry.
         max_message_bytes: the largest message body accepted.
@@ -112,6 +117,7 @@ class Settings:
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
     task_time_limit: int = DEFAULT_TASK_TIME_LIMIT
     keep_versions: int = DEFAULT_KEEP_VERSIONS
+    dedup_window: int = DEFAULT_DEDUP_WINDOW
     max_staleness: int = DEFAULT_MAX_STALENESS
     max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -157,6 +163,7 @@ class Settings:
             visibility_timeout=r.int("VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=1),
             task_time_limit=r.int("TASK_TIME_LIMIT", DEFAULT_TASK_TIME_LIMIT, minimum=1),
             keep_versions=r.int("KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, minimum=1),
+            dedup_window=r.int("DEDUP_WINDOW", DEFAULT_DEDUP_WINDOW, minimum=1),
             max_staleness=r.int("MAX_STALENESS", DEFAULT_MAX_STALENESS, minimum=0),
             max_input_elements=r.int("MAX_INPUT_ELEMENTS", DEFAULT_MAX_INPUT_ELEMENTS, minimum=1),
             max_message_bytes=r.int("MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024),

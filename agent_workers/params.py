@@ -42,7 +42,7 @@ from agent_workers.blobs import (
     encode_blob,
     split_chunks,
 )
-from agent_workers.config import DEFAULT_CHUNK_BYTES, DEFAULT_LOCK_TIMEOUT, Settings
+from agent_workers.config import DEFAULT_CHUNK_BYTES, DEFAULT_DEDUP_WINDOW, DEFAULT_LOCK_TIMEOUT, Settings
 from agent_workers.errors import ConfigError, ModelError, StoreError, StoreUnavailableError
 from agent_workers.keys import Keys
 from agent_workers.locks import DEFAULT_LOCK_WAIT, CommitLock
@@ -54,7 +54,6 @@ from agent_workers.versions import CommitOutcome, CommitResult, Head
 log = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 1000
-DEFAULT_DEDUP_WINDOW = 1_000_000
 WAIT_AOF_TIMEOUT_MS = 5000
 READ_ATTEMPTS = 8
 COMMIT_MODES = ("optimistic", "lock")
@@ -126,6 +125,7 @@ class RedisParamStore:
         )
         options: dict[str, Any] = {
             "keep_versions": settings.keep_versions,
+            "dedup_window": settings.dedup_window,
             "mode": settings.commit_mode,
             "chunk_bytes": settings.chunk_bytes,
             "wait_aof": settings.wait_aof,

@@ -27,7 +27,7 @@ import torch
 
 from agent_workers.blobs import PARAM_PREFIX, Snapshot
 from agent_workers.datasets import epoch_batches
-from agent_workers.errors import InputError, VersionConflictError
+from agent_workers.errors import InputError, ModelError, VersionConflictError
 from agent_workers.models import ModelSpec
 from agent_workers.params import CommitOutcome, RedisParamStore
 from agent_workers.worker import metrics
@@ -74,6 +74,8 @@ class HyperParams:
         eps: Adam's denominator guard.
         l1: L1 penalty weight.
         l2: L2 penalty weight (weight decay).
+        max_grad_norm: clip the mini-batch gradient to this global L2 norm before the optimizer sees it
+            (``None``: no clipping).
     """
 
     loss: str = "mse"
@@ -84,6 +86,7 @@ class HyperParams:
     eps: float = 1e-8
     l1: float = 0.0
     l2: float = 0.0
+    max_grad_norm: float | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> HyperParams:
@@ -94,7 +97,9 @@ class HyperParams:
         if unknown:
             raise InputError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(known)}")
         try:
-            for name in ("lr", "momentum", "eps", "l1", "l2"):
+            if data.get("max_grad_norm") is None:
+                data.pop("max_grad_norm", None)
+            for name in ("lr", "momentum", "eps", "l1", "l2", "max_grad_norm"):
                 if name in data:
                     data[name] = _number(name, data[name])
             if "betas" in data:
@@ -112,6 +117,8 @@ class HyperParams:
             raise InputError(f"momentum must be in [0, 1), got {hp.momentum}")
         if len(hp.betas) != 2 or not all(0 <= b < 1 for b in hp.betas):
             raise InputError(f"betas must be two numbers in [0, 1), got {list(hp.betas)}")
+        if hp.max_grad_norm is not None and not hp.max_grad_norm > 0:
+            raise InputError(f"max_grad_norm must be > 0 (or null), got {hp.max_grad_norm}")
         if not hp.eps > 0 or hp.l1 < 0 or hp.l2 < 0:
             raise InputError(f"eps must be > 0 and l1, l2 >= 0; got eps={hp.eps}, l1={hp.l1}, l2={hp.l2}")
         return hp
@@ -164,6 +171,8 @@ def apply_update(snapshot: Snapshot, grads: dict[str, torch.Tensor], hp: HyperPa
     step_key = prefix + "step"
     step = int(tensors.get(step_key, torch.zeros(1))[0]) + 1
     tensors[step_key] = torch.tensor([step], dtype=torch.float64)
+    if hp.max_grad_norm is not None:
+        grads = clip_gradient(grads, hp.max_grad_norm)
     for name, g in grads.items():
         p = tensors[PARAM_PREFIX + name]
         g = g.to(p.dtype)
@@ -189,6 +198,50 @@ def apply_update(snapshot: Snapshot, grads: dict[str, torch.Tensor], hp: HyperPa
             v_hat = v / (1 - b2**step)
             tensors[PARAM_PREFIX + name] = p - hp.lr * m_hat / (v_hat.sqrt() + hp.eps)
     return tensors
+
+
+def clip_gradient(grads: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
+    """Scale ``grads`` down so their global L2 norm is at most ``max_norm`` (as ``clip_grad_norm_`` does)."""
+    total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+    if not torch.isfinite(total) or total <= max_norm:
+        return grads  # a non-finite gradient is refused by check_finite, not hidden by scaling
+    scale = max_norm / float(total)
+    return {name: g * scale for name, g in grads.items()}
+
+
+def check_finite(grads: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], hp: HyperParams) -> None:
+    """Refuse an update that would put NaN or infinity into the store, naming what to change.
+
+    Raises:
+        InputError: the gradient (the data's scale) or the updated parameters (the hyperparameters) are not finite.
+    """
+    bad = sorted(name for name, g in grads.items() if not bool(torch.isfinite(g).all()))
+    if bad:
+        raise InputError(
+            f"the gradient of this mini-batch is not finite (NaN or infinity in {', '.join(bad)}): x or y are "
+            "too large for this model; scale the data, or set max_grad_norm; nothing was committed"
+        )
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise InputError(
+            f"this update makes {', '.join(bad[:4])} non-finite (lr={hp.lr:g}, optimizer={hp.optimizer}): lower lr "
+            "or set max_grad_norm; nothing was committed and the model keeps its current version"
+        )
+
+
+def check_deadline(deadline: float | None, what: str) -> None:
+    """Stop cooperatively once ``deadline`` (``time.monotonic()`` seconds) has passed.
+
+    Raises:
+        TimeLimitExceeded: naming ``AGENT_WORKERS_TASK_TIME_LIMIT``; what was committed before stays committed.
+    """
+    if deadline is not None and time.monotonic() > deadline:
+        from celery.exceptions import TimeLimitExceeded
+
+        raise TimeLimitExceeded(
+            f"{what} ran past AGENT_WORKERS_TASK_TIME_LIMIT; stopped before its next commit (raise the limit, or "
+            "split the job)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +283,8 @@ def train_step(
     update_id: str,
     max_staleness: int = 4,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    max_elements: int | None = None,
+    deadline: float | None = None,
 ) -> StepResult:
     """One training step with compare-and-set, bounded staleness and bounded retries (see the module docstring).
 
@@ -238,14 +293,17 @@ def train_step(
         update_id: stable across redeliveries of this step; empty disables exactly-once.
         max_staleness: τ, the most versions a gradient may lag the parameters it is applied to.
         max_attempts: commits to try before giving up.
+        max_elements: the most numbers x (and y) may hold (``AGENT_WORKERS_MAX_INPUT_ELEMENTS``).
+        deadline: ``time.monotonic()`` after which no commit is attempted (the task's time limit).
 
     Raises:
-        InputError: x or y malformed.
+        InputError: x or y malformed or too large, or an update that is not finite (nothing is committed).
         ModelError: unknown model, or recreated while the step ran.
         VersionConflictError: still conflicting after ``max_attempts``.
+        TimeLimitExceeded: the deadline passed before the commit.
     """
     started = time.perf_counter()
-    xa, ya = as_batch(x, y)
+    xa, ya = as_batch(x, y, max_elements=max_elements)
     if update_id:
         done = store.applied(model, update_id)
         if done is not None:
@@ -265,6 +323,7 @@ def train_step(
             max_staleness=max_staleness,
             max_attempts=max_attempts,
             started=started,
+            deadline=deadline,
         )
 
 
@@ -279,9 +338,11 @@ def _optimistic_step(
     max_staleness: int,
     max_attempts: int,
     started: float,
+    deadline: float | None = None,
 ) -> StepResult:
     snapshot = store.read(model)
-    spec = store.spec(model, snapshot.epoch)
+    epoch = snapshot.epoch  # the incarnation the gradient belongs to: every commit is fenced by it
+    spec = store.spec(model, epoch)
     if xa.shape[1:] != spec.input_shape:
         raise InputError(f"x rows must have shape {list(spec.input_shape)}, got {list(xa.shape[1:])}")
     grads, loss = compute_gradient(spec, snapshot, xa, ya, hp)
@@ -290,12 +351,14 @@ def _optimistic_step(
     for attempt in range(1, max_attempts + 1):
         staleness = snapshot.version - grad_version
         new = apply_update(snapshot, grads, hp)
+        check_finite(grads, new, hp)
+        check_deadline(deadline, f"train step {update_id or ''} on {model!r}")
         result = store.commit(
             model,
             expected=snapshot.version,
             tensors=new,
             update_id=update_id,
-            epoch=snapshot.epoch,
+            epoch=epoch,
             info={"loss": loss, "staleness": staleness},
         )
         metrics.COMMITS.labels(model, result.outcome.value).inc()
@@ -313,6 +376,8 @@ def _optimistic_step(
         # Full jitter, capped: trainers that collided do not collide again in lockstep.
         time.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
         snapshot = store.read(model)
+        if snapshot.epoch != epoch:
+            raise ModelError(f"model {model!r} was recreated while this update was computed; it no longer applies")
         if snapshot.version - grad_version > max_staleness or grad_version < snapshot.barrier:
             grads, loss = compute_gradient(spec, snapshot, xa, ya, hp)
             grad_version = snapshot.version
@@ -340,6 +405,8 @@ def fit(
     max_staleness: int = 4,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     progress_every: int = 10,
+    max_elements: int | None = None,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """A whole training job in this process: every mini-batch is one :func:`train_step`, committed on its own.
 
@@ -349,16 +416,26 @@ def fit(
     Args:
         on_progress: called every ``progress_every`` steps and after the last with
             ``{"epoch", "epochs", "step", "steps", "loss", "version"}``.
+        max_elements: the most numbers one mini-batch may hold (``AGENT_WORKERS_MAX_INPUT_ELEMENTS``).
+        deadline: ``time.monotonic()`` after which no further step starts (the task's time limit).
 
     Returns:
         ``{"model", "version", "steps", "history", "conflicts", "recomputed", "duplicates", "max_staleness_seen"}``;
         ``history`` has one ``{"epoch", "loss", "version"}`` per epoch (the mean mini-batch loss).
 
     Raises:
-        InputError: ``epochs`` or ``batch_size`` not a positive integer, or bad data.
+        InputError: ``epochs`` or ``batch_size`` not a positive integer, a mini-batch over ``max_elements``, or
+            bad data.
+        TimeLimitExceeded: the deadline passed; the steps committed so far stay committed (a redelivery skips them).
     """
     if not (isinstance(epochs, int) and epochs > 0 and isinstance(batch_size, int) and batch_size > 0):
         raise InputError("epochs and batch_size must be positive integers")
+    width = int(np.prod(x.shape[1:])) if x.ndim > 1 else 1
+    if max_elements is not None and min(batch_size, len(x)) * width > max_elements:
+        raise InputError(
+            f"batch_size {batch_size} × {width} features exceeds AGENT_WORKERS_MAX_INPUT_ELEMENTS={max_elements}; "
+            "use a smaller batch_size"
+        )
     steps_per_epoch = (len(x) + batch_size - 1) // batch_size
     total = epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
@@ -368,8 +445,16 @@ def fit(
     for done, (epoch, step, rows) in enumerate(
         epoch_batches(len(x), epochs=epochs, batch_size=batch_size, seed=seed), start=1
     ):
+        check_deadline(deadline, f"fit {update_prefix} (step {done} of {total})")
         result = train_step(
-            store, model, x[rows], y[rows], hp, update_id=f"{update_prefix}:{epoch}:{step}", max_staleness=max_staleness
+            store,
+            model,
+            x[rows],
+            y[rows],
+            hp,
+            update_id=f"{update_prefix}:{epoch}:{step}",
+            max_staleness=max_staleness,
+            deadline=deadline,
         )
         losses.append(result.loss)
         version = result.version
@@ -398,8 +483,9 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 3)
 
 
-def as_batch(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a mini-batch from JSON: x a non-empty 2-D list of finite numbers, y one target per row."""
+def as_batch(x: Any, y: Any, *, max_elements: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a mini-batch from JSON: x a non-empty 2-D list of finite numbers, y one target per row, neither
+    holding more than ``max_elements`` numbers."""
     try:
         xa = np.asarray(x, dtype=np.float32)
         ya = np.asarray(y, dtype=np.float32)
@@ -409,6 +495,11 @@ def as_batch(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"x must be a non-empty list of rows, got shape {list(xa.shape)}")
     if ya.shape[0] != xa.shape[0]:
         raise InputError(f"y has {ya.shape[0]} targets for {xa.shape[0]} rows")
+    if max_elements is not None and max(xa.size, ya.size) > max_elements:
+        raise InputError(
+            f"this mini-batch holds {max(xa.size, ya.size)} numbers; the limit is {max_elements} "
+            "(AGENT_WORKERS_MAX_INPUT_ELEMENTS): send smaller batches"
+        )
     if not (np.isfinite(xa).all() and np.isfinite(ya).all()):
         raise InputError("x or y contain NaN or infinity")
     return xa, ya

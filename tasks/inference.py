@@ -8,6 +8,7 @@ from celery import Task
 
 from agent_workers.contract import PREDICT, PREDICT_MANY, bind_predict
 from agent_workers.errors import InputError, StoreUnavailableError
+from agent_workers.worker.limits import LimitedTask
 from tasks import app
 
 
@@ -29,7 +30,14 @@ def predict(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return {"model": model, "version": loaded.version, "outputs": result}
 
 
-@app.task(name=PREDICT_MANY, bind=True, autoretry_for=(StoreUnavailableError,), max_retries=3, retry_backoff=True)
+@app.task(
+    name=PREDICT_MANY,
+    bind=True,
+    base=LimitedTask,
+    autoretry_for=(StoreUnavailableError,),
+    max_retries=3,
+    retry_backoff=True,
+)
 def predict_many(self: Task, model: str, inputs: Any, version: int | None = None) -> dict[str, Any]:
     """Score many examples in one message, in GPU-sized batches; outputs in input order."""
     if not isinstance(model, str):

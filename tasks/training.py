@@ -11,9 +11,16 @@ from agent_workers.errors import InputError, StoreUnavailableError
 from agent_workers.training import HyperParams
 from agent_workers.training import fit as run_fit
 from agent_workers.training import train_step as run_step
+from agent_workers.worker.limits import LimitedTask, deadline
 from tasks import app
 
-RETRY = {"autoretry_for": (StoreUnavailableError,), "max_retries": 5, "retry_backoff": True, "retry_jitter": True}
+RETRY = {
+    "base": LimitedTask,
+    "autoretry_for": (StoreUnavailableError,),
+    "max_retries": 5,
+    "retry_backoff": True,
+    "retry_jitter": True,
+}
 
 
 @app.task(name=TRAIN_STEP, bind=True, **RETRY)
@@ -38,7 +45,15 @@ def train_step(
         raise InputError("train_step needs x and y, or dataset and rows")
     settings = self.app.settings
     result = run_step(
-        self.app.store, model, x, y, hp, update_id=update_id or self.request.id, max_staleness=settings.max_staleness
+        self.app.store,
+        model,
+        x,
+        y,
+        hp,
+        update_id=update_id or self.request.id,
+        max_staleness=settings.max_staleness,
+        max_elements=settings.max_input_elements,
+        deadline=deadline(self.app),
     )
     return result.to_json()
 
@@ -77,4 +92,6 @@ def fit(
         update_prefix=self.request.id,
         max_staleness=self.app.settings.max_staleness,
         on_progress=progress,
+        max_elements=self.app.settings.max_input_elements,
+        deadline=deadline(self.app),
     )

@@ -212,11 +212,20 @@ class InferenceEngine:
         """Score many examples of one model in GPU-sized batches; outputs in input order.
 
         Raises:
-            InputError: ``inputs`` is not a list, or one example is bad (its index is named).
+            InputError: ``inputs`` is not a list, holds more than ``max_input_elements`` numbers in all, or one
+                example is bad (its index is named).
         """
         if not isinstance(inputs, list):
             raise InputError(f"inputs must be a list of examples, got {type(inputs).__name__}")
         loaded = self.current(name) if version is None else self.pinned(name, version)
+        limit = self.settings.max_input_elements
+        width = int(np.prod(loaded.spec.input_shape))
+        if len(inputs) * width > limit:
+            # Checked before any example is parsed: the whole message, not one example, is what must fit.
+            raise InputError(
+                f"{len(inputs)} examples of {width} numbers exceed AGENT_WORKERS_MAX_INPUT_ELEMENTS={limit} for one "
+                f"predict_many; send at most {max(1, limit // width)} examples per message"
+            )
         arrays = []
         for i, item in enumerate(inputs):
             try:
@@ -224,9 +233,17 @@ class InferenceEngine:
             except InputError as exc:
                 raise InputError(f"example {i}: {exc}") from None
         outputs: list[Any] = []
+        produced = 0
         size = self.settings.batch.max_batch_size
         for start in range(0, len(arrays), size):
             if not arrays[start : start + size]:
                 break
-            outputs.extend(self.forward(loaded, np.stack(arrays[start : start + size])).tolist())
+            batch = self.forward(loaded, np.stack(arrays[start : start + size]))
+            produced += batch.size
+            if produced > limit:
+                raise InputError(
+                    f"the outputs of this predict_many exceed AGENT_WORKERS_MAX_INPUT_ELEMENTS={limit} numbers; "
+                    "send fewer examples per message"
+                )
+            outputs.extend(batch.tolist())
         return {"model": name, "version": loaded.version, "outputs": outputs}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 
 from agent_workers import training
 from agent_workers.blobs import PARAM_PREFIX, Snapshot
-from agent_workers.errors import InputError, StoreError
+from agent_workers.errors import InputError, ModelError, StoreError
 from agent_workers.models import ModelSpec, make_spec
 from agent_workers.params import CommitOutcome, CommitResult
 from agent_workers.training import HyperParams, apply_update, compute_gradient, train_step
@@ -162,9 +163,11 @@ class MemoryStore:
         self.rivals: list[Callable[[MemoryStore], None]] = []
         self.commits = 0
         self.locks = 0
+        self.epoch = "e"
+        self.epochs_committed: list[str] = []
 
     def read(self, name: str, version: int | None = None) -> Snapshot:
-        return Snapshot(name, self.version, "e", dict(self.tensors), self.barrier)
+        return Snapshot(name, self.version, self.epoch, dict(self.tensors), self.barrier)
 
     def spec(self, name: str, epoch: str | None = None) -> ModelSpec:
         return self._spec
@@ -202,6 +205,9 @@ class MemoryStore:
             return CommitResult(CommitOutcome.DUPLICATE, self.applied_ids[update_id])
         if expected != self.version:
             return CommitResult(CommitOutcome.CONFLICT, self.version)
+        if epoch and epoch != self.epoch:
+            raise ModelError(f"model {name!r} was recreated while this update was computed; it no longer applies")
+        self.epochs_committed.append(epoch)
         self.version += 1
         self.tensors = tensors
         self.applied_ids[update_id] = self.version
@@ -345,3 +351,86 @@ def test_report_tables_keep_four_significant_digits() -> None:
         "| a | 0.01023 | 12,346 | yes |",
         "| b | 1.5 | None | NO |",
     ]
+
+
+# -- guards: finiteness, clipping, the epoch fence, deadlines, sizes ------------------------------------------------
+
+
+def test_a_step_that_would_make_parameters_non_finite_commits_nothing() -> None:
+    store = MemoryStore(SPEC)
+    with pytest.raises(InputError, match="non-finite.*lr=1e\\+30"):
+        train_step(store, "m", [[1e10, 1e10]], [[1e10]], HyperParams(lr=1e30), update_id="u")  # type: ignore[arg-type]
+    assert (store.commits, store.version) == (0, 0)
+
+
+def test_a_non_finite_gradient_names_the_data() -> None:
+    store = MemoryStore(SPEC)
+    with pytest.raises(InputError, match="gradient of this mini-batch is not finite"):
+        train_step(store, "m", [[3e38, 3e38]], [[-3e38]], HP, update_id="u")  # type: ignore[arg-type]
+    assert store.commits == 0
+
+
+def test_max_grad_norm_clips_to_the_global_norm() -> None:
+    clipped = training.clip_gradient({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, 1.0)
+    assert torch.allclose(torch.cat([clipped["a"], clipped["b"]]), torch.tensor([0.6, 0.8]))
+    small = {"a": torch.tensor([0.1])}
+    assert training.clip_gradient(small, 1.0) is small
+    assert HyperParams.from_json({"max_grad_norm": 2}).max_grad_norm == 2.0
+    with pytest.raises(InputError, match="max_grad_norm"):
+        HyperParams.from_json({"max_grad_norm": 0})
+
+
+def test_clipping_lets_a_large_scale_step_commit_finite_parameters() -> None:
+    store = MemoryStore(SPEC)
+    hp = HyperParams(lr=0.01, max_grad_norm=1.0)
+    result = train_step(store, "m", [[1e10, 1e10]], [[1e10]], hp, update_id="u")  # type: ignore[arg-type]
+    assert result.version == 1
+    assert all(bool(torch.isfinite(t).all()) for t in store.tensors.values())
+
+
+def test_the_epoch_fence_holds_after_a_conflict(counted: dict[str, Any]) -> None:
+    store = MemoryStore(SPEC)
+
+    def recreate(s: MemoryStore) -> None:
+        s.version += 1
+        s.epoch = "recreated"
+
+    store.rivals = [recreate]
+    with pytest.raises(ModelError, match="recreated"):
+        train_step(store, "m", X, Y, HP, update_id="u", max_staleness=4)  # type: ignore[arg-type]
+    assert store.commits == 1 and store.epochs_committed == []
+
+
+def test_a_step_past_its_deadline_commits_nothing() -> None:
+    from celery.exceptions import TimeLimitExceeded
+
+    store = MemoryStore(SPEC)
+    with pytest.raises(TimeLimitExceeded, match="AGENT_WORKERS_TASK_TIME_LIMIT"):
+        train_step(store, "m", X, Y, HP, update_id="u", deadline=time.monotonic() - 1)  # type: ignore[arg-type]
+    assert store.commits == 0
+
+
+def test_fit_stops_between_steps_at_its_deadline() -> None:
+    from celery.exceptions import TimeLimitExceeded
+
+    store = MemoryStore(SPEC)
+    x, y = np.zeros((5, 2), np.float32), np.zeros((5, 1), np.float32)
+    with pytest.raises(TimeLimitExceeded):
+        training.fit(
+            store,
+            "m",
+            x,
+            y,
+            HP,
+            epochs=1,
+            batch_size=1,
+            update_prefix="f",  # type: ignore[arg-type]
+            deadline=time.monotonic() - 1,
+        )
+    assert store.commits == 0
+
+
+def test_mini_batches_over_the_element_limit_are_refused() -> None:
+    with pytest.raises(InputError, match="AGENT_WORKERS_MAX_INPUT_ELEMENTS"):
+        training.as_batch([[0.0] * 4] * 3, [[0.0]] * 3, max_elements=11)
+    assert training.as_batch([[0.0] * 4] * 3, [[0.0]] * 3, max_elements=12)[0].shape == (3, 4)
