@@ -9,11 +9,10 @@ import dataclasses
 import json
 import math
 import threading
+import warnings
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from agent_workers.errors import ModelError
 
@@ -25,7 +24,8 @@ PARAM_PREFIX = "p."
 class Snapshot:
     """One consistent version: model parameters plus any optimizer state, as CPU tensors.
 
-    Snapshots may be shared by the store's cache: treat ``tensors`` as read-only (clone before changing).
+    Snapshots may be shared by the store's cache: treat ``tensors`` as read-only (clone before changing; they
+    may view the downloaded bytes). ``complete`` is False for a parameters-only read (no optimizer state).
     """
 
     model: str
@@ -34,6 +34,7 @@ class Snapshot:
     tensors: dict[str, torch.Tensor]
     barrier: int = 0
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
+    complete: bool = True
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The module's state dict (names without the store's prefix)."""
@@ -41,35 +42,120 @@ class Snapshot:
         return {k[n:]: v for k, v in self.tensors.items() if k.startswith(PARAM_PREFIX)}
 
 
-def encode_blob(tensors: dict[str, torch.Tensor], *, model: str, version: int, epoch: str = "") -> bytes:
-    """Serialize tensors with safetensors; model, version and incarnation travel in the header."""
-    return st_save(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-        metadata={"model": model, "version": str(version), "epoch": epoch},
+#: safetensors dtype names (the format's spec) and the torch dtypes they stand for.
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_ITEMSIZE = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in _DTYPES.values()}
+
+
+def encode_blob(tensors: dict[str, torch.Tensor], *, model: str, version: int, epoch: str = "") -> bytearray:
+    """Serialize tensors in the safetensors format; model, version and incarnation travel in the header.
+
+    Written straight into one preallocated buffer (one copy of each tensor; ``safetensors.torch.save`` makes
+    three), laid out as the format's reference writer lays it out: largest dtypes first, so every tensor is
+    aligned. ``safetensors.torch.load`` reads the result (tested).
+    """
+    items = sorted(
+        ((name, t.detach().cpu().contiguous()) for name, t in tensors.items()),
+        key=lambda item: (-item[1].element_size(), item[0]),
     )
+    header: dict[str, object] = {"__metadata__": {"model": model, "version": str(version), "epoch": epoch}}
+    offset = 0
+    for name, t in items:
+        if t.dtype not in _NAMES:
+            raise ModelError(f"tensor {name!r} has dtype {t.dtype}, which a parameter blob cannot carry")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    out = bytearray(8 + len(head) + offset)
+    out[:8] = len(head).to_bytes(8, "little")
+    out[8 : 8 + len(head)] = head
+    position = 8 + len(head)
+    for _name, t in items:
+        size = t.numel() * t.element_size()
+        if size:
+            out[position : position + size] = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        position += size
+    return out
 
 
-def decode_blob(data: bytes) -> dict[str, torch.Tensor]:
-    """Parse a safetensors blob; anything else (a pickle, garbage) is refused."""
+def decode_blob(data: bytes | bytearray) -> dict[str, torch.Tensor]:
+    """Parse a safetensors blob into tensors that VIEW ``data`` (no copy); anything else (a pickle, garbage) is
+    refused. The header is checked as the format requires: known dtypes, sizes that match shapes, and data
+    offsets that cover the buffer exactly, so no tensor reads outside it.
+
+    Raises:
+        ModelError: not a valid safetensors blob.
+    """
+    header, start = _header(data)
+    spans = []
+    tensors: dict[str, torch.Tensor] = {}
     try:
-        return st_load(data)
-    except (SafetensorError, ValueError) as exc:
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _DTYPES[entry["dtype"]]
+            shape = [int(d) for d in entry["shape"]]
+            begin, end = (int(o) for o in entry["data_offsets"])
+            count = math.prod(shape)
+            if min(shape, default=0) < 0 or end - begin != count * _ITEMSIZE[dtype]:
+                raise ValueError(f"tensor {name!r}: data_offsets do not match its shape and dtype")
+            spans.append((begin, end))
+            if count == 0:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
+                with warnings.catch_warnings():  # read-only bytes from Redis: the tensors are read-only by contract
+                    warnings.simplefilter("ignore", UserWarning)
+                    flat = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin)
+                tensors[name] = flat.reshape(shape)
+    except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"parameter blob is not valid safetensors: {exc}") from exc
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise ModelError("parameter blob is not valid safetensors: data offsets overlap or leave gaps")
+        covered = end
+    if covered != len(data) - start:
+        raise ModelError("parameter blob is not valid safetensors: the data is not fully covered by its header")
+    return tensors
+
+
+def _header(data: bytes | bytearray) -> tuple[dict[str, Any], int]:
+    """The parsed JSON header of a blob and where its data starts."""
+    try:
+        if len(data) < 8:
+            raise ValueError("shorter than a header")
+        header_len = int.from_bytes(data[:8], "little")
+        if header_len > len(data) - 8:
+            raise ValueError("header longer than the blob")
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        return header, 8 + header_len
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"parameter blob is not valid safetensors (no readable header): {exc}") from exc
 
 
 def blob_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a blob's header (model, version, epoch) without loading the tensors."""
-    try:
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(bytes(data[8 : 8 + header_len]))
-        return dict(header.get("__metadata__") or {})
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"parameter blob has no readable safetensors header: {exc}") from exc
+    return dict(_header(data)[0].get("__metadata__") or {})
 
 
 def blob_version(data: bytes) -> int:
     """Read the version recorded in a blob's header without loading the tensors."""
     return int(blob_metadata(data)["version"])
+
+
+def split_state(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(parameters, optimizer state)``: the tensors under :data:`PARAM_PREFIX`, and the others."""
+    params = {k: v for k, v in tensors.items() if k.startswith(PARAM_PREFIX)}
+    return params, {k: v for k, v in tensors.items() if not k.startswith(PARAM_PREFIX)}
 
 
 def split_chunks(data: bytes, chunk_bytes: int) -> list[memoryview]:
@@ -92,8 +178,10 @@ class SnapshotCache:
         self._snapshots: dict[str, Snapshot] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> Snapshot | None:
-        return self._snapshots.get(name)
+    def get(self, name: str, *, complete: bool = False) -> Snapshot | None:
+        """The cached snapshot of ``name``; with ``complete``, only one that holds the optimizer state too."""
+        snap = self._snapshots.get(name)
+        return None if snap is None or (complete and not snap.complete) else snap
 
     def remember(self, snap: Snapshot) -> None:
         """Keep ``snap`` unless a newer version of the same incarnation is already here."""
@@ -101,7 +189,12 @@ class SnapshotCache:
             return
         with self._lock:
             current = self._snapshots.get(snap.model)
-            if current is None or current.epoch != snap.epoch or snap.version >= current.version:
+            if (
+                current is None
+                or current.epoch != snap.epoch
+                or snap.version > current.version
+                or (snap.version == current.version and (snap.complete or not current.complete))
+            ):
                 self._snapshots[snap.model] = snap
 
     def forget(self, name: str) -> None:

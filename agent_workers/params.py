@@ -27,6 +27,7 @@ import logging
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlparse
 
 import redis
 import torch
@@ -41,6 +42,7 @@ from agent_workers.blobs import (
     decode_blob,
     encode_blob,
     split_chunks,
+    split_state,
 )
 from agent_workers.config import DEFAULT_CHUNK_BYTES, DEFAULT_DEDUP_WINDOW, DEFAULT_LOCK_TIMEOUT, Settings
 from agent_workers.errors import ConfigError, ModelError, StoreError, StoreUnavailableError
@@ -48,7 +50,14 @@ from agent_workers.keys import Keys
 from agent_workers.locks import DEFAULT_LOCK_WAIT, CommitLock
 from agent_workers.maintenance import STAGING_TTL
 from agent_workers.models import ModelSpec
-from agent_workers.redis_clients import glob_escape, redis_client, server_version, unavailable
+from agent_workers.redis_clients import (
+    CLUSTER_SCHEMES,
+    bulk_packer,
+    glob_escape,
+    redis_client,
+    server_version,
+    unavailable,
+)
 from agent_workers.versions import CommitOutcome, CommitResult, Head
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,7 @@ HISTORY_LENGTH = 1000
 WAIT_AOF_TIMEOUT_MS = 5000
 READ_ATTEMPTS = 8
 COMMIT_MODES = ("optimistic", "lock")
+_HEAD_FIELDS = ("version", "blob", "epoch", "barrier", "chunks", "pchunks")
 _BAD_NAME_CHARS = set("{}:*?[]\\") | {" ", "\t", "\n"}
 
 
@@ -120,9 +130,10 @@ class RedisParamStore:
 
         The URL may name one Redis, a Sentinel-managed master or a Redis Cluster (see redis_clients.py).
         """
-        client = redis_client(
-            settings.params_url, sentinel_master=settings.sentinel_master, socket_timeout=30, health_check_interval=30
-        )
+        connection: dict[str, Any] = {"socket_timeout": 30, "health_check_interval": 30}
+        if urlparse(settings.params_url).scheme not in CLUSTER_SCHEMES:
+            connection["command_packer"] = bulk_packer()  # blob chunks go to the socket uncopied
+        client = redis_client(settings.params_url, sentinel_master=settings.sentinel_master, **connection)
         options: dict[str, Any] = {
             "keep_versions": settings.keep_versions,
             "dedup_window": settings.dedup_window,
@@ -191,6 +202,7 @@ class RedisParamStore:
                 "epoch": epoch,
                 "barrier": 0,
                 "chunks": len(chunks),
+                "pchunks": len(chunks),
             }
             if len(chunks) > 1:
                 head["chunks:0"] = len(chunks)
@@ -228,12 +240,12 @@ class RedisParamStore:
             ModelError: no such model.
         """
         with unavailable():
-            raw = self.client.hmget(self.keys.head(name), "version", "blob", "epoch", "barrier", "chunks")
+            raw = self.client.hmget(self.keys.head(name), *_HEAD_FIELDS)
         return self._parse_head(name, raw)
 
     @staticmethod
     def _parse_head(name: str, raw: list[bytes | None]) -> Head:
-        version, blob, epoch, barrier, chunks = raw[:5]
+        version, blob, epoch, barrier, chunks, param_chunks = raw[:6]
         if version is None or blob is None:
             raise ModelError(f"unknown model {name!r}; create it first (agent-workers models create)")
         return Head(
@@ -242,6 +254,7 @@ class RedisParamStore:
             epoch=(epoch or b"").decode(),
             barrier=int(barrier or 0),
             chunks=int(chunks or 1),
+            param_chunks=int(param_chunks or chunks or 1),  # a blob written before the split holds both
         )
 
     def spec(self, name: str, epoch: str | None = None) -> ModelSpec:
@@ -259,19 +272,24 @@ class RedisParamStore:
         self._specs[(name, epoch)] = spec
         return spec
 
-    def read(self, name: str, version: int | None = None) -> Snapshot:
+    def read(self, name: str, version: int | None = None, *, state: bool = True) -> Snapshot:
         """Read the current (or a pinned) version as one consistent snapshot.
 
-        One ``HMGET`` of the head; the blob is downloaded only when the cached snapshot is not that version. The
-        blob's header must name the model, the version and the incarnation the head promised.
+        One ``HMGET`` of the head; the blob is downloaded only when the cached snapshot is not that version, in one
+        ``MGET`` of its chunks, and decoded without copying. The blob's header must name the model, the version and
+        the incarnation the head promised.
+
+        Args:
+            state: also read the optimizer state (trainers). Inference reads the parameters only, which with
+                Adam is a third of the bytes.
 
         Raises:
             ModelError: unknown model, or a version that was never written or is no longer kept.
             StoreError: the head moved too fast to catch a version before it was collected.
         """
-        fields = ["version", "blob", "epoch", "barrier", "chunks"]
+        fields = list(_HEAD_FIELDS)
         if version is not None:
-            fields.append(f"chunks:{version}")
+            fields += [f"chunks:{version}", f"pchunks:{version}"]
         for _ in range(READ_ATTEMPTS):
             with unavailable():
                 raw = self.client.hmget(self.keys.head(name), *fields)
@@ -279,22 +297,27 @@ class RedisParamStore:
             wanted = head.version if version is None else version
             if wanted > head.version or wanted < 0:
                 raise ModelError(f"model {name!r} has no version {wanted}; the newest is {head.version}")
-            cached = self._cache.get(name)
+            cached = self._cache.get(name, complete=state)
             if cached is not None and cached.version == wanted and cached.epoch == head.epoch:
                 return dataclasses.replace(cached, barrier=head.barrier) if cached.barrier != head.barrier else cached
             if version is None:
-                first, n = head.blob, head.chunks
+                first, n, p = head.blob, head.chunks, head.param_chunks
             else:
-                first, n = self.keys.blob(name, wanted), int(raw[5] or 1)
-            data = self._fetch(first, n)
-            if data is not None:
+                n = int(raw[6] or 1)
+                first, p = self.keys.blob(name, wanted), int(raw[7] or n)
+            parts = self._fetch(first, n if state else p)
+            if parts is not None:
+                data = _joined(parts[:p])
                 meta = blob_metadata(data)
                 if (
                     meta.get("model") == name
                     and meta.get("version") == str(wanted)
                     and meta.get("epoch", "") in ("", head.epoch)
                 ):
-                    snap = Snapshot(name, wanted, head.epoch, decode_blob(data), head.barrier, meta)
+                    tensors = decode_blob(data)
+                    if state and n > p:
+                        tensors.update(decode_blob(_joined(parts[p:])))
+                    snap = Snapshot(name, wanted, head.epoch, tensors, head.barrier, meta, complete=state or n == p)
                     self._cache.remember(snap)
                     return snap
                 # The model was recreated between our two round trips and the key now holds another
@@ -306,15 +329,12 @@ class RedisParamStore:
             # The head moved and its old blob was collected between our two round trips: follow the head again.
         raise StoreError(f"model {name!r} changed too fast to read a consistent version; retry")
 
-    def _fetch(self, first: str, n: int) -> bytes | None:
-        """The blob whose chunks start at ``first``; None when any chunk is gone (collected meanwhile)."""
+    def _fetch(self, first: str, n: int) -> list[bytes] | None:
+        """The first ``n`` chunks of the blob at ``first``, in one round trip; None when any is gone (collected
+        meanwhile)."""
         with unavailable():
-            if n == 1:
-                return self.client.get(first)
-            parts = self.client.mget(chunk_keys(first, n))
-        if any(p is None for p in parts):
-            return None
-        return b"".join(parts)
+            parts = [self.client.get(first)] if n == 1 else self.client.mget(chunk_keys(first, n))
+        return None if any(part is None for part in parts) else parts
 
     def applied(self, name: str, update_id: str) -> int | None:
         """The version that update ``update_id`` produced, or None when it was not applied (within the window)."""
@@ -349,8 +369,13 @@ class RedisParamStore:
             StoreUnavailableError: Redis unreachable, staged chunks evicted, or the AOF fsync not confirmed.
         """
         new = expected + 1
-        blob = encode_blob(tensors, model=name, version=new, epoch=epoch)
+        params, opt_state = split_state(tensors)
+        blob = encode_blob(params, model=name, version=new, epoch=epoch)
         chunks = split_chunks(blob, self.chunk_bytes)
+        param_chunks = len(chunks)
+        state_blob = encode_blob(opt_state, model=name, version=new, epoch=epoch) if opt_state else None
+        if state_blob is not None:
+            chunks += split_chunks(state_blob, self.chunk_bytes)
         staging = chunk_keys(self.keys.staging(name, uuid.uuid4().hex), len(chunks))
         targets = chunk_keys(self.keys.blob(name, new), len(chunks))
         record = json.dumps(
@@ -380,6 +405,7 @@ class RedisParamStore:
                     self.dedup_window,
                     self.keys.blob_prefix(name),
                     HISTORY_LENGTH,
+                    param_chunks,
                 ],
             )
         outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
@@ -399,7 +425,7 @@ class RedisParamStore:
                     name,
                     new,
                     epoch,
-                    decode_blob(blob),
+                    {**decode_blob(blob), **(decode_blob(state_blob) if state_blob is not None else {})},
                     new if barrier else (hint.barrier if hint else 0),
                     blob_metadata(blob),
                 )
@@ -446,3 +472,8 @@ class RedisParamStore:
         if self.mode != "lock":
             return contextlib.nullcontext()
         return self._lock.hold(name)
+
+
+def _joined(parts: list[bytes]) -> bytes:
+    """One blob from its chunks (no copy for a single chunk)."""
+    return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -32,6 +32,8 @@ class Head:
         epoch: the model's incarnation; ``create(replace=True)`` starts a new one.
         barrier: the newest rollback's version; gradients computed before it must not be applied after it.
         chunks: how many keys the current blob spans.
+        param_chunks: how many of them hold the model's parameters; the rest hold the optimizer state, which
+            an inference worker never downloads.
     """
 
     version: int
@@ -39,3 +41,4 @@ class Head:
     epoch: str
     barrier: int = 0
     chunks: int = 1
+    param_chunks: int = 1

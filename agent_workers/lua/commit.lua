@@ -1,7 +1,7 @@
 -- KEYS: 1 head, 2 applied (zset update id -> version), 3 history, then n staging chunks, then n blob chunks
 -- ARGV: 1 expected version, 2 update id ('' = none), 3 history record, 4 n, 5 keep versions,
 --       6 epoch ('' = any), 7 set the staleness barrier (1/0), 8 dedup window (versions), 9 blob key prefix,
---       10 history length
+--       10 history length, 11 how many of the n chunks hold the parameters (the rest: optimizer state)
 local n = tonumber(ARGV[4])
 local function drop_staging()
   for i = 1, n do redis.call('DEL', KEYS[3 + i]) end
@@ -23,8 +23,10 @@ for i = 1, n do
   redis.call('RENAME', KEYS[3 + i], KEYS[3 + n + i])
   redis.call('PERSIST', KEYS[3 + n + i])
 end
-redis.call('HSET', KEYS[1], 'version', new, 'blob', KEYS[4 + n], 'chunks', n)
+local p = tonumber(ARGV[11])
+redis.call('HSET', KEYS[1], 'version', new, 'blob', KEYS[4 + n], 'chunks', n, 'pchunks', p)
 if n > 1 then redis.call('HSET', KEYS[1], 'chunks:' .. new, n) end
+if p < n then redis.call('HSET', KEYS[1], 'pchunks:' .. new, p) end
 if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'barrier', new) end
 if ARGV[2] ~= '' then
   redis.call('ZADD', KEYS[2], new, ARGV[2])
@@ -41,5 +43,6 @@ if old >= 0 then
   redis.call('DEL', ARGV[9] .. old)
   for i = 1, m - 1 do redis.call('DEL', ARGV[9] .. old .. ':' .. i) end
   if m > 1 then redis.call('HDEL', KEYS[1], 'chunks:' .. old) end
+  redis.call('HDEL', KEYS[1], 'pchunks:' .. old)
 end
 return {'committed', new}

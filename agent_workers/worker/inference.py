@@ -151,7 +151,7 @@ class InferenceEngine:
             return loaded
 
     def _load(self, name: str, version: int | None) -> LoadedModel:
-        snapshot = self.store.read(name, version)
+        snapshot = self.store.read(name, version, state=False)  # parameters only: no optimizer state
         spec = self.store.spec(name, snapshot.epoch)
         module = spec.build()
         try:

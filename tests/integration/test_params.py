@@ -305,3 +305,49 @@ def test_blob_header_carries_model_version_and_epoch(make_store: Callable[..., R
     store.commit("m", expected=0, tensors=values(3), epoch=head.epoch)
     raw = store.client.get(store.keys.blob("m", 1))
     assert blob_metadata(raw) == {"model": "m", "version": "1", "epoch": head.epoch}
+
+
+def test_inference_reads_skip_the_optimizer_state_and_trainers_get_it_back(
+    make_store: Callable[..., RedisParamStore],
+) -> None:
+    store = make_store(chunk_bytes=1024)
+    store.create("m", make_spec("linear", in_features=300))
+    head = store.head("m")
+    assert head.chunks == head.param_chunks  # no optimizer state yet
+    snap = store.read("m")
+    state = {"o.adam.m.weight": torch.full((1, 300), 0.5), "o.adam.step": torch.tensor([1.0], dtype=torch.float64)}
+    store.commit("m", expected=0, tensors={**snap.tensors, **state}, epoch=head.epoch, update_id="s1")
+    head = store.head("m")
+    assert head.chunks > head.param_chunks >= 2  # parameters and state chunked apart
+
+    inference = make_store(chunk_bytes=1024)
+    fetched: list[int] = []
+    original = inference._fetch
+    inference._fetch = lambda first, n: fetched.append(n) or original(first, n)  # type: ignore[method-assign]
+    params_only = inference.read("m", state=False)
+    assert fetched == [head.param_chunks] and not params_only.complete
+    assert set(params_only.tensors) == set(snap.tensors)
+    full = inference.read("m")  # a trainer in the same process: the cached parameters-only snapshot is not enough
+    assert fetched == [head.param_chunks, head.chunks] and full.complete
+    assert torch.equal(full.tensors["o.adam.m.weight"], state["o.adam.m.weight"])
+    assert torch.equal(full.parameters()["weight"], snap.parameters()["weight"])
+    assert inference.read("m", state=False) is full  # a complete snapshot serves parameters-only reads too
+
+    pinned = make_store(chunk_bytes=1024).read("m", 1)
+    assert pinned.complete and "o.adam.step" in pinned.tensors
+
+
+def test_collecting_a_version_removes_its_state_chunks_too(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store(chunk_bytes=1024, keep_versions=2)
+    store.create("m", make_spec("linear", in_features=300))
+    epoch = store.head("m").epoch
+    tensors = dict(store.read("m").tensors)
+    for v in range(3):
+        tensors["o.sgd.buf.weight"] = torch.full((1, 300), float(v))
+        assert store.commit("m", expected=v, tensors=tensors, epoch=epoch).outcome is CommitOutcome.COMMITTED
+    head = store.head("m")
+    first_of_v1 = store.keys.blob("m", 1)
+    assert not store.client.exists(*chunk_keys(first_of_v1, head.chunks))
+    assert store.client.hget(store.keys.head("m"), "pchunks:1") is None
+    assert store.client.hget(store.keys.head("m"), "pchunks:3") is not None
+    assert float(store.read("m", 2).tensors["o.sgd.buf.weight"][0, 0]) == 1.0

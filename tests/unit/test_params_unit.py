@@ -136,3 +136,63 @@ def test_store_settings_are_validated(env: dict[str, str], fragment: str) -> Non
     with pytest.raises(ConfigError) as info:
         Settings.from_env(env)
     assert fragment in str(info.value)
+
+
+# -- the codec against the safetensors library ------------------------------------------------------------------------
+
+
+MIXED = {
+    "p.w": torch.arange(12.0).reshape(3, 4),
+    "o.adam.step": torch.tensor([3.0], dtype=torch.float64),
+    "p.mask": torch.tensor([True, False, True]),
+    "p.h": torch.arange(5.0).to(torch.bfloat16),
+    "p.empty": torch.empty(0, 3),
+    "p.scalar": torch.tensor(2.5),
+    "p.i": torch.arange(7, dtype=torch.int32),
+}
+
+
+def test_our_blobs_read_with_the_safetensors_library_and_back() -> None:
+    from safetensors.torch import load, save
+
+    theirs = load(bytes(encode_blob(MIXED, model="m", version=4, epoch="e")))
+    assert theirs.keys() == MIXED.keys() and all(torch.equal(theirs[k], MIXED[k]) for k in MIXED)
+    ours = decode_blob(save(MIXED))
+    assert all(torch.equal(ours[k], MIXED[k]) and ours[k].dtype == MIXED[k].dtype for k in MIXED)
+
+
+def test_decoding_copies_nothing() -> None:
+    blob = encode_blob({"p.w": torch.ones(1000)}, model="m", version=0)
+    tensor = decode_blob(blob)["p.w"]
+    # A view of the buffer: a change to the bytes shows through (no copy was made).
+    blob[-4:] = torch.tensor([5.0]).view(torch.uint8).numpy().tobytes()
+    assert float(tensor[-1]) == 5.0
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda h: h.update({"p.w": {**h["p.w"], "data_offsets": [0, 8]}}),  # shorter than its shape
+        lambda h: h.update({"p.w": {**h["p.w"], "dtype": "OBJ"}}),  # not a dtype
+        lambda h: h.update({"p.w": {**h["p.w"], "shape": [-1, 2]}}),  # negative dimension
+        lambda h: h.update({"p.x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}),  # overlapping
+    ],
+)
+def test_a_header_that_lies_about_its_data_is_refused(mutate: Any) -> None:
+    import json
+
+    good = bytes(encode_blob({"p.w": torch.ones(2, 2)}, model="m", version=0))
+    n = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8 : 8 + n])
+    mutate(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with pytest.raises(ModelError):
+        decode_blob(len(text).to_bytes(8, "little") + text + good[8 + n :])
+
+
+def test_a_truncated_or_foreign_blob_is_refused() -> None:
+    good = bytes(encode_blob({"p.w": torch.ones(4)}, model="m", version=0))
+    for bad in (good[:-4], good[:5], b"\x80\x04garbage", pickle.dumps({"p.w": [1.0]})):
+        with pytest.raises(ModelError):
+            decode_blob(bad)

@@ -136,6 +136,10 @@ def render_tables(report: dict[str, Any]) -> str:
                 "full read max ms",
                 "unchanged check p50 ms",
                 "commit p50 ms",
+                "raw MGET p50 ms",
+                "raw SETs p50 ms",
+                "read ÷ raw MGET (goal ≤ 1.5)",
+                "commit ÷ raw SETs (goal ≤ 1.5)",
             ],
             [
                 [
@@ -147,6 +151,10 @@ def render_tables(report: dict[str, Any]) -> str:
                     r["read_max_ms"],
                     r["check_p50_ms"],
                     r["commit_p50_ms"],
+                    r.get("raw_get_p50_ms", "n/a"),
+                    r.get("raw_set_p50_ms", "n/a"),
+                    r.get("read_vs_raw_get", "n/a"),
+                    r.get("commit_vs_raw_set", "n/a"),
                 ]
                 for r in report["fetch"]
             ],

@@ -9,8 +9,10 @@ import time
 from typing import Any
 
 import numpy as np
+import redis
 import torch
 
+from agent_workers.blobs import chunk_keys
 from agent_workers.models import ModelSpec, make_spec, parameter_count
 from agent_workers.params import RedisParamStore
 from agent_workers.tools.report.lab import (
@@ -245,6 +247,7 @@ def fetch_latency(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
             t = time.perf_counter()
             cold.commit(model, expected=current.version, tensors=snap.tensors, epoch=current.epoch)
             commits.append(time.perf_counter() - t)
+        raw_get, raw_set = raw_transfer(lab, chunk_keys(head.blob, head.chunks), reads)
         blob_mb = sum(t.numel() * t.element_size() for t in snap.tensors.values()) / 2**20
         row = {
             "model": label,
@@ -256,11 +259,40 @@ def fetch_latency(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
             "check_p50_ms": round(statistics.median(checks) * 1000, 3),
             "check_p99_ms": round(percentile(checks, 99) * 1000, 3),
             "commit_p50_ms": round(statistics.median(commits) * 1000, 2),
+            "raw_get_p50_ms": round(raw_get * 1000, 2),
+            "raw_set_p50_ms": round(raw_set * 1000, 2),
+            "read_vs_raw_get": round(statistics.median(full) / raw_get, 2),
+            "commit_vs_raw_set": round(statistics.median(commits) / raw_set, 2),
         }
         lab.progress(
             f"  -> full read p50 {row['read_p50_ms']} ms ({row['chunks']} chunk(s), {row['blob_mib']} MiB), "
-            f"unchanged-version check p50 {row['check_p50_ms']} ms, commit p50 {row['commit_p50_ms']} ms"
+            f"unchanged-version check p50 {row['check_p50_ms']} ms, commit p50 {row['commit_p50_ms']} ms; "
+            f"{row['read_vs_raw_get']}x a raw MGET, {row['commit_vs_raw_set']}x raw SETs of the same bytes"
         )
         lab.store.delete(model)
         rows.append(row)
     return rows
+
+
+def raw_transfer(lab: Lab, keys: list[str], reads: int) -> tuple[float, float]:
+    """Median seconds of a plain redis-py client (default settings) reading ``keys`` with one MGET, and writing the
+    same bytes to fresh keys in one pipeline: the floor a load and a commit are measured against."""
+    client = redis.Redis.from_url(lab.settings.params_url)
+    try:
+        parts = client.mget(keys)
+        gets, sets = [], []
+        for i in range(reads):
+            t = time.perf_counter()
+            client.mget(keys)
+            gets.append(time.perf_counter() - t)
+            scratch = [f"{lab.settings.namespace}:raw:{i}:{n}" for n in range(len(parts))]
+            t = time.perf_counter()
+            pipe = client.pipeline(transaction=False)
+            for key, part in zip(scratch, parts, strict=True):
+                pipe.set(key, part)
+            pipe.execute()
+            sets.append(time.perf_counter() - t)
+            client.delete(*scratch)
+        return statistics.median(gets), statistics.median(sets)
+    finally:
+        client.close()
