@@ -28,7 +28,10 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except AgentWorkersError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+            fix = ""
+            if type(exc).__name__ == "StoreUnavailableError":
+                fix = "; start Redis or fix AGENT_WORKERS_PARAMS_URL"
+            raise click.ClickException(f"{type(exc).__name__}: {exc}{fix}") from None
         except ConnectionError as exc:  # the builtin: refused, reset
             raise click.ClickException(unreachable(exc)) from None
         except Exception as exc:

@@ -52,11 +52,11 @@ def predict(model: str, path: Path, many: bool, timeout: float) -> None:
     A row the workers refuse prints {"row": i, "error": ...} in its place; the others still print, and the exit code
     is 1.
     """
-    from agent_workers.cli.tables import read_array
+    from agent_workers.cli.tables import read_rows
     from agent_workers.client import Client, ResultTimeout
 
     settings = read_settings()
-    rows = read_array(path).tolist()
+    rows = read_rows(path)
     app = producer(settings)
     require_consumer(app, settings.inference_queue, "inference")
     with Client(settings, app=app) as client:
@@ -119,7 +119,8 @@ def fit(
         def on_progress(meta: dict[str, Any]) -> None:
             bar.total = meta["steps"]
             bar.update(meta["step"] - bar.n)
-            bar.set_postfix(epoch=f"{meta['epoch']}/{meta['epochs']}", loss=f"{meta['loss']:.4f}", refresh=True)
+            loss = "?" if meta.get("loss") is None else f"{meta['loss']:.4f}"
+            bar.set_postfix(epoch=f"{meta['epoch']}/{meta['epochs']}", loss=loss, refresh=True)
 
         try:
             result = client.fit(

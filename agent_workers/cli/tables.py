@@ -76,6 +76,19 @@ def _parquet(path: Path) -> Any:
     return np.column_stack([table.column(i).to_numpy() for i in range(table.num_columns)]).astype(np.float64)
 
 
+def read_rows(path: Path) -> list[Any]:
+    """The rows to score: JSON rows are passed on as written (a bad row is the worker's to refuse, by index)."""
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise click.ClickException(f"{path}: not JSON ({exc})") from None
+        if isinstance(data, list) and data and all(isinstance(r, list) for r in data):
+            return data
+        return [data]  # one example
+    return read_array(path).tolist()
+
+
 def read_xy(path: Path) -> tuple[Any, Any]:
     """A training dataset: ``x`` and ``y`` arrays of a .npz, or the last column of any table as ``y``."""
     import numpy as np

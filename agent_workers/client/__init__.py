@@ -294,12 +294,33 @@ class Client:
             kwargs: as :meth:`send_fit` (``epochs``, ``batch_size``, ``hparams``, ``seed``).
         """
         handle = self.send_fit(model, dataset, **kwargs)
-        if on_progress is not None:
-            self._follow(handle, timeout, on_progress)
-        return self.wait(handle, timeout)
+        if on_progress is None:
+            return self.wait(handle, timeout)
+        last = self._follow(handle, timeout, on_progress)
+        result = self.wait(handle, timeout)
+        if last is None or last.get("step") != result["steps"]:
+            # A short job can finish between two polls: report its end, so a progress bar always completes.
+            epochs = int(kwargs.get("epochs", 10))
+            history = result.get("history") or [{}]
+            on_progress(
+                {
+                    "epoch": epochs,
+                    "epochs": epochs,
+                    "step": result["steps"],
+                    "steps": result["steps"],
+                    "loss": history[-1].get("loss"),
+                    "version": result["version"],
+                }
+            )
+        return result
 
-    def _follow(self, handle: AsyncResult, timeout: float, on_progress: Callable[[dict[str, Any]], None]) -> None:
-        """Report ``PROGRESS`` metas until the task is done (or ``timeout`` passes; :meth:`wait` then decides)."""
+    def _follow(
+        self, handle: AsyncResult, timeout: float, on_progress: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any] | None:
+        """Report ``PROGRESS`` metas until the task is done (or ``timeout`` passes; :meth:`wait` then decides).
+
+        Returns the last meta reported, if any.
+        """
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -308,8 +329,9 @@ class Client:
                 last = meta.get("result")
                 on_progress(dict(last))
             elif meta.get("status") in {"SUCCESS", "FAILURE", "REVOKED"}:
-                return
+                break
             time.sleep(PROGRESS_POLL_INTERVAL)
+        return last
 
     def train(
         self,
