@@ -9,13 +9,12 @@ import dataclasses
 import json
 import math
 import threading
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING
 
 from agent_workers.errors import ModelError
+
+if TYPE_CHECKING:  # safetensors.torch imports torch: only when a blob is encoded or decoded (CLI start-up)
+    import torch
 
 #: Model parameters are stored as ``p.<name>``; optimizer state under other prefixes.
 PARAM_PREFIX = "p."
@@ -43,6 +42,8 @@ class Snapshot:
 
 def encode_blob(tensors: dict[str, torch.Tensor], *, model: str, version: int, epoch: str = "") -> bytes:
     """Serialize tensors with safetensors; model, version and incarnation travel in the header."""
+    from safetensors.torch import save as st_save
+
     return st_save(
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
         metadata={"model": model, "version": str(version), "epoch": epoch},
@@ -51,6 +52,9 @@ def encode_blob(tensors: dict[str, torch.Tensor], *, model: str, version: int, e
 
 def decode_blob(data: bytes) -> dict[str, torch.Tensor]:
     """Parse a safetensors blob; anything else (a pickle, garbage) is refused."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
     try:
         return st_load(data)
     except (SafetensorError, ValueError) as exc:

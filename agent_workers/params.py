@@ -26,10 +26,9 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-import torch
 
 from agent_workers import lua, maintenance
 from agent_workers.blobs import (
@@ -50,6 +49,9 @@ from agent_workers.maintenance import STAGING_TTL
 from agent_workers.models import ModelSpec
 from agent_workers.redis_clients import glob_escape, redis_client, server_version, unavailable
 from agent_workers.versions import CommitOutcome, CommitResult, Head
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so listing models (the CLI) stays fast
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,8 @@ class RedisParamStore:
                 f"model name {name!r} must be non-empty and free of spaces and of the characters {{ }} : * ? [ ] \\"
             )
         if module is None:
+            import torch
+
             torch.manual_seed(seed)
             module = spec.build()
         epoch = uuid.uuid4().hex
