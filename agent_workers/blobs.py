@@ -10,11 +10,13 @@ import json
 import math
 import threading
 import warnings
-from typing import Any
-
-import torch
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from agent_workers.errors import ModelError
+
+if TYPE_CHECKING:  # torch only when a blob is encoded or decoded, so the CLI starts fast
+    import torch
 
 #: Model parameters are stored as ``p.<name>``; optimizer state under other prefixes.
 PARAM_PREFIX = "p."
@@ -42,14 +44,16 @@ class Snapshot:
         return {k[n:]: v for k, v in self.tensors.items() if k.startswith(PARAM_PREFIX)}
 
 
-#: safetensors dtype names (the format's spec) and the torch dtypes they stand for.
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_ITEMSIZE = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in _DTYPES.values()}
+@cache
+def _dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype names (the format's spec) and the torch dtypes they stand for."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }  # fmt: skip
 
 
 def encode_blob(tensors: dict[str, torch.Tensor], *, model: str, version: int, epoch: str = "") -> bytearray:
@@ -59,6 +63,9 @@ def encode_blob(tensors: dict[str, torch.Tensor], *, model: str, version: int, e
     three), laid out as the format's reference writer lays it out: largest dtypes first, so every tensor is
     aligned. ``safetensors.torch.load`` reads the result (tested).
     """
+    import torch
+
+    names = {dtype: name for name, dtype in _dtypes().items()}
     items = sorted(
         ((name, t.detach().cpu().contiguous()) for name, t in tensors.items()),
         key=lambda item: (-item[1].element_size(), item[0]),
@@ -66,10 +73,10 @@ def encode_blob(tensors: dict[str, torch.Tensor], *, model: str, version: int, e
     header: dict[str, object] = {"__metadata__": {"model": model, "version": str(version), "epoch": epoch}}
     offset = 0
     for name, t in items:
-        if t.dtype not in _NAMES:
+        if t.dtype not in names:
             raise ModelError(f"tensor {name!r} has dtype {t.dtype}, which a parameter blob cannot carry")
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
@@ -93,6 +100,8 @@ def decode_blob(data: bytes | bytearray) -> dict[str, torch.Tensor]:
     Raises:
         ModelError: not a valid safetensors blob.
     """
+    import torch
+
     header, start = _header(data)
     spans = []
     tensors: dict[str, torch.Tensor] = {}
@@ -100,11 +109,11 @@ def decode_blob(data: bytes | bytearray) -> dict[str, torch.Tensor]:
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            dtype = _DTYPES[entry["dtype"]]
+            dtype = _dtypes()[entry["dtype"]]
             shape = [int(d) for d in entry["shape"]]
             begin, end = (int(o) for o in entry["data_offsets"])
             count = math.prod(shape)
-            if min(shape, default=0) < 0 or end - begin != count * _ITEMSIZE[dtype]:
+            if min(shape, default=0) < 0 or end - begin != count * dtype.itemsize:
                 raise ValueError(f"tensor {name!r}: data_offsets do not match its shape and dtype")
             spans.append((begin, end))
             if count == 0:

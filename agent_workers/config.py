@@ -7,6 +7,7 @@ raises :class:`~agent_workers.errors.ConfigError` naming the variable and the fi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from urllib.parse import urlparse
@@ -249,6 +250,20 @@ _BATCH_VARIABLES = {
     "mode": "BATCH_MODE",
     "latency_target_ms": "LATENCY_TARGET_MS",
 }
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """``AGENT_WORKERS_*`` variables that no setting reads, each with the nearest valid name (or None).
+
+    A misspelled variable (``AGENT_WORKERS_MAX_BATCHSIZE``) would otherwise be silently ignored.
+    """
+    env = os.environ if environ is None else environ
+    known = set(Settings().to_env())
+    return [
+        (name, next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.6)), None))
+        for name in sorted(env)
+        if name.startswith(PREFIX) and name not in known
+    ]
 
 
 def _env_value(value: object) -> str:

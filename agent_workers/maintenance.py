@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from agent_workers.errors import VersionConflictError
+from agent_workers.errors import ModelError, VersionConflictError
 from agent_workers.redis_clients import glob_escape, unavailable
 from agent_workers.versions import CommitOutcome
 
@@ -36,6 +36,13 @@ def rollback(store: RedisParamStore, name: str, version: int, *, update_id: str 
         done = store.applied(name, update_id)
         if done is not None:
             return done
+    head = store.head(name)
+    oldest = max(0, head.version - store.keep_versions + 1)
+    if not oldest <= version <= head.version:
+        raise ModelError(
+            f"version {version} of model {name!r} is not kept; roll back to one of versions {oldest}..{head.version} "
+            f"(AGENT_WORKERS_KEEP_VERSIONS={store.keep_versions})"
+        )
     with store.exclusive(name):
         old = store.read(name, version)
         for _ in range(max_attempts):

@@ -22,13 +22,14 @@ import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from agent_workers.errors import ModelError
 
-Builder = Callable[..., torch.nn.Module]
+if TYPE_CHECKING:  # torch is imported where a module is built, so reading specs (the CLI) stays fast
+    import torch
+
+Builder = Callable[..., "torch.nn.Module"]
 _ARCHITECTURES: dict[str, Builder] = {}
 
 
@@ -92,6 +93,8 @@ def make_spec(arch: str, **config: Any) -> ModelSpec:
 @register_architecture("linear")
 def build_linear(*, in_features: int, out_features: int = 1) -> torch.nn.Module:
     """A linear regression ``y = x W^T + b``."""
+    import torch
+
     return torch.nn.Linear(in_features, out_features)
 
 
@@ -100,6 +103,8 @@ def build_mlp(
     *, in_features: int, hidden: list[int] | tuple[int, ...] = (256, 256), out_features: int = 10
 ) -> torch.nn.Module:
     """A ReLU multi-layer perceptron; ``hidden`` gives the widths of the hidden layers."""
+    import torch
+
     layers: list[torch.nn.Module] = []
     width = in_features
     for h in hidden:

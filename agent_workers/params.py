@@ -26,11 +26,10 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import redis
-import torch
 
 from agent_workers import lua, maintenance
 from agent_workers.blobs import (
@@ -59,6 +58,9 @@ from agent_workers.redis_clients import (
     unavailable,
 )
 from agent_workers.versions import CommitOutcome, CommitResult, Head
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so listing models (the CLI) stays fast
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,8 @@ class RedisParamStore:
                 f"model name {name!r} must be non-empty and free of spaces and of the characters {{ }} : * ? [ ] \\"
             )
         if module is None:
+            import torch
+
             torch.manual_seed(seed)
             module = spec.build()
         epoch = uuid.uuid4().hex

@@ -5,6 +5,8 @@
     client.predict("linear", [0.1] * 10)                 # {'model': 'linear', 'version': 3, 'outputs': [0.09]}
     client.predict_bulk("linear", rows)                  # one result per row, in order
     await client.predict_async("linear", [0.1] * 10)
+    client.upload_dataset("houses", x, y)                # then fit/train on it by name
+    client.fit("linear", "houses", epochs=10, on_progress=print)
 
 Predictions take a cheap path: the client builds the Celery protocol-v2 message itself (exactly the envelope
 kombu puts on the wire, see :mod:`agent_workers.wire`) and publishes it without ``apply_async``'s routing, signals
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -36,11 +39,13 @@ from agent_workers.client.publisher import Publisher, PublishError
 from agent_workers.client.results import ResultReader
 from agent_workers.config import Settings
 from agent_workers.contract import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP, declare_queue, task_routes
-from agent_workers.datasets import epoch_batches
+from agent_workers.datasets import DEFAULT_TTL, DatasetStore, epoch_batches
 from agent_workers.errors import AgentWorkersError
 from agent_workers.wire import Envelope
 
 DEFAULT_TIMEOUT = 60.0
+#: Seconds between two looks at a running fit's ``PROGRESS`` meta.
+PROGRESS_POLL_INTERVAL = 0.25
 KWARGSREPR_LIMIT = 120
 _ERRORS: dict[str, type[AgentWorkersError]] = {name: getattr(errors, name) for name in errors.__all__}
 _REDIS_URL_SCHEMES = {"redis", "rediss", "unix"}
@@ -101,6 +106,7 @@ class Client:
         self.settings = settings or Settings.from_env()
         self.app = app or producer_app(self.settings)
         self.id = str(uuid.uuid4())
+        self._datasets: DatasetStore | None = None
         self._predict = Envelope(task=PREDICT, queue=self.settings.inference_queue, reply_to=self.id)
         self._publisher = Publisher(self.app, self.settings)
         self._results = (
@@ -208,6 +214,20 @@ class Client:
 
     # -- training -------------------------------------------------------------------------------------------------
 
+    def upload_dataset(self, name: str | None, x: Any, y: Any, *, ttl: int = DEFAULT_TTL) -> str:
+        """Upload a training dataset to the parameter store's Redis; returns its name (a uuid when ``name`` is None).
+
+        Args:
+            x: rows × features (a numpy array or nested lists).
+            y: one target per row.
+            ttl: seconds until it expires (default 7 days); 0 keeps it until ``agent-workers datasets delete``.
+        Raises:
+            InputError: x and y disagree on the rows, or are not numeric.
+        """
+        if self._datasets is None:
+            self._datasets = DatasetStore.from_settings(self.settings)
+        return self._datasets.upload(x, y, dataset_id=name, ttl=ttl)
+
     def send_train_step(
         self,
         model: str,
@@ -256,9 +276,62 @@ class Client:
             },
         )
 
-    def fit(self, model: str, dataset: str, *, timeout: float = 600.0, **kwargs: Any) -> dict[str, Any]:
-        """Run a whole training job and wait for it: ``{"model", "version", "steps", "history"}``."""
-        return self.wait(self.send_fit(model, dataset, **kwargs), timeout)
+    def fit(
+        self,
+        model: str,
+        dataset: str,
+        *,
+        timeout: float = 600.0,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Run a whole training job and wait for it: ``{"model", "version", "steps", "history"}``.
+
+        Args:
+            on_progress: called with each new ``PROGRESS`` meta the worker reports (``epoch`` (1-based), ``epochs``,
+                ``step``, ``steps``, ``loss``, ``version``; every 10 steps and after the last), polled every
+                ``PROGRESS_POLL_INTERVAL`` seconds while the job runs.
+            kwargs: as :meth:`send_fit` (``epochs``, ``batch_size``, ``hparams``, ``seed``).
+        """
+        handle = self.send_fit(model, dataset, **kwargs)
+        if on_progress is None:
+            return self.wait(handle, timeout)
+        last = self._follow(handle, timeout, on_progress)
+        result = self.wait(handle, timeout)
+        if last is None or last.get("step") != result["steps"]:
+            # A short job can finish between two polls: report its end, so a progress bar always completes.
+            epochs = int(kwargs.get("epochs", 10))
+            history = result.get("history") or [{}]
+            on_progress(
+                {
+                    "epoch": epochs,
+                    "epochs": epochs,
+                    "step": result["steps"],
+                    "steps": result["steps"],
+                    "loss": history[-1].get("loss"),
+                    "version": result["version"],
+                }
+            )
+        return result
+
+    def _follow(
+        self, handle: AsyncResult, timeout: float, on_progress: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any] | None:
+        """Report ``PROGRESS`` metas until the task is done (or ``timeout`` passes; :meth:`wait` then decides).
+
+        Returns the last meta reported, if any.
+        """
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            meta = self.app.backend.get_task_meta(handle.id)
+            if meta.get("status") == "PROGRESS" and meta.get("result") != last:
+                last = meta.get("result")
+                on_progress(dict(last))
+            elif meta.get("status") in {"SUCCESS", "FAILURE", "REVOKED"}:
+                break
+            time.sleep(PROGRESS_POLL_INTERVAL)
+        return last
 
     def train(
         self,
@@ -273,12 +346,19 @@ class Client:
         window: int = 8,
         timeout: float = DEFAULT_TIMEOUT,
         on_step: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Data-parallel training through the queue: every mini-batch is its own ``train_step`` message.
 
         At most ``window`` steps are in flight, which bounds how stale a gradient can get with many workers.
         Returns the step results in completion order.
+
+        Args:
+            on_step: called with each step's result (``loss``, ``version``, ...).
+            on_progress: called after each step with the same fields as :meth:`fit`'s progress: ``epoch``
+                (1-based), ``epochs``, ``step`` (steps done so far), ``steps`` (in all), ``loss``, ``version``.
         """
+        total = epochs * -(-n_rows // batch_size)
         in_flight: list[AsyncResult] = []
         results: list[dict[str, Any]] = []
 
@@ -288,6 +368,18 @@ class Client:
                 results.append(result)
                 if on_step is not None:
                     on_step(result)
+                if on_progress is not None:
+                    done = len(results)
+                    on_progress(
+                        {
+                            "epoch": (done - 1) * epochs // total + 1,
+                            "epochs": epochs,
+                            "step": done,
+                            "steps": total,
+                            "loss": result.get("loss"),
+                            "version": result.get("version"),
+                        }
+                    )
 
         for _epoch, _step, rows in epoch_batches(n_rows, epochs=epochs, batch_size=batch_size, seed=seed):
             in_flight.append(self.send_train_step(model, dataset=dataset, rows=rows.tolist(), hparams=hparams))

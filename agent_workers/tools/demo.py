@@ -71,7 +71,7 @@ def run(
         )
         print(f"starting a worker (log: {worker.log_path}) ...")
         worker.start()
-        print(f"worker {worker.hostname} ready")
+        print(f"worker {worker.ready_path.read_text() or worker.hostname} ready")  # the node name, %h expanded
     try:
         dataset = DatasetStore.from_settings(settings).upload(x_train, y_train.reshape(-1, 1))
         steps = epochs * -(-len(x_train) // batch_size)

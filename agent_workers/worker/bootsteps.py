@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,17 @@ class StartupChecks(bootsteps.Step):
         app = worker.app
         if getattr(app, "settings", None) is None:  # not our WorkerApp
             return
+        try:
+            self._check(app)
+        except ConfigError as exc:
+            # Celery would print a long traceback around the one line that names the fix.
+            print(f"agent-workers: ConfigError: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    @staticmethod
+    def _check(app: Any) -> None:
         check_app(app)
+        warn_unknown_queues(app)
         if app.settings.wait_aof:
             app.store.check_durability()  # refuse now, not in the first commit, a Redis that cannot fsync-wait
         if app.settings.torch_threads:
@@ -44,7 +55,13 @@ class StartupChecks(bootsteps.Step):
             except ImportError as exc:
                 raise ConfigError(f"AGENT_WORKERS_PLUGINS names {module!r}, which cannot be imported: {exc}") from exc
         if app.settings.metrics_port:
-            metrics.serve(app.settings.metrics_port)
+            try:
+                metrics.serve(app.settings.metrics_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"AGENT_WORKERS_METRICS_PORT={app.settings.metrics_port} cannot be served ({exc.strerror}); "
+                    "another process holds it: pick a free port, or 0 for no metrics endpoint"
+                ) from None
 
 
 class DeadLetterQueues(bootsteps.StartStopStep):
@@ -135,6 +152,27 @@ class QueueDepthStep(bootsteps.StartStopStep):
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
+
+
+def warn_unknown_queues(app: Any) -> list[str]:
+    """Log a warning for every consumed queue that is neither configured queue; returns them.
+
+    ``celery -A tasks worker -Q inference`` with ``AGENT_WORKERS_INFERENCE_QUEUE=prod.inference`` consumes a queue no
+    client sends to: the worker looks healthy while predictions wait for ever.
+    """
+    settings = app.settings
+    configured = {settings.inference_queue, settings.training_queue}
+    strays = sorted(set(app.amqp.queues.consume_from or {}) - configured)
+    for queue in strays:
+        log.warning(
+            "this worker consumes queue %r, which is neither AGENT_WORKERS_INFERENCE_QUEUE=%r nor "
+            "AGENT_WORKERS_TRAINING_QUEUE=%r: no client sends there. Use agent-workers worker -Q inference/training, "
+            "which resolves the configured names",
+            queue,
+            settings.inference_queue,
+            settings.training_queue,
+        )
+    return strays
 
 
 def check_app(app: Any) -> None:

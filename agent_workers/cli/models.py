@@ -1,0 +1,111 @@
+"""``agent-workers models``: create, list, show, history and rollback of models and their parameter versions."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent_workers.cli._base import settings
+
+
+def store() -> Any:
+    from agent_workers.params import RedisParamStore
+
+    return RedisParamStore.from_settings(settings())
+
+
+@click.group()
+def models() -> None:
+    """Create, list and inspect models and their parameter versions."""
+
+
+@models.command("create")
+@click.argument("name")
+@click.option("--arch", default="linear", show_default=True, help="Registered architecture.")
+@click.option(
+    "--config",
+    "config_json",
+    default='{"in_features": 10}',
+    show_default=True,
+    help='Architecture config as JSON, e.g. \'{"in_features": 64, "hidden": [256, 256]}\'.',
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the initial weights.")
+@click.option("--replace", is_flag=True, help="Recreate the model if it exists (all versions are dropped).")
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Initial weights from a .safetensors file (pickle checkpoints are refused).",
+)
+def models_create(name: str, arch: str, config_json: str, seed: int, replace: bool, weights: Path | None) -> None:
+    """Create NAME at version 0 (seeded random weights, or --weights)."""
+    from agent_workers.models import load_weights, make_spec
+
+    try:
+        config = json.loads(config_json)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"--config is not valid JSON: {exc}") from None
+    spec = make_spec(arch, **config)
+    module = load_weights(spec, weights) if weights is not None else None
+    store().create(name, spec, seed=seed, module=module, replace=replace)
+    click.echo(f"created {name} ({arch}) at version 0" + (f" from {weights}" if weights else ""))
+
+
+@models.command("list")
+def models_list() -> None:
+    """List models with their current versions."""
+    params = store()
+    for name in params.list():
+        head = params.head(name)
+        spec = params.spec(name, head.epoch)
+        click.echo(f"{name}\tv{head.version}\t{spec.arch}\t{json.dumps(spec.config)}")
+
+
+@models.command("show")
+@click.argument("name")
+def models_show(name: str) -> None:
+    """Show NAME's spec, version and parameter shapes."""
+    params = store()
+    snap = params.read(name)
+    spec = params.spec(name, snap.epoch)
+    click.echo(
+        json.dumps(
+            {
+                "model": name,
+                "version": snap.version,
+                **spec.to_json(),
+                "parameters": {k: list(v.shape) for k, v in snap.parameters().items()},
+            },
+            indent=2,
+        )
+    )
+
+
+@models.command("history")
+@click.argument("name")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--all", "show_all", is_flag=True, help="Also the commits whose versions are no longer kept.")
+def models_history(name: str, limit: int, show_all: bool) -> None:
+    """Show NAME's newest commits of versions still kept (times in UTC, ISO 8601)."""
+    params = store()
+    head = params.head(name)  # an unknown model is an error, not an empty history
+    oldest = max(0, head.version - params.keep_versions + 1)
+    for record in params.history(name, limit):
+        if not show_all and int(record.get("version", head.version)) < oldest:
+            continue
+        if isinstance(record.get("at"), (int, float)):
+            record["at"] = datetime.fromtimestamp(record["at"], UTC).isoformat(timespec="seconds")
+        click.echo(json.dumps(record))
+
+
+@models.command("rollback")
+@click.argument("name")
+@click.argument("version", type=int)
+def models_rollback(name: str, version: int) -> None:
+    """Make VERSION's parameters current again (as a new version)."""
+    new = store().rollback(name, version)
+    click.echo(f"{name}: version {version} restored as version {new}")
