@@ -205,6 +205,30 @@ def ack_all(messages: list[Any]) -> None:
             m._state = "ACK"
 
 
+def keeps_unacked_index(message: Any) -> bool:
+    """Whether ``message`` came through a Redis channel, whose unacked index kombu's visibility sweep reads."""
+    qos = getattr(getattr(message, "channel", None), "qos", None)
+    return isinstance(qos, kredis.QoS)
+
+
+def touch_unacked(messages: list[Any]) -> None:
+    """Mark unacknowledged Redis messages as delivered now (``ZADD XX`` in the unacked index), so kombu's visibility
+    sweep (``QoS.restore_visible``: entries older than the timeout) does not restore them while this worker holds
+    them; other messages are ignored."""
+    by_qos: dict[int, tuple[Any, list[str]]] = {}
+    for m in messages:
+        if keeps_unacked_index(m) and not m.acknowledged:
+            by_qos.setdefault(id(m.channel.qos), (m.channel.qos, []))[1].append(m.delivery_tag)
+    now = time()
+    for qos, tags in by_qos.values():
+        try:
+            with qos.pipe_or_acquire() as pipe:
+                pipe.zadd(qos.unacked_index_key, dict.fromkeys(tags, now), xx=True)
+                pipe.execute()
+        except Exception:  # noqa: BLE001 - tried again next time; at worst kombu restores them, as before
+            logger.warning("refreshing %d held messages failed", len(tags), exc_info=True)
+
+
 def queue_depth(channel: Any, queue: str) -> int:
     """Messages waiting in ``queue``: the sum over its priority lists on Redis, a passive declare on AMQP."""
     if hasattr(channel, "_q_for_pri"):
