@@ -2,7 +2,8 @@
 
 * ``commit.lua``: the parameter store's compare-and-set commit (agent_workers/params.py);
 * ``pop_and_record.lua``: the Redis transport's atomic pop-and-record-as-unacknowledged
-  (agent_workers/worker/kombu_redis.py).
+  (agent_workers/worker/kombu_redis.py);
+* ``store_result.lua``: the result writer's store-unless-final (agent_workers/worker/results.py).
 """
 
 from __future__ import annotations

@@ -33,19 +33,19 @@ from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
 from agent_workers.contract import bind_predict
-from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
-from agent_workers.worker import metrics
+from agent_workers.errors import AgentWorkersError, ConfigError, InputError, StoreUnavailableError
+from agent_workers.worker import metrics, redelivery
+from agent_workers.worker.held import HeldMessages
 from agent_workers.worker.inference import InferenceEngine
 from agent_workers.worker.kombu_redis import ack_all
 from agent_workers.worker.policy import BatchPolicy
-from agent_workers.worker.requests import Pending, decode_body, parse_time, revoked_error
-from agent_workers.worker.results import Outcome, ResultWriter, short_repr
+from agent_workers.worker.reporting import Reporter
+from agent_workers.worker.requests import Pending, check_headers, decode_body, parse_time, revoked_error, usable_id
+from agent_workers.worker.results import Outcome, ResultWriter
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
-MAX_DELIVERIES = 3  # a request that took its worker down this many times is failed as poison
-DELIVERIES_TTL = 24 * 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +72,15 @@ class Batcher:
         self.policy = policy
         self.writer = ResultWriter(app)
         self.timer = consumer.timer
-        self.eventer = consumer.event_dispatcher
-        if self.eventer is not None:
+        eventer = consumer.event_dispatcher
+        if eventer is not None:
             # One publish per batch: the dispatcher sends a buffered group when it reaches this many events.
-            self.eventer.buffer_limit = max(self.eventer.buffer_limit, 8 * policy.settings.max_batch_size)
+            eventer.buffer_limit = max(eventer.buffer_limit, 8 * policy.settings.max_batch_size)
         self.hostname = consumer.hostname
+        self.consumer = consumer
+        self.held = HeldMessages(timer=consumer.timer, visibility_timeout=app.settings.visibility_timeout)
+        self.labels = metrics.ModelLabels()
+        self.reporter = Reporter(eventer=eventer, labels=self.labels)
         self.pending: list[Pending] = []
         self._metric_cache: dict[str, _ModelMetrics] = {}
         self._tref: Any = None
@@ -94,11 +98,29 @@ class Batcher:
         callbacks: Any,
         **kwargs: Any,
     ) -> None:
-        """Celery strategy entry point: called in the event loop for every predict message."""
-        headers = message.headers or {}
-        task_id = headers.get("id") or (body or {}).get("id")
-        now = time.monotonic()
+        """Celery strategy entry point: called in the event loop for every predict message.
+
+        Nothing a message contains may raise out of here: Celery's consumer treats an exception from a strategy
+        as unrecoverable and stops the worker, and the redelivered message would stop the next one.
+        """
         try:
+            request = self._receive(message, body)
+        except Exception:  # noqa: BLE001 - last resort: drop this message alone, loudly
+            log.exception("dropping a predict message that cannot be handled: %s", saferepr(message.headers, 300))
+            ack_all([message])
+            return
+        if request is not None:
+            self._hold_or_admit(request)
+
+    def _receive(self, message: Any, body: Any) -> Pending | None:
+        """The checked request of ``message``, or None when it was refused (failed alone or dead-lettered)."""
+        # Protocol 2 carries the envelope in the headers, protocol 1 in the body.
+        headers = message.headers if body is None else body
+        if not isinstance(headers, dict):
+            headers = {}
+        task_id = usable_id(headers.get("id"))
+        try:
+            check_headers(headers)
             if len(message.body) > self.max_message_bytes:
                 raise InputError(
                     f"message is {len(message.body)} bytes; the limit is {self.max_message_bytes} "
@@ -113,29 +135,40 @@ class Batcher:
                 raise InputError("message body must be [args, kwargs, embed] with a list and an object")
         except Exception as exc:  # noqa: BLE001 - a bad message fails alone, the worker stays up
             self._refuse(message, task_id, headers, exc)
-            return
-        if not task_id:
-            log.error("dropping a predict message without a task id: %s", saferepr(headers, 200))
-            ack_all([message])
-            return
-        redelivered = bool((message.delivery_info or {}).get("redelivered") or headers.get("redelivered"))
-        request = Pending(
+            return None
+        assert task_id is not None  # check_headers refused it otherwise
+        return Pending(
             id=task_id,
-            name=headers.get("task", self.task.name),
+            name=headers.get("task") or self.task.name,
             message=message,
             args=args,
             kwargs=kw,
             headers=headers,
-            received=now,
+            received=time.monotonic(),
             expires=parse_time(headers.get("expires")),
-            redelivered=redelivered,
+            redelivered=bool((message.delivery_info or {}).get("redelivered") or headers.get("redelivered")),
         )
-        eta = parse_time(headers.get("eta"))
+
+    def _hold_or_admit(self, request: Pending) -> None:
+        eta = parse_time(request.headers.get("eta"))
         if eta is not None:
             delay = (eta - datetime.now(UTC)).total_seconds()
-            if delay > 0:  # eta/countdown: held (unacknowledged) on the event-loop timer, then admitted
-                self.timer.call_after(delay, self.admit, (request,))
+            if delay > 0:
+                # eta/countdown: held (unacknowledged) on the event-loop timer, then admitted. Like Celery's own
+                # strategy (celery/worker/strategy.py), a held message widens the prefetch window by one, so
+                # held messages never starve the requests behind them.
+                qos = getattr(self.consumer, "qos", None)
+                if qos is not None:
+                    qos.increment_eventually()
+                self.held.hold(request, delay)
+                self.timer.call_after(delay, self._release, (request, qos))
                 return
+        self.admit(request)
+
+    def _release(self, request: Pending, qos: Any) -> None:
+        if qos is not None and qos is getattr(self.consumer, "qos", None):
+            qos.decrement_eventually()
+        self.held.release(request)
         self.admit(request)
 
     def admit(self, request: Pending) -> None:
@@ -156,20 +189,24 @@ class Batcher:
                 "send JSON (pickle is never accepted)"
             )
         )
-        log.warning("refusing message %s: %s", task_id, reason)
         if task_id:
+            log.warning("refusing message %s: %s", task_id, reason)
+            # Only headers that passed their own check travel on into the result record and events.
+            safe = {k: headers[k] for k in ("parent_id", "group") if usable_id(headers.get(k))}
+            task = headers.get("task")
             request = Pending(
                 id=task_id,
-                name=headers.get("task", "?"),
+                name=task if isinstance(task, str) and len(task) <= 255 else "?",
                 message=message,
                 args=[],
                 kwargs={},
-                headers=headers,
+                headers=safe,
                 received=time.monotonic(),
                 expires=None,
             )
             self._finish([Outcome(request, states.FAILURE, reason)])
         else:
+            log.error("dead-lettering a predict message without a usable id (%s): %s", reason, saferepr(headers, 300))
             ack_all([message])
 
     def _on_timer(self) -> None:
@@ -179,27 +216,24 @@ class Batcher:
     # -- flush ----------------------------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Serve everything buffered now."""
+        """Serve everything buffered now. Never raises: a request's fault stays with that request."""
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
         batch, self.pending = self.pending, []
         if not batch:
             return
-        for req in batch:
-            # Announced here rather than on arrival: events are buffered and published once per batch, not once
-            # per message (the event dispatcher flushes on every event-loop tick).
-            self._event(
-                "task-received",
-                req,
-                name=req.name,
-                args=short_repr(req.args),
-                kwargs=short_repr(req.kwargs),
-                retries=req.retries,
-                expires=req.headers.get("expires"),
-                root_id=req.headers.get("root_id"),
-                parent_id=req.headers.get("parent_id"),
-            )
+        try:
+            self._flush(batch)
+        except Exception:  # noqa: BLE001 - last resort; unanswered requests stay unacknowledged and come back
+            log.exception("flush of %d requests failed unexpectedly", len(batch))
+
+    def _flush(self, batch: list[Pending]) -> None:
+        try:
+            self.reporter.announce(batch)
+        except Exception:  # noqa: BLE001 - events are for Flower; never worth a request
+            log.exception("announcing a batch of %d failed", len(batch))
+        batch = redelivery.skip_answered(self.writer, batch)
         solo: list[tuple[str, int | None, tuple[Pending, Any]]] = []
         try:
             outcomes, solo = self._serve(batch)
@@ -208,7 +242,12 @@ class Batcher:
             outcomes = [Outcome(r, states.FAILURE, exc) for r in batch]
         self._finish(outcomes)
         for model, version, member in solo:
-            self._finish(self._serve_suspect(model, version, member))
+            try:
+                outcomes = self._serve_suspect(model, version, member)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("redelivered request %s failed unexpectedly", member[0].id)
+                outcomes = [Outcome(member[0], states.FAILURE, exc)]
+            self._finish(outcomes)
 
     def _serve(self, batch: list[Pending]) -> tuple[list[Outcome], list[tuple[str, int | None, tuple[Pending, Any]]]]:
         outcomes: list[Outcome] = []
@@ -224,37 +263,27 @@ class Batcher:
                 continue
             try:
                 model, inputs, version = bind_predict(req.args, req.kwargs)
-            except InputError as exc:
+                groups.setdefault((model, version), []).append((req, inputs))
+            except Exception as exc:  # noqa: BLE001 - InputError, or arguments no one expected: this request alone
                 outcomes.append(Outcome(req, states.FAILURE, exc))
-                continue
-            groups.setdefault((model, version), []).append((req, inputs))
-        solo = self._redelivered(groups)
+        solo = redelivery.split_redelivered(groups)
         if self.track_started:
-            self.writer.write(
-                [
-                    Outcome(r, states.STARTED, {"pid": None, "hostname": self.hostname})
-                    for group in groups.values()
-                    for r, _ in group
-                ]
-            )
+            started = [
+                Outcome(r, states.STARTED, {"pid": None, "hostname": self.hostname})
+                for group in groups.values()
+                for r, _ in group
+            ]
+            try:
+                self.writer.write(started)
+            except Exception:  # noqa: BLE001 - STARTED is informative; the final write decides the acks
+                log.warning("storing STARTED for %d requests failed", len(started), exc_info=True)
         for (model, version), members in groups.items():
-            outcomes.extend(self._serve_group(model, version, members))
+            try:
+                outcomes.extend(self._serve_group(model, version, members))
+            except Exception as exc:  # noqa: BLE001 - a fault in one (model, version) group fails that group only
+                log.exception("serving %d requests of %r failed unexpectedly", len(members), model)
+                outcomes.extend(Outcome(req, states.FAILURE, exc) for req, _ in members)
         return outcomes, solo
-
-    @staticmethod
-    def _redelivered(
-        groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]],
-    ) -> list[tuple[str, int | None, tuple[Pending, Any]]]:
-        """Take redelivered requests out of their groups; they are served one by one after the rest."""
-        solo = []
-        for (model, version), members in list(groups.items()):
-            keep = [m for m in members if not m[0].redelivered]
-            solo.extend((model, version, m) for m in members if m[0].redelivered)
-            if keep:
-                groups[(model, version)] = keep
-            else:
-                del groups[(model, version)]
-        return solo
 
     def _serve_suspect(self, model: str, version: int | None, member: tuple[Pending, Any]) -> list[Outcome]:
         """Serve a redelivered request alone, after everything else in its flush was stored and acknowledged.
@@ -265,24 +294,14 @@ class Batcher:
         solo attempts the request fails as poison instead of looping.
         """
         req = member[0]
-        store = self.app.store
-        key = store.keys.deliveries(req.id)
-        pipe = store.client.pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, DELIVERIES_TTL)
-        attempt = int(pipe.execute()[0])
-        if attempt >= MAX_DELIVERIES:
+        try:
+            attempt = redelivery.count_attempt(self.app.store, req.id)
+        except Exception as exc:  # noqa: BLE001 - a parameter-Redis blip must not stop a RabbitMQ worker
+            log.warning("cannot count the deliveries of %s: %s", req.id, exc)
+            return [self._retry_or_fail(req, StoreUnavailableError(f"parameter store unavailable: {exc}"))]
+        if attempt >= redelivery.MAX_DELIVERIES:
             log.error("request %s took its worker down %d times; failing it as poison", req.id, attempt)
-            return [
-                Outcome(
-                    req,
-                    states.FAILURE,
-                    ModelError(
-                        f"request was delivered {attempt + 1} times and its worker died each time before finishing it "
-                        "(poison message); not retried"
-                    ),
-                )
-            ]
+            return [Outcome(req, states.FAILURE, redelivery.poison_error(attempt))]
         return self._serve_group(model, version, [member])
 
     def _serve_group(self, model: str, version: int | None, members: list[tuple[Pending, Any]]) -> list[Outcome]:
@@ -292,6 +311,7 @@ class Batcher:
             return [self._retry_or_fail(req, exc) for req, _ in members]
         except AgentWorkersError as exc:
             return [Outcome(req, states.FAILURE, exc) for req, _ in members]
+        self.labels.known(model)
         outcomes: list[Outcome] = []
         valid: list[tuple[Pending, Any]] = []
         for req, inputs in members:
@@ -304,7 +324,7 @@ class Batcher:
             chunk = valid[start : start + size]
             started = time.monotonic()
             for req, _ in chunk:  # Flower shows received / started / succeeded times per request
-                self._event("task-started", req)
+                self.reporter.event("task-started", req)
             results = self.engine.run_batch_arrays(loaded, [a for _, a in chunk])
             elapsed = time.monotonic() - started
             self.policy.observe(len(chunk), elapsed)
@@ -334,50 +354,52 @@ class Batcher:
         return outcomes
 
     def _retry_or_fail(self, req: Pending, exc: Exception) -> Outcome:
-        """A transient failure: re-publish the same task id with ``retries + 1`` (bounded), else fail it."""
+        """A transient failure: retry the same task id with ``retries + 1`` (bounded), else fail it.
+
+        The retry is published by :meth:`_finish`, only once its RETRY state is stored: published first, another
+        worker could store the retry's final answer before this RETRY, which would then hide it.
+        """
         if req.retries >= MAX_RETRIES:
             return Outcome(req, states.FAILURE, exc)
-        self.app.send_task(
-            req.name,
-            args=req.args,
-            kwargs=req.kwargs,
-            task_id=req.id,
-            retries=req.retries + 1,
-            countdown=0.5 * 2**req.retries,
-            expires=req.headers.get("expires"),
-        )
-        return Outcome(req, states.RETRY, exc)
+        return Outcome(req, states.RETRY, exc, retry_countdown=0.5 * 2**req.retries)
+
+    def _publish_retry(self, o: Outcome) -> bool:
+        req = o.request
+        try:
+            self.app.send_task(
+                req.name,
+                args=req.args,
+                kwargs=req.kwargs,
+                task_id=req.id,
+                retries=req.retries + 1,
+                countdown=o.retry_countdown,
+                expires=req.headers.get("expires"),
+            )
+        except Exception:  # noqa: BLE001 - not acknowledged: the broker redelivers the original instead
+            log.warning("publishing the retry of %s failed; its message is not acknowledged", req.id, exc_info=True)
+            return False
+        return True
 
     def _finish(self, outcomes: list[Outcome]) -> None:
-        """Store results in one round trip, then ack in bulk, then announce (results before acks: at-least-once)."""
+        """Store results in one round trip, then publish retries, then ack in bulk, then announce (results before
+        acks: at-least-once; a result that was already final is kept, and the message acknowledged)."""
+        if not outcomes:
+            return
         try:
-            self.writer.write(outcomes)
+            stored = self.writer.write(outcomes)
         except Exception:  # noqa: BLE001 - results not stored: leave the messages unacked so they come back
             log.exception("storing %d results failed; their messages are not acknowledged", len(outcomes))
             return
-        ack_all([o.request.message for o in outcomes])
-        counts: dict[tuple[str, str], int] = {}
-        for o in outcomes:
-            model = o.request.kwargs.get("model") or (o.request.args[0] if o.request.args else "?")
-            key = (str(model)[:64], o.state.lower())
-            counts[key] = counts.get(key, 0) + 1
-        for (model, outcome), n in counts.items():
-            metrics.REQUESTS.labels(model, outcome).inc(n)
-        for o in outcomes:
-            if o.state == states.SUCCESS:
-                self._event("task-succeeded", o.request, result=short_repr(o.result), runtime=o.runtime)
-            elif o.state == states.FAILURE:
-                self._event("task-failed", o.request, exception=saferepr(o.result, 500), traceback=None)
-            elif o.state == states.REVOKED:
-                self._event(
-                    "task-revoked",
-                    o.request,
-                    terminated=False,
-                    signum=None,
-                    expired=isinstance(o.result, Exception) and "expired" in str(o.result),
-                )
-            elif o.state == states.RETRY:
-                self._event("task-retried", o.request, exception=saferepr(o.result, 500), traceback=None)
+        done = [
+            o
+            for o, ok in zip(outcomes, stored, strict=True)
+            if o.state != states.RETRY or not ok or self._publish_retry(o)
+        ]
+        ack_all([o.request.message for o in done])
+        try:
+            self.reporter.report(done)
+        except Exception:  # noqa: BLE001 - metrics and events never cost a request its answer
+            log.exception("reporting %d outcomes failed", len(done))
 
     def _metrics(self, model: str) -> _ModelMetrics:
         hit = self._metric_cache.get(model)
@@ -390,12 +412,6 @@ class Batcher:
             )
             self._metric_cache[model] = hit
         return hit
-
-    def _event(self, type_: str, req: Pending, **fields: Any) -> None:
-        eventer = self.eventer
-        if eventer is not None and eventer.enabled:
-            # Task events are buffered by the dispatcher ('task' buffer group) and sent as one message per group.
-            eventer.send(type_, uuid=req.id, **fields)
 
 
 _live: dict[int, Batcher] = {}

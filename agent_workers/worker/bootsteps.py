@@ -99,6 +99,16 @@ def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
         Path(app.settings.ready_file).unlink(missing_ok=True)
 
 
+class _Strategies(dict):  # type: ignore[type-arg]
+    """Celery's strategy table, where an unhashable task name is simply unknown."""
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            return super().__getitem__(key)
+        except TypeError:
+            raise KeyError(repr(key)[:100]) from None
+
+
 class BatcherStep(bootsteps.StartStopStep):
     """Consumer bootstep: on warm shutdown (SIGTERM), serve the half-filled batch before the channel closes.
 
@@ -108,6 +118,13 @@ class BatcherStep(bootsteps.StartStopStep):
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        # Celery looks a message's strategy up by its 'task' header; an unhashable one (a JSON object or list)
+        # raises TypeError, which stops the whole worker (celery/worker/consumer/consumer.py create_task_handler).
+        # A lookup that answers KeyError instead sends it down Celery's own unknown-task path: logged, dropped.
+        if not isinstance(c.strategies, _Strategies):
+            c.strategies = _Strategies(c.strategies)
 
     def stop(self, c: Any) -> None:
         batcher = live_batcher(c.app)

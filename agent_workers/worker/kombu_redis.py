@@ -5,17 +5,18 @@ kombu's Redis transport issues one ``BRPOP`` per message and then one pipeline p
 unacknowledged (the visibility-timeout bookkeeping), so a worker pays two round trips and a loop iteration for every
 message before any work happens, and a SIGKILL between the pop and the record loses the message. Here:
 
-* a worker consuming ONE queue (the recommended topology) waits with ``BLMOVE q q RIGHT RIGHT``, which wakes it
-  without removing anything, then a Lua script pops up to the free prefetch window and records every popped message
-  as unacknowledged in the same atomic step: a popped message is never only in flight to this process, so a SIGKILL
-  at any moment loses nothing (the visibility-timeout sweep restores what it had recorded);
-* a worker consuming several queues blocks for one message with ``BLMPOP ... COUNT 1`` (Redis >= 7.0), exactly as
-  kombu's ``BRPOP`` does, and keeps kombu's own one-message window; the rest of the window is popped and recorded
-  atomically by the same script, in the same round trip as that message's record.
+* a worker waits with ``BLMOVE q q RIGHT RIGHT``, which wakes it without removing anything, then a Lua script pops
+  up to the free prefetch window and records every popped message as unacknowledged in the same atomic step: a
+  popped message is never only in flight to this process, so a SIGKILL at any moment loses nothing (the
+  visibility-timeout sweep restores what it had recorded). BLMOVE watches one list; a worker with several lists
+  (several queues, priority sub-lists) waits at most ``wake_interval`` (0.25 s) per BLMOVE, rotating the watched
+  queue, and every wake-up sweeps all its lists;
+* the script records only envelopes with a usable delivery tag; any other is moved to ``<queue>.dead`` and logged,
+  never delivered and never lost.
 
-Messages on the wire are unchanged: producers keep using the stock transport. Enabled for Redis brokers by
-``create_app`` (``broker_transport``); falls back to the stock behaviour for a Redis older than 7.0 or with a global
-key prefix.
+Messages on the wire are unchanged: producers keep using the stock transport. Enabled for ``redis://``,
+``rediss://`` and ``sentinel://`` brokers by ``create_app`` (``broker_transport``); falls back to the stock behaviour
+for a Redis older than 7.0 or with a global key prefix.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ from typing import Any
 from kombu.transport import redis as kredis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import loads
 
 from agent_workers import lua
 
 DEFAULT_POP_COUNT = 128
+#: With several lists to watch (queues, priority sub-lists), the longest one not watched waits for a sweep (seconds).
+DEFAULT_WAKE_INTERVAL = 0.25
+#: A queue's dead-letter list, for envelopes the transport cannot record: ``<queue>.dead``.
+DEAD_LETTER_SUFFIX = ".dead"
 logger = logging.getLogger(__name__)
 
 
@@ -81,51 +86,42 @@ class Channel(kredis.Channel):
         self._bulk_keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         self._in_poll = self.client.connection
         self._brpop_sent_at = kredis.monotonic()
-        self._peek = len(queues) == 1
-        if self._peek:
-            # One queue (the recommended topology: a worker per queue): wait WITHOUT popping. BLMOVE from a list to
-            # its own tail leaves it unchanged, and only wakes us; _POP_AND_RECORD then pops and records atomically,
-            # so no message is ever only in flight to this process. Priority sub-lists are swept by that script too.
-            base = self._bulk_keys[0]
-            self.client.connection.send_command("BLMOVE", base, base, "RIGHT", "RIGHT", timeout or 0)
-            return None
-        # Several queues: block for ONE message, exactly as kombu's BRPOP does (keys in priority order), the one
-        # message kombu itself can lose to a SIGKILL; the rest of the window is popped and recorded atomically.
-        self.client.connection.send_command(
-            "BLMPOP", timeout or 0, len(self._bulk_keys), *self._bulk_keys, "RIGHT", "COUNT", 1
-        )
+        # Wait WITHOUT popping: BLMOVE from a list to its own tail leaves it unchanged and only wakes us; the script
+        # then pops and records atomically, so no message is ever only in flight to this process. BLMOVE watches
+        # one list; every wake-up (or time-out) sweeps ALL of them (every queue, every priority sub-list), so with
+        # more than one list the wait is short (``wake_interval``) and the watched queue rotates.
+        self._watch = (getattr(self, "_watch", -1) + 1) % len(queues)
+        base = queues[self._watch]
+        if len(self._bulk_keys) > 1:
+            wake = float(self.connection.client.transport_options.get("wake_interval", DEFAULT_WAKE_INTERVAL))
+            timeout = min(timeout or wake, wake)
+        self.client.connection.send_command("BLMOVE", base, base, "RIGHT", "RIGHT", timeout or 0)
         return None
 
     def _brpop_read(self, **options: Any) -> bool:
         if not self._can_bulk_pop():
             return bool(super()._brpop_read(**options))
         try:
-            command = "BLMOVE" if self._peek else "BLMPOP"
             try:
-                reply = self.client.parse_response(self.client.connection, command, **options)
+                self.client.parse_response(self.client.connection, "BLMOVE", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            if self._peek:
-                # Woken (or timed out: sweep the priority sub-lists anyway); nothing was popped yet.
-                popped = self._record_and_pop_more([], self._pop_count())
-            else:
-                if not reply:
-                    raise kredis.Empty()
-                dest, items = reply
-                popped = [(bytes_to_str(dest), bytes_to_str(item)) for item in items]
-                popped += self._record_and_pop_more(popped, self._pop_count() - len(popped))
+            # Woken (or timed out: sweep every list anyway); nothing was popped yet.
+            popped = self._pop_and_record(self._pop_count())
             if not popped:
                 raise kredis.Empty()
             for key, text in popped:
                 queue = key.rsplit(self.sep, 1)[0]
                 try:
                     payload = loads(text)
-                    payload["properties"]["delivery_tag"]
-                except Exception:  # noqa: BLE001 - one unparseable envelope must not cost the others
-                    logger.error("dropping an unparseable message from %s: %.200r", queue, text)
+                    tag = payload["properties"]["delivery_tag"]
+                    if not isinstance(tag, str) or not tag:
+                        raise TypeError(f"delivery_tag {tag!r}")
+                except Exception:  # noqa: BLE001 - the script records only what parses; never deliver the rest
+                    logger.error("not delivering an envelope the pop script recorded: %.200r", text)
                     continue
-                self.qos._recorded.add(payload["properties"]["delivery_tag"])
+                self.qos._recorded.add(tag)
                 self._queue_cycle.rotate(queue)
                 self.connection._deliver(payload, queue)
             return True
@@ -133,46 +129,49 @@ class Channel(kredis.Channel):
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _record_and_pop_more(self, popped: list[tuple[str, str]], more: int) -> list[tuple[str, str]]:
-        """Record the blocking pop's message as unacknowledged and, in the same round trip, pop up to ``more``
-        further messages AND record them, atomically (a Lua script), so no popped message ever exists only in
-        this process: a SIGKILL at any point leaves each message either in its queue or in the unacked hash, from
-        which the visibility-timeout sweep restores it.
+    def _pop_and_record(self, count: int) -> list[tuple[str, str]]:
+        """Pop up to ``count`` messages AND record them as unacknowledged, atomically (a Lua script), so no popped
+        message ever exists only in this process: a SIGKILL at any point leaves each message either in its queue or
+        in the unacked hash, from which the visibility-timeout sweep restores it. Envelopes that cannot be recorded
+        go to the queue's dead-letter list (``<queue>.dead``) instead.
         """
-        now = time()
-        script = self._pop_script()
-        with self.qos.pipe_or_acquire() as pipe:
-            for _key, text in popped:
-                try:
-                    payload = loads(text)
-                    props = payload["properties"]
-                    tag = props["delivery_tag"]
-                except Exception:  # noqa: BLE001 - dropped (and logged) by the caller
-                    continue
-                info = props.get("delivery_info") or {}
-                pipe.zadd(self.unacked_index_key, {tag: now})
-                pipe.hset(
-                    self.unacked_key, tag, f"[{text}, {dumps(info.get('exchange'))}, {dumps(info.get('routing_key'))}]"
-                )
-            if more > 0:
-                script(keys=[self.unacked_index_key, self.unacked_key, *self._bulk_keys], args=[more, now], client=pipe)
-            results = pipe.execute()
-        if more <= 0 or not results or not results[-1]:
+        reply = self._pop_script()(
+            keys=[self.unacked_index_key, self.unacked_key, *self._bulk_keys], args=[count, time(), DEAD_LETTER_SUFFIX]
+        )
+        if not reply:
             return []
-        key, items = results[-1]
-        return [(bytes_to_str(key), bytes_to_str(item)) for item in items]
+        key, items, dropped = bytes_to_str(reply[0]), reply[1], int(reply[2])
+        if dropped:
+            logger.error(
+                "%d malformed envelope(s) in %s moved to %s%s (no usable delivery tag)",
+                dropped,
+                key,
+                key.split(self.sep, 1)[0],
+                DEAD_LETTER_SUFFIX,
+            )
+        return [(key, bytes_to_str(item)) for item in items]
 
     def _pop_script(self) -> Any:
-        script = getattr(self, "_pop_and_record", None)
+        script = getattr(self, "_pop_and_record_script", None)
         if script is None:
-            script = self._pop_and_record = self.client.register_script(lua.source("pop_and_record"))
+            script = self._pop_and_record_script = self.client.register_script(lua.source("pop_and_record"))
         return script
 
 
 class Transport(kredis.Transport):
-    """The stock Redis transport with :class:`Channel` above."""
+    """The stock Redis transport with :class:`Channel` above (``redis://`` and ``rediss://``)."""
 
     Channel = Channel
+
+
+class SentinelChannel(kredis.SentinelChannel, Channel):
+    """kombu's Sentinel channel (the master found through Sentinel) with the bulk, loss-free pop above."""
+
+
+class SentinelTransport(kredis.SentinelTransport):
+    """The stock Sentinel transport with :class:`SentinelChannel` (``sentinel://``)."""
+
+    Channel = SentinelChannel
 
 
 # -- acknowledgement and depth, for any transport (Redis in bulk) ---------------------------------------------------
@@ -203,6 +202,30 @@ def ack_all(messages: list[Any]) -> None:
         for m in group:
             virtual.QoS.ack(qos, m.delivery_tag)
             m._state = "ACK"
+
+
+def keeps_unacked_index(message: Any) -> bool:
+    """Whether ``message`` came through a Redis channel, whose unacked index kombu's visibility sweep reads."""
+    qos = getattr(getattr(message, "channel", None), "qos", None)
+    return isinstance(qos, kredis.QoS)
+
+
+def touch_unacked(messages: list[Any]) -> None:
+    """Mark unacknowledged Redis messages as delivered now (``ZADD XX`` in the unacked index), so kombu's visibility
+    sweep (``QoS.restore_visible``: entries older than the timeout) does not restore them while this worker holds
+    them; other messages are ignored."""
+    by_qos: dict[int, tuple[Any, list[str]]] = {}
+    for m in messages:
+        if keeps_unacked_index(m) and not m.acknowledged:
+            by_qos.setdefault(id(m.channel.qos), (m.channel.qos, []))[1].append(m.delivery_tag)
+    now = time()
+    for qos, tags in by_qos.values():
+        try:
+            with qos.pipe_or_acquire() as pipe:
+                pipe.zadd(qos.unacked_index_key, dict.fromkeys(tags, now), xx=True)
+                pipe.execute()
+        except Exception:  # noqa: BLE001 - tried again next time; at worst kombu restores them, as before
+            logger.warning("refreshing %d held messages failed", len(tags), exc_info=True)
 
 
 def queue_depth(channel: Any, queue: str) -> int:

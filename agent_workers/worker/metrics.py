@@ -36,3 +36,22 @@ def serve(port: int) -> None:
     if port and port not in _started:
         start_http_server(port)
         _started.add(port)
+
+
+UNKNOWN_MODEL = "_unknown"
+
+
+class ModelLabels:
+    """The metric label of a model name: the name once this worker has resolved it in the store, else one label
+    for all (``UNKNOWN_MODEL``), so a stream of made-up names cannot grow ``/metrics``."""
+
+    def __init__(self) -> None:
+        self._known: set[str] = set()
+
+    def known(self, model: str) -> None:
+        """Mark ``model`` as one the store holds."""
+        self._known.add(model)
+
+    def label(self, model: object) -> str:
+        """The label to count a request for ``model`` under."""
+        return model if isinstance(model, str) and model in self._known else UNKNOWN_MODEL

@@ -1,4 +1,9 @@
-"""A predict request as the batcher holds it: the message, its decoded body, and the headers it carries."""
+"""A predict request as the batcher holds it: the message, its decoded body, and the headers it carries.
+
+Headers come from any producer, so they are checked once, here, before a request joins a batch
+(:func:`check_headers`): everything the batcher, the result writer, events and the transport read later is then of
+the type and size they expect, and one producer's mistake cannot cost its batch-mates their answers.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from agent_workers.errors import InputError
+
+MAX_ID_LENGTH = 255
+MAX_RETRIES_HEADER = 1_000
+MAX_REPR_LENGTH = 64 * 1024
+_ID_HEADERS = ("root_id", "parent_id", "group")
+_TIME_HEADERS = ("eta", "expires")
+_REPR_HEADERS = ("argsrepr", "kwargsrepr")
 
 
 @dataclasses.dataclass
@@ -28,6 +42,46 @@ class Pending:
         return int(self.headers.get("retries") or 0)
 
 
+def usable_id(value: Any) -> str | None:
+    """``value`` when it can name a result (a non-empty string of at most ``MAX_ID_LENGTH`` characters), else None."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH:
+        return value
+    return None
+
+
+def check_headers(headers: Any) -> None:
+    """Refuse headers the worker cannot carry through a batch.
+
+    Raises:
+        InputError: naming the first bad header (``id``, ``task``, ``retries``, ``root_id``/``parent_id``/``group``,
+            ``eta``/``expires``, ``argsrepr``/``kwargsrepr``).
+    """
+    if not isinstance(headers, dict):
+        raise InputError(f"message headers must be an object, got {type(headers).__name__}")
+    if usable_id(headers.get("id")) is None:
+        raise InputError(f"header 'id' must be a string of 1 to {MAX_ID_LENGTH} characters")
+    task = headers.get("task")
+    if task is not None and (not isinstance(task, str) or len(task) > MAX_ID_LENGTH):
+        raise InputError(f"header 'task' must be a string of at most {MAX_ID_LENGTH} characters")
+    retries = headers.get("retries")
+    if retries is not None and (
+        isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES_HEADER
+    ):
+        raise InputError(f"header 'retries' must be an integer from 0 to {MAX_RETRIES_HEADER}, got {retries!r:.40}")
+    for name in _ID_HEADERS:
+        value = headers.get(name)
+        if value is not None and usable_id(value) is None:
+            raise InputError(f"header {name!r} must be null or a string of 1 to {MAX_ID_LENGTH} characters")
+    for name in _TIME_HEADERS:
+        value = headers.get(name)
+        if value is not None and (not isinstance(value, str) or _iso(value) is None):
+            raise InputError(f"header {name!r} must be null or an ISO-8601 date-time, got {value!r:.60}")
+    for name in _REPR_HEADERS:
+        value = headers.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_REPR_LENGTH):
+            raise InputError(f"header {name!r} must be null or a string of at most {MAX_REPR_LENGTH} characters")
+
+
 def decode_body(message: Any) -> Any:
     """The message body as Python objects: JSON only.
 
@@ -43,15 +97,21 @@ def decode_body(message: Any) -> Any:
     return message.decode()
 
 
-def parse_time(value: Any) -> datetime | None:
-    """Parse an ISO-8601 ``expires``/``eta`` header (naive means UTC); None when absent or malformed."""
-    if not value:
+def _iso(value: str) -> datetime | None:
+    if len(value) > 64:
         return None
     try:
-        parsed = datetime.fromisoformat(str(value))
+        parsed = datetime.fromisoformat(value)
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def parse_time(value: Any) -> datetime | None:
+    """Parse an ISO-8601 ``expires``/``eta`` header (naive means UTC); None when absent or malformed."""
+    if not value or not isinstance(value, str):
+        return None
+    return _iso(value)
 
 
 def revoked_error(why: str) -> Exception:

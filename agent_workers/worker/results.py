@@ -4,14 +4,19 @@ Celery's Redis backend writes (``AsyncResult.get()`` and its pub/sub wake-up wor
 from __future__ import annotations
 
 import dataclasses
+import logging
 import traceback
 from typing import Any
 
 import numpy as np
 import orjson
+from celery import states
 
+from agent_workers import lua
 from agent_workers.contract import READY_STATES, result_record
-from agent_workers.errors import AgentWorkersError
+from agent_workers.errors import AgentWorkersError, InputError
+
+log = logging.getLogger(__name__)
 
 ARGS_REPR_LIMIT = 120
 
@@ -24,42 +29,86 @@ class Outcome:
     state: str
     result: Any
     runtime: float = 0.0
+    retry_countdown: float | None = None  # RETRY: re-publish after this many seconds, once RETRY is stored
 
 
 class ResultWriter:
-    """Stores many task results in one pipelined round trip, in Celery's own Redis result format."""
+    """Stores many task results in one pipelined round trip, in Celery's own Redis result format.
+
+    Each result is stored by ``lua/store_result.lua``, which never replaces a final one (SUCCESS, FAILURE,
+    REVOKED): however redeliveries and retries race, a task id gets one final answer.
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self.backend = app.backend
         self._redis = getattr(self.backend, "client", None) if hasattr(self.backend, "get_key_for_task") else None
         self._fast = self.backend.serializer == "json" and not getattr(self.backend, "compression", None)
+        self._store = self._redis.register_script(lua.source("store_result")) if self._redis is not None else None
 
-    def write(self, outcomes: list[Outcome]) -> None:
+    def write(self, outcomes: list[Outcome]) -> list[bool]:
+        """Store ``outcomes``; per outcome, whether its record was written (False: a final result was already
+        stored, or the record could not be encoded at all).
+
+        Raises:
+            redis.RedisError: the round trip failed; nothing is known to be stored.
+        """
         if not outcomes:
-            return
+            return []
         if self._redis is None:  # not a Redis backend: fall back to one store per result
             for o in outcomes:
                 self.backend.store_result(o.request.id, _plain(self._result(o)), o.state, traceback=self._tb(o))
-            return
+            return [True] * len(outcomes)
         done = self.app.now().isoformat()
-        expires = self.backend.expires
+        expires = int(self.backend.expires or 0)
         pipe = self._redis.pipeline(transaction=False)
-        for o in outcomes:
-            meta = result_record(
-                o.request.id,
-                o.state,
-                self._result(o),
-                traceback=self._tb(o),
-                date_done=done if o.state in READY_STATES else None,
-                parent_id=o.request.headers.get("parent_id"),
-                group_id=o.request.headers.get("group"),
-            )
-            key = self.backend.get_key_for_task(o.request.id)
-            value = self._encode(meta)
-            pipe.set(key, value, ex=int(expires) if expires else None)
-            pipe.publish(key, value)
-        pipe.execute()
+        sent: list[int] = []
+        for i, o in enumerate(outcomes):
+            try:
+                key, value = self.backend.get_key_for_task(o.request.id), self._encode(self._record(o, done))
+            except Exception as exc:  # noqa: BLE001 - one unencodable result must not cost the others theirs
+                log.exception("result of %r cannot be encoded; storing a failure instead", o.request.id)
+                try:
+                    failed = Outcome(o.request, states.FAILURE, InputError(f"the result cannot be stored: {exc}"))
+                    key, value = self.backend.get_key_for_task(o.request.id), self._encode(self._record(failed, done))
+                except Exception:  # noqa: BLE001 - not even a failure can be stored under this id
+                    log.exception("no result can be stored for %r", o.request.id)
+                    continue
+            assert self._store is not None
+            self._store(keys=[key], args=[value, expires], client=pipe)
+            sent.append(i)
+        stored = [False] * len(outcomes)
+        for i, reply in zip(sent, pipe.execute(), strict=True):
+            stored[i] = bool(reply)
+        return stored
+
+    def final_states(self, task_ids: list[str]) -> dict[str, str]:
+        """The final state already stored for each of ``task_ids`` that has one (one MGET)."""
+        if self._redis is None or not task_ids:
+            return {}
+        found: dict[str, str] = {}
+        values = self._redis.mget([self.backend.get_key_for_task(t) for t in task_ids])
+        for task_id, raw in zip(task_ids, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                status = orjson.loads(raw).get("status")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if status in READY_STATES:
+                found[task_id] = status
+        return found
+
+    def _record(self, o: Outcome, done: str) -> dict[str, Any]:
+        return result_record(
+            o.request.id,
+            o.state,
+            self._result(o),
+            traceback=self._tb(o),
+            date_done=done if o.state in READY_STATES else None,
+            parent_id=o.request.headers.get("parent_id"),
+            group_id=o.request.headers.get("group"),
+        )
 
     def _encode(self, meta: dict[str, Any]) -> bytes | str:
         """The record as JSON, byte-compatible with what the JSON backend decodes. orjson writes NumPy rows

@@ -413,10 +413,12 @@ def consuming(settings: Settings) -> bool:
         return int(conn.default_channel.queue_declare(settings.inference_queue, passive=True).consumer_count) > 0
 
 
+@pytest.mark.parametrize("several", [False, True], ids=["one-queue", "several-queues"])
 def test_sigkill_right_after_a_push_leaves_every_message_with_the_broker(
-    broker: str, request: pytest.FixtureRequest, tmp_path: Path
+    broker: str, request: pytest.FixtureRequest, tmp_path: Path, several: bool
 ) -> None:
-    """A worker SIGKILLed while its blocking pop is being answered must not take messages to its grave."""
+    """A worker SIGKILLed while its blocking pop is being answered must not take messages to its grave, also one
+    consuming several queues (the default ``agent-workers worker``)."""
     # On Redis, a broker of our own: kombu's 'unacked' hash is per database, and must hold only our messages.
     own = LocalRedis().start() if broker == "redis" else None
     env = pool_env(broker, **({"broker_url": own.url} if own is not None else {}))
@@ -426,7 +428,8 @@ def test_sigkill_right_after_a_push_leaves_every_message_with_the_broker(
     model = unique("lin")
     store.create(model, make_spec("linear", in_features=2))
     client = Client(settings)
-    worker = WorkerProcess(queues=[settings.inference_queue], env=env, log_path=tmp_path / "worker.log")
+    queues = [settings.inference_queue, settings.training_queue] if several else [settings.inference_queue]
+    worker = WorkerProcess(queues=queues, env=env, log_path=tmp_path / "worker.log")
     try:
         worker.start()
         wait_until(lambda: consuming(settings), 30, "the idle worker to wait on its queue", worker)

@@ -1,0 +1,67 @@
+"""What the batcher tells the outside about its requests: Flower events (buffered, one publish per batch) and the
+request counter, labelled only with models the store holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import states
+from celery.utils.saferepr import saferepr
+
+from agent_workers.worker import metrics
+from agent_workers.worker.results import Outcome, short_repr
+
+
+class Reporter:
+    """Sends a batch's task events and counts its outcomes."""
+
+    def __init__(self, *, eventer: Any, labels: metrics.ModelLabels) -> None:
+        self.eventer = eventer
+        self.labels = labels
+
+    def event(self, type_: str, req: Any, **fields: Any) -> None:
+        """Send one task event (buffered by the dispatcher's 'task' group and sent as one message per group)."""
+        eventer = self.eventer
+        if eventer is not None and eventer.enabled:
+            eventer.send(type_, uuid=req.id, **fields)
+
+    def announce(self, batch: list[Any]) -> None:
+        """``task-received`` for each request of a batch, sent at flush rather than on arrival: events are published
+        once per batch, not once per message (the dispatcher flushes on every event-loop tick)."""
+        for req in batch:
+            self.event(
+                "task-received",
+                req,
+                name=req.name,
+                args=short_repr(req.args),
+                kwargs=short_repr(req.kwargs),
+                retries=req.retries,
+                expires=req.headers.get("expires"),
+                root_id=req.headers.get("root_id"),
+                parent_id=req.headers.get("parent_id"),
+            )
+
+    def report(self, outcomes: list[Outcome]) -> None:
+        """Count ``outcomes`` by model and state, and send each one's final event."""
+        counts: dict[tuple[str, str], int] = {}
+        for o in outcomes:
+            model = o.request.kwargs.get("model") or (o.request.args[0] if o.request.args else None)
+            key = (self.labels.label(model), o.state.lower())
+            counts[key] = counts.get(key, 0) + 1
+        for (model, outcome), n in counts.items():
+            metrics.REQUESTS.labels(model, outcome).inc(n)
+        for o in outcomes:
+            if o.state == states.SUCCESS:
+                self.event("task-succeeded", o.request, result=short_repr(o.result), runtime=o.runtime)
+            elif o.state == states.FAILURE:
+                self.event("task-failed", o.request, exception=saferepr(o.result, 500), traceback=None)
+            elif o.state == states.REVOKED:
+                self.event(
+                    "task-revoked",
+                    o.request,
+                    terminated=False,
+                    signum=None,
+                    expired=isinstance(o.result, Exception) and "expired" in str(o.result),
+                )
+            elif o.state == states.RETRY:
+                self.event("task-retried", o.request, exception=saferepr(o.result, 500), traceback=None)

@@ -1,0 +1,58 @@
+"""One task id, one final answer: stored results are never replaced, redelivered answered requests not recomputed."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from celery import states
+from celery.result import AsyncResult
+
+from agent_workers.models import make_spec
+from agent_workers.worker.requests import Pending
+from agent_workers.worker.results import Outcome, ResultWriter
+from tests.conftest import Pool, unique
+from tests.integration.test_envelope import publish_raw
+
+pytestmark = pytest.mark.integration
+
+
+def _outcome(task_id: str, state: str, result: object) -> Outcome:
+    return Outcome(Pending(task_id, "agent_workers.predict", None, [], {}, {}, 0.0, None), state, result)
+
+
+def test_a_final_result_is_never_replaced(pool: Pool) -> None:
+    writer = ResultWriter(pool.client.app)
+    task_id = str(uuid.uuid4())
+    assert writer.write([_outcome(task_id, states.STARTED, {"pid": None})]) == [True]
+    assert writer.write([_outcome(task_id, states.SUCCESS, {"outputs": [1.0]})]) == [True]
+    later = [
+        _outcome(task_id, states.RETRY, RuntimeError("late retry")),
+        _outcome(task_id, states.FAILURE, RuntimeError("late failure")),
+        _outcome(task_id, states.SUCCESS, {"outputs": [2.0]}),
+    ]
+    assert writer.write(later) == [False, False, False]
+    result = AsyncResult(task_id, app=pool.client.app)
+    assert result.state == states.SUCCESS and result.result == {"outputs": [1.0]}
+    assert writer.final_states([task_id, str(uuid.uuid4())]) == {task_id: states.SUCCESS}
+
+
+def test_redelivered_request_with_a_stored_answer_is_acknowledged_not_recomputed(pool: Pool) -> None:
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=2))
+    task_id = str(uuid.uuid4())
+    stored = {"model": model, "version": 0, "outputs": [42.0]}  # not what the model computes: recomputing shows
+    ResultWriter(pool.client.app).write([_outcome(task_id, states.SUCCESS, stored)])
+    headers = {"lang": "py", "task": "agent_workers.predict", "id": task_id, "retries": 0, "redelivered": True}
+    publish_raw(pool, [(headers, [[model, [1.0, 2.0]], {}, {}])])
+    # Two requests after it: the batcher serves flushes one at a time in one thread, so once the second is
+    # answered, the flush that held the redelivered message has finished.
+    for _ in range(2):
+        assert pool.client.predict(model, [1.0, 2.0], timeout=30)["version"] == 0
+    assert pool.client.wait(task_id, 30) == stored
+    # Not recomputed: not counted as a solo attempt, and only the two follow-ups went through the model.
+    assert not pool.store.client.exists(pool.store.keys.deliveries(task_id))
+    assert pool.metric("agent_workers_batch_size_sum", {"model": model}) == 2
+    raw = pool.client.app.backend.client.get(pool.client.app.backend.get_key_for_task(task_id))
+    assert json.loads(raw)["result"] == stored

@@ -1,0 +1,34 @@
+"""Requests that must not cost others: held eta messages keep the window open, unknown models share one label."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent_workers.errors import ModelError
+from agent_workers.models import make_spec
+from agent_workers.worker.metrics import UNKNOWN_MODEL
+from tests.conftest import Pool, unique
+
+pytestmark = pytest.mark.integration
+
+
+def test_requests_held_for_a_countdown_do_not_starve_the_next_one(broker: str, start_pool) -> None:
+    pool: Pool = start_pool(broker, queues="inference")
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=2))
+    held = [
+        pool.client.app.send_task("agent_workers.predict", args=[model, [1.0, 2.0]], countdown=3600) for _ in range(128)
+    ]
+    assert pool.client.predict(model, [1.0, 2.0], timeout=30)["version"] == 0
+    assert all(h.state == "PENDING" for h in held[:5])
+
+
+def test_unknown_model_names_share_one_metric_label(pool: Pool) -> None:
+    names = [unique("nosuch") for _ in range(3)]
+    before = pool.metric("agent_workers_requests_total", {"model": UNKNOWN_MODEL})
+    for name in names:
+        with pytest.raises(ModelError):
+            pool.client.predict(name, [1.0, 2.0], timeout=30)
+    assert pool.metric("agent_workers_requests_total", {"model": UNKNOWN_MODEL}) >= before + 3
+    for name in names:
+        assert pool.metric("agent_workers_requests_total", {"model": name}) == 0
