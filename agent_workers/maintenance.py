@@ -40,8 +40,8 @@ def rollback(store: RedisParamStore, name: str, version: int, *, update_id: str 
     oldest = max(0, head.version - store.keep_versions + 1)
     if not oldest <= version <= head.version:
         raise ModelError(
-            f"version {version} of model {name!r} is not kept; roll back to one of versions {oldest}..{head.version} "
-            f"(AGENT_WORKERS_KEEP_VERSIONS={store.keep_versions})"
+            f"version {version} of model {name!r} is no longer kept; roll back to one of versions "
+            f"{oldest}..{head.version} (AGENT_WORKERS_KEEP_VERSIONS={store.keep_versions})"
         )
     with store.exclusive(name):
         old = store.read(name, version)

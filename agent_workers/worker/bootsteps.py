@@ -87,7 +87,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if getattr(app, "settings", None) is not None and app.settings.ready_file:
         path = Path(app.settings.ready_file)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(path.name + ".tmp")  # per file: processes with ready.0, ready.1 never share it
         tmp.write_text(str(getattr(sender, "hostname", "")))
         tmp.replace(path)
 

@@ -29,6 +29,11 @@ def test_unknown_model_names_share_one_metric_label(pool: Pool) -> None:
     for name in names:
         with pytest.raises(ModelError):
             pool.client.predict(name, [1.0, 2.0], timeout=30)
+    # A request's counter moves just after its result is stored: one more request, served after the last refused
+    # one's flush finished (one event loop), makes sure every count above is in.
+    known = unique("lin")
+    pool.store.create(known, make_spec("linear", in_features=2))
+    assert pool.client.predict(known, [1.0, 2.0], timeout=30)["version"] == 0
     assert pool.metric("agent_workers_requests_total", {"model": UNKNOWN_MODEL}) >= before + 3
     for name in names:
         assert pool.metric("agent_workers_requests_total", {"model": name}) == 0
