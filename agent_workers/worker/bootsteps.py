@@ -14,7 +14,7 @@ from celery import bootsteps, signals
 from agent_workers.contract import dead_letter_queue
 from agent_workers.errors import ConfigError
 from agent_workers.worker import metrics
-from agent_workers.worker.batcher import live_batcher
+from agent_workers.worker.intake import live_intakes
 from agent_workers.worker.kombu_redis import queue_depth
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,10 @@ class BatcherStep(bootsteps.StartStopStep):
             c.strategies = _Strategies(c.strategies)
 
     def stop(self, c: Any) -> None:
-        batcher = live_batcher(c.app)
-        if batcher is not None and batcher.pending:
-            log.info("shutting down: serving %d buffered requests", len(batcher.pending))
-            batcher.flush()
+        for intake in live_intakes(c.app):
+            if intake.pending:
+                log.info("shutting down: serving %d buffered %s requests", len(intake.pending), intake.task.name)
+                intake.flush()
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)

@@ -1,0 +1,300 @@
+"""The intake of a batched task: messages arrive in the worker's event loop, are checked and decoded once, held
+for their ``eta``, buffered, and flushed as one batch; every request then gets its own result (one pipelined write),
+its retry, its ack (in bulk) and its Flower events.
+
+A subclass decides how a batch is served (:meth:`Intake._serve`): :class:`~agent_workers.worker.batcher.Batcher`
+runs forward passes. Acks come after results (at-least-once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import states
+from celery.utils.saferepr import saferepr
+
+from agent_workers.errors import InputError
+from agent_workers.worker import metrics, redelivery
+from agent_workers.worker.held import HeldMessages
+from agent_workers.worker.kombu_redis import ack_all
+from agent_workers.worker.policy import BatchPolicy
+from agent_workers.worker.reporting import Reporter
+from agent_workers.worker.requests import Pending, check_headers, decode_body, parse_time, usable_id
+from agent_workers.worker.results import Outcome, ResultWriter
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3
+
+
+class Intake:
+    """Receives a batched task's messages in the event loop and flushes them in batches sized by ``policy``.
+
+    Subclasses implement :meth:`_serve` (and :meth:`_serve_later` for what it defers until the rest of the flush is
+    stored and acknowledged).
+    """
+
+    def __init__(self, *, task: Any, app: Any, consumer: Any, policy: BatchPolicy) -> None:
+        self.task = task
+        self.app = app
+        self.policy = policy
+        self.writer = ResultWriter(app)
+        self.timer = consumer.timer
+        eventer = consumer.event_dispatcher
+        if eventer is not None:
+            # One publish per batch: the dispatcher sends a buffered group when it reaches this many events.
+            eventer.buffer_limit = max(eventer.buffer_limit, 8 * policy.settings.max_batch_size)
+        self.hostname = consumer.hostname
+        self.consumer = consumer
+        self.held = HeldMessages(timer=consumer.timer, visibility_timeout=app.settings.visibility_timeout)
+        self.labels = metrics.ModelLabels()
+        self.reporter = Reporter(eventer=eventer, labels=self.labels)
+        self.pending: list[Pending] = []
+        self._tref: Any = None
+        self.max_message_bytes = app.settings.max_message_bytes
+        self.track_started = app.settings.track_started
+
+    def close(self) -> None:
+        """Stop the wait timer (a replaced intake's buffered messages are redelivered by the broker)."""
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+
+    # -- receive --------------------------------------------------------------------------------------------------
+
+    def on_message(
+        self,
+        message: Any,
+        body: Any,
+        ack: Callable[..., Any],
+        reject: Callable[..., Any],
+        callbacks: Any,
+        **kwargs: Any,
+    ) -> None:
+        """Celery strategy entry point: called in the event loop for every message of the task.
+
+        Nothing a message contains may raise out of here: Celery's consumer treats an exception from a strategy
+        as unrecoverable and stops the worker, and the redelivered message would stop the next one.
+        """
+        try:
+            request = self._receive(message, body)
+        except Exception:  # noqa: BLE001 - last resort: drop this message alone, loudly
+            log.exception("dropping a message that cannot be handled: %s", saferepr(message.headers, 300))
+            ack_all([message])
+            return
+        if request is not None:
+            self._hold_or_admit(request)
+
+    def _receive(self, message: Any, body: Any) -> Pending | None:
+        """The checked request of ``message``, or None when it was refused (failed alone or dead-lettered)."""
+        # Protocol 2 carries the envelope in the headers, protocol 1 in the body.
+        headers = message.headers if body is None else body
+        if not isinstance(headers, dict):
+            headers = {}
+        task_id = usable_id(headers.get("id"))
+        try:
+            check_headers(headers)
+            if len(message.body) > self.max_message_bytes:
+                raise InputError(
+                    f"message is {len(message.body)} bytes; the limit is {self.max_message_bytes} "
+                    "(AGENT_WORKERS_MAX_MESSAGE_BYTES)"
+                )
+            payload = decode_body(message)
+            if body is not None:  # protocol 1
+                args, kw = body.get("args", []), body.get("kwargs", {})
+            else:
+                args, kw, _embed = payload
+            if not isinstance(args, list) or not isinstance(kw, dict):
+                raise InputError("message body must be [args, kwargs, embed] with a list and an object")
+        except Exception as exc:  # noqa: BLE001 - a bad message fails alone, the worker stays up
+            self._refuse(message, task_id, headers, exc)
+            return None
+        assert task_id is not None  # check_headers refused it otherwise
+        return Pending(
+            id=task_id,
+            name=headers.get("task") or self.task.name,
+            message=message,
+            args=args,
+            kwargs=kw,
+            headers=headers,
+            received=time.monotonic(),
+            expires=parse_time(headers.get("expires")),
+            redelivered=bool((message.delivery_info or {}).get("redelivered") or headers.get("redelivered")),
+        )
+
+    def _hold_or_admit(self, request: Pending) -> None:
+        eta = parse_time(request.headers.get("eta"))
+        if eta is not None:
+            delay = (eta - datetime.now(UTC)).total_seconds()
+            if delay > 0:
+                # eta/countdown: held (unacknowledged) on the event-loop timer, then admitted. Like Celery's own
+                # strategy (celery/worker/strategy.py), a held message widens the prefetch window by one, so
+                # held messages never starve the requests behind them.
+                qos = getattr(self.consumer, "qos", None)
+                if qos is not None:
+                    qos.increment_eventually()
+                self.held.hold(request, delay)
+                self.timer.call_after(delay, self._release, (request, qos))
+                return
+        self.admit(request)
+
+    def _release(self, request: Pending, qos: Any) -> None:
+        if qos is not None and qos is getattr(self.consumer, "qos", None):
+            qos.decrement_eventually()
+        self.held.release(request)
+        self.admit(request)
+
+    def admit(self, request: Pending) -> None:
+        """Put a request into the buffer; flush when the batch is full, or arm the wait timer."""
+        self.pending.append(request)
+        if len(self.pending) >= self.policy.max_batch_size:
+            self.flush()
+        elif self._tref is None:
+            self._tref = self.timer.call_after(self.policy.max_wait, self._on_timer)
+
+    def _refuse(self, message: Any, task_id: str | None, headers: dict[str, Any], exc: Exception) -> None:
+        content_type = getattr(message, "content_type", "?")
+        reason = (
+            exc
+            if isinstance(exc, InputError)
+            else InputError(
+                f"cannot decode message (content type {content_type!r}): {type(exc).__name__}: {exc}; "
+                "send JSON (pickle is never accepted)"
+            )
+        )
+        if task_id:
+            log.warning("refusing message %s: %s", task_id, reason)
+            # Only headers that passed their own check travel on into the result record and events.
+            safe = {k: headers[k] for k in ("parent_id", "group") if usable_id(headers.get(k))}
+            task = headers.get("task")
+            request = Pending(
+                id=task_id,
+                name=task if isinstance(task, str) and len(task) <= 255 else "?",
+                message=message,
+                args=[],
+                kwargs={},
+                headers=safe,
+                received=time.monotonic(),
+                expires=None,
+            )
+            self._finish([Outcome(request, states.FAILURE, reason)])
+        else:
+            log.error("dead-lettering a message without a usable id (%s): %s", reason, saferepr(headers, 300))
+            ack_all([message])
+
+    def _on_timer(self) -> None:
+        self._tref = None
+        self.flush()
+
+    # -- flush ----------------------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Serve everything buffered now. Never raises: a request's fault stays with that request."""
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        try:
+            self._flush(batch)
+        except Exception:  # noqa: BLE001 - last resort; unanswered requests stay unacknowledged and come back
+            log.exception("flush of %d requests failed unexpectedly", len(batch))
+
+    def _flush(self, batch: list[Pending]) -> None:
+        try:
+            self.reporter.announce(batch)
+        except Exception:  # noqa: BLE001 - events are for Flower; never worth a request
+            log.exception("announcing a batch of %d failed", len(batch))
+        batch = redelivery.skip_answered(self.writer, batch)
+        later: list[Any] = []
+        try:
+            outcomes, later = self._serve(batch)
+        except Exception as exc:  # noqa: BLE001 - never lose a batch to a bug: fail each request with the reason
+            log.exception("batch of %d failed unexpectedly", len(batch))
+            outcomes = [Outcome(r, states.FAILURE, exc) for r in batch]
+        self._finish(outcomes)
+        for item in later:
+            try:
+                outcomes = self._serve_later(item)
+            except Exception as exc:  # noqa: BLE001
+                request = item[-1][0] if isinstance(item, tuple) else None
+                log.exception("a deferred request failed unexpectedly")
+                outcomes = [Outcome(request, states.FAILURE, exc)] if request is not None else []
+            self._finish(outcomes)
+
+    def _serve(self, batch: list[Pending]) -> tuple[list[Outcome], list[Any]]:
+        """Serve a batch: the outcomes to store now, and items for :meth:`_serve_later` once those are acked."""
+        raise NotImplementedError
+
+    def _serve_later(self, item: Any) -> list[Outcome]:
+        raise NotImplementedError
+
+    def _retry_or_fail(self, req: Pending, exc: Exception) -> Outcome:
+        """A transient failure: retry the same task id with ``retries + 1`` (bounded), else fail it.
+
+        The retry is published by :meth:`_finish`, only once its RETRY state is stored: published first, another
+        worker could store the retry's final answer before this RETRY, which would then hide it.
+        """
+        if req.retries >= MAX_RETRIES:
+            return Outcome(req, states.FAILURE, exc)
+        return Outcome(req, states.RETRY, exc, retry_countdown=0.5 * 2**req.retries)
+
+    def _publish_retry(self, o: Outcome) -> bool:
+        req = o.request
+        try:
+            self.app.send_task(
+                req.name,
+                args=req.args,
+                kwargs=req.kwargs,
+                task_id=req.id,
+                retries=req.retries + 1,
+                countdown=o.retry_countdown,
+                expires=req.headers.get("expires"),
+            )
+        except Exception:  # noqa: BLE001 - not acknowledged: the broker redelivers the original instead
+            log.warning("publishing the retry of %s failed; its message is not acknowledged", req.id, exc_info=True)
+            return False
+        return True
+
+    def _finish(self, outcomes: list[Outcome]) -> None:
+        """Store results in one round trip, then publish retries, then ack in bulk, then announce (results before
+        acks: at-least-once; a result that was already final is kept, and the message acknowledged)."""
+        if not outcomes:
+            return
+        try:
+            stored = self.writer.write(outcomes)
+        except Exception:  # noqa: BLE001 - results not stored: leave the messages unacked so they come back
+            log.exception("storing %d results failed; their messages are not acknowledged", len(outcomes))
+            return
+        done = [
+            o
+            for o, ok in zip(outcomes, stored, strict=True)
+            if o.state != states.RETRY or not ok or self._publish_retry(o)
+        ]
+        ack_all([o.request.message for o in done])
+        try:
+            self.reporter.report(done)
+        except Exception:  # noqa: BLE001 - metrics and events never cost a request its answer
+            log.exception("reporting %d outcomes failed", len(done))
+
+
+_live: dict[int, dict[str, Intake]] = {}
+
+
+def register(app: Any, name: str, intake: Intake) -> Intake:
+    """Make ``intake`` the one serving task ``name`` for ``app``'s consumer (a consumer restart builds new ones)."""
+    old = _live.setdefault(id(app), {}).pop(name, None)
+    if old is not None:
+        old.close()
+    _live[id(app)][name] = intake
+    return intake
+
+
+def live_intakes(app: Any) -> list[Intake]:
+    """The intakes serving ``app``'s consumer now (the warm-shutdown step flushes them)."""
+    return list(_live.get(id(app), {}).values())
