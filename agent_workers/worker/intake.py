@@ -62,7 +62,8 @@ class Intake:
         # then flushes at once instead of waiting out max_wait for company that is not coming.
         self._connection = getattr(consumer, "connection", None)
         self._idle = False
-        idle.subscribe(self._connection, self.on_drained)
+        if policy.settings.flush_when_idle:
+            idle.subscribe(self._connection, self.on_drained)
 
     def close(self) -> None:
         """Stop the wait timer (a replaced intake's buffered messages are redelivered by the broker)."""
