@@ -55,12 +55,15 @@ class BatchSettings:
         max_wait_ms: longest a request waits for others to join its batch, in milliseconds.
         mode: ``fixed`` (size/wait) or ``adaptive`` (sizes batches to ``latency_target_ms`` from a learned cost model).
         latency_target_ms: the per-request latency goal of the adaptive mode, in milliseconds.
+        flush_when_idle: flush as soon as the broker has nothing more to hand over instead of waiting out
+            ``max_wait_ms`` (``AGENT_WORKERS_FLUSH_WHEN_IDLE``, on by default).
     """
 
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     mode: str = "fixed"
     latency_target_ms: float = 50.0
+    flush_when_idle: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -152,6 +155,7 @@ class Settings:
             max_wait_ms=r.float("MAX_WAIT_MS", DEFAULT_MAX_WAIT_MS, minimum=0.0),
             mode=r.choice("BATCH_MODE", "fixed", _BATCH_MODES),
             latency_target_ms=r.float("LATENCY_TARGET_MS", 50.0, minimum=0.1),
+            flush_when_idle=r.bool("FLUSH_WHEN_IDLE", True),
         )
         settings = cls(
             broker_url=r.url("BROKER_URL", DEFAULT_BROKER_URL, _BROKER_SCHEMES),
@@ -249,6 +253,7 @@ _BATCH_VARIABLES = {
     "max_wait_ms": "MAX_WAIT_MS",
     "mode": "BATCH_MODE",
     "latency_target_ms": "LATENCY_TARGET_MS",
+    "flush_when_idle": "FLUSH_WHEN_IDLE",
 }
 
 

@@ -51,7 +51,9 @@ def demo() -> None:
     is_flag=True,
     help="Also measure celery-batches 0.11 (pip install --no-deps if missing; it pins celery<5.7).",
 )
-@click.option("--skip", multiple=True, type=click.Choice(["baselines", "sweep", "latency"]), help="Leave a part out.")
+@click.option(
+    "--skip", multiple=True, type=click.Choice(["baselines", "sweep", "latency", "idle"]), help="Leave a part out."
+)
 @click.option("--quick", is_flag=True, help="CI-sized run (small N, sweep 1,64, 2 s latency runs).")
 @click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, help="Redis broker.")
 @click.option("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672//", show_default=True, help="RabbitMQ broker.")
@@ -68,6 +70,14 @@ def demo() -> None:
     default=1,
     show_default=True,
     help="Drains of ours per broker and workload; the median is reported (a shared machine is noisy).",
+)
+@click.option(
+    "--fill",
+    type=click.Choice(["producer", "fast"]),
+    default="producer",
+    show_default=True,
+    help="producer: each message built as a bare Celery producer sends it (send_task with kwargs, full-precision "
+    "random inputs, as_task_v2 per message); fast: 256 rounded templates with positional arguments.",
 )
 @click.option(
     "--profile",
@@ -96,6 +106,7 @@ def bench(
     out: Path,
     repeat: int,
     profile: Path | None,
+    fill: str,
 ) -> None:
     """Benchmark our batcher against a per-request Celery task (and celery-batches) on Redis and RabbitMQ."""
     from agent_workers.tools import bench as bench_module
@@ -116,6 +127,7 @@ def bench(
         "out": out,
         "profile": profile,
         "repeat": repeat,
+        "fill": fill,
         "result_backend": settings.result_backend,
         "params_url": settings.params_url,
         "device": settings.device,

@@ -5,7 +5,8 @@
 -- An envelope that cannot be recorded (not JSON, no properties, a delivery tag that is not a non-empty string: cjson
 -- decodes null to a truthy userdata, and true, {} or 5 would make ZADD fail after the pop) is moved to the
 -- dead-letter list '<queue><suffix>' instead: never lost, never delivered.
--- Returns false (nothing to pop) or {list popped from, the recorded payloads, how many were dead-lettered}.
+-- Returns false (nothing to pop) or {list popped from, the recorded payloads, how many were dead-lettered, how many
+-- messages are left in all the lists} (the worker flushes its batch at once when nothing is left).
 local cmd = {'LMPOP', #KEYS - 2}
 for i = 3, #KEYS do cmd[#cmd + 1] = KEYS[i] end
 cmd[#cmd + 1] = 'RIGHT'
@@ -36,4 +37,6 @@ for _, raw in ipairs(popped[2]) do
     dropped = dropped + 1
   end
 end
-return {key, recorded, dropped}
+local left = 0
+for i = 3, #KEYS do left = left + redis.call('LLEN', KEYS[i]) end
+return {key, recorded, dropped, left}

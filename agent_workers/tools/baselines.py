@@ -3,6 +3,7 @@
 
 * ``agent_workers.bench.predict_naive``: the plain per-request Celery task, one forward pass per message, executed by
   Celery's ordinary strategy and pool (what one writes without a batcher);
+* ``agent_workers.bench.noop``: a Celery task that does nothing, the latency floor of one request (C=1);
 * ``agent_workers.bench.predict_celery_batches``: the same model served by celery-batches 0.11 (``Batches`` task,
   ``flush_every`` = max batch size, ``flush_interval`` = max wait), each request's result stored with
   ``backend.mark_as_done`` as its docs say ("Returning results"). Registered only when ``celery_batches`` imports.
@@ -33,6 +34,7 @@ if not isinstance(app, WorkerApp):
     )
 
 NAIVE = "agent_workers.bench.predict_naive"
+NOOP = "agent_workers.bench.noop"
 CELERY_BATCHES = "agent_workers.bench.predict_celery_batches"
 
 
@@ -45,6 +47,12 @@ def predict_naive(model: str, inputs: Any, version: int | None = None) -> dict[s
     if isinstance(result, Exception):
         raise result
     return {"model": model, "version": loaded.version, "outputs": result}
+
+
+@app.task(name=NOOP)
+def noop(model: str | None = None, inputs: Any = None, version: int | None = None) -> None:
+    """Do nothing: the floor a plain Celery task sets for one request's latency on a broker (C=1)."""
+    return None
 
 
 try:  # celery-batches 0.11 pins celery<5.7; the bench installs it with --no-deps only when asked

@@ -103,7 +103,11 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
     app.steps["worker"].add(StartupChecks)
     if quorum:
         app.steps["consumer"].add(DeadLetterQueues)
-    transport = REDIS_TRANSPORTS.get(urlparse(settings.broker_url).scheme)
+    scheme = urlparse(settings.broker_url).scheme
+    if scheme in AMQP_TRANSPORTS:
+        # The same transport plus a signal when the socket is empty: see agent_workers/worker/kombu_amqp.py.
+        app.conf.broker_transport = AMQP_TRANSPORTS[scheme]
+    transport = REDIS_TRANSPORTS.get(scheme)
     if transport is not None:
         # Same wire format, fewer round trips, nothing lost to a SIGKILL: see agent_workers/worker/kombu_redis.py.
         app.conf.broker_transport = transport
@@ -118,6 +122,11 @@ REDIS_TRANSPORTS = {
     "redis": "agent_workers.worker.kombu_redis:Transport",
     "rediss": "agent_workers.worker.kombu_redis:Transport",
     "sentinel": "agent_workers.worker.kombu_redis:SentinelTransport",
+}
+#: py-amqp with the idle signal (``amqps://`` keeps kombu's own TLS transport, which waits out max_wait_ms).
+AMQP_TRANSPORTS = {
+    "amqp": "agent_workers.worker.kombu_amqp:Transport",
+    "pyamqp": "agent_workers.worker.kombu_amqp:Transport",
 }
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 

@@ -1,5 +1,6 @@
 """The intake of a batched task: messages arrive in the worker's event loop, are checked and decoded once, held
-for their ``eta``, buffered, and flushed as one batch; every request then gets its own result (one pipelined write),
+for their ``eta``, buffered, and flushed as one batch (full, or the broker has nothing more to hand over, or the
+oldest request waited ``max_wait_ms``); every request then gets its own result (one pipelined write),
 its retry, its ack (in bulk) and its Flower events.
 
 A subclass decides how a batch is served (:meth:`Intake._serve`): :class:`~agent_workers.worker.batcher.Batcher`
@@ -18,7 +19,7 @@ from celery import states
 from celery.utils.saferepr import saferepr
 
 from agent_workers.errors import InputError
-from agent_workers.worker import metrics, redelivery
+from agent_workers.worker import idle, metrics, redelivery
 from agent_workers.worker.held import HeldMessages
 from agent_workers.worker.kombu_redis import ack_all
 from agent_workers.worker.policy import BatchPolicy
@@ -57,9 +58,16 @@ class Intake:
         self._tref: Any = None
         self.max_message_bytes = app.settings.max_message_bytes
         self.track_started = app.settings.track_started
+        # The transport says when the broker has nothing more for us (kombu_redis.py, kombu_amqp.py): a batch
+        # then flushes at once instead of waiting out max_wait for company that is not coming.
+        self._connection = getattr(consumer, "connection", None)
+        self._idle = False
+        if policy.settings.flush_when_idle:
+            idle.subscribe(self._connection, self.on_drained)
 
     def close(self) -> None:
         """Stop the wait timer (a replaced intake's buffered messages are redelivered by the broker)."""
+        idle.unsubscribe(self._connection, self.on_drained)
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
@@ -80,6 +88,7 @@ class Intake:
         Nothing a message contains may raise out of here: Celery's consumer treats an exception from a strategy
         as unrecoverable and stops the worker, and the redelivered message would stop the next one.
         """
+        self._idle = False
         try:
             request = self._receive(message, body)
         except Exception:  # noqa: BLE001 - last resort: drop this message alone, loudly
@@ -147,6 +156,14 @@ class Intake:
             qos.decrement_eventually()
         self.held.release(request)
         self.admit(request)
+        if self._idle:  # nothing else is arriving: no reason to wait for company
+            self.flush()
+
+    def on_drained(self) -> None:
+        """The broker has handed over everything it had: serve what is buffered now."""
+        self._idle = True
+        if self.pending:
+            self.flush()
 
     def admit(self, request: Pending) -> None:
         """Put a request into the buffer; flush when the batch is full, or arm the wait timer."""

@@ -12,7 +12,10 @@ message before any work happens, and a SIGKILL between the pop and the record lo
   (several queues, priority sub-lists) waits at most ``wake_interval`` (0.25 s) per BLMOVE, rotating the watched
   queue, and every wake-up sweeps all its lists;
 * the script records only envelopes with a usable delivery tag; any other is moved to ``<queue>.dead`` and logged,
-  never delivered and never lost.
+  never delivered and never lost;
+* when a pop comes back with fewer messages than it asked for, or leaves the lists empty, the broker has nothing
+  more to hand over: once the burst is delivered, the intakes are told (:func:`agent_workers.worker.idle.drained`)
+  and flush at once instead of waiting out ``max_wait_ms``.
 
 Messages on the wire are unchanged: producers keep using the stock transport. Enabled for ``redis://``,
 ``rediss://`` and ``sentinel://`` brokers by ``create_app`` (``broker_transport``); falls back to the stock behaviour
@@ -31,6 +34,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from agent_workers import lua
+from agent_workers.worker import idle
 
 DEFAULT_POP_COUNT = 128
 #: With several lists to watch (queues, priority sub-lists), the longest one not watched waits for a sweep (seconds).
@@ -101,6 +105,7 @@ class Channel(kredis.Channel):
     def _brpop_read(self, **options: Any) -> bool:
         if not self._can_bulk_pop():
             return bool(super()._brpop_read(**options))
+        drained = False
         try:
             try:
                 self.client.parse_response(self.client.connection, "BLMOVE", **options)
@@ -108,7 +113,9 @@ class Channel(kredis.Channel):
                 self.client.connection.disconnect()
                 raise
             # Woken (or timed out: sweep every list anyway); nothing was popped yet.
-            popped = self._pop_and_record(self._pop_count())
+            count = self._pop_count()
+            popped, left = self._pop_and_record(count)
+            drained = len(popped) < count or left == 0
             if not popped:
                 raise kredis.Empty()
             for key, text in popped:
@@ -128,19 +135,24 @@ class Channel(kredis.Channel):
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+            if drained:  # after the poll is over: a flush acknowledges on this channel's connection pool
+                idle.drained(self.connection.client)
 
-    def _pop_and_record(self, count: int) -> list[tuple[str, str]]:
+    def _pop_and_record(self, count: int) -> tuple[list[tuple[str, str]], int]:
         """Pop up to ``count`` messages AND record them as unacknowledged, atomically (a Lua script), so no popped
         message ever exists only in this process: a SIGKILL at any point leaves each message either in its queue or
         in the unacked hash, from which the visibility-timeout sweep restores it. Envelopes that cannot be recorded
         go to the queue's dead-letter list (``<queue>.dead``) instead.
+
+        Returns:
+            The popped (list key, envelope) pairs, and how many messages are left in all the lists.
         """
         reply = self._pop_script()(
             keys=[self.unacked_index_key, self.unacked_key, *self._bulk_keys], args=[count, time(), DEAD_LETTER_SUFFIX]
         )
         if not reply:
-            return []
-        key, items, dropped = bytes_to_str(reply[0]), reply[1], int(reply[2])
+            return [], 0
+        key, items, dropped, left = bytes_to_str(reply[0]), reply[1], int(reply[2]), int(reply[3])
         if dropped:
             logger.error(
                 "%d malformed envelope(s) in %s moved to %s%s (no usable delivery tag)",
@@ -149,7 +161,7 @@ class Channel(kredis.Channel):
                 key.split(self.sep, 1)[0],
                 DEAD_LETTER_SUFFIX,
             )
-        return [(key, bytes_to_str(item)) for item in items]
+        return [(key, bytes_to_str(item)) for item in items], left
 
     def _pop_script(self) -> Any:
         script = getattr(self, "_pop_and_record_script", None)

@@ -76,7 +76,7 @@ def test_sigkill_mid_load_loses_nothing(broker: str, start_pool) -> None:
 
 def test_sigterm_serves_the_half_filled_batch(broker: str, start_pool) -> None:
     # A batch that would wait a minute to fill: only the shutdown flush can finish it in time.
-    pool: Pool = start_pool(broker, queues="inference", max_wait_ms=60000, max_batch_size=64)
+    pool: Pool = start_pool(broker, queues="inference", max_wait_ms=60000, max_batch_size=64, flush_when_idle="false")
     model = unique("lin")
     pool.store.create(model, make_spec("linear", in_features=2))
     handles = [pool.client.app.send_task("agent_workers.predict", args=[model, [float(i), 0.0]]) for i in range(10)]

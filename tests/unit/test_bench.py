@@ -334,3 +334,31 @@ def test_raw_torch_rate_uses_the_worker_thread_count_and_restores_it() -> None:
     assert rate > 0 and ms > 0
     assert rate == pytest.approx(4 / (ms / 1000))
     assert torch.get_num_threads() == before
+
+
+def test_producer_fill_builds_each_message_as_send_task_with_kwargs() -> None:
+    from agent_workers.client import producer_app
+    from agent_workers.config import Settings
+    from agent_workers.tools.bench import ProducerFactory
+
+    amqp = producer_app(Settings(broker_url="redis://127.0.0.1:6379/0")).amqp
+    make = ProducerFactory(amqp, "agent_workers.predict", "m", 8)
+    a, b = make("id-a", 0), make("id-b", 1)
+    args_a, kwargs_a, _ = json.loads(a.body)
+    _, kwargs_b, _ = json.loads(b.body)
+    assert args_a == [] and kwargs_a["model"] == "m" and len(kwargs_a["inputs"]) == 8
+    assert kwargs_a["inputs"] != kwargs_b["inputs"]  # fresh inputs per message, no templates
+    assert any(len(repr(x)) > 10 for x in kwargs_a["inputs"])  # full precision, not rounded
+    assert a.headers["id"] == "id-a" and b.headers["id"] == "id-b"
+
+
+def test_idle_latency_check_compares_c1_with_the_noop_task() -> None:
+    from agent_workers.tools.bench import check_idle_latency
+
+    rows = [
+        {"system": s, "broker": "redis", "workload": "mlp", "mode": "closed", "concurrency": 1, **q}
+        for s, q in (("ours", {"p50_ms": 5.0, "p99_ms": 12.0}), ("noop", {"p50_ms": 4.5, "p99_ms": 8.0}))
+    ]
+    checks = check_idle_latency(rows)
+    assert [c.met for c in checks] == [True, False]
+    assert checks[0].measured == pytest.approx(5.0 / 4.5)

@@ -27,11 +27,11 @@ requests), ``measure`` (drain measurement, raw torch, machine), ``latency`` (clo
 from agent_workers.tools.bench.config import DEFAULT_SWEEP, BenchConfig
 from agent_workers.tools.bench.latency import LatencyRun, cdf_points, latency_bound_ms
 from agent_workers.tools.bench.measure import drain_rate, interpolate, raw_torch_rate
-from agent_workers.tools.bench.messages import MessageFactory, Publisher, task_message
+from agent_workers.tools.bench.messages import MessageFactory, ProducerFactory, Publisher, task_message
 from agent_workers.tools.bench.output import report_tables, write_outputs
 from agent_workers.tools.bench.runner import Bench, run
 from agent_workers.tools.bench.runs import Runs, Session
-from agent_workers.tools.bench.targets import Check, check_targets, ratio
+from agent_workers.tools.bench.targets import Check, check_idle_latency, check_targets, ratio
 from agent_workers.tools.bench.workloads import WORKLOADS, Workload, parameter_count
 
 __all__ = [
@@ -42,11 +42,13 @@ __all__ = [
     "Check",
     "LatencyRun",
     "MessageFactory",
+    "ProducerFactory",
     "Publisher",
     "Runs",
     "Session",
     "Workload",
     "cdf_points",
+    "check_idle_latency",
     "check_targets",
     "drain_rate",
     "interpolate",

@@ -38,6 +38,24 @@ class MessageFactory:
         )
 
 
+class ProducerFactory:
+    """Messages exactly as a bare Celery producer sends them: ``send_task(name, kwargs={"model": ..., "inputs":
+    row})`` with a fresh full-precision random row and the app's own ``as_task_v2`` for every message."""
+
+    def __init__(self, amqp: Any, name: str, model: str, in_features: int, seed: int = 7) -> None:
+        import numpy as np
+
+        self.amqp, self.name, self.model, self.in_features = amqp, name, model, in_features
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, task_id: str, index: int) -> TaskMessage:
+        row = self.rng.standard_normal(self.in_features).tolist()
+        headers, properties, body, _ = self.amqp.as_task_v2(
+            task_id, self.name, args=(), kwargs={"model": self.model, "inputs": row}
+        )
+        return TaskMessage(task_id, headers, dict(properties), json.dumps(body).encode())
+
+
 class Publisher:
     """Publishes task messages onto one queue, on Redis (LPUSH of kombu's envelope) or RabbitMQ (``basic_publish``
     on a channel, what kombu's ``Producer.publish`` ends in, minus its per-call overhead)."""

@@ -18,7 +18,7 @@ from agent_workers.tools.bench.config import BenchConfig
 from agent_workers.tools.bench.measure import machine_info, raw_torch_rate
 from agent_workers.tools.bench.output import print_tables, say, write_outputs
 from agent_workers.tools.bench.runs import Runs, Session
-from agent_workers.tools.bench.targets import check_targets
+from agent_workers.tools.bench.targets import check_idle_latency, check_targets
 from agent_workers.tools.bench.workloads import CELERY_BATCHES_PIN, WORKLOADS, Workload, parameter_count
 
 
@@ -156,6 +156,11 @@ class Bench:
             for size in cfg.sweep:
                 if size != cfg.max_batch_size:  # that point is the main drain above
                     self.drains.append({**self._drain(s, "ours", sweep_n, size), "role": "sweep"})
+        if "idle" not in cfg.skip:  # one request at a time: ours against a Celery no-op task on the same broker
+            for system in ("ours", "noop"):
+                self.latency.extend(
+                    self.runs.latency_runs(s, system, None, concurrency=(1,), duration=cfg.idle_duration)
+                )
         if "latency" not in cfg.skip:
             systems = self.systems if "baselines" not in cfg.skip else ["ours"]
             for system in systems:
@@ -164,7 +169,7 @@ class Bench:
     def results(self) -> dict[str, Any]:
         main = [d for d in self.drains if d["role"] == "main"]
         opens = [r for r in self.latency if r["mode"] == "open" and "bound_ms" in r and "p99_ms" in r]
-        checks = check_targets(main, self.raw, opens)
+        checks = check_targets(main, self.raw, opens) + check_idle_latency(self.latency)
         return {
             "config": self.cfg.as_json(),
             "workloads": {

@@ -26,7 +26,7 @@ from agent_workers.tools.bench.measure import (
     scrape_metrics,
     wait_all_stored,
 )
-from agent_workers.tools.bench.messages import MessageFactory, Publisher
+from agent_workers.tools.bench.messages import MessageFactory, ProducerFactory, Publisher
 from agent_workers.tools.bench.output import say
 from agent_workers.tools.bench.workloads import BASELINES_PLUGIN, TASK_NAMES, Workload
 from agent_workers.tools.stats import latency_summary
@@ -99,8 +99,10 @@ class Runs:
         )
         return WorkerProcess(queues=[queue_name], env=settings.to_env(), name=f"{run}@%h", loglevel="WARNING"), port
 
-    def _factory(self, s: Session, system: str) -> MessageFactory:
-        return MessageFactory(self.amqp, TASK_NAMES[system], s.model, s.rows)
+    def _factory(self, s: Session, system: str) -> MessageFactory | ProducerFactory:
+        if self.cfg.fill == "fast":
+            return MessageFactory(self.amqp, TASK_NAMES[system], s.model, s.rows)
+        return ProducerFactory(self.amqp, TASK_NAMES[system], s.model, s.workload.in_features)
 
     def _messages(self, s: Session, system: str, ids: Sequence[str]) -> Iterator[TaskMessage]:
         make = self._factory(s, system)
@@ -199,11 +201,20 @@ class Runs:
 
     # -- latency --------------------------------------------------------------------------------------------------
 
-    def latency_runs(self, s: Session, system: str, open_rate: float | None) -> list[dict[str, Any]]:
+    def latency_runs(
+        self,
+        s: Session,
+        system: str,
+        open_rate: float | None,
+        concurrency: Sequence[int] | None = None,
+        duration: float | None = None,
+    ) -> list[dict[str, Any]]:
         """Closed-loop runs (each configured concurrency), then, for ours, open-loop runs at ``open_rate`` (half the
         drain rate) and at half the best closed-loop rate when that is clearly lower: on a small machine the
         benchmark's own producer shares the CPUs, so the end-to-end saturation is below the drain rate.
+        ``concurrency`` and ``duration`` override the configured ones (the C=1 comparison with the no-op task).
         """
+        duration = self.cfg.duration if duration is None else duration
         run = "l" + uuid.uuid4().hex[:10]
         queue_name = f"{s.namespace}.{run}"
         publisher = Publisher(s.broker_url, queue_name)
@@ -218,7 +229,9 @@ class Runs:
         prefixes: list[tuple[str, int]] = []
         try:
             worker.start()
-            modes: list[tuple[str, Any, str | None]] = [("closed", c, None) for c in self.cfg.concurrency]
+            modes: list[tuple[str, Any, str | None]] = [
+                ("closed", c, None) for c in concurrency or self.cfg.concurrency
+            ]
             if open_rate:
                 modes.append(("open", open_rate, "drain"))
             for index, (mode, arg, basis) in enumerate(modes):
@@ -232,9 +245,9 @@ class Runs:
                 cpu_before = time.process_time()
                 try:
                     if mode == "closed":
-                        offered, achieved = None, lr.closed(arg, self.cfg.duration, warmup=1.0)
+                        offered, achieved = None, lr.closed(arg, duration, warmup=1.0)
                     else:
-                        offered, achieved = arg, lr.open(arg, self.cfg.duration, warmup=1.0)
+                        offered, achieved = arg, lr.open(arg, duration, warmup=1.0)
                     sent = lr.n_sent
                     producer_cpu = 1000 * (time.process_time() - cpu_before) / sent if sent else None
                 finally:

@@ -11,6 +11,8 @@ TARGET_VS_CELERY_BATCHES = 3.0
 TARGET_RATE = 3500.0
 TARGET_CPU_MS = 0.28
 TARGET_VS_RAW = 0.80
+#: One request at a time (C=1): our p50 and p99 at most this many times a Celery no-op task's on the same broker.
+TARGET_IDLE_VS_NOOP = 1.2
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -87,4 +89,29 @@ def check_targets(
                 o["p99_ms"] <= o["bound_ms"],
             )
         )
+    return checks
+
+
+def check_idle_latency(latency: Sequence[dict[str, Any]]) -> list[Check]:
+    """C=1 p50 and p99 of ours against the Celery no-op task on the same broker and workload (goal <= 1.2x)."""
+    c1 = {
+        (r["system"], r["broker"], r["workload"]): r
+        for r in latency
+        if r.get("mode") == "closed" and r.get("concurrency") == 1
+    }
+    checks: list[Check] = []
+    for (system, broker, workload), ours in sorted(c1.items()):
+        noop = c1.get(("noop", broker, workload))
+        if system != "ours" or noop is None:
+            continue
+        for q in ("p50_ms", "p99_ms"):
+            r = ratio(ours.get(q), noop.get(q))
+            checks.append(
+                Check(
+                    f"{broker}/{workload} C=1 {q[:3]} vs Celery no-op ({ours.get(q, 0):.1f} / {noop.get(q, 0):.1f} ms)",
+                    f"<= {TARGET_IDLE_VS_NOOP:g}x",
+                    r,
+                    None if r is None else r <= TARGET_IDLE_VS_NOOP,
+                )
+            )
     return checks

@@ -9,13 +9,14 @@ from typing import Any
 
 from agent_workers.contract import PREDICT
 
-SYSTEMS = ("ours", "naive", "celery-batches")
+SYSTEMS = ("ours", "naive", "celery-batches", "noop")
 #: The task each system's requests name; the baselines are registered by the worker plugin
 #: ``agent_workers.tools.baselines`` (its ``NAIVE`` and ``CELERY_BATCHES``).
 TASK_NAMES = {
     "ours": PREDICT,
     "naive": "agent_workers.bench.predict_naive",
     "celery-batches": "agent_workers.bench.predict_celery_batches",
+    "noop": "agent_workers.bench.noop",
 }
 BASELINES_PLUGIN = "agent_workers.tools.baselines"
 CELERY_BATCHES_PIN = "celery-batches==0.11"

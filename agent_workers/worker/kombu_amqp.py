@@ -1,0 +1,86 @@
+"""The py-amqp transport with an idle signal: after a delivery, when the socket holds no further frame, it tells
+the intakes (:mod:`agent_workers.worker.idle`) so a lone request is served at once instead of after ``max_wait_ms``.
+
+kombu's reader (``kombu/transport/base.py`` ``Transport._make_reader``) reads one frame per event-loop callback and
+reschedules itself with ``hub.call_soon``; here the same reader also checks, after each frame, whether anything is
+left to read: py-amqp's own read buffer (a partial frame), the TLS object's decrypted bytes, and the socket itself
+(a zero-timeout ``select``). Only when all three are empty has the broker nothing more for us right now. Messages on
+the wire are unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+from typing import Any
+
+from amqp.exceptions import RecoverableConnectionError
+from kombu.transport import pyamqp
+
+from agent_workers.worker import idle
+
+_UNAVAILABLE = (errno.EAGAIN, errno.EINTR)
+
+
+def nothing_pending(connection: Any) -> bool:
+    """Whether an ``amqp.Connection`` has no byte of a further frame buffered or waiting on its socket."""
+    transport = getattr(connection, "transport", None)
+    sock = getattr(transport, "sock", None)
+    if sock is None:
+        return True
+    if getattr(transport, "_read_buffer", b""):
+        return False
+    pending = getattr(sock, "pending", None)  # an ssl.SSLSocket may hold decrypted bytes the socket no longer shows
+    if pending is not None and pending():
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False  # a closed socket: the reader raises next and the consumer reconnects
+    return not readable
+
+
+class _IdleReader:
+    """kombu's frame reader, plus the idle signal once the socket is empty."""
+
+    def __init__(self, transport: Any, connection: Any) -> None:
+        self.client = transport.client
+        self.connection = connection
+
+    def __call__(self, loop: Any) -> None:
+        connection = self.connection
+        if not connection.connected:
+            raise RecoverableConnectionError("Socket was disconnected")
+        try:
+            connection.drain_events(timeout=0)
+        except TimeoutError:  # socket.timeout, raised by py-amqp when no whole frame is there
+            self._maybe_drained()
+            return
+        except OSError as exc:
+            if exc.errno in _UNAVAILABLE:
+                self._maybe_drained()
+                return
+            raise
+        self._maybe_drained()
+        loop.call_soon(self, loop)
+
+    def _maybe_drained(self) -> None:
+        if nothing_pending(self.connection):
+            idle.drained(self.client)
+
+
+class Transport(pyamqp.Transport):
+    """kombu's py-amqp transport (``amqp://``, ``pyamqp://``) with the idle signal, in the event loop
+    (:meth:`on_readable`) and in Celery's blocking loop (:meth:`drain_events`)."""
+
+    def drain_events(self, connection: Any, **kwargs: Any) -> Any:
+        result = connection.drain_events(**kwargs)
+        if nothing_pending(connection):
+            idle.drained(self.client)
+        return result
+
+    def on_readable(self, connection: Any, loop: Any) -> None:
+        reader = getattr(self, "_idle_reader", None)
+        if reader is None or reader.connection is not connection:
+            reader = self._idle_reader = _IdleReader(self, connection)
+        reader(loop)
