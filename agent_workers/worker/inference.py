@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -208,7 +209,29 @@ class InferenceEngine:
             return [error] * len(arrays)
         return list(out)
 
-    def predict_many(self, name: str, inputs: Any, version: int | None = None) -> dict[str, Any]:
+    def current_at_least(self, name: str, min_version: int, wait: float) -> LoadedModel:
+        """The newest version of ``name``, once it is ``min_version`` or newer (read-your-writes).
+
+        Reads the head again every 20 ms for up to ``wait`` seconds (blocking: for pool threads, never the batcher).
+
+        Raises:
+            ModelError: the store did not reach ``min_version`` in time.
+        """
+        give_up = time.monotonic() + wait
+        while True:
+            loaded = self.current(name)
+            if loaded.version >= min_version:
+                return loaded
+            if time.monotonic() >= give_up:
+                raise ModelError(
+                    f"model {name!r} is at version {loaded.version}; min_version {min_version} was not reached "
+                    f"within {wait:g} s (AGENT_WORKERS_MIN_VERSION_WAIT_MS)"
+                )
+            time.sleep(0.02)  # noqa: sleep-ok - a bounded poll of the store's head, in a pool thread
+
+    def predict_many(
+        self, name: str, inputs: Any, version: int | None = None, min_version: int | None = None
+    ) -> dict[str, Any]:
         """Score many examples of one model in GPU-sized batches; outputs in input order.
 
         Raises:
@@ -217,7 +240,14 @@ class InferenceEngine:
         """
         if not isinstance(inputs, list):
             raise InputError(f"inputs must be a list of examples, got {type(inputs).__name__}")
-        loaded = self.current(name) if version is None else self.pinned(name, version)
+        if version is not None:
+            if min_version is not None and version < min_version:
+                raise InputError(f"version {version} is pinned below min_version {min_version}; drop one of them")
+            loaded = self.pinned(name, version)
+        elif min_version is not None:
+            loaded = self.current_at_least(name, min_version, self.settings.min_version_wait_ms / 1000.0)
+        else:
+            loaded = self.current(name)
         limit = self.settings.max_input_elements
         width = int(np.prod(loaded.spec.input_shape))
         if len(inputs) * width > limit:
