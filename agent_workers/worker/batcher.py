@@ -303,4 +303,7 @@ def batch_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callabl
     batcher = Batcher(task=task, app=app, consumer=consumer, engine=app.engine, policy=BatchPolicy(settings.batch))
     # Read at scrape time: nothing on the hot path.
     metrics.OLDEST_REQUEST_AGE.labels(settings.inference_queue).set_function(batcher.oldest_age)
+    engine = app.engine
+    metrics.MODEL_CACHE_BYTES.labels("engine").set_function(lambda: engine.nbytes)
+    metrics.MODEL_CACHE_BYTES.labels("store").set_function(lambda: engine.store.cache_bytes)
     return register(app, task.name, batcher).on_message

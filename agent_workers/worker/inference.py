@@ -37,6 +37,7 @@ class LoadedModel:
     spec: ModelSpec
     module: torch.nn.Module
     device: torch.device
+    nbytes: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,7 +96,7 @@ class InferenceEngine:
         self.store = store
         self.settings = settings
         self._device: torch.device | None = None
-        self._current: dict[str, LoadedModel] = {}
+        self._current: OrderedDict[str, LoadedModel] = OrderedDict()
         self._pinned: OrderedDict[tuple[str, str, int], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()  # the batcher and a pool thread (predict_many) may load at once
 
@@ -118,6 +119,8 @@ class InferenceEngine:
         head = self.store.head(name)
         cached = self._current.get(name)
         if cached is not None and cached.version == head.version and cached.epoch == head.epoch:
+            if self.settings.model_cache_bytes:
+                self._touch(name)
             return cached
         with self._lock:
             cached = self._current.get(name)
@@ -131,6 +134,8 @@ class InferenceEngine:
                     return cached
                 raise
             self._current[name] = fresh
+            self._current.move_to_end(name)
+            self._evict(fresh)
             return fresh
 
     def pinned(self, name: str, version: int) -> LoadedModel:
@@ -149,7 +154,33 @@ class InferenceEngine:
             self._pinned[key] = loaded
             while len(self._pinned) > PINNED_CACHE_SIZE:
                 self._pinned.popitem(last=False)
+            self._evict(loaded)
             return loaded
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of parameters of every model this engine holds loaded."""
+        return sum(m.nbytes for m in list(self._current.values()) + list(self._pinned.values()))
+
+    def _touch(self, name: str) -> None:
+        with self._lock:
+            if name in self._current:
+                self._current.move_to_end(name)
+
+    def _evict(self, keep: LoadedModel) -> None:
+        """Drop least recently used models (pinned versions first) until ``AGENT_WORKERS_MODEL_CACHE_BYTES`` holds;
+        ``keep``, just loaded, always stays. Called with the lock held."""
+        cap = self.settings.model_cache_bytes
+        if not cap:
+            return
+        total = self.nbytes
+        for cache in (self._pinned, self._current):
+            for key in list(cache):
+                if total <= cap:
+                    return
+                if cache[key] is not keep:
+                    total -= cache.pop(key).nbytes
+                    log.info("model cache over %d bytes: dropped %s", cap, key)
 
     def _load(self, name: str, version: int | None) -> LoadedModel:
         snapshot = self.store.read(name, version, state=False)  # parameters only: no optimizer state
@@ -162,8 +193,15 @@ class InferenceEngine:
         module = module.to(self.device).eval()
         if self.settings.compile:
             module = torch.compile(module)  # type: ignore[assignment]
+        nbytes = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
         loaded = LoadedModel(
-            name=name, version=snapshot.version, epoch=snapshot.epoch, spec=spec, module=module, device=self.device
+            name=name,
+            version=snapshot.version,
+            epoch=snapshot.epoch,
+            spec=spec,
+            module=module,
+            device=self.device,
+            nbytes=nbytes,
         )
         self.forward(loaded, np.zeros((1, *spec.input_shape), dtype=np.float32))  # warm before serving
         log.info("loaded %s v%d on %s", name, snapshot.version, self.device)
