@@ -10,6 +10,7 @@ import json
 import math
 import threading
 import warnings
+from collections import OrderedDict
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,11 @@ class Snapshot:
         """The module's state dict (names without the store's prefix)."""
         n = len(PARAM_PREFIX)
         return {k[n:]: v for k, v in self.tensors.items() if k.startswith(PARAM_PREFIX)}
+
+
+def snapshot_bytes(snap: Snapshot) -> int:
+    """Bytes of the tensors ``snap`` holds."""
+    return sum(t.numel() * t.element_size() for t in snap.tensors.values())
 
 
 @cache
@@ -180,16 +186,30 @@ def chunk_keys(first: str, n: int) -> list[str]:
 
 
 class SnapshotCache:
-    """The newest snapshot of each model in this process, so an unchanged version is never downloaded twice."""
+    """The newest snapshot of each model in this process, so an unchanged version is never downloaded twice.
 
-    def __init__(self, *, enabled: bool = True) -> None:
+    With ``max_bytes`` (``AGENT_WORKERS_MODEL_CACHE_BYTES``) the least recently used models are dropped once the
+    snapshots together exceed it (the newest one always stays).
+    """
+
+    def __init__(self, *, enabled: bool = True, max_bytes: int = 0) -> None:
         self.enabled = enabled
-        self._snapshots: dict[str, Snapshot] = {}
+        self.max_bytes = max_bytes
+        self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensors held."""
+        return sum(snapshot_bytes(s) for s in list(self._snapshots.values()))
 
     def get(self, name: str, *, complete: bool = False) -> Snapshot | None:
         """The cached snapshot of ``name``; with ``complete``, only one that holds the optimizer state too."""
         snap = self._snapshots.get(name)
+        if snap is not None and self.max_bytes:
+            with self._lock:
+                if name in self._snapshots:
+                    self._snapshots.move_to_end(name)
         return None if snap is None or (complete and not snap.complete) else snap
 
     def remember(self, snap: Snapshot) -> None:
@@ -205,6 +225,12 @@ class SnapshotCache:
                 or (snap.version == current.version and (snap.complete or not current.complete))
             ):
                 self._snapshots[snap.model] = snap
+                self._snapshots.move_to_end(snap.model)
+            if self.max_bytes:
+                total = sum(snapshot_bytes(s) for s in self._snapshots.values())
+                while total > self.max_bytes and len(self._snapshots) > 1:
+                    _, dropped = self._snapshots.popitem(last=False)
+                    total -= snapshot_bytes(dropped)
 
     def forget(self, name: str) -> None:
         with self._lock:

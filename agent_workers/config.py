@@ -21,6 +21,7 @@ DEFAULT_PARAMS_URL = "redis://127.0.0.1:6379/2"
 DEFAULT_NAMESPACE = "aw"
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_WAIT_MS = 5.0
+DEFAULT_MIN_VERSION_WAIT_MS = 1000.0
 DEFAULT_RESULT_EXPIRES = 24 * 3600
 DEFAULT_VISIBILITY_TIMEOUT = 3600
 DEFAULT_TASK_TIME_LIMIT = 600
@@ -109,6 +110,13 @@ class Settings:
         queue_type: RabbitMQ queue type of the inference and training queues: ``classic`` or ``quorum``
             (replicated, with a delivery limit and a ``<queue>.dead`` dead-letter queue; see app.py).
         sentinel_master: the master name Redis Sentinel is asked for, for every ``sentinel://`` URL.
+        max_queue_size: most predict requests one worker keeps buffered or held at once (0: no cap beyond the
+            prefetch window); past it, requests whose deadline passed are shed first, then the least urgent.
+        min_version_wait_ms: how long a ``min_version`` request waits for the store to reach that version before
+            it fails, in milliseconds.
+        result_cache_size: entries of the per-worker predict result cache keyed by (model, version, input); 0 off.
+        model_cache_bytes: bytes of parameters a worker keeps loaded (engine models) and cached (store snapshots),
+            each; least recently used models are dropped beyond it (0: no cap).
     """
 
     broker_url: str = DEFAULT_BROKER_URL
@@ -140,6 +148,10 @@ class Settings:
     torch_threads: int = 1
     queue_type: str = "classic"
     sentinel_master: str = DEFAULT_SENTINEL_MASTER
+    max_queue_size: int = 0
+    min_version_wait_ms: float = DEFAULT_MIN_VERSION_WAIT_MS
+    result_cache_size: int = 0
+    model_cache_bytes: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -187,6 +199,10 @@ class Settings:
             torch_threads=r.int("TORCH_THREADS", 1, minimum=0),
             queue_type=r.choice("QUEUE_TYPE", "classic", _QUEUE_TYPES),
             sentinel_master=r.str("SENTINEL_MASTER", DEFAULT_SENTINEL_MASTER),
+            max_queue_size=r.int("MAX_QUEUE_SIZE", 0, minimum=0),
+            min_version_wait_ms=r.float("MIN_VERSION_WAIT_MS", DEFAULT_MIN_VERSION_WAIT_MS, minimum=0.0),
+            result_cache_size=r.int("RESULT_CACHE_SIZE", 0, minimum=0),
+            model_cache_bytes=r.int("MODEL_CACHE_BYTES", 0, minimum=0),
         )
         settings.validate()
         return settings

@@ -3,7 +3,7 @@ result record with its states. Producers and workers both import it; it never im
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from kombu import Exchange, Queue
 
@@ -67,16 +67,38 @@ def dead_letter_queue(name: str) -> Queue:
 # -- arguments ------------------------------------------------------------------------------------------------------
 
 
-def _bind_predict(model: Any, inputs: Any, version: Any = None) -> tuple[str, Any, int | None]:
+class PredictCall(NamedTuple):
+    """A checked ``predict(model, inputs, version=None, min_version=None, deadline_ms=None)`` call."""
+
+    model: str
+    inputs: Any
+    version: int | None
+    min_version: int | None = None
+    deadline_ms: int | None = None
+
+
+def _version_like(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InputError(f"{name} must be a non-negative integer or null, got {value!r:.40}")
+
+
+def _bind_predict(
+    model: Any, inputs: Any, version: Any = None, min_version: Any = None, deadline_ms: Any = None
+) -> PredictCall:
     if not isinstance(model, str):
         raise InputError(f"model must be a model name (a string), got {type(model).__name__}")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
         raise InputError(f"version must be an integer or null, got {version!r}")
-    return model, inputs, version
+    _version_like("min_version", min_version)
+    _version_like("deadline_ms", deadline_ms)
+    if version is not None and min_version is not None and version < min_version:
+        raise InputError(f"version {version} is pinned below min_version {min_version}; drop one of them")
+    return PredictCall(model, inputs, version, min_version, deadline_ms)
 
 
-def bind_predict(args: list[Any], kwargs: dict[str, Any]) -> tuple[str, Any, int | None]:
-    """Check a predict call's arguments against ``predict(model, inputs, version=None)``.
+def bind_predict_call(args: list[Any], kwargs: dict[str, Any]) -> PredictCall:
+    """Check a predict call's arguments against ``predict(model, inputs, version=None, min_version=None,
+    deadline_ms=None)`` (contract 1.1 added the last two; docs/tasks.md).
 
     Raises:
         InputError: naming the argument that does not fit.
@@ -84,7 +106,16 @@ def bind_predict(args: list[Any], kwargs: dict[str, Any]) -> tuple[str, Any, int
     try:
         return _bind_predict(*args, **kwargs)
     except TypeError as exc:
-        raise InputError(f"agent_workers.predict takes (model, inputs, version=None): {exc}") from None
+        raise InputError(
+            "agent_workers.predict takes (model, inputs, version=None) and, since contract 1.1, the optional "
+            f"min_version and deadline_ms: {exc}"
+        ) from None
+
+
+def bind_predict(args: list[Any], kwargs: dict[str, Any]) -> tuple[str, Any, int | None]:
+    """:func:`bind_predict_call`, reduced to ``(model, inputs, version)``."""
+    call = bind_predict_call(args, kwargs)
+    return call.model, call.inputs, call.version
 
 
 # -- results --------------------------------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ class RedisParamStore:
         cache: keep the newest snapshot of each model, so an unchanged version is never downloaded twice.
         dedup_window: how many versions an applied update id is remembered for (a redelivery later than that
             would apply again).
+        cache_bytes: drop the least recently used cached snapshots beyond this many bytes (0: no cap).
 
     Raises:
         ConfigError: ``wait_aof`` on a Redis that cannot do it (older than 7.2, or AOF off).
@@ -106,6 +107,7 @@ class RedisParamStore:
         lock_wait: float = DEFAULT_LOCK_WAIT,
         cache: bool = True,
         dedup_window: int = DEFAULT_DEDUP_WINDOW,
+        cache_bytes: int = 0,
     ) -> None:
         if mode not in COMMIT_MODES:
             raise ConfigError(f"commit mode {mode!r} is not one of {', '.join(COMMIT_MODES)}")
@@ -122,7 +124,7 @@ class RedisParamStore:
         self.dedup_window = dedup_window
         self._commit = client.register_script(lua.source("commit"))
         self._specs: dict[tuple[str, str], ModelSpec] = {}
-        self._cache = SnapshotCache(enabled=cache)
+        self._cache = SnapshotCache(enabled=cache, max_bytes=cache_bytes)
         if wait_aof:
             self.check_durability()
 
@@ -143,6 +145,7 @@ class RedisParamStore:
             "chunk_bytes": settings.chunk_bytes,
             "wait_aof": settings.wait_aof,
             "lock_timeout": settings.lock_timeout,
+            "cache_bytes": settings.model_cache_bytes,
         }
         options.update(overrides)
         return cls(client=client, keys=Keys(settings.namespace), **options)
@@ -236,6 +239,11 @@ class RedisParamStore:
         """Names of all models, sorted."""
         with unavailable():
             return sorted(m.decode() for m in self.client.smembers(self.keys.models()))
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of parameters the snapshot cache holds now."""
+        return self._cache.nbytes
 
     def head(self, name: str) -> Head:
         """The current version of ``name`` (one small round trip; cheap enough to call per batch).

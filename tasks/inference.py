@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Task
 
-from agent_workers.contract import PREDICT, PREDICT_MANY, bind_predict
+from agent_workers.contract import PREDICT, PREDICT_MANY, bind_predict_call
 from agent_workers.errors import InputError, StoreUnavailableError
 from agent_workers.worker.limits import LimitedTask
 from tasks import app
@@ -21,9 +21,14 @@ class BatchedTask(Task):
 @app.task(name=PREDICT, base=BatchedTask, bind=True)
 def predict(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Score one example. In a worker this body is bypassed by the batcher; it serves direct and eager calls."""
-    model, inputs, version = bind_predict(list(args), kwargs)
+    model, inputs, version, min_version, _deadline_ms = bind_predict_call(list(args), kwargs)
     engine = self.app.engine
-    loaded = engine.current(model) if version is None else engine.pinned(model, version)
+    if version is not None:
+        loaded = engine.pinned(model, version)
+    elif min_version is not None:
+        loaded = engine.current_at_least(model, min_version, engine.settings.min_version_wait_ms / 1000.0)
+    else:
+        loaded = engine.current(model)
     result = engine.run_batch(loaded, [engine.validate(loaded, inputs)])[0]
     if isinstance(result, Exception):
         raise result
@@ -38,8 +43,13 @@ def predict(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     max_retries=3,
     retry_backoff=True,
 )
-def predict_many(self: Task, model: str, inputs: Any, version: int | None = None) -> dict[str, Any]:
-    """Score many examples in one message, in GPU-sized batches; outputs in input order."""
+def predict_many(
+    self: Task, model: str, inputs: Any, version: int | None = None, min_version: int | None = None
+) -> dict[str, Any]:
+    """Score many examples in one message, in GPU-sized batches; outputs in input order (from a version at least
+    ``min_version`` when given: read-your-writes)."""
     if not isinstance(model, str):
         raise InputError(f"model must be a model name (a string), got {type(model).__name__}")
-    return self.app.engine.predict_many(model, inputs, version)
+    if min_version is not None and (isinstance(min_version, bool) or not isinstance(min_version, int)):
+        raise InputError(f"min_version must be a non-negative integer or null, got {min_version!r:.40}")
+    return self.app.engine.predict_many(model, inputs, version, min_version)

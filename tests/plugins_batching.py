@@ -52,7 +52,30 @@ class Slow(Adder):
         time.sleep(0.02)  # noqa: sleep-ok - the model under test simulating 20 ms of work
 
 
-for _name, _cls in {"picky": Picky, "crashy": Crashy, "slow": Slow}.items():
+class Sleepy(Adder):
+    """Takes 300 ms per batch, so the learned cost model predicts that a tight deadline cannot be met."""
+
+    def check(self, x: torch.Tensor) -> None:
+        time.sleep(0.3)  # noqa: sleep-ok - the model under test simulating 300 ms of work
+
+
+class Order(torch.nn.Module):
+    """Reports where each row sat in its batch: ``[position, batch signature]``, the signature being the sum of
+    ``2 ** x[:, 0]`` over the batch (rows sent with distinct small integers there name their batch exactly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        position = torch.arange(x.shape[0], dtype=x.dtype).unsqueeze(1)
+        signature = torch.pow(2.0, x[:, 0]).sum().expand(x.shape[0], 1)
+        return torch.cat([position, signature], dim=1) * self.scale
+
+
+register_architecture("order")(lambda *, in_features=2: Order())
+
+for _name, _cls in {"picky": Picky, "crashy": Crashy, "slow": Slow, "sleepy": Sleepy}.items():
     register_architecture(_name)(lambda *, in_features=2, _cls=_cls: _cls())  # noqa: B023 - bound by default
 
 

@@ -32,9 +32,10 @@ import numpy as np
 from celery import states
 from celery.worker import state as worker_state
 
-from agent_workers.contract import bind_predict
-from agent_workers.errors import AgentWorkersError, ConfigError, InputError, StoreUnavailableError
-from agent_workers.worker import metrics, redelivery
+from agent_workers.contract import bind_predict_call
+from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
+from agent_workers.worker import deadlines, metrics, redelivery
+from agent_workers.worker.cache import ResultCache, digest, distinct
 from agent_workers.worker.inference import InferenceEngine
 from agent_workers.worker.intake import Intake, register
 from agent_workers.worker.policy import BatchPolicy
@@ -42,6 +43,9 @@ from agent_workers.worker.requests import Pending, revoked_error
 from agent_workers.worker.results import Outcome
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two looks at the head for a request whose ``min_version`` the store has not reached.
+MIN_VERSION_POLL = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,8 @@ class _ModelMetrics:
     compute: Any
     queue_wait: Any
     version: Any
+    fill: Any
+    per_request: Any
 
 
 class Batcher(Intake):
@@ -62,10 +68,42 @@ class Batcher(Intake):
     reconnect, and the old one's buffered messages (on a dead channel) are simply redelivered by the broker.
     """
 
+    #: some buffered request has a deadline or a priority: order the next flush (see deadlines.py)
+    _ordered = False
+
     def __init__(self, *, task: Any, app: Any, consumer: Any, engine: InferenceEngine, policy: BatchPolicy) -> None:
         super().__init__(task=task, app=app, consumer=consumer, policy=policy)
         self.engine = engine
         self._metric_cache: dict[str, _ModelMetrics] = {}
+        settings = app.settings
+        self.broker_is_redis = settings.broker_is_redis
+        self.max_queue_size = settings.max_queue_size
+        self.min_version_wait = settings.min_version_wait_ms / 1000.0
+        self.costs = deadlines.CostModels(settings.batch)
+        self.results = ResultCache(settings.result_cache_size)
+
+    def admit(self, request: Pending) -> None:
+        """Stamp the request's deadline and rank (only when it has one), cap the buffer, then buffer it."""
+        if (
+            request.expires is not None
+            or len(request.args) > 4
+            or "deadline_ms" in request.kwargs
+            or (getattr(request.message, "properties", None) or {}).get("priority")
+        ) and deadlines.stamp(request, broker_is_redis=self.broker_is_redis):
+            self._ordered = True
+        if self.max_queue_size and len(self.pending) + len(self.held) >= self.max_queue_size:
+            self.pending, outcomes, admitted = deadlines.shed(self.pending, request, self.max_queue_size)
+            for o in outcomes:
+                metrics.REVOKED.labels("overload" if "overloaded" in str(o.result) else "deadline").inc()
+            self._finish(outcomes)
+            if not admitted:
+                return
+        super().admit(request)
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest buffered request has waited in this worker (0 when none): a scrape-time gauge."""
+        pending = self.pending
+        return time.monotonic() - min(r.received for r in pending) if pending else 0.0
 
     def _serve_later(self, item: Any) -> list[Outcome]:
         return self._serve_suspect(*item)
@@ -75,6 +113,9 @@ class Batcher(Intake):
         groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]] = {}
         now_utc = datetime.now(UTC)
         revoked = worker_state.revoked
+        if self._ordered:
+            self._ordered = False
+            batch = deadlines.order(batch)
         for req in batch:
             if req.id in revoked:
                 outcomes.append(Outcome(req, states.REVOKED, revoked_error("revoked")))
@@ -83,8 +124,9 @@ class Batcher(Intake):
                 outcomes.append(Outcome(req, states.REVOKED, revoked_error("expired")))
                 continue
             try:
-                model, inputs, version = bind_predict(req.args, req.kwargs)
-                groups.setdefault((model, version), []).append((req, inputs))
+                call = bind_predict_call(req.args, req.kwargs)
+                req.min_version = call.min_version
+                groups.setdefault((call.model, call.version), []).append((req, call.inputs))
             except Exception as exc:  # noqa: BLE001 - InputError, or arguments no one expected: this request alone
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         solo = redelivery.split_redelivered(groups)
@@ -134,6 +176,8 @@ class Batcher(Intake):
             return [Outcome(req, states.FAILURE, exc) for req, _ in members]
         self.labels.known(model)
         outcomes: list[Outcome] = []
+        if any(req.min_version is not None and req.min_version > loaded.version for req, _ in members):
+            members = self._behind(model, loaded.version, members, outcomes)
         valid: list[tuple[Pending, Any]] = []
         for req, inputs in members:
             try:
@@ -141,38 +185,92 @@ class Batcher(Intake):
             except InputError as exc:
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         size = max(1, self.policy.max_batch_size)
-        for start in range(0, len(valid), size):
-            chunk = valid[start : start + size]
+        if any(req.deadline is not None for req, _ in valid):
+            valid, late = deadlines.drop_late(valid, chunk=size, cost=self.costs.predicted(model, size))
+            metrics.REVOKED.labels("deadline").inc(len(late))
+            outcomes.extend(late)
+        cache = self.results
+        if cache.enabled:
+            valid = self._from_cache(model, loaded, valid, outcomes)
+        rows = distinct(valid, keyed=cache.enabled)
+        m = self._metrics(model)
+        if len(rows) < len(valid):
+            metrics.DEDUPLICATED.labels(model).inc(len(valid) - len(rows))
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
             started = time.monotonic()
-            for req, _ in chunk:  # Flower shows received / started / succeeded times per request
-                self.reporter.event("task-started", req)
-            results = self.engine.run_batch_arrays(loaded, [a for _, a in chunk])
+            for row in chunk:  # Flower shows received / started / succeeded times per request
+                for req in row.requests:
+                    self.reporter.event("task-started", req)
+            results = self.engine.run_batch_arrays(loaded, [row.array for row in chunk])
             elapsed = time.monotonic() - started
             self.policy.observe(len(chunk), elapsed)
-            m = self._metrics(model)
+            self.costs.observe(model, len(chunk), elapsed)
+            answered = sum(len(row.requests) for row in chunk)
             m.batch_size.observe(len(chunk))
             m.compute.observe(elapsed)
+            m.fill.observe(len(chunk) / size)
+            m.per_request.observe(elapsed / answered)
             m.version.set(loaded.version)
-            for (req, _), value in zip(chunk, results, strict=True):
-                m.queue_wait.observe(started - req.received)
-                if isinstance(value, Exception):
-                    outcomes.append(Outcome(req, states.FAILURE, value, elapsed))
-                else:
-                    outcomes.append(
-                        Outcome(
-                            req,
-                            states.SUCCESS,
-                            {
-                                "model": model,
-                                "version": loaded.version,
-                                # float64 prints exactly as json prints float(float32):
-                                # the same digits as every other path (predict_many, eager)
-                                "outputs": value.astype(np.float64),
-                            },
-                            elapsed,
-                        )
-                    )
+            for row, value in zip(chunk, results, strict=True):
+                if cache.enabled:
+                    cache.put((model, loaded.epoch, loaded.version, row.key), value)
+                for req in row.requests:
+                    m.queue_wait.observe(started - req.received)
+                    outcomes.append(self._answer(req, model, loaded.version, value, elapsed))
         return outcomes
+
+    @staticmethod
+    def _answer(req: Pending, model: str, version: int, value: Any, elapsed: float) -> Outcome:
+        if isinstance(value, Exception):
+            return Outcome(req, states.FAILURE, value, elapsed)
+        # float64 prints exactly as json prints float(float32): the same digits as every other path (predict_many)
+        return Outcome(
+            req, states.SUCCESS, {"model": model, "version": version, "outputs": value.astype(np.float64)}, elapsed
+        )
+
+    def _from_cache(
+        self, model: str, loaded: Any, valid: list[tuple[Pending, Any]], outcomes: list[Outcome]
+    ) -> list[tuple[Pending, Any]]:
+        """Answer the requests whose (model, incarnation, resolved version, input) is cached; return the rest."""
+        misses: list[tuple[Pending, Any]] = []
+        hits = 0
+        for req, array in valid:
+            value = self.results.get((model, loaded.epoch, loaded.version, digest(array)))
+            if value is None:
+                misses.append((req, array))
+            else:
+                hits += 1
+                outcomes.append(self._answer(req, model, loaded.version, value, 0.0))
+        if hits:
+            metrics.CACHE_LOOKUPS.labels(model, "hit").inc(hits)
+        if misses:
+            metrics.CACHE_LOOKUPS.labels(model, "miss").inc(len(misses))
+        return misses
+
+    def _behind(
+        self, model: str, version: int, members: list[tuple[Pending, Any]], outcomes: list[Outcome]
+    ) -> list[tuple[Pending, Any]]:
+        """Requests whose ``min_version`` the store has not reached wait (re-admitted shortly, unacknowledged) up to
+        ``AGENT_WORKERS_MIN_VERSION_WAIT_MS``, then fail; the others are served now."""
+        now = time.monotonic()
+        ready: list[tuple[Pending, Any]] = []
+        for member in members:
+            req = member[0]
+            if req.min_version is None or req.min_version <= version:
+                ready.append(member)
+                continue
+            if req.behind_since is None:
+                req.behind_since = now
+            if now - req.behind_since < self.min_version_wait:
+                self.timer.call_after(MIN_VERSION_POLL, self.admit, (req,))
+            else:
+                error = ModelError(
+                    f"model {model!r} is at version {version}; min_version {req.min_version} was not reached within "
+                    f"{self.min_version_wait:g} s (AGENT_WORKERS_MIN_VERSION_WAIT_MS)"
+                )
+                outcomes.append(Outcome(req, states.FAILURE, error))
+        return ready
 
     def _metrics(self, model: str) -> _ModelMetrics:
         hit = self._metric_cache.get(model)
@@ -182,6 +280,8 @@ class Batcher(Intake):
                 metrics.COMPUTE.labels(model),
                 metrics.QUEUE_WAIT.labels(model),
                 metrics.PARAM_VERSION.labels(model),
+                metrics.FILL_RATIO.labels(model),
+                metrics.COMPUTE_PER_REQUEST.labels(model),
             )
             self._metric_cache[model] = hit
         return hit
@@ -201,4 +301,9 @@ def batch_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callabl
             f"--prefetch-multiplier {2 * settings.batch.max_batch_size} (agent-workers worker does this)"
         )
     batcher = Batcher(task=task, app=app, consumer=consumer, engine=app.engine, policy=BatchPolicy(settings.batch))
+    # Read at scrape time: nothing on the hot path.
+    metrics.OLDEST_REQUEST_AGE.labels(settings.inference_queue).set_function(batcher.oldest_age)
+    engine = app.engine
+    metrics.MODEL_CACHE_BYTES.labels("engine").set_function(lambda: engine.nbytes)
+    metrics.MODEL_CACHE_BYTES.labels("store").set_function(lambda: engine.store.cache_bytes)
     return register(app, task.name, batcher).on_message

@@ -44,6 +44,8 @@ def models_reply(app: Any) -> dict[str, Any]:
     device = engine._device  # resolved lazily on the first load; never resolve it here (it may touch CUDA)
     return {
         "device": str(device) if device is not None else engine.settings.device,
+        # parameter memory: the engine's loaded models and the store's cached snapshots (MODEL_CACHE_BYTES caps each)
+        "memory": {"engine_bytes": engine.nbytes, "store_bytes": engine.store.cache_bytes},
         "models": sorted(
             (
                 {"name": m.name, "version": m.version, "epoch": m.epoch, "arch": m.spec.arch, "device": str(m.device)}

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -36,6 +37,7 @@ class LoadedModel:
     spec: ModelSpec
     module: torch.nn.Module
     device: torch.device
+    nbytes: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,7 +96,7 @@ class InferenceEngine:
         self.store = store
         self.settings = settings
         self._device: torch.device | None = None
-        self._current: dict[str, LoadedModel] = {}
+        self._current: OrderedDict[str, LoadedModel] = OrderedDict()
         self._pinned: OrderedDict[tuple[str, str, int], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()  # the batcher and a pool thread (predict_many) may load at once
 
@@ -117,6 +119,8 @@ class InferenceEngine:
         head = self.store.head(name)
         cached = self._current.get(name)
         if cached is not None and cached.version == head.version and cached.epoch == head.epoch:
+            if self.settings.model_cache_bytes:
+                self._touch(name)
             return cached
         with self._lock:
             cached = self._current.get(name)
@@ -130,6 +134,8 @@ class InferenceEngine:
                     return cached
                 raise
             self._current[name] = fresh
+            self._current.move_to_end(name)
+            self._evict(fresh)
             return fresh
 
     def pinned(self, name: str, version: int) -> LoadedModel:
@@ -148,7 +154,33 @@ class InferenceEngine:
             self._pinned[key] = loaded
             while len(self._pinned) > PINNED_CACHE_SIZE:
                 self._pinned.popitem(last=False)
+            self._evict(loaded)
             return loaded
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of parameters of every model this engine holds loaded."""
+        return sum(m.nbytes for m in list(self._current.values()) + list(self._pinned.values()))
+
+    def _touch(self, name: str) -> None:
+        with self._lock:
+            if name in self._current:
+                self._current.move_to_end(name)
+
+    def _evict(self, keep: LoadedModel) -> None:
+        """Drop least recently used models (pinned versions first) until ``AGENT_WORKERS_MODEL_CACHE_BYTES`` holds;
+        ``keep``, just loaded, always stays. Called with the lock held."""
+        cap = self.settings.model_cache_bytes
+        if not cap:
+            return
+        total = self.nbytes
+        for cache in (self._pinned, self._current):
+            for key in list(cache):
+                if total <= cap:
+                    return
+                if cache[key] is not keep:
+                    total -= cache.pop(key).nbytes
+                    log.info("model cache over %d bytes: dropped %s", cap, key)
 
     def _load(self, name: str, version: int | None) -> LoadedModel:
         snapshot = self.store.read(name, version, state=False)  # parameters only: no optimizer state
@@ -161,8 +193,15 @@ class InferenceEngine:
         module = module.to(self.device).eval()
         if self.settings.compile:
             module = torch.compile(module)  # type: ignore[assignment]
+        nbytes = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
         loaded = LoadedModel(
-            name=name, version=snapshot.version, epoch=snapshot.epoch, spec=spec, module=module, device=self.device
+            name=name,
+            version=snapshot.version,
+            epoch=snapshot.epoch,
+            spec=spec,
+            module=module,
+            device=self.device,
+            nbytes=nbytes,
         )
         self.forward(loaded, np.zeros((1, *spec.input_shape), dtype=np.float32))  # warm before serving
         log.info("loaded %s v%d on %s", name, snapshot.version, self.device)
@@ -208,7 +247,29 @@ class InferenceEngine:
             return [error] * len(arrays)
         return list(out)
 
-    def predict_many(self, name: str, inputs: Any, version: int | None = None) -> dict[str, Any]:
+    def current_at_least(self, name: str, min_version: int, wait: float) -> LoadedModel:
+        """The newest version of ``name``, once it is ``min_version`` or newer (read-your-writes).
+
+        Reads the head again every 20 ms for up to ``wait`` seconds (blocking: for pool threads, never the batcher).
+
+        Raises:
+            ModelError: the store did not reach ``min_version`` in time.
+        """
+        give_up = time.monotonic() + wait
+        while True:
+            loaded = self.current(name)
+            if loaded.version >= min_version:
+                return loaded
+            if time.monotonic() >= give_up:
+                raise ModelError(
+                    f"model {name!r} is at version {loaded.version}; min_version {min_version} was not reached "
+                    f"within {wait:g} s (AGENT_WORKERS_MIN_VERSION_WAIT_MS)"
+                )
+            time.sleep(0.02)  # noqa: sleep-ok - a bounded poll of the store's head, in a pool thread
+
+    def predict_many(
+        self, name: str, inputs: Any, version: int | None = None, min_version: int | None = None
+    ) -> dict[str, Any]:
         """Score many examples of one model in GPU-sized batches; outputs in input order.
 
         Raises:
@@ -217,7 +278,14 @@ class InferenceEngine:
         """
         if not isinstance(inputs, list):
             raise InputError(f"inputs must be a list of examples, got {type(inputs).__name__}")
-        loaded = self.current(name) if version is None else self.pinned(name, version)
+        if version is not None:
+            if min_version is not None and version < min_version:
+                raise InputError(f"version {version} is pinned below min_version {min_version}; drop one of them")
+            loaded = self.pinned(name, version)
+        elif min_version is not None:
+            loaded = self.current_at_least(name, min_version, self.settings.min_version_wait_ms / 1000.0)
+        else:
+            loaded = self.current(name)
         limit = self.settings.max_input_elements
         width = int(np.prod(loaded.spec.input_shape))
         if len(inputs) * width > limit:

@@ -20,6 +20,35 @@ PARAM_VERSION = Gauge("agent_workers_param_version", "Parameter version being se
 QUEUE_DEPTH = Gauge(
     "agent_workers_queue_depth", "Messages waiting in the broker, per queue this worker consumes", ["queue"]
 )
+FILL_RATIO = Histogram(
+    "agent_workers_batch_fill_ratio",
+    "Requests per forward pass divided by the largest batch allowed",
+    ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+)
+COMPUTE_PER_REQUEST = Histogram(
+    "agent_workers_compute_seconds_per_request",
+    "Forward-pass time of a batch divided by the requests it answered",
+    ["model"],
+    buckets=TIME_BUCKETS,
+)
+OLDEST_REQUEST_AGE = Gauge(
+    "agent_workers_oldest_request_age_seconds",
+    "Age of the oldest request this worker has taken from the queue and not yet answered (0 when none)",
+    ["queue"],
+)
+REVOKED = Counter(
+    "agent_workers_shed_total", "Requests revoked before compute for their deadline, by reason", ["reason"]
+)
+CACHE_LOOKUPS = Counter(
+    "agent_workers_result_cache_lookups_total", "Result cache lookups by outcome (hit or miss)", ["model", "outcome"]
+)
+DEDUPLICATED = Counter(
+    "agent_workers_deduplicated_total", "Requests answered from an identical request's row in the same batch", ["model"]
+)
+MODEL_CACHE_BYTES = Gauge(
+    "agent_workers_model_cache_bytes", "Parameter bytes a worker holds, per cache (engine or store)", ["cache"]
+)
 COMMITS = Counter("agent_workers_commits_total", "Training commits by outcome", ["model", "outcome"])
 STALENESS = Histogram(
     "agent_workers_commit_staleness",

@@ -22,14 +22,25 @@ class BatchPolicy:
         self._samples: deque[tuple[int, float]] = deque(maxlen=self.HISTORY)
         self._a = 0.0
         self._b = 0.0
+        self._fitted = 0  # samples seen at the last fit (estimate() refits lazily, only when asked)
+        self._seen = 0
 
     def observe(self, size: int, seconds: float) -> None:
         """Record how long a batch of ``size`` took to compute."""
         self._samples.append((size, seconds))
+        self._seen += 1
         if self.settings.mode == "adaptive" and len(self._samples) >= 8:
             self._fit()
 
+    def estimate(self, size: int) -> float:
+        """Predicted compute seconds of a batch of ``size`` in any mode, fitted on demand from what was observed
+        (0 before the first batch); the deadline check's cost model."""
+        if self._samples and self._fitted != self._seen:
+            self._fit()
+        return self.predicted(size)
+
     def _fit(self) -> None:
+        self._fitted = self._seen
         n = [float(s) for s, _ in self._samples]
         t = [float(x) for _, x in self._samples]
         mean_n, mean_t = sum(n) / len(n), sum(t) / len(t)

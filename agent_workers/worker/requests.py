@@ -36,6 +36,14 @@ class Pending:
     received: float
     expires: datetime | None
     redelivered: bool = False
+    #: unix seconds by which the answer is due (``expires`` or the ``deadline_ms`` argument), or None
+    deadline: float | None = None
+    #: serving order inside a flush: lower first (see worker/deadlines.py); 0 when the message has no priority
+    rank: int = 0
+    #: the ``min_version`` argument (read-your-writes), once bound
+    min_version: int | None = None
+    #: monotonic time a ``min_version`` request first found the store behind (it waits a bounded time)
+    behind_since: float | None = None
 
     @property
     def retries(self) -> int:

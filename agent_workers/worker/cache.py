@@ -1,0 +1,81 @@
+"""Identical predict inputs computed once, and an optional per-worker result cache that can never answer from a
+stale version.
+
+Inside one (model, version) group, requests with byte-identical inputs share one row of the forward pass and are
+answered each under its own task id. Across batches, :class:`ResultCache` (``AGENT_WORKERS_RESULT_CACHE_SIZE``
+entries, off by default) keeps outputs keyed by ``(model, incarnation, version, input digest)``. The batcher resolves
+the version of a group *before* looking anything up, so a request is only ever answered from an entry of the very
+version it would be computed with: after a commit the new version's key misses, and the old entries simply age out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from agent_workers.worker.requests import Pending
+
+CacheKey = tuple[str, str, int, bytes]
+
+
+def digest(array: np.ndarray) -> bytes:
+    """A 128-bit digest of an input's shape and float32 bytes."""
+    h = hashlib.blake2b(array.tobytes(), digest_size=16)
+    h.update(str(array.shape).encode())
+    return h.digest()
+
+
+class Row:
+    """One distinct input of a group: the array and every request that sent it."""
+
+    __slots__ = ("array", "key", "requests")
+
+    def __init__(self, array: np.ndarray, key: bytes) -> None:
+        self.array = array
+        self.key = key
+        self.requests: list[Pending] = []
+
+
+def distinct(valid: list[tuple[Pending, np.ndarray]], *, keyed: bool) -> list[Row]:
+    """Group identical inputs, in order of first appearance. ``keyed``: use digests (the cache needs them);
+    otherwise the raw bytes serve as the dict key."""
+    rows: dict[bytes, Row] = {}
+    for req, array in valid:
+        key = digest(array) if keyed else array.tobytes()
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = Row(array, key)
+        row.requests.append(req)
+    return list(rows.values())
+
+
+class ResultCache:
+    """An LRU of outputs by ``(model, incarnation, version, input digest)``; ``size`` 0 disables it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[CacheKey, np.ndarray] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: CacheKey) -> np.ndarray | None:
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+        return hit
+
+    def put(self, key: CacheKey, value: Any) -> None:
+        if isinstance(value, Exception):
+            return  # failures are never cached: the next request retries
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)

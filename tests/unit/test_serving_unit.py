@@ -1,0 +1,107 @@
+"""Deadlines, priorities, the result cache and the byte caps, without a broker."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from agent_workers.blobs import Snapshot, SnapshotCache
+from agent_workers.config import BatchSettings
+from agent_workers.worker import deadlines
+from agent_workers.worker.cache import ResultCache, distinct
+from agent_workers.worker.policy import BatchPolicy
+from agent_workers.worker.requests import Pending
+
+
+def _req(i: int, *, priority: int | None = None, deadline_ms: int | None = None, expires: datetime | None = None):
+    kwargs = {} if deadline_ms is None else {"deadline_ms": deadline_ms}
+    message = SimpleNamespace(properties={} if priority is None else {"priority": priority})
+    return Pending(str(i), "p", message, ["m", [1.0]], kwargs, {}, float(i), expires)
+
+
+def test_priority_means_what_the_broker_says() -> None:
+    reqs = [_req(0, priority=1), _req(1, priority=9), _req(2)]
+    for r in reqs:
+        deadlines.stamp(r, broker_is_redis=False)
+    assert [r.id for r in deadlines.order(reqs)] == ["1", "0", "2"]  # RabbitMQ: higher first
+    for r in reqs:
+        deadlines.stamp(r, broker_is_redis=True)
+    assert [r.id for r in deadlines.order(reqs)] == ["2", "0", "1"]  # kombu's Redis: lower first
+
+
+def test_earlier_deadline_first_and_expires_counts() -> None:
+    now_ms = int(time.time() * 1000)
+    late, soon = _req(0, deadline_ms=now_ms + 60_000), _req(1, expires=datetime.now(UTC) + timedelta(seconds=5))
+    plain = _req(2)
+    assert deadlines.stamp(late, broker_is_redis=True) and deadlines.stamp(soon, broker_is_redis=True)
+    assert not deadlines.stamp(plain, broker_is_redis=True)
+    assert [r.id for r in deadlines.order([plain, late, soon])] == ["1", "0", "2"]
+
+
+def test_drop_late_revokes_past_and_unmeetable_deadlines() -> None:
+    now_ms = int(time.time() * 1000)
+    reqs = [
+        _req(0, deadline_ms=now_ms - 1),
+        _req(1, deadline_ms=now_ms + 500),
+        _req(2),
+        _req(3, deadline_ms=now_ms + 60_000),
+    ]
+    for r in reqs:
+        deadlines.stamp(r, broker_is_redis=True)
+    kept, revoked = deadlines.drop_late([(r, None) for r in reqs], chunk=64, cost=1.0)
+    assert [r.id for r, _ in kept] == ["2", "3"]
+    assert [o.request.id for o in revoked] == ["0", "1"]
+    assert "passed" in str(revoked[0].result) and "cannot be met" in str(revoked[1].result)
+
+
+def test_shed_drops_the_expired_first_then_the_least_urgent() -> None:
+    now_ms = int(time.time() * 1000)
+    pending = [_req(0, deadline_ms=now_ms - 1), _req(1, priority=5), _req(2, priority=1)]
+    for r in pending:
+        deadlines.stamp(r, broker_is_redis=True)
+    incoming = _req(3, priority=0)
+    deadlines.stamp(incoming, broker_is_redis=True)
+    kept, outcomes, admitted = deadlines.shed(pending, incoming, limit=2)
+    assert admitted and [r.id for r in kept] == ["2"]
+    assert [o.request.id for o in outcomes] == ["0", "1"]
+    worst = _req(4, priority=9)
+    deadlines.stamp(worst, broker_is_redis=True)
+    kept, outcomes, admitted = deadlines.shed([pending[2], incoming], worst, limit=2)
+    assert not admitted and [o.request.id for o in outcomes] == ["4"]
+
+
+def test_cost_estimate_learns_in_fixed_mode_too() -> None:
+    policy = BatchPolicy(BatchSettings())
+    assert policy.estimate(8) == 0.0
+    policy.observe(4, 0.4)
+    assert abs(policy.estimate(8) - 0.8) < 1e-9
+    assert policy.max_batch_size == BatchSettings().max_batch_size  # fixed mode keeps its size
+
+
+def test_identical_inputs_share_a_row_and_the_cache_is_an_lru() -> None:
+    a, b = np.array([1.0, 2.0], np.float32), np.array([2.0, 1.0], np.float32)
+    reqs = [_req(i) for i in range(3)]
+    for keyed in (False, True):
+        rows = distinct([(reqs[0], a), (reqs[1], b), (reqs[2], a.copy())], keyed=keyed)
+        assert [[r.id for r in row.requests] for row in rows] == [["0", "2"], ["1"]]
+    cache = ResultCache(2)
+    cache.put(("m", "e", 0, b"a"), a)
+    cache.put(("m", "e", 0, b"b"), b)
+    cache.get(("m", "e", 0, b"a"))
+    cache.put(("m", "e", 1, b"a"), b)
+    cache.put(("m", "e", 1, b"x"), ValueError("never cached"))
+    assert cache.get(("m", "e", 0, b"b")) is None and cache.get(("m", "e", 0, b"a")) is a and len(cache) == 2
+
+
+def test_snapshot_cache_is_capped_by_bytes() -> None:
+    cache = SnapshotCache(max_bytes=3000)
+    for name in ("a", "b", "c"):
+        cache.remember(Snapshot(name, 0, "e", {"p.w": torch.zeros(250)}))  # 1000 bytes each
+    cache.get("a")
+    cache.remember(Snapshot("d", 0, "e", {"p.w": torch.zeros(250)}))
+    assert cache.get("b") is None and all(cache.get(n) is not None for n in "acd")
+    assert cache.nbytes == 3000
