@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from agent_workers.errors import ModelError, VersionConflictError
-from agent_workers.redis_clients import glob_escape, unavailable
+from agent_workers.errors import ConfigError, ModelError, StoreUnavailableError, VersionConflictError
+from agent_workers.redis_clients import glob_escape, server_version, unavailable
 from agent_workers.versions import CommitOutcome
 
 if TYPE_CHECKING:
@@ -102,3 +102,44 @@ def history(store: RedisParamStore, name: str, limit: int = 20) -> list[dict[str
     with unavailable():
         raw = store.client.lrange(store.keys.history(name), 0, limit - 1)
     return [json.loads(r) for r in raw]
+
+
+#: Milliseconds a commit waits for Redis to confirm its AOF fsync (``WAITAOF 1 0``).
+WAIT_AOF_TIMEOUT_MS = 5000
+
+
+def check_durability(client: Any) -> None:
+    """Make sure ``WAITAOF 1 0`` can work on ``client``'s Redis.
+
+    Raises:
+        ConfigError: Redis older than 7.2 (naming the version found), or its AOF is off.
+    """
+    with unavailable():
+        version = server_version(client)
+        if version < (7, 2):
+            found = ".".join(str(p) for p in version)
+            raise ConfigError(
+                f"AGENT_WORKERS_WAIT_AOF needs WAITAOF, which Redis has since 7.2; the parameter Redis is "
+                f"{found}. Upgrade it, or unset AGENT_WORKERS_WAIT_AOF (and use appendfsync always instead)"
+            )
+        if not int(client.info("persistence").get("aof_enabled", 0)):
+            raise ConfigError(
+                "AGENT_WORKERS_WAIT_AOF is set but the parameter Redis has appendonly off; "
+                "set 'appendonly yes' there, or unset AGENT_WORKERS_WAIT_AOF"
+            )
+
+
+def wait_aof(client: Any, name: str, version: int) -> None:
+    """Wait until Redis fsynced the commit of ``version`` to its AOF.
+
+    Raises:
+        StoreUnavailableError: not confirmed within :data:`WAIT_AOF_TIMEOUT_MS` (the task retries; its update id
+            makes the retry a no-op).
+    """
+    with unavailable():
+        local, _replicas = client.execute_command("WAITAOF", 1, 0, WAIT_AOF_TIMEOUT_MS)
+    if int(local) < 1:
+        raise StoreUnavailableError(
+            f"version {version} of {name!r} is committed but Redis did not confirm its AOF fsync within "
+            f"{WAIT_AOF_TIMEOUT_MS} ms; the task retries, and its update id makes the retry a no-op"
+        )

@@ -54,10 +54,9 @@ from agent_workers.redis_clients import (
     bulk_packer,
     glob_escape,
     redis_client,
-    server_version,
     unavailable,
 )
-from agent_workers.versions import CommitOutcome, CommitResult, Head
+from agent_workers.versions import HEAD_FIELDS, CommitOutcome, CommitResult, Head
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so listing models (the CLI) stays fast
     import torch
@@ -65,10 +64,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so listing models
 log = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 1000
-WAIT_AOF_TIMEOUT_MS = 5000
 READ_ATTEMPTS = 8
 COMMIT_MODES = ("optimistic", "lock")
-_HEAD_FIELDS = ("version", "blob", "epoch", "barrier", "chunks", "pchunks")
 _BAD_NAME_CHARS = set("{}:*?[]\\") | {" ", "\t", "\n"}
 
 
@@ -151,24 +148,8 @@ class RedisParamStore:
         return cls(client=client, keys=Keys(settings.namespace), **options)
 
     def check_durability(self) -> None:
-        """Make sure ``WAITAOF 1 0`` can work here.
-
-        Raises:
-            ConfigError: Redis older than 7.2 (naming the version found), or its AOF is off.
-        """
-        with unavailable():
-            version = server_version(self.client)
-            if version < (7, 2):
-                found = ".".join(str(p) for p in version)
-                raise ConfigError(
-                    f"AGENT_WORKERS_WAIT_AOF needs WAITAOF, which Redis has since 7.2; the parameter Redis is "
-                    f"{found}. Upgrade it, or unset AGENT_WORKERS_WAIT_AOF (and use appendfsync always instead)"
-                )
-            if not int(self.client.info("persistence").get("aof_enabled", 0)):
-                raise ConfigError(
-                    "AGENT_WORKERS_WAIT_AOF is set but the parameter Redis has appendonly off; "
-                    "set 'appendonly yes' there, or unset AGENT_WORKERS_WAIT_AOF"
-                )
+        """Make sure ``WAITAOF 1 0`` can work here (:func:`agent_workers.maintenance.check_durability`)."""
+        maintenance.check_durability(self.client)
 
     # -- models -------------------------------------------------------------------------------------------------
 
@@ -252,22 +233,8 @@ class RedisParamStore:
             ModelError: no such model.
         """
         with unavailable():
-            raw = self.client.hmget(self.keys.head(name), *_HEAD_FIELDS)
-        return self._parse_head(name, raw)
-
-    @staticmethod
-    def _parse_head(name: str, raw: list[bytes | None]) -> Head:
-        version, blob, epoch, barrier, chunks, param_chunks = raw[:6]
-        if version is None or blob is None:
-            raise ModelError(f"unknown model {name!r}; create it first (agent-workers models create)")
-        return Head(
-            version=int(version),
-            blob=blob.decode(),
-            epoch=(epoch or b"").decode(),
-            barrier=int(barrier or 0),
-            chunks=int(chunks or 1),
-            param_chunks=int(param_chunks or chunks or 1),  # a blob written before the split holds both
-        )
+            raw = self.client.hmget(self.keys.head(name), *HEAD_FIELDS)
+        return Head.parse(name, raw)
 
     def spec(self, name: str, epoch: str | None = None) -> ModelSpec:
         """The architecture spec of ``name`` (cached per model incarnation)."""
@@ -299,13 +266,13 @@ class RedisParamStore:
             ModelError: unknown model, or a version that was never written or is no longer kept.
             StoreError: the head moved too fast to catch a version before it was collected.
         """
-        fields = list(_HEAD_FIELDS)
+        fields = list(HEAD_FIELDS)
         if version is not None:
             fields += [f"chunks:{version}", f"pchunks:{version}"]
         for _ in range(READ_ATTEMPTS):
             with unavailable():
                 raw = self.client.hmget(self.keys.head(name), *fields)
-            head = self._parse_head(name, raw)
+            head = Head.parse(name, raw)
             wanted = head.version if version is None else version
             if wanted > head.version or wanted < 0:
                 raise ModelError(f"model {name!r} has no version {wanted}; the newest is {head.version}")
@@ -453,13 +420,7 @@ class RedisParamStore:
         return outcome, version
 
     def _wait_aof(self, name: str, version: int) -> None:
-        with unavailable():
-            local, _replicas = self.client.execute_command("WAITAOF", 1, 0, WAIT_AOF_TIMEOUT_MS)
-        if int(local) < 1:
-            raise StoreUnavailableError(
-                f"version {version} of {name!r} is committed but Redis did not confirm its AOF fsync within "
-                f"{WAIT_AOF_TIMEOUT_MS} ms; the task retries, and its update id makes the retry a no-op"
-            )
+        maintenance.wait_aof(self.client, name, version)
 
     def rollback(self, name: str, version: int, *, update_id: str = "", max_attempts: int = 64) -> int:
         """Make ``version`` current again, as a new version (:func:`agent_workers.maintenance.rollback`)."""

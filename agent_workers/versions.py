@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from agent_workers.errors import ModelError
+
+#: The head's fields every read asks for, in the order :meth:`Head.parse` takes them.
+HEAD_FIELDS = ("version", "blob", "epoch", "barrier", "chunks", "pchunks")
+
 
 class CommitOutcome(enum.StrEnum):
     """What a commit did."""
@@ -42,3 +47,22 @@ class Head:
     barrier: int = 0
     chunks: int = 1
     param_chunks: int = 1
+
+    @classmethod
+    def parse(cls, name: str, raw: list[bytes | None]) -> Head:
+        """The head from an ``HMGET`` of :data:`HEAD_FIELDS` (fields after those are ignored).
+
+        Raises:
+            ModelError: no such model.
+        """
+        version, blob, epoch, barrier, chunks, param_chunks = raw[:6]
+        if version is None or blob is None:
+            raise ModelError(f"unknown model {name!r}; create it first (agent-workers models create)")
+        return cls(
+            version=int(version),
+            blob=blob.decode(),
+            epoch=(epoch or b"").decode(),
+            barrier=int(barrier or 0),
+            chunks=int(chunks or 1),
+            param_chunks=int(param_chunks or chunks or 1),  # a blob written before the split holds both
+        )
