@@ -30,6 +30,7 @@ main.add_command(jobs.status)
 main.add_command(tools.demo)
 main.add_command(tools.bench)
 main.add_command(tools.bench_producer)
+main.add_command(tools.bench_cache)
 main.add_command(tools.report)
 main.add_command(tools.soak)
 

@@ -153,6 +153,21 @@ def bench(
     bench_module.run(config)
 
 
+@click.command("bench-cache")
+@click.option("--n", "n", type=int, default=20_000, show_default=True, help="Requests per drain.")
+@click.option("--distinct", type=int, default=2_000, show_default=True, help="Distinct inputs they are drawn from.")
+@click.option("--zipf", "exponent", type=float, default=1.1, show_default=True, help="Zipf exponent of the draw.")
+@click.option("--cache-size", type=int, default=10_000, show_default=True, help="AGENT_WORKERS_RESULT_CACHE_SIZE.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs/benchmarks"), show_default=True
+)
+def bench_cache(n: int, distinct: int, exponent: float, cache_size: int, out: Path) -> None:
+    """The result cache on a Zipf workload: hit rate and throughput, cache on against off (one broker)."""
+    from agent_workers.tools.bench import cache
+
+    cache.run(_settings(), n=n, distinct=distinct, exponent=exponent, cache_size=cache_size, out=out, say=click.echo)
+
+
 @click.command("bench-producer")
 @click.option("-n", "n", type=int, default=2000, show_default=True, help="Requests per path.")
 @click.option("--broker-url", default=None, help="Broker to publish to (default: AGENT_WORKERS_BROKER_URL).")
