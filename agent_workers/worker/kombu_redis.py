@@ -152,16 +152,12 @@ class Channel(kredis.Channel):
         )
         if not reply:
             return [], 0
-        key, items, dropped, left = bytes_to_str(reply[0]), reply[1], int(reply[2]), int(reply[3])
+        sources, items, dropped, left = reply[0], reply[1], int(reply[2]), int(reply[3])
         if dropped:
             logger.error(
-                "%d malformed envelope(s) in %s moved to %s%s (no usable delivery tag)",
-                dropped,
-                key,
-                key.split(self.sep, 1)[0],
-                DEAD_LETTER_SUFFIX,
+                "%d malformed envelope(s) moved to <queue>%s (no usable delivery tag)", dropped, DEAD_LETTER_SUFFIX
             )
-        return [(key, bytes_to_str(item)) for item in items], left
+        return [(bytes_to_str(key), bytes_to_str(item)) for key, item in zip(sources, items, strict=True)], left
 
     def _pop_script(self) -> Any:
         script = getattr(self, "_pop_and_record_script", None)
