@@ -165,6 +165,7 @@ class MemoryStore:
         self.locks = 0
         self.epoch = "e"
         self.epochs_committed: list[str] = []
+        self.infos: list[dict[str, Any]] = []
 
     def read(self, name: str, version: int | None = None) -> Snapshot:
         return Snapshot(name, self.version, self.epoch, dict(self.tensors), self.barrier)
@@ -174,6 +175,9 @@ class MemoryStore:
 
     def applied(self, name: str, update_id: str) -> int | None:
         return self.applied_ids.get(update_id)
+
+    def applied_many(self, name: str, update_ids: list[str]) -> list[int | None]:
+        return [self.applied_ids.get(u) for u in update_ids]
 
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[None]:
@@ -197,12 +201,15 @@ class MemoryStore:
         update_id: str = "",
         info: dict[str, Any] | None = None,
         epoch: str = "",
+        more_ids: tuple[str, ...] | list[str] = (),
     ) -> CommitResult:
         self.commits += 1
         if self.rivals:
             self.rivals.pop(0)(self)
-        if update_id in self.applied_ids:
-            return CommitResult(CommitOutcome.DUPLICATE, self.applied_ids[update_id])
+        ids = [update_id, *more_ids]
+        done = {u: self.applied_ids[u] for u in ids if u in self.applied_ids}
+        if done:  # as commit.lua: the whole group refused, naming every id applied before
+            return CommitResult(CommitOutcome.DUPLICATE, done[next(iter(done))], done)
         if expected != self.version:
             return CommitResult(CommitOutcome.CONFLICT, self.version)
         if epoch and epoch != self.epoch:
@@ -210,7 +217,8 @@ class MemoryStore:
         self.epochs_committed.append(epoch)
         self.version += 1
         self.tensors = tensors
-        self.applied_ids[update_id] = self.version
+        self.applied_ids.update(dict.fromkeys(ids, self.version))
+        self.infos.append(info or {})
         return CommitResult(CommitOutcome.COMMITTED, self.version)
 
 
