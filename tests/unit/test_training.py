@@ -345,6 +345,18 @@ def test_report_step_stats_count_conflicts_per_attempt_and_skip_duplicates_in_la
     assert (stats["steps"], stats["steps_per_s"], stats["conflict_rate"], stats["max_staleness"]) == (3, 1.5, 0.5, 2)
     assert stats["latency_p50_ms"] == 20.0 and stats["latency_p99_ms"] < 30.0 + 1e-9
     assert [layout(n) for n in (1, 2, 4, 8)] == [(1, 1), (2, 1), (4, 1), (4, 2)]
+    assert stats["staleness"] == {"0": 2, "2": 1}
+
+
+def test_report_counts_the_commits_of_grouped_steps() -> None:
+    from agent_workers.tools.report import step_stats
+
+    def step(version: int, staleness: int) -> dict[str, Any]:
+        return {"attempts": 1, "conflicts": 0, "recomputed": 0, "staleness": staleness, "latency_ms": 5.0,
+                "duplicate": False, "version": version}  # fmt: skip
+
+    stats = step_stats([step(1, 0), step(1, 1), step(1, 2), step(2, 0)], 1.0)
+    assert (stats["steps"], stats["commits"], stats["staleness"]) == (4, 2, {"0": 2, "1": 1, "2": 1})
 
 
 def test_report_tables_keep_four_significant_digits() -> None:
