@@ -201,19 +201,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     lin = report["linear"]
     ax = axes[0][0]
-    for path, style in (("per-step", "o-"), ("grouped", "s--")):
-        rows = [r for r in lin if r.get("path", "per-step") == path]
+    for route, style in (("per-step", "o-"), ("grouped", "s--")):
+        rows = [r for r in lin if r.get("path", "per-step") == route]
         if rows:
-            ax.plot([r["trainers"] for r in rows], [r["ratio"] for r in rows], style, label=f"{path}: MSE / floor")
+            ax.plot([r["trainers"] for r in rows], [r["ratio"] for r in rows], style, label=f"{route}: MSE / floor")
     ax.axhline(MSE_GOAL, color="grey", linestyle="--", label=f"goal {MSE_GOAL}")
     ax.set(title="Linear regression through the queue", xlabel="trainer processes", ylabel="MSE / floor")
     ax.set_xticks([r["trainers"] for r in lin])
     ax.legend()
     coord = report["coordination"]
     runs = sorted({(r.get("path", "per-step"), r["mode"]) for r in coord})
-    for (path, mode), style in zip(runs, ("o-", "s--", "^-.", "d:"), strict=False):
-        rows = [r for r in coord if (r.get("path", "per-step"), r["mode"]) == (path, mode)]
-        name = f"{path} {mode}"
+    for (route, mode), style in zip(runs, ("o-", "s--", "^-.", "d:"), strict=False):
+        rows = [r for r in coord if (r.get("path", "per-step"), r["mode"]) == (route, mode)]
+        name = f"{route} {mode}"
         axes[0][1].plot([r["trainers"] for r in rows], [r["steps_per_s"] for r in rows], style, label=name)
         axes[1][0].plot([r["trainers"] for r in rows], [r["latency_p99_ms"] for r in rows], style, label=f"{name} p99")
         axes[1][0].plot(
