@@ -29,6 +29,7 @@ DEFAULT_KEEP_VERSIONS = 10
 #: Versions an applied update id is remembered for: ~100 bytes of Redis memory per id, so ~10 MiB per model.
 DEFAULT_DEDUP_WINDOW = 100_000
 DEFAULT_MAX_STALENESS = 4
+MAX_TRAIN_GROUP = 8  # the default group size is min(this, max_staleness + 1)
 DEFAULT_MAX_INPUT_ELEMENTS = 1_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_LOCK_TIMEOUT = 30.0
@@ -86,6 +87,10 @@ class Settings:
             a redelivery later than that would apply again. Costs about 100 bytes of Redis memory per remembered
             id (one id per commit): 100,000 versions ≈ 10 MiB per model.
         max_staleness: a training gradient computed at version v may be applied up to version v + max_staleness.
+        train_group: how many queued ``train_step`` requests of one model a training worker applies in one commit
+            (group commit: one snapshot, k optimizer steps in order, one compare-and-set); at most
+            ``max_staleness + 1``. 1 serves every step as its own task (the per-step path); above 1 the worker
+            prefetches this many training messages so a group can form. Default ``min(8, max_staleness + 1)``.
         max_input_elements: the largest input, in numbers, that one request may carry.
         max_message_bytes: the largest message body accepted.
         track_started: also store the STARTED state of every request in the backend (one more write per batch).
@@ -131,6 +136,7 @@ class Settings:
     keep_versions: int = DEFAULT_KEEP_VERSIONS
     dedup_window: int = DEFAULT_DEDUP_WINDOW
     max_staleness: int = DEFAULT_MAX_STALENESS
+    train_group: int = min(MAX_TRAIN_GROUP, DEFAULT_MAX_STALENESS + 1)
     max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     track_started: bool = False
@@ -181,7 +187,8 @@ class Settings:
             task_time_limit=r.int("TASK_TIME_LIMIT", DEFAULT_TASK_TIME_LIMIT, minimum=1),
             keep_versions=r.int("KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, minimum=1),
             dedup_window=r.int("DEDUP_WINDOW", DEFAULT_DEDUP_WINDOW, minimum=1),
-            max_staleness=r.int("MAX_STALENESS", DEFAULT_MAX_STALENESS, minimum=0),
+            max_staleness=(staleness := r.int("MAX_STALENESS", DEFAULT_MAX_STALENESS, minimum=0)),
+            train_group=r.int("TRAIN_GROUP", min(MAX_TRAIN_GROUP, staleness + 1), minimum=1),
             max_input_elements=r.int("MAX_INPUT_ELEMENTS", DEFAULT_MAX_INPUT_ELEMENTS, minimum=1),
             max_message_bytes=r.int("MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024),
             track_started=r.bool("TRACK_STARTED", False),
@@ -220,6 +227,12 @@ class Settings:
                 f"AGENT_WORKERS_VISIBILITY_TIMEOUT={self.visibility_timeout}s must exceed "
                 f"AGENT_WORKERS_TASK_TIME_LIMIT={self.task_time_limit}s, or Redis redelivers running tasks; "
                 "raise the visibility timeout or lower the time limit"
+            )
+        if self.train_group > self.max_staleness + 1:
+            raise ConfigError(
+                f"AGENT_WORKERS_TRAIN_GROUP={self.train_group} exceeds AGENT_WORKERS_MAX_STALENESS + 1 = "
+                f"{self.max_staleness + 1}: the last step of a group would be applied too stale; lower the group or "
+                "raise the staleness bound"
             )
         if self.chunk_bytes > MAX_CHUNK_BYTES:
             raise ConfigError(

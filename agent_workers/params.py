@@ -26,6 +26,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -317,9 +318,15 @@ class RedisParamStore:
 
     def applied(self, name: str, update_id: str) -> int | None:
         """The version that update ``update_id`` produced, or None when it was not applied (within the window)."""
+        return self.applied_many(name, [update_id])[0]
+
+    def applied_many(self, name: str, update_ids: Sequence[str]) -> list[int | None]:
+        """:meth:`applied` for several ids in one round trip (``ZMSCORE``)."""
+        if not update_ids:
+            return []
         with unavailable():
-            score = self.client.zscore(self.keys.applied(name), update_id)
-        return None if score is None else int(score)
+            scores = self.client.zmscore(self.keys.applied(name), list(update_ids))
+        return [None if s is None else int(s) for s in scores]
 
     def commit(
         self,
@@ -331,6 +338,7 @@ class RedisParamStore:
         info: dict[str, Any] | None = None,
         epoch: str = "",
         barrier: bool = False,
+        more_ids: Sequence[str] = (),
     ) -> CommitResult:
         """Commit ``tensors`` as version ``expected + 1`` if the head is still ``expected``.
 
@@ -342,6 +350,9 @@ class RedisParamStore:
             epoch: the incarnation the update was computed on (``Snapshot.epoch``); a recreated model refuses
                 it. Empty: any.
             barrier: mark this version as a rollback, so stale gradients from before it are recomputed.
+            more_ids: further update ids of a group commit (several steps in this one version), each recorded with
+                the new version; when any id of the group was applied before, nothing changes and the result is
+                ``duplicate`` with those ids in ``applied``.
 
         Raises:
             ModelError: the model does not exist, or was recreated since ``epoch``.
@@ -362,6 +373,7 @@ class RedisParamStore:
                 "version": new,
                 "kind": "rollback" if barrier else "commit",
                 "update_id": update_id,
+                **({"update_ids": [update_id, *more_ids]} if more_ids else {}),
                 "at": time.time(),
                 **(info or {}),
             }
@@ -371,7 +383,7 @@ class RedisParamStore:
             for key, chunk in zip(staging, chunks, strict=True):
                 pipe.set(key, chunk, ex=STAGING_TTL)
             pipe.execute()
-            outcome, version = self._cas(
+            reply = self._cas(
                 keys=[self.keys.head(name), self.keys.applied(name), self.keys.history(name), *staging, *targets],
                 args=[
                     expected,
@@ -385,16 +397,18 @@ class RedisParamStore:
                     self.keys.blob_prefix(name),
                     HISTORY_LENGTH,
                     param_chunks,
+                    *more_ids,
                 ],
             )
-        outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+        outcome, version = _text(reply[0]), reply[1]
         if outcome == "missing":
             raise ModelError(f"unknown model {name!r}; create it first (agent-workers models create)")
         if outcome == "replaced":
             raise ModelError(f"model {name!r} was recreated while this update was computed; it no longer applies")
         if outcome == "nostaging":
             raise StoreUnavailableError(f"staged blob for {name!r} vanished before its commit (Redis evicted it?)")
-        result = CommitResult(CommitOutcome(outcome), int(version))
+        applied = {_text(reply[i]): int(reply[i + 1]) for i in range(2, len(reply) - 1, 2)}
+        result = CommitResult(CommitOutcome(outcome), int(version), applied)
         if result.outcome is CommitOutcome.COMMITTED and epoch and self._cache.enabled:
             # Keep what we just wrote: the next read of this version costs no download. Decoding the bytes we
             # sent (not keeping ``tensors``) means later in-place changes by the caller cannot leak in.
@@ -414,10 +428,10 @@ class RedisParamStore:
             self._wait_aof(name, result.version)
         return result
 
-    def _cas(self, *, keys: list[str], args: list[Any]) -> tuple[bytes, int]:
-        """Run the commit script (a separate method so tests can pause a worker exactly here)."""
-        outcome, version = self._commit(keys=keys, args=args)
-        return outcome, version
+    def _cas(self, *, keys: list[str], args: list[Any]) -> list[Any]:
+        """Run the commit script (a separate method so tests can pause a worker exactly here): its reply, the
+        outcome and the version, then (a refused group) pairs of an update id applied before and its version."""
+        return list(self._commit(keys=keys, args=args))
 
     def _wait_aof(self, name: str, version: int) -> None:
         maintenance.wait_aof(self.client, name, version)
@@ -445,6 +459,10 @@ class RedisParamStore:
         if self.mode != "lock":
             return contextlib.nullcontext()
         return self._lock.hold(name)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _joined(parts: list[bytes]) -> bytes:

@@ -21,10 +21,15 @@ class CommitOutcome(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class CommitResult:
-    """The outcome of a commit and the version it concerns (new, current, or the one the update produced)."""
+    """The outcome of a commit and the version it concerns (new, current, or the one the update produced).
+
+    ``applied``: for a refused group commit, every update id of the group that was applied before, with the version
+    it produced (the caller drops them and commits the rest).
+    """
 
     outcome: CommitOutcome
     version: int
+    applied: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Training tasks: ``agent_workers.train_step`` (one optimistic step) and ``agent_workers.fit`` (a whole job)."""
+"""Training tasks: ``agent_workers.train_step`` (one optimistic step; in a worker, queued steps of one model are
+group-committed: see agent_workers/worker/trainer.py) and ``agent_workers.fit`` (a whole job, a normal task)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from agent_workers.training import train_step as run_step
 from agent_workers.worker.limits import LimitedTask, deadline
 from tasks import app
 
+
+class GroupedTask(LimitedTask):
+    """A task whose messages the worker routes into group commits (``AGENT_WORKERS_TRAIN_GROUP`` > 1) instead of
+    one pool job each; with a group of 1 it is a size-checked task like any other."""
+
+    Strategy = "agent_workers.worker.trainer:train_strategy"
+
+
 RETRY = {
     "base": LimitedTask,
     "autoretry_for": (StoreUnavailableError,),
@@ -23,7 +32,7 @@ RETRY = {
 }
 
 
-@app.task(name=TRAIN_STEP, bind=True, **RETRY)
+@app.task(name=TRAIN_STEP, bind=True, **{**RETRY, "base": GroupedTask})
 def train_step(
     self: Task,
     model: str,
@@ -36,7 +45,9 @@ def train_step(
 ) -> dict[str, Any]:
     """One step on a mini-batch given inline (``x``, ``y``) or as ``rows`` of an uploaded ``dataset``.
 
-    The update id defaults to the task id, so a redelivered message is applied exactly once.
+    The update id defaults to the task id, so a redelivered message is applied exactly once. In a worker with
+    ``AGENT_WORKERS_TRAIN_GROUP`` > 1 this body is bypassed by the group commit path (same arguments, same result);
+    it serves the per-step path, direct and eager calls.
     """
     hp = HyperParams.from_json(hparams)
     if dataset is not None:

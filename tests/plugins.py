@@ -4,9 +4,9 @@
 * ``counter`` loss: ``-(output · target).sum()``, so the gradient of ``value`` is ``-sum(targets)`` and one SGD
   step with ``lr=1`` ADDS the batch's targets to every element. A model trained with deltas d1..dn must end at
   exactly their sum, whatever the interleaving and staleness: any lost or doubled update shows.
-* A pause hook: a step whose update id starts with :data:`PAUSE_BEFORE` or :data:`PAUSE_AFTER` stops right
-  before / right after its compare-and-set, reports that on a Redis list, and waits there (the first delivery
-  only), so a test can SIGKILL the worker at exactly that point.
+* A pause hook: a step (or a group commit holding a step) whose update id starts with :data:`PAUSE_BEFORE` or
+  :data:`PAUSE_AFTER` stops right before / right after its compare-and-set, reports that on a Redis list, and
+  waits there (the first delivery only), so a test can SIGKILL the worker at exactly that point.
 """
 
 from __future__ import annotations
@@ -62,13 +62,16 @@ def _pause(store: RedisParamStore, update_id: str) -> None:
 _original_cas = RedisParamStore._cas
 
 
-def _cas_with_pause(self: RedisParamStore, *, keys: list[str], args: list[Any]) -> tuple[bytes, int]:
-    update_id = str(args[1])
-    if update_id.startswith(PAUSE_BEFORE):
-        _pause(self, update_id)
+def _cas_with_pause(self: RedisParamStore, *, keys: list[str], args: list[Any]) -> list[Any]:
+    # A group commit carries its first update id at args[1] and the others after the script's 11 fixed arguments.
+    ids = [str(a) for a in (args[1], *args[11:])]
+    before = next((i for i in ids if i.startswith(PAUSE_BEFORE)), None)
+    after = next((i for i in ids if i.startswith(PAUSE_AFTER)), None)
+    if before is not None:
+        _pause(self, before)
     result = _original_cas(self, keys=keys, args=args)
-    if update_id.startswith(PAUSE_AFTER):
-        _pause(self, update_id)
+    if after is not None:
+        _pause(self, after)
     return result
 
 

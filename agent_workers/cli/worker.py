@@ -73,10 +73,10 @@ def plan(
     node's pidbox queue). With several devices every process gets its own metrics port (base + index) and ready file
     (``<file>.<index>``).
     """
-    from agent_workers.worker.launch import worker_command
+    from agent_workers.worker.launch import worker_command, worker_prefetch
 
     roles = [role_of(settings, q) or q for q in queues]
-    prefetch = 2 * settings.batch.max_batch_size if settings.inference_queue in queues else 1
+    prefetch = worker_prefetch(settings, queues)
     base = name or f"{settings.namespace}-{'-'.join(roles)}-{pid}@%h"
     node, _, host = base.partition("@")
     if len(devices) <= 1:

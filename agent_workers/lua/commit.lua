@@ -1,15 +1,23 @@
 -- KEYS: 1 head, 2 applied (zset update id -> version), 3 history, then n staging chunks, then n blob chunks
 -- ARGV: 1 expected version, 2 update id ('' = none), 3 history record, 4 n, 5 keep versions,
 --       6 epoch ('' = any), 7 set the staleness barrier (1/0), 8 dedup window (versions), 9 blob key prefix,
---       10 history length, 11 how many of the n chunks hold the parameters (the rest: optimizer state)
+--       10 history length, 11 how many of the n chunks hold the parameters (the rest: optimizer state),
+--       12... further update ids of a group commit (several steps applied in this one version)
 local n = tonumber(ARGV[4])
 local function drop_staging()
   for i = 1, n do redis.call('DEL', KEYS[3 + i]) end
 end
-if ARGV[2] ~= '' then
-  local done = redis.call('ZSCORE', KEYS[2], ARGV[2])
-  if done then drop_staging(); return {'duplicate', tonumber(done)} end
+local ids = {}
+if ARGV[2] ~= '' then ids[1] = ARGV[2] end
+for i = 12, #ARGV do ids[#ids + 1] = ARGV[i] end
+-- Every id is checked before anything changes: a group holding one id already applied is refused whole, and the
+-- reply names each such id with its version, so the caller drops them and commits the rest.
+local dup = {}
+for _, id in ipairs(ids) do
+  local done = redis.call('ZSCORE', KEYS[2], id)
+  if done then dup[#dup + 1] = id; dup[#dup + 1] = tonumber(done) end
 end
+if #dup > 0 then drop_staging(); return {'duplicate', dup[2], unpack(dup)} end
 local head = redis.call('HMGET', KEYS[1], 'version', 'epoch')
 local cur = tonumber(head[1])
 if cur == nil then drop_staging(); return {'missing', -1} end
@@ -28,8 +36,8 @@ redis.call('HSET', KEYS[1], 'version', new, 'blob', KEYS[4 + n], 'chunks', n, 'p
 if n > 1 then redis.call('HSET', KEYS[1], 'chunks:' .. new, n) end
 if p < n then redis.call('HSET', KEYS[1], 'pchunks:' .. new, p) end
 if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'barrier', new) end
-if ARGV[2] ~= '' then
-  redis.call('ZADD', KEYS[2], new, ARGV[2])
+if #ids > 0 then
+  for _, id in ipairs(ids) do redis.call('ZADD', KEYS[2], new, id) end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', new - tonumber(ARGV[8]))
 end
 redis.call('LPUSH', KEYS[3], ARGV[3])

@@ -21,7 +21,7 @@ import redis
 from agent_workers.config import Settings
 from agent_workers.errors import ConfigError
 from agent_workers.redis_clients import redis_client
-from agent_workers.worker.launch import settings_env, worker_command
+from agent_workers.worker.launch import settings_env, worker_command, worker_prefetch
 
 READY_TIMEOUT = 90.0
 
@@ -48,7 +48,8 @@ class WorkerProcess:
     Args:
         queues: queues it consumes.
         env: ``AGENT_WORKERS_*`` variables for it.
-        inference: size the prefetch so a batch can fill (2 × max batch size).
+
+    The prefetch follows the queues' roles (:func:`~agent_workers.worker.launch.worker_prefetch`).
     """
 
     def __init__(
@@ -67,8 +68,7 @@ class WorkerProcess:
         self.env["AGENT_WORKERS_READY_FILE"] = str(self.ready_path)
         settings = Settings.from_env({k: v for k, v in self.env.items() if k.startswith("AGENT_WORKERS_")})
         self.hostname = name or f"aw-{uuid.uuid4().hex[:8]}@%h"
-        inference = settings.inference_queue in queues
-        prefetch = 2 * settings.batch.max_batch_size if inference else 1
+        prefetch = worker_prefetch(settings, queues)
         self.cmd = worker_command(
             queues=queues,
             hostname=self.hostname,

@@ -7,6 +7,10 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent_workers.config import Settings
 
 
 def worker_command(
@@ -53,3 +57,14 @@ def settings_env(settings_env: Mapping[str, str] | None = None) -> dict[str, str
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def worker_prefetch(settings: Settings, queues: list[str]) -> int:
+    """The prefetch multiplier a worker of these queues needs: 2 × the batch size for inference (a batch can fill
+    while the previous one runs), ``AGENT_WORKERS_TRAIN_GROUP`` for training (a group can form), else 1."""
+    prefetch = 1
+    if settings.inference_queue in queues:
+        prefetch = 2 * settings.batch.max_batch_size
+    if settings.training_queue in queues:
+        prefetch = max(prefetch, settings.train_group)
+    return prefetch

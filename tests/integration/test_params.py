@@ -182,7 +182,7 @@ def test_a_missing_staged_chunk_fails_the_whole_commit(make_store: Callable[...,
     epoch = store.head("big").epoch
     original = store._cas
 
-    def evict_one_chunk(*, keys: list[str], args: list[object]) -> tuple[bytes, int]:
+    def evict_one_chunk(*, keys: list[str], args: list[object]) -> list[object]:
         store.client.delete(keys[4])  # the second staged chunk, as if Redis evicted it
         return original(keys=keys, args=args)
 

@@ -4,7 +4,10 @@ Every test trains the ``counter`` model of tests/plugins.py: one SGD step with `
 parameter, so after any interleaving the parameter must equal the exact sum of all deltas, and the version the
 number of distinct steps. A lost update, a doubled one, or a torn read shows as a wrong number.
 
-Trainers are worker processes consuming the training queue. For the N-trainer runs one set of workers per
+Trainers are worker processes consuming the training queue. The ``trainers`` workers take the per-step path
+(``AGENT_WORKERS_TRAIN_GROUP=1``: each train_step is a pool task); the ``grouped`` workers group-commit queued
+train_step messages (worker/trainer.py), and their tests check the same invariants per update id. For the N-trainer
+runs one set of workers per
 (broker, mode) serves all N: two processes with four pool threads each (8 slots), and N ``fit`` jobs of K steps
 each, so exactly N trainers run at once, spread over two processes (true cross-process races) while the CPU cost
 stays at two interpreters with torch instead of eight. A trainer is a thread of a process here; the commit path
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +41,7 @@ pytestmark = pytest.mark.integration
 
 COUNTER_HP = {"loss": "counter", "optimizer": "sgd", "lr": 1.0}
 STEPS_PER_TRAINER = 20
+GROUP = 5
 RESULT_TIMEOUT = 120
 
 
@@ -83,12 +88,33 @@ def trainers(broker: str, mode: str, tmp_path_factory: pytest.TempPathFactory) -
     # Small chunks and a short retention make every commit of the 2,048-element counter a multi-chunk commit that
     # collects an old version, so readers race both the renames and the garbage collection.
     env = pool_env(
-        broker, plugins="tests.plugins", commit_mode=mode, keep_versions=3, chunk_bytes=4096, lock_timeout=30
+        broker,
+        plugins="tests.plugins",
+        commit_mode=mode,
+        keep_versions=3,
+        chunk_bytes=4096,
+        lock_timeout=30,
+        train_group=1,
     )
+    yield from _trainers(env, tmp_path_factory.mktemp(f"trainers-{broker}-{mode}"), concurrency=4)
+
+
+@pytest.fixture(scope="module")
+def grouped(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainers]:
+    """Two worker processes on the group-commit path (groups of up to τ + 1 = 5 steps)."""
+    env = pool_env(broker, plugins="tests.plugins", keep_versions=3, chunk_bytes=4096, train_group=GROUP)
+    yield from _trainers(env, tmp_path_factory.mktemp(f"grouped-{broker}"), concurrency=1)
+
+
+def _trainers(env: dict[str, str], logs: Path, *, concurrency: int) -> Iterator[Trainers]:
     settings = Settings.from_env(env)
-    logs = tmp_path_factory.mktemp(f"trainers-{broker}-{mode}")
     workers = [
-        WorkerProcess(queues=[settings.training_queue], env=env, extra=["-c", "4"], log_path=logs / f"worker{i}.log")
+        WorkerProcess(
+            queues=[settings.training_queue],
+            env=env,
+            extra=["-c", str(concurrency)],
+            log_path=logs / f"worker{i}.log",
+        )
         for i in range(2)
     ]
     try:
@@ -137,6 +163,14 @@ def test_n_trainers_times_k_commits_lose_and_double_nothing(trainers: Trainers, 
 
 
 def test_the_same_step_delivered_twice_changes_the_parameters_once(trainers: Trainers) -> None:
+    check_delivered_twice(trainers)
+
+
+def test_the_same_step_delivered_twice_changes_the_parameters_once_when_grouped(grouped: Trainers) -> None:
+    check_delivered_twice(grouped)
+
+
+def check_delivered_twice(trainers: Trainers) -> None:
     model = trainers.counter()
     client = trainers.client
     twins = [
@@ -188,6 +222,38 @@ def test_a_polling_reader_never_sees_a_version_disagree_with_its_contents(traine
     print(f"\nreader saw {len(seen)} versions, {collected} pinned reads found their version collected")
 
 
+@pytest.mark.parametrize("n", [2, 8])
+def test_grouped_steps_from_n_producers_lose_and_double_nothing(grouped: Trainers, n: int) -> None:
+    model = grouped.counter()
+    client = grouped.client
+    # Producer j sends K single steps adding 100·j + 1 ... 100·j + K, interleaved with the other producers, so groups
+    # mix producers; every step has its own update id.
+    deltas = {f"p{j}:{i}": float(100 * j + i + 1) for i in range(STEPS_PER_TRAINER) for j in range(n)}
+    handles = [
+        client.send_train_step(model, x=[[0.0]], y=[[d]], hparams=COUNTER_HP, update_id=u) for u, d in deltas.items()
+    ]
+    results = [client.wait(h, RESULT_TIMEOUT) for h in handles]
+
+    head = grouped.store.head(model)
+    assert not any(r["duplicate"] for r in results)
+    assert value_of(grouped.store, model).tolist() == [sum(deltas.values())]
+    # The history is linear, and every update id is in exactly one commit: the one its result names.
+    records = [r for r in grouped.store.history(model, 1000) if r["kind"] == "commit"]
+    assert sorted(r["version"] for r in records) == list(range(1, head.version + 1))
+    ids_of = {r["version"]: r.get("update_ids") or [r["update_id"]] for r in records}
+    assert sorted(u for ids in ids_of.values() for u in ids) == sorted(deltas)
+    for (u, _), result in zip(deltas.items(), results, strict=True):
+        assert u in ids_of[result["version"]]
+    limit = grouped.settings.max_staleness
+    assert all(0 <= r["staleness"] <= limit for r in results)
+    assert all(0 <= r["staleness"] <= limit and r.get("steps", 1) <= GROUP for r in records)
+    sizes = [len(ids) for ids in ids_of.values()]
+    print(
+        f"\ngrouped n={n}: {len(deltas)} steps in {head.version} commits (largest group {max(sizes)}), "
+        f"conflicts={sum(r['conflicts'] for r in results)} recomputed={sum(r['recomputed'] for r in results)}"
+    )
+
+
 def requeue_unacked(settings: Settings, task_ids: set[str]) -> int:
     """Redis broker: put these tasks' unacknowledged messages back on their queue now.
 
@@ -213,7 +279,15 @@ def requeue_unacked(settings: Settings, task_ids: set[str]) -> int:
 def test_a_worker_killed_mid_commit_applies_each_step_exactly_once(
     start_pool: Callable[..., Pool], broker: str, mode: str
 ) -> None:
-    pool = start_pool(broker, queues="training", start=False, plugins="tests.plugins", commit_mode=mode, lock_timeout=2)
+    pool = start_pool(
+        broker,
+        queues="training",
+        start=False,
+        plugins="tests.plugins",
+        commit_mode=mode,
+        lock_timeout=2,
+        train_group=1,
+    )
     pool.worker.cmd += ["-c", "2"]  # two steps in flight: one paused before its CAS, one after
     pool.worker.start()
     model = unique("ctr")
@@ -252,3 +326,52 @@ def test_a_worker_killed_mid_commit_applies_each_step_exactly_once(
     # The killed step's staged blob is not a leak: it expires on its own.
     staged = list(control.scan_iter(match=pool.store.keys.staging(model, "") + "*"))
     assert all(0 < control.ttl(k) <= STAGING_TTL for k in staged)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_worker_killed_inside_a_group_commit_applies_each_step_exactly_once(
+    start_pool: Callable[..., Pool], broker: str, where: str
+) -> None:
+    # A group of exactly three: the worker flushes when the third message is buffered (the wait never expires).
+    pool = start_pool(
+        broker, queues="training", start=False, plugins="tests.plugins", train_group=3, max_wait_ms=600_000
+    )
+    model = unique("ctr")
+    pool.store.create(model, make_spec("counter", in_features=1))
+    first = (PAUSE_BEFORE if where == "before" else PAUSE_AFTER) + "a"
+    steps = {first: 1.0, "b": 10.0, "c": 100.0}
+    handles = [
+        pool.client.send_train_step(model, x=[[0.0]], y=[[d]], hparams=COUNTER_HP, update_id=u)
+        for u, d in steps.items()
+    ]
+    pool.worker.start()
+    control = redis.Redis.from_url(pool.settings.params_url)
+    item = control.blpop([reached_key(pool.settings.namespace)], timeout=RESULT_TIMEOUT)
+    assert item is not None, pool.worker.log()[-3000:]
+    assert item[1].decode() == first
+    if where == "after":  # the group's one commit is in Redis; no result is stored and no message acknowledged
+        assert pool.store.head(model).version == 1 and value_of(pool.store, model).tolist() == [111.0]
+        (record,) = [r for r in pool.store.history(model) if r["kind"] == "commit"]
+        assert record["update_ids"] == list(steps)
+    else:
+        assert pool.store.head(model).version == 0
+    pool.worker.kill()
+    assert pool.worker.proc is not None and pool.worker.proc.wait(30) == -9
+    if pool.settings.broker_is_redis:
+        assert requeue_unacked(pool.settings, {h.id for h in handles}) == 3
+    second = WorkerProcess(
+        queues=[pool.settings.training_queue], env=pool.env, log_path=pool.worker.log_path.with_name("second.log")
+    )
+    try:
+        second.start()
+        results = [pool.client.wait(h, RESULT_TIMEOUT) for h in handles]
+    finally:
+        second.stop()
+    assert value_of(RedisParamStore.from_settings(pool.settings, cache=False), model).tolist() == [111.0]
+    records = [r for r in pool.store.history(model) if r["kind"] == "commit"]
+    assert sorted(u for r in records for u in r.get("update_ids") or [r["update_id"]]) == sorted(steps)
+    if where == "after":
+        assert all(r["duplicate"] and r["version"] == 1 for r in results)
+        assert pool.store.head(model).version == 1
+    else:
+        assert not any(r["duplicate"] for r in results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,10 @@ def test_default_node_names_are_unique_per_process_and_prefetch_follows_the_role
     assert one.cmd[one.cmd.index("-n") + 1] != two.cmd[two.cmd.index("-n") + 1]
     assert one.cmd[one.cmd.index("--prefetch-multiplier") + 1] == str(2 * NAMESPACED.batch.max_batch_size)
     trainer = plan(NAMESPACED, queues=["prod.training"], name=None, loglevel="INFO", devices=[], extra=[], pid=1)[0]
+    # A trainer prefetches a group's worth of train steps (group commit); with a group of 1, one job at a time.
+    assert trainer.cmd[trainer.cmd.index("--prefetch-multiplier") + 1] == str(NAMESPACED.train_group)
+    per_step = dataclasses.replace(NAMESPACED, train_group=1)
+    trainer = plan(per_step, queues=["prod.training"], name=None, loglevel="INFO", devices=[], extra=[], pid=1)[0]
     assert trainer.cmd[trainer.cmd.index("--prefetch-multiplier") + 1] == "1"
 
 

@@ -165,6 +165,7 @@ class MemoryStore:
         self.locks = 0
         self.epoch = "e"
         self.epochs_committed: list[str] = []
+        self.infos: list[dict[str, Any]] = []
 
     def read(self, name: str, version: int | None = None) -> Snapshot:
         return Snapshot(name, self.version, self.epoch, dict(self.tensors), self.barrier)
@@ -174,6 +175,9 @@ class MemoryStore:
 
     def applied(self, name: str, update_id: str) -> int | None:
         return self.applied_ids.get(update_id)
+
+    def applied_many(self, name: str, update_ids: list[str]) -> list[int | None]:
+        return [self.applied_ids.get(u) for u in update_ids]
 
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[None]:
@@ -197,12 +201,15 @@ class MemoryStore:
         update_id: str = "",
         info: dict[str, Any] | None = None,
         epoch: str = "",
+        more_ids: tuple[str, ...] | list[str] = (),
     ) -> CommitResult:
         self.commits += 1
         if self.rivals:
             self.rivals.pop(0)(self)
-        if update_id in self.applied_ids:
-            return CommitResult(CommitOutcome.DUPLICATE, self.applied_ids[update_id])
+        ids = [update_id, *more_ids]
+        done = {u: self.applied_ids[u] for u in ids if u in self.applied_ids}
+        if done:  # as commit.lua: the whole group refused, naming every id applied before
+            return CommitResult(CommitOutcome.DUPLICATE, done[next(iter(done))], done)
         if expected != self.version:
             return CommitResult(CommitOutcome.CONFLICT, self.version)
         if epoch and epoch != self.epoch:
@@ -210,7 +217,8 @@ class MemoryStore:
         self.epochs_committed.append(epoch)
         self.version += 1
         self.tensors = tensors
-        self.applied_ids[update_id] = self.version
+        self.applied_ids.update(dict.fromkeys(ids, self.version))
+        self.infos.append(info or {})
         return CommitResult(CommitOutcome.COMMITTED, self.version)
 
 
@@ -337,6 +345,18 @@ def test_report_step_stats_count_conflicts_per_attempt_and_skip_duplicates_in_la
     assert (stats["steps"], stats["steps_per_s"], stats["conflict_rate"], stats["max_staleness"]) == (3, 1.5, 0.5, 2)
     assert stats["latency_p50_ms"] == 20.0 and stats["latency_p99_ms"] < 30.0 + 1e-9
     assert [layout(n) for n in (1, 2, 4, 8)] == [(1, 1), (2, 1), (4, 1), (4, 2)]
+    assert stats["staleness"] == {"0": 2, "2": 1}
+
+
+def test_report_counts_the_commits_of_grouped_steps() -> None:
+    from agent_workers.tools.report import step_stats
+
+    def step(version: int, staleness: int) -> dict[str, Any]:
+        return {"attempts": 1, "conflicts": 0, "recomputed": 0, "staleness": staleness, "latency_ms": 5.0,
+                "duplicate": False, "version": version}  # fmt: skip
+
+    stats = step_stats([step(1, 0), step(1, 1), step(1, 2), step(2, 0)], 1.0)
+    assert (stats["steps"], stats["commits"], stats["staleness"]) == (4, 2, {"0": 2, "1": 1, "2": 1})
 
 
 def test_report_tables_keep_four_significant_digits() -> None:

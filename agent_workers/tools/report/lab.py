@@ -31,6 +31,10 @@ DIGITS_HP = {"loss": "cross_entropy", "optimizer": "adam", "lr": 0.005}
 DIGITS_HIDDEN = [128]
 DIGITS_BATCH = 32
 
+#: The two queue paths of train_step the report compares: one pool task and one commit per step
+#: (``AGENT_WORKERS_TRAIN_GROUP=1``), and group commits of up to ``min(8, τ + 1)`` queued steps.
+PATHS = ("per-step", "grouped")
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -42,6 +46,14 @@ class Plan:
     digits_epochs: int = 20
     commit_trainers: tuple[int, ...] = (1, 2, 4, 8)
     commit_steps: int = 400
+    #: (train_step path, commit mode) pairs of the coordination part.
+    commit_runs: tuple[tuple[str, str], ...] = (
+        ("per-step", "optimistic"),
+        ("grouped", "optimistic"),
+        ("per-step", "lock"),
+        ("grouped", "lock"),
+    )
+    linear_paths: tuple[str, ...] = PATHS
     fetch_sizes: tuple[tuple[str, int, int], ...] = (("~1M", 1000, 1000), ("~25M", 5000, 5000))
     fetch_reads: tuple[int, ...] = (20, 5)
 
@@ -53,6 +65,7 @@ class Plan:
             digits_epochs=3,
             commit_trainers=(1, 4),
             commit_steps=60,
+            commit_runs=(("per-step", "optimistic"), ("grouped", "optimistic")),
             fetch_sizes=(("~1M", 1000, 1000),),
             fetch_reads=(5,),
         )
@@ -82,10 +95,15 @@ class Lab:
         self.datasets = DatasetStore(client=self.store.client, keys=Keys(self.settings.namespace))
         self.client = Client(self.settings)
 
-    def workers(self, trainers: int, *, mode: str = "optimistic") -> list[WorkerProcess]:
-        """Start worker processes giving ``trainers`` concurrent trainers in commit ``mode``; returns them."""
+    def group(self, path: str) -> int:
+        """``AGENT_WORKERS_TRAIN_GROUP`` of the workers of ``path``."""
+        return 1 if path == "per-step" else min(8, self.settings.max_staleness + 1)
+
+    def workers(self, trainers: int, *, mode: str = "optimistic", path: str = "per-step") -> list[WorkerProcess]:
+        """Start worker processes giving ``trainers`` concurrent trainers in commit ``mode`` on the train_step
+        ``path`` (a grouped worker is one trainer per process: its groups run in the event loop); returns them."""
         processes, threads = layout(trainers)
-        env = derive_settings(self.settings, commit_mode=mode).to_env()
+        env = derive_settings(self.settings, commit_mode=mode, train_group=self.group(path)).to_env()
         started = [
             WorkerProcess(
                 queues=[self.settings.training_queue], env=env, loglevel="WARNING", extra=["-c", str(threads)]
@@ -128,6 +146,9 @@ def step_stats(results: Sequence[dict[str, Any]], seconds: float) -> dict[str, A
     attempts = sum(r["attempts"] for r in results)
     conflicts = sum(r["conflicts"] for r in results)
     latencies = [r["latency_ms"] for r in results if not r["duplicate"]]
+    staleness: dict[str, int] = {}
+    for r in sorted(results, key=lambda r: r["staleness"]):
+        staleness[str(r["staleness"])] = staleness.get(str(r["staleness"]), 0) + 1
     return {
         "steps": len(results),
         "seconds": round(seconds, 3),
@@ -137,6 +158,8 @@ def step_stats(results: Sequence[dict[str, Any]], seconds: float) -> dict[str, A
         "conflict_rate": round(conflicts / attempts, 4) if attempts else 0.0,
         "recomputed": sum(r["recomputed"] for r in results),
         "max_staleness": max((r["staleness"] for r in results), default=0),
+        "staleness": staleness,
+        "commits": len({r.get("version") for r in results if not r["duplicate"]}),
         "latency_p50_ms": round(percentile(latencies, 50), 2),
         "latency_p99_ms": round(percentile(latencies, 99), 2),
     }
@@ -180,3 +203,49 @@ def train_through_queue(
         on_step=on_step,
     )
     return results, time.perf_counter() - started
+
+
+def send_steps(
+    lab: Lab,
+    model: str,
+    dataset: str,
+    n_rows: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    hparams: dict[str, Any],
+    window: int,
+    label: str,
+) -> tuple[list[dict[str, Any]], float]:
+    """Train ``model`` with one ``train_step`` message per mini-batch, sent by a bare Celery producer
+    (``send_task`` by name, as any other application would) with at most ``window`` in flight; returns
+    (step results, seconds)."""
+    from celery import Celery
+
+    from agent_workers.contract import TRAIN_STEP
+    from agent_workers.datasets import epoch_batches
+
+    producer = Celery("report-producer", broker=lab.settings.broker_url, backend=lab.settings.result_backend)
+    total = epochs * math.ceil(n_rows / batch_size)
+    results: list[dict[str, Any]] = []
+    in_flight: list[Any] = []
+    last = time.perf_counter()
+    started = last
+    try:
+        for _, _, rows in epoch_batches(n_rows, epochs=epochs, batch_size=batch_size, seed=0):
+            if len(in_flight) >= window:
+                results.append(in_flight.pop(0).get(timeout=300))
+            in_flight.append(
+                producer.send_task(
+                    TRAIN_STEP,
+                    kwargs={"model": model, "dataset": dataset, "rows": rows.tolist(), "hparams": hparams},
+                    queue=lab.settings.training_queue,
+                )
+            )
+            if time.perf_counter() - last >= 5:
+                last = time.perf_counter()
+                lab.progress(f"  {label}: {len(results)}/{total} steps")
+        results.extend(h.get(timeout=300) for h in in_flight)
+        return results, time.perf_counter() - started
+    finally:
+        producer.close()

@@ -47,11 +47,13 @@ def render_tables(report: dict[str, Any]) -> str:
     ]
     parts.append(
         "\n**Linear regression through the queue** (seed data, SGD lr 0.05, batch 100, "
-        f"{report['plan']['linear_epochs']} epochs; goal: test MSE <= {MSE_GOAL} x floor)\n"
+        f"{report['plan']['linear_epochs']} epochs, one `train_step` message per mini-batch from a bare Celery "
+        f"producer; goal: test MSE <= {MSE_GOAL} x floor)\n"
     )
     parts.append(
         markdown_table(
             [
+                "path",
                 "trainer processes",
                 "test MSE",
                 "floor",
@@ -63,6 +65,7 @@ def render_tables(report: dict[str, Any]) -> str:
             ],
             [
                 [
+                    r.get("path", "per-step"),
                     r["trainers"],
                     r["test_mse"],
                     r["floor_mse"],
@@ -101,21 +104,37 @@ def render_tables(report: dict[str, Any]) -> str:
     )
     parts.append(
         f"\n**Commit coordination** ({report['plan']['commit_steps']} digits steps, all enqueued at once; "
-        "latency = step start, lock wait included, to commit)\n"
+        "per-step: one commit per step; grouped: group commits of up to k steps; conflict rate per step's commit "
+        "attempt; latency = step (or group) start, lock wait included, to commit; staleness: steps per value)\n"
     )
     parts.append(
         markdown_table(
-            ["mode", "trainers", "processes x threads", "steps/s", "conflict rate", "recomputed", "p50 ms", "p99 ms"],
+            [
+                "path",
+                "mode",
+                "trainers",
+                "processes x threads",
+                "steps/s",
+                "commits",
+                "conflict rate",
+                "recomputed",
+                "p50 ms",
+                "p99 ms",
+                "staleness",
+            ],
             [
                 [
+                    f"{r.get('path', 'per-step')} (k={r.get('group', 1)})",
                     r["mode"],
                     r["trainers"],
                     f"{r['processes']} x {r['threads']}",
                     r["steps_per_s"],
+                    r.get("commits", ""),
                     r["conflict_rate"],
                     r["recomputed"],
                     r["latency_p50_ms"],
                     r["latency_p99_ms"],
+                    " ".join(f"{k}:{v}" for k, v in r.get("staleness", {}).items()),
                 ]
                 for r in report["coordination"]
             ],
@@ -182,18 +201,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     lin = report["linear"]
     ax = axes[0][0]
-    ax.plot([r["trainers"] for r in lin], [r["ratio"] for r in lin], "o-", label="test MSE / floor")
+    for route, style in (("per-step", "o-"), ("grouped", "s--")):
+        rows = [r for r in lin if r.get("path", "per-step") == route]
+        if rows:
+            ax.plot([r["trainers"] for r in rows], [r["ratio"] for r in rows], style, label=f"{route}: MSE / floor")
     ax.axhline(MSE_GOAL, color="grey", linestyle="--", label=f"goal {MSE_GOAL}")
     ax.set(title="Linear regression through the queue", xlabel="trainer processes", ylabel="MSE / floor")
     ax.set_xticks([r["trainers"] for r in lin])
     ax.legend()
     coord = report["coordination"]
-    for mode, style in (("optimistic", "o-"), ("lock", "s--")):
-        rows = [r for r in coord if r["mode"] == mode]
-        axes[0][1].plot([r["trainers"] for r in rows], [r["steps_per_s"] for r in rows], style, label=mode)
-        axes[1][0].plot([r["trainers"] for r in rows], [r["latency_p99_ms"] for r in rows], style, label=f"{mode} p99")
+    runs = sorted({(r.get("path", "per-step"), r["mode"]) for r in coord})
+    for (route, mode), style in zip(runs, ("o-", "s--", "^-.", "d:"), strict=False):
+        rows = [r for r in coord if (r.get("path", "per-step"), r["mode"]) == (route, mode)]
+        name = f"{route} {mode}"
+        axes[0][1].plot([r["trainers"] for r in rows], [r["steps_per_s"] for r in rows], style, label=name)
+        axes[1][0].plot([r["trainers"] for r in rows], [r["latency_p99_ms"] for r in rows], style, label=f"{name} p99")
         axes[1][0].plot(
-            [r["trainers"] for r in rows], [r["latency_p50_ms"] for r in rows], style, alpha=0.4, label=f"{mode} p50"
+            [r["trainers"] for r in rows], [r["latency_p50_ms"] for r in rows], style, alpha=0.4, label=f"{name} p50"
         )
     ticks = sorted({r["trainers"] for r in coord})
     axes[0][1].set_xticks(ticks)

@@ -26,6 +26,7 @@ from agent_workers.tools.report.lab import (
     Lab,
     Plan,
     layout,
+    send_steps,
     step_stats,
     stop_all,
     train_through_queue,
@@ -41,23 +42,25 @@ def linear_regression(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
     x, y = seed_data()
     x_train, y_train, x_test, y_test = x[:-N_TEST], y[:-N_TEST], x[-N_TEST:], y[-N_TEST:]
     floor = float(np.mean((x_test[:, 0] - y_test) ** 2))
+    dataset = lab.datasets.upload(x_train, y_train.reshape(-1, 1))
     rows = []
-    for n in plan.linear_trainers:
-        lab.progress(f"[1/4] linear regression, {n} trainer process(es): starting workers")
-        workers = lab.workers(n)
+    for path, n in [(p, n) for p in plan.linear_paths for n in plan.linear_trainers]:
+        lab.progress(f"[1/4] linear regression, {path}, {n} trainer process(es): starting workers")
+        workers = lab.workers(n, path=path)
         try:
-            model = f"linear-{n}"
+            model = f"linear-{path}-{n}"
             lab.store.create(model, make_spec("linear", in_features=N_FEATURES, out_features=1), seed=0, replace=True)
-            results, seconds = train_through_queue(
+            # In flight: two steps per trainer, or two groups' worth when grouped (so groups can form).
+            results, seconds = send_steps(
                 lab,
                 model,
-                x_train,
-                y_train.reshape(-1, 1),
+                dataset,
+                len(x_train),
                 epochs=plan.linear_epochs,
                 batch_size=100,
                 hparams=LINEAR_HP,
-                window=2 * n,
-                label=f"linear x{n}",
+                window=2 * n * lab.group(path),
+                label=f"linear {path} x{n}",
             )
         finally:
             stop_all(workers)
@@ -65,6 +68,7 @@ def linear_regression(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
         pred = x_test @ params["weight"].numpy().T + params["bias"].numpy()
         mse = float(np.mean((pred[:, 0] - y_test) ** 2))
         row = {
+            "path": path,
             "trainers": n,
             "test_mse": round(mse, 5),
             "floor_mse": round(floor, 5),
@@ -177,16 +181,16 @@ def coordination(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
     rng = np.random.default_rng(1)
     batches = [rng.choice(len(x_train), DIGITS_BATCH, replace=False).tolist() for _ in range(plan.commit_steps)]
     rows = []
-    for mode in ("optimistic", "lock"):
+    for path, mode in plan.commit_runs:
         for n in plan.commit_trainers:
             processes, threads = layout(n)
             lab.progress(
                 f"[3/4] {plan.commit_steps} steps, {n} trainers ({processes} process(es) x {threads} "
-                f"thread(s)), {mode}: starting workers"
+                f"thread(s)), {path}, {mode}: starting workers"
             )
-            workers = lab.workers(n, mode=mode)
+            workers = lab.workers(n, mode=mode, path=path)
             try:
-                model = f"coord-{mode}-{n}"
+                model = f"coord-{path}-{mode}-{n}"
                 torch.manual_seed(0)
                 lab.store.create(model, spec, module=spec.build(), replace=True)
                 started = time.perf_counter()
@@ -198,6 +202,8 @@ def coordination(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
             finally:
                 stop_all(workers)
             row = {
+                "path": path,
+                "group": lab.group(path),
                 "mode": mode,
                 "trainers": n,
                 "processes": processes,
@@ -205,8 +211,9 @@ def coordination(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
                 **step_stats(results, seconds),
             }
             lab.progress(
-                f"  -> {row['steps_per_s']} steps/s, conflict rate {row['conflict_rate']}, "
-                f"latency p50 {row['latency_p50_ms']} ms, p99 {row['latency_p99_ms']} ms"
+                f"  -> {row['steps_per_s']} steps/s in {row['commits']} commits, conflict rate "
+                f"{row['conflict_rate']}, latency p50 {row['latency_p50_ms']} ms, p99 {row['latency_p99_ms']} ms, "
+                f"staleness {row['staleness']}"
             )
             rows.append(row)
     return rows
