@@ -33,8 +33,9 @@ import numpy as np
 from agent_workers import training
 from agent_workers.blobs import Snapshot
 from agent_workers.errors import InputError, ModelError, VersionConflictError
+from agent_workers.optim import HyperParams
 from agent_workers.params import CommitOutcome, RedisParamStore
-from agent_workers.training import HyperParams, StepResult
+from agent_workers.training import StepResult
 from agent_workers.worker import metrics
 
 

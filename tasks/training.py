@@ -9,7 +9,7 @@ from celery import Task
 
 from agent_workers.contract import FIT, TRAIN_STEP
 from agent_workers.errors import InputError, StoreUnavailableError
-from agent_workers.training import HyperParams
+from agent_workers.optim import HyperParams
 from agent_workers.training import fit as run_fit
 from agent_workers.training import train_step as run_step
 from agent_workers.worker.limits import LimitedTask, deadline

@@ -31,7 +31,8 @@ from celery.worker import state as worker_state
 from agent_workers.config import BatchSettings
 from agent_workers.errors import InputError, StoreUnavailableError
 from agent_workers.groups import Step, group_step
-from agent_workers.training import HyperParams, StepResult, as_batch
+from agent_workers.optim import HyperParams
+from agent_workers.training import StepResult, as_batch
 from agent_workers.worker import redelivery
 from agent_workers.worker.intake import Intake, register
 from agent_workers.worker.limits import limited_strategy

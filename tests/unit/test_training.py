@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from agent_workers import training
+from agent_workers import optim, training
 from agent_workers.blobs import PARAM_PREFIX, Snapshot
 from agent_workers.errors import InputError, ModelError, StoreError
 from agent_workers.models import ModelSpec, make_spec
@@ -117,10 +117,10 @@ def test_apply_update_leaves_the_snapshot_untouched() -> None:
 
 def test_losses_are_torch_losses() -> None:
     out = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
-    assert training._LOSSES["mse"](out, torch.tensor([[1.0, 1.0], [1.0, 1.0]])).item() == pytest.approx(
+    assert optim._LOSSES["mse"](out, torch.tensor([[1.0, 1.0], [1.0, 1.0]])).item() == pytest.approx(
         torch.nn.functional.mse_loss(out, torch.ones(2, 2)).item()
     )
-    assert training._LOSSES["cross_entropy"](out, torch.tensor([1.0, 0.0])).item() == pytest.approx(
+    assert optim._LOSSES["cross_entropy"](out, torch.tensor([1.0, 0.0])).item() == pytest.approx(
         torch.nn.functional.cross_entropy(out, torch.tensor([1, 0])).item()
     )
 
@@ -391,10 +391,10 @@ def test_a_non_finite_gradient_names_the_data() -> None:
 
 
 def test_max_grad_norm_clips_to_the_global_norm() -> None:
-    clipped = training.clip_gradient({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, 1.0)
+    clipped = optim.clip_gradient({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, 1.0)
     assert torch.allclose(torch.cat([clipped["a"], clipped["b"]]), torch.tensor([0.6, 0.8]))
     small = {"a": torch.tensor([0.1])}
-    assert training.clip_gradient(small, 1.0) is small
+    assert optim.clip_gradient(small, 1.0) is small
     assert HyperParams.from_json({"max_grad_norm": 2}).max_grad_norm == 2.0
     with pytest.raises(InputError, match="max_grad_norm"):
         HyperParams.from_json({"max_grad_norm": 0})
