@@ -1,13 +1,15 @@
--- KEYS: 1 unacked index (zset), 2 unacked (hash), 3.. the queue lists in priority order
--- ARGV: 1 how many to pop, 2 now (the index score), 3 the dead-letter suffix (e.g. '.dead')
+-- KEYS: 1 unacked index (zset), 2 unacked (hash), 3 this worker's held set (fast reclaim), 4.. the queue lists in
+--       priority order
+-- ARGV: 1 how many to pop, 2 now (the index score), 3 the dead-letter suffix (e.g. '.dead'), 4 '1' to record each
+--       tag in the held set KEYS[3] (fast reclaim, agent_workers/worker/reclaim.py), '' not to
 -- Pops up to ARGV[1] messages from the first non-empty list and records each as unacknowledged, exactly as kombu's
 -- QoS.append does ([payload, exchange, routing_key] under the delivery tag), in one atomic step.
 -- An envelope that cannot be recorded (not JSON, no properties, a delivery tag that is not a non-empty string: cjson
 -- decodes null to a truthy userdata, and true, {} or 5 would make ZADD fail after the pop) is moved to the
 -- dead-letter list '<queue><suffix>' instead: never lost, never delivered.
 -- Returns false (nothing to pop) or {list popped from, the recorded payloads, how many were dead-lettered}.
-local cmd = {'LMPOP', #KEYS - 2}
-for i = 3, #KEYS do cmd[#cmd + 1] = KEYS[i] end
+local cmd = {'LMPOP', #KEYS - 3}
+for i = 4, #KEYS do cmd[#cmd + 1] = KEYS[i] end
 cmd[#cmd + 1] = 'RIGHT'
 cmd[#cmd + 1] = 'COUNT'
 cmd[#cmd + 1] = ARGV[1]
@@ -30,6 +32,7 @@ for _, raw in ipairs(popped[2]) do
     end
     redis.call('ZADD', KEYS[1], ARGV[2], tag)
     redis.call('HSET', KEYS[2], tag, '[' .. raw .. ', ' .. ex .. ', ' .. rk .. ']')
+    if ARGV[4] == '1' then redis.call('SADD', KEYS[3], tag) end  -- fast reclaim: who holds it
     recorded[#recorded + 1] = raw
   else
     redis.call('RPUSH', dead, raw)

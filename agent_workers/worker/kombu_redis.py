@@ -54,12 +54,22 @@ class QoS(kredis.QoS):
         else:
             super().append(message, delivery_tag)
 
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        # Fast reclaim (agent_workers/worker/reclaim.py): an ack, reject or restore also drops the holder's record.
+        with self.pipe_or_acquire(pipe) as pipe:
+            super()._remove_from_indices(delivery_tag, pipe)
+            if self.channel.reclaim_key:
+                pipe.srem(self.channel.reclaim_key, delivery_tag)
+            return pipe
+
 
 class Channel(kredis.Channel):
     """Redis channel whose blocking pop takes up to the free prefetch window at once."""
 
     QoS = QoS
     _bulk_pop: bool | None = None
+    #: Fast reclaim: this consumer's held set, set while its heartbeat runs (agent_workers/worker/reclaim.py).
+    reclaim_key: str | None = None
 
     def _can_bulk_pop(self) -> bool:
         if self._bulk_pop is None:
@@ -135,8 +145,10 @@ class Channel(kredis.Channel):
         in the unacked hash, from which the visibility-timeout sweep restores it. Envelopes that cannot be recorded
         go to the queue's dead-letter list (``<queue>.dead``) instead.
         """
+        held = self.reclaim_key  # fast reclaim: also record who holds each message
         reply = self._pop_script()(
-            keys=[self.unacked_index_key, self.unacked_key, *self._bulk_keys], args=[count, time(), DEAD_LETTER_SUFFIX]
+            keys=[self.unacked_index_key, self.unacked_key, held or self.unacked_key, *self._bulk_keys],
+            args=[count, time(), DEAD_LETTER_SUFFIX, "1" if held else ""],
         )
         if not reply:
             return []
@@ -241,6 +253,8 @@ def queue_depth(channel: Any, queue: str) -> int:
 
 #: kombu's hash of delivered, not yet acknowledged messages (every queue of the database).
 UNACKED_KEY: str = kredis.Channel.unacked_key
+#: kombu's index of unacknowledged delivery tags scored by delivery time, which its visibility sweep reads.
+UNACKED_INDEX_KEY: str = kredis.Channel.unacked_index_key
 
 
 def binding_key(queue: str) -> str:
