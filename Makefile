@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast node-modules bench lint format soak clean
+.PHONY: install demo test test-fast fuzz node-modules bench lint format soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,9 @@ node-modules:
 	elif ! command -v npm >/dev/null 2>&1; then \
 		echo "note: the Node.js producer test is skipped without Node.js (https://nodejs.org, or apt-get install nodejs npm)"; \
 	fi
+
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/fuzz -p no:cacheprovider
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit

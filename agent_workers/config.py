@@ -24,6 +24,7 @@ DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MIN_VERSION_WAIT_MS = 1000.0
 DEFAULT_RESULT_EXPIRES = 24 * 3600
 DEFAULT_VISIBILITY_TIMEOUT = 3600
+DEFAULT_RECLAIM_AFTER = 10
 DEFAULT_TASK_TIME_LIMIT = 600
 DEFAULT_KEEP_VERSIONS = 10
 #: Versions an applied update id is remembered for: ~100 bytes of Redis memory per id, so ~10 MiB per model.
@@ -81,6 +82,8 @@ class Settings:
         batch: the dynamic batching policy.
         result_expires: seconds a result stays in the backend.
         visibility_timeout: seconds before Redis redelivers an unacknowledged message.
+        reclaim_after: Redis broker: seconds without a heartbeat after which a worker counts as dead and its
+            unacknowledged messages go back to their queues (0: off; only the visibility timeout restores them).
         task_time_limit: hard time limit of one task, seconds.
         keep_versions: parameter versions kept per model before old blobs are collected.
         dedup_window: versions an applied update id is remembered for, so a redelivered step is applied once;
@@ -132,6 +135,7 @@ class Settings:
     batch: BatchSettings = dataclasses.field(default_factory=BatchSettings)
     result_expires: int = DEFAULT_RESULT_EXPIRES
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
+    reclaim_after: int = DEFAULT_RECLAIM_AFTER
     task_time_limit: int = DEFAULT_TASK_TIME_LIMIT
     keep_versions: int = DEFAULT_KEEP_VERSIONS
     dedup_window: int = DEFAULT_DEDUP_WINDOW
@@ -184,6 +188,7 @@ class Settings:
             batch=batch,
             result_expires=r.int("RESULT_EXPIRES", DEFAULT_RESULT_EXPIRES, minimum=1),
             visibility_timeout=r.int("VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=1),
+            reclaim_after=r.int("RECLAIM_AFTER", DEFAULT_RECLAIM_AFTER, minimum=0),
             task_time_limit=r.int("TASK_TIME_LIMIT", DEFAULT_TASK_TIME_LIMIT, minimum=1),
             keep_versions=r.int("KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, minimum=1),
             dedup_window=r.int("DEDUP_WINDOW", DEFAULT_DEDUP_WINDOW, minimum=1),

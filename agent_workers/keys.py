@@ -15,6 +15,8 @@ may touch them together::
     aw:model:{linear}:lock             the commit lock (lock mode only)
     aw:deliveries:<task id>            how often a redelivered predict request was tried alone (poison detection)
     aw:data:{<id>}:x / :y              a dataset uploaded for training
+    aw:reclaim:heartbeats              (broker Redis) sorted set: worker id -> its last heartbeat, Redis time
+    aw:reclaim:held:<worker id>        (broker Redis) set of the delivery tags that worker holds unacknowledged
 """
 
 from __future__ import annotations
@@ -64,3 +66,14 @@ class Keys:
 
     def dataset(self, dataset_id: str, part: str) -> str:
         return f"{self.namespace}:data:{{{dataset_id}}}:{part}"
+
+    def heartbeats(self) -> str:
+        """Broker Redis: every live consumer's last heartbeat (fast reclaim, agent_workers/worker/reclaim.py)."""
+        return f"{self.namespace}:reclaim:heartbeats"
+
+    def held(self, worker: str) -> str:
+        """Broker Redis: the delivery tags ``worker`` holds unacknowledged."""
+        return f"{self.held_prefix()}{worker}"
+
+    def held_prefix(self) -> str:
+        return f"{self.namespace}:reclaim:held:"

@@ -75,7 +75,16 @@ class Order(torch.nn.Module):
 
 register_architecture("order")(lambda *, in_features=2: Order())
 
-for _name, _cls in {"picky": Picky, "crashy": Crashy, "slow": Slow, "sleepy": Sleepy}.items():
+
+class Drowsy(Adder):
+    """Takes as many seconds as the largest second feature of its batch, on the worker's event loop (a long forward
+    pass: the worker must keep its heartbeat while it computes)."""
+
+    def check(self, x: torch.Tensor) -> None:
+        time.sleep(max(0.0, float(x[:, 1].max())))  # noqa: sleep-ok - the model under test simulating long work
+
+
+for _name, _cls in {"picky": Picky, "crashy": Crashy, "slow": Slow, "sleepy": Sleepy, "drowsy": Drowsy}.items():
     register_architecture(_name)(lambda *, in_features=2, _cls=_cls: _cls())  # noqa: B023 - bound by default
 
 

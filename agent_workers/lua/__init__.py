@@ -3,6 +3,8 @@
 * ``commit.lua``: the parameter store's compare-and-set commit (agent_workers/params.py);
 * ``pop_and_record.lua``: the Redis transport's atomic pop-and-record-as-unacknowledged
   (agent_workers/worker/kombu_redis.py);
+* ``heartbeat.lua`` and ``reclaim.lua``: fast reclaim's heartbeat and its sweep of dead workers' messages
+  (agent_workers/worker/reclaim.py);
 * ``store_result.lua``: the result writer's store-unless-final (agent_workers/worker/results.py).
 """
 

@@ -1,8 +1,10 @@
--- KEYS: 1 unacked index (zset), 2 unacked (hash), 3.. the queue lists in priority order
--- ARGV: 1 how many to pop, 2 now (the index score), 3 the dead-letter suffix (e.g. '.dead')
--- Pops up to ARGV[1] messages, from the first non-empty list on (so one pop spans priority levels, highest
--- first), and records each as unacknowledged, exactly as kombu's
--- QoS.append does ([payload, exchange, routing_key] under the delivery tag), in one atomic step.
+-- KEYS: 1 unacked index (zset), 2 unacked (hash), 3 this worker's held set (fast reclaim), 4.. the queue lists in
+--       priority order
+-- ARGV: 1 how many to pop, 2 now (the index score), 3 the dead-letter suffix (e.g. '.dead'), 4 '1' to record each
+--       tag in the held set KEYS[3] (fast reclaim, agent_workers/worker/reclaim.py), '' not to
+-- Pops up to ARGV[1] messages, from the first non-empty list on (so one pop spans priority levels, highest first),
+-- and records each as unacknowledged, exactly as kombu's QoS.append does ([payload, exchange, routing_key] under the
+-- delivery tag), in one atomic step.
 -- An envelope that cannot be recorded (not JSON, no properties, a delivery tag that is not a non-empty string: cjson
 -- decodes null to a truthy userdata, and true, {} or 5 would make ZADD fail after the pop) is moved to the
 -- dead-letter list '<queue><suffix>' instead: never lost, never delivered.
@@ -11,7 +13,7 @@
 -- left).
 local want = tonumber(ARGV[1])
 local lists = {}
-for i = 3, #KEYS do lists[#lists + 1] = KEYS[i] end
+for i = 4, #KEYS do lists[#lists + 1] = KEYS[i] end
 local sources, recorded, dropped = {}, {}, 0
 while want > 0 do
   local cmd = {'LMPOP', #lists}
@@ -37,6 +39,7 @@ while want > 0 do
       end
       redis.call('ZADD', KEYS[1], ARGV[2], tag)
       redis.call('HSET', KEYS[2], tag, '[' .. raw .. ', ' .. ex .. ', ' .. rk .. ']')
+      if ARGV[4] == '1' then redis.call('SADD', KEYS[3], tag) end  -- fast reclaim: who holds it
       sources[#sources + 1] = key
       recorded[#recorded + 1] = raw
     else

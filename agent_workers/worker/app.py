@@ -15,6 +15,7 @@ from agent_workers.datasets import DatasetStore
 from agent_workers.params import RedisParamStore
 from agent_workers.worker.bootsteps import BatcherStep, DeadLetterQueues, QueueDepthStep, StartupChecks
 from agent_workers.worker.inference import InferenceEngine
+from agent_workers.worker.reclaim import ReclaimStep
 
 
 class WorkerApp(Celery):
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
     app.conf.update(conf)
     app.steps["consumer"].add(BatcherStep)
     app.steps["consumer"].add(QueueDepthStep)
+    app.steps["consumer"].add(ReclaimStep)
     app.steps["worker"].add(StartupChecks)
     if quorum:
         app.steps["consumer"].add(DeadLetterQueues)

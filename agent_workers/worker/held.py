@@ -4,7 +4,7 @@ On a Redis broker an unacknowledged message is restored to its queue once it is 
 (kombu's ``QoS.restore_visible``), so a countdown longer than that timeout would be handed to another worker, held
 there too, and served once per holder. While this worker lives it keeps its held messages' entries in the unacked
 index fresh (a ``ZADD XX`` of the current time every quarter of the timeout): kombu's sweep leaves them alone, and
-if this worker dies, they come back one visibility timeout after its last touch, as any unacknowledged message does.
+if this worker dies, fast reclaim (reclaim.py) brings them back within seconds, as any unacknowledged message.
 """
 
 from __future__ import annotations

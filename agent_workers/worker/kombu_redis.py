@@ -58,12 +58,22 @@ class QoS(kredis.QoS):
         else:
             super().append(message, delivery_tag)
 
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        # Fast reclaim (agent_workers/worker/reclaim.py): an ack, reject or restore also drops the holder's record.
+        with self.pipe_or_acquire(pipe) as pipe:
+            super()._remove_from_indices(delivery_tag, pipe)
+            if self.channel.reclaim_key:
+                pipe.srem(self.channel.reclaim_key, delivery_tag)
+            return pipe
+
 
 class Channel(kredis.Channel):
     """Redis channel whose blocking pop takes up to the free prefetch window at once."""
 
     QoS = QoS
     _bulk_pop: bool | None = None
+    #: Fast reclaim: this consumer's held set, set while its heartbeat runs (agent_workers/worker/reclaim.py).
+    reclaim_key: str | None = None
 
     def _can_bulk_pop(self) -> bool:
         if self._bulk_pop is None:
@@ -130,13 +140,29 @@ class Channel(kredis.Channel):
                     continue
                 self.qos._recorded.add(tag)
                 self._queue_cycle.rotate(queue)
-                self.connection._deliver(payload, queue)
+                try:
+                    self.connection._deliver(payload, queue)
+                except Exception:  # noqa: BLE001 - an envelope kombu cannot read (body_encoding {}, bad base64...)
+                    # Raised before any strategy saw it (ours never raise): one message must not stop the worker.
+                    logger.exception(
+                        "cannot deliver an envelope from %s; moved to %s%s", queue, queue, DEAD_LETTER_SUFFIX
+                    )
+                    self.qos._recorded.discard(tag)
+                    self._dead_letter(queue, text, tag)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
             if drained:  # after the poll is over: a flush acknowledges on this channel's connection pool
                 idle.drained(self.connection.client)
+
+    def _dead_letter(self, queue: str, text: str, tag: str) -> None:
+        """Move a recorded envelope that cannot be delivered to ``<queue>.dead`` and forget it as unacknowledged (so
+        no sweep restores it to fail again)."""
+        with self.qos.pipe_or_acquire() as pipe:
+            pipe.rpush(queue + DEAD_LETTER_SUFFIX, text)
+            self.qos._remove_from_indices(tag, pipe)
+            pipe.execute()
 
     def _pop_and_record(self, count: int) -> tuple[list[tuple[str, str]], int]:
         """Pop up to ``count`` messages AND record them as unacknowledged, atomically (a Lua script), so no popped
@@ -147,8 +173,10 @@ class Channel(kredis.Channel):
         Returns:
             The popped (list key, envelope) pairs, and how many messages are left in all the lists.
         """
+        held = self.reclaim_key  # fast reclaim: also record who holds each message
         reply = self._pop_script()(
-            keys=[self.unacked_index_key, self.unacked_key, *self._bulk_keys], args=[count, time(), DEAD_LETTER_SUFFIX]
+            keys=[self.unacked_index_key, self.unacked_key, held or self.unacked_key, *self._bulk_keys],
+            args=[count, time(), DEAD_LETTER_SUFFIX, "1" if held else ""],
         )
         if not reply:
             return [], 0
@@ -249,6 +277,8 @@ def queue_depth(channel: Any, queue: str) -> int:
 
 #: kombu's hash of delivered, not yet acknowledged messages (every queue of the database).
 UNACKED_KEY: str = kredis.Channel.unacked_key
+#: kombu's index of unacknowledged delivery tags scored by delivery time, which its visibility sweep reads.
+UNACKED_INDEX_KEY: str = kredis.Channel.unacked_index_key
 
 
 def binding_key(queue: str) -> str:

@@ -1,0 +1,211 @@
+"""Fuzz the real worker (Hypothesis) on both brokers: generated header values, bodies, argument values and, on Redis,
+raw kombu envelopes pushed past the producer (``LPUSH``, through the Lua pop).
+
+Each example publishes a few hostile messages among three good ones in one go (one worker round trip per example)
+and checks the promises as properties:
+
+* every hostile message that carries a usable id reaches exactly one final state (SUCCESS, FAILURE or REVOKED);
+* every good batch-mate succeeds with the output torch computes locally from the stored parameters;
+* the worker never restarts (same pid);
+and, once all examples ran: nothing stays unacknowledged (Redis: no unacked entry of ours; RabbitMQ: the queue is
+empty), and no metrics series or Redis key grows with the number of bad messages.
+
+``HYPOTHESIS_PROFILE=long`` (``make fuzz``) runs 500 examples per broker instead of 25.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import torch
+from celery.result import AsyncResult
+from hypothesis import given
+from hypothesis import strategies as st
+from kombu import Connection
+
+from agent_workers.models import make_spec
+from agent_workers.worker.kombu_redis import UNACKED_KEY
+from tests.conftest import Pool, unique
+from tests.integration.test_envelope import _headers, publish_raw
+
+pytestmark = pytest.mark.integration
+
+FINAL = {"SUCCESS", "FAILURE", "REVOKED"}
+HEADERS = ("retries", "root_id", "parent_id", "group", "eta", "expires", "argsrepr", "kwargsrepr", "timelimit")
+
+
+def json_values(*, amqp: bool) -> st.SearchStrategy[Any]:
+    """Any JSON value a producer could put in a header or a body (AMQP tables cannot carry ints beyond 64 bits)."""
+    ints = st.integers(-(2**63), 2**63 - 1) if amqp else st.integers()
+    # AMQP: one header frame holds at most frame_max (128 KiB) bytes; RabbitMQ answers a larger one by closing the
+    # connection (INTERNAL_ERROR), before any worker sees it.
+    long = st.just("x" * (500 if amqp else 5000))
+    scalars = st.none() | st.booleans() | ints | st.floats() | st.text(max_size=300) | long
+    return st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    )
+
+
+def rows() -> st.SearchStrategy[Any]:
+    """Argument values for a 2-feature model: mostly wrong (lengths, types, NaN/inf, nesting)."""
+    floats = st.floats() | st.integers(-(2**70), 2**70)
+    return (
+        st.lists(floats, min_size=0, max_size=5)
+        | st.lists(st.lists(floats, max_size=3), max_size=3)
+        | st.text(max_size=20)
+        | st.none()
+        | st.dictionaries(st.text(max_size=4), floats, max_size=2)
+    )
+
+
+def hostile(model: str, *, amqp: bool) -> st.SearchStrategy[tuple[str, dict[str, Any], Any, bool]]:
+    """(kind, headers overrides, body, has a usable id)."""
+    values = json_values(amqp=amqp)
+    header = st.builds(
+        lambda h: ("header", h, [[model, [1.0, 2.0]], {}, {}], True),
+        st.dictionaries(st.sampled_from(HEADERS), values, min_size=1, max_size=3),
+    )
+    bad_id = st.builds(lambda v: ("id", {"id": v}, [[model, [1.0, 2.0]], {}, {}], False), values)
+    bad_task = st.builds(lambda v: ("task", {"task": v}, [[model, [1.0, 2.0]], {}, {}], False), values)
+    body = st.builds(lambda b: ("body", {}, b, True), values)
+    args = st.builds(
+        lambda name, row, kw: ("args", {}, [[name, row], kw, {}], True),
+        st.just(model) | st.text(max_size=30),
+        rows(),
+        st.just({}) | st.dictionaries(st.text(max_size=8), values, max_size=2),
+    )
+    return st.one_of(header, bad_id, bad_task, body, args)
+
+
+def envelopes(queue: str) -> st.SearchStrategy[tuple[dict[str, Any], bool]]:
+    """Raw kombu Redis envelopes, as kombu would push them, with generated parts replaced (``LPUSH``)."""
+    values = json_values(amqp=False)
+    return st.tuples(
+        st.dictionaries(
+            st.sampled_from(["delivery_tag", "body_encoding", "delivery_info", "priority", "content-type", "body"]),
+            values,
+            max_size=3,
+        ),
+        st.booleans(),
+    )
+
+
+def envelope(queue: str, task_id: str, model: str, replace: dict[str, Any]) -> str:
+    body = base64.b64encode(json.dumps([[model, [1.0, 2.0]], {}, {}]).encode()).decode()
+    env: dict[str, Any] = {
+        "body": body,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": _headers(task_id),
+        "properties": {
+            "correlation_id": task_id,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": queue, "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    for key, value in replace.items():
+        if key in ("body", "content-type"):
+            env[key] = value
+        else:
+            env["properties"][key] = value
+    return json.dumps(env)
+
+
+def final_state(pool: Pool, task_id: str) -> str:
+    result = AsyncResult(task_id, app=pool.client.app)
+    result.get(timeout=20, propagate=False)
+    return str(result.state)
+
+
+def series(pool: Pool) -> int:
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{pool.metrics_port}/metrics", timeout=5).text
+    return sum(len(f.samples) for f in text_string_to_metric_families(text) if f.name.startswith("agent_workers"))
+
+
+def namespace_keys(pool: Pool) -> int:
+    client = redis.Redis.from_url(pool.settings.params_url)
+    return sum(1 for _ in client.scan_iter(match=f"{pool.settings.namespace}:*", count=1000))
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)  # noqa: sleep-ok - poll interval of a deadline-bounded wait
+
+
+@pytest.mark.timeout(900)
+def test_no_message_can_hurt_another(pool: Pool) -> None:
+    amqp = not pool.settings.broker_is_redis
+    model = unique("fuzz")
+    pool.store.create(model, make_spec("linear", in_features=2))
+    snap = pool.store.read(model)
+    module = pool.store.spec(model, snap.epoch).build()
+    module.load_state_dict(snap.parameters())
+    pid = pool.worker.pid
+    prefix = f"fuzz-{uuid.uuid4().hex[:8]}-"
+    queue = pool.settings.inference_queue
+    broker = None if amqp else redis.Redis.from_url(pool.settings.broker_url)
+    seen = {"examples": 0, "bad": 0, "baseline": None}
+    good_rows = st.lists(st.floats(-1e3, 1e3, width=32), min_size=2, max_size=2)
+
+    @given(
+        bad=st.lists(hostile(model, amqp=amqp), min_size=1, max_size=4),
+        raw=st.lists(envelopes(queue), max_size=0 if amqp else 2),
+        good=st.lists(good_rows, min_size=3, max_size=3),
+    )
+    def example(bad: list[tuple[str, dict[str, Any], Any, bool]], raw: list[Any], good: list[list[float]]) -> None:
+        n = seen["examples"]
+        seen["examples"] += 1
+        good_ids = [f"{prefix}{n}-good-{i}" for i in range(len(good))]
+        bad_ids = [f"{prefix}{n}-bad-{i}" for i in range(len(bad))]
+        messages = [(_headers(task_id), [[model, row], {}, {}]) for task_id, row in zip(good_ids, good, strict=True)]
+        for task_id, (_kind, headers, body, _usable) in zip(bad_ids, bad, strict=True):
+            messages.insert(1, (_headers(task_id, **headers), body))
+        publish_raw(pool, messages)
+        if broker is not None:
+            for i, (replace, _) in enumerate(raw):
+                broker.lpush(queue, envelope(queue, f"{prefix}{n}-raw-{i}", model, replace))
+        seen["bad"] += len(bad) + len(raw)
+        outputs = [pool.client.wait(task_id, 20) for task_id in good_ids]
+        with torch.no_grad():
+            expected = module(torch.tensor(good, dtype=torch.float32)).numpy()
+        np.testing.assert_allclose([o["outputs"] for o in outputs], expected, rtol=1e-5, atol=1e-5)
+        for task_id, (kind, _h, _b, usable) in zip(bad_ids, bad, strict=True):
+            if usable:
+                assert final_state(pool, task_id) in FINAL, (kind, task_id)
+        assert pool.worker.pid == pid and pool.worker.proc.poll() is None, "the worker restarted"
+        if seen["baseline"] is None:
+            seen["baseline"] = (series(pool), namespace_keys(pool))
+
+    example()
+    # Nothing stays unacknowledged once every result is in (results are stored before the acks: wait for them).
+    if broker is not None:
+        wait_until(
+            lambda: not any(prefix.encode() in v for v in broker.hvals(UNACKED_KEY)), 30, "the acks of our messages"
+        )
+    else:
+        with Connection(pool.settings.broker_url) as conn:
+            wait_until(
+                lambda: conn.default_channel.queue_declare(queue, passive=True).message_count == 0, 30, "an empty queue"
+            )
+    # Nothing grows per bad message: at most a few series (outcome labels) and keys beyond the first example's.
+    assert seen["baseline"] is not None
+    base_series, base_keys = seen["baseline"]
+    assert series(pool) - base_series <= 40, f"{seen['bad']} bad messages"
+    assert namespace_keys(pool) - base_keys <= 5, f"{seen['bad']} bad messages"
+    print(f"\n[{pool.broker}] {seen['examples']} examples, {seen['bad']} hostile messages; worker pid unchanged")
