@@ -3,6 +3,7 @@ receiving, buffering and answering; results are stored (and messages acknowledge
 
 from __future__ import annotations
 
+import signal
 import uuid
 
 import numpy as np
@@ -15,6 +16,7 @@ from agent_workers.models import make_spec
 from tests import plugins_batching  # noqa: F401 - registers the test architectures here too
 from tests.conftest import Pool, unique
 from tests.integration.test_envelope import _headers, publish_raw
+from tests.integration.test_faults import wait_until
 from tests.plugins_batching import GATE, gate_keys
 
 pytestmark = pytest.mark.integration
@@ -53,3 +55,31 @@ def test_event_loop_receives_and_answers_while_a_batch_computes(broker: str, sta
     done = [AsyncResult(h.id, app=pool.client.app).date_done for h in (a, b, c)]
     assert done == sorted(done), f"results stored out of batch order: {done}"
     assert pool.metric("agent_workers_batch_size_count", {"model": model}) == 3
+
+
+def test_warm_shutdown_finishes_the_batches_in_flight_and_the_buffer(broker: str, start_pool) -> None:
+    pool: Pool = start_pool(broker, queues="inference", plugins="tests.plugins_batching", max_wait_ms=60_000)
+    model = unique("gated")
+    pool.store.create(model, make_spec("gated", in_features=2))
+    gate = redis.Redis.from_url(pool.settings.params_url)
+    entered, go = gate_keys(pool.settings.namespace)
+
+    def send(row: list[float]) -> AsyncResult:
+        return pool.client.app.send_task("agent_workers.predict", kwargs={"model": model, "inputs": row})
+
+    try:
+        a = send([GATE, 1.0])
+        assert gate.blpop([entered], timeout=RESULT_TIMEOUT), "batch A never reached its forward pass"
+        b, c = send([2.0, 3.0]), send([4.0, 5.0])  # B in flight behind A, C buffered
+        refused = str(uuid.uuid4())  # answered once the loop has taken B and C (one queue, in order)
+        publish_raw(pool, [(_headers(refused, retries="x"), [[], {"model": model, "inputs": [1.0, 1.0]}, {}])])
+        with pytest.raises(InputError):
+            pool.client.wait(refused, RESULT_TIMEOUT)
+        assert pool.worker.proc is not None
+        pool.worker.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "Warm shutdown" in pool.worker.log(), RESULT_TIMEOUT, "the worker to begin its shutdown")
+    finally:
+        gate.rpush(go, 1)
+    assert pool.worker.stop(timeout=RESULT_TIMEOUT) == 0
+    outputs = [pool.client.wait(h, 5)["outputs"] for h in (a, b, c)]
+    np.testing.assert_allclose(np.array(outputs).ravel(), [GATE + 1.0, 5.0, 9.0])
