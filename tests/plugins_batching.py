@@ -84,7 +84,36 @@ class Drowsy(Adder):
         time.sleep(max(0.0, float(x[:, 1].max())))  # noqa: sleep-ok - the model under test simulating long work
 
 
-for _name, _cls in {"picky": Picky, "crashy": Crashy, "slow": Slow, "sleepy": Sleepy, "drowsy": Drowsy}.items():
+#: A row whose first feature is this makes :class:`Gated` wait for the test.
+GATE = 1000.0
+
+
+def gate_keys(namespace: str) -> tuple[str, str]:
+    """Redis lists of :class:`Gated`: (pushed when a gated batch entered forward, pushed by the test to let it go)."""
+    return f"{namespace}:test:gate:entered", f"{namespace}:test:gate:open"
+
+
+class Gated(Adder):
+    """A batch with a :data:`GATE` row says so in Redis, then computes only once the test lets it go."""
+
+    def check(self, x: torch.Tensor) -> None:
+        if bool((x[:, 0] == GATE).any()):
+            import redis
+
+            client = redis.Redis.from_url(os.environ["AGENT_WORKERS_PARAMS_URL"])
+            entered, go = gate_keys(os.environ["AGENT_WORKERS_NAMESPACE"])
+            client.rpush(entered, 1)
+            client.blpop([go], timeout=60)  # bounded, so a failed test never leaves a worker stuck
+
+
+for _name, _cls in {
+    "picky": Picky,
+    "crashy": Crashy,
+    "slow": Slow,
+    "sleepy": Sleepy,
+    "drowsy": Drowsy,
+    "gated": Gated,
+}.items():
     register_architecture(_name)(lambda *, in_features=2, _cls=_cls: _cls())  # noqa: B023 - bound by default
 
 

@@ -110,7 +110,8 @@ class _Strategies(dict):  # type: ignore[type-arg]
 
 
 class BatcherStep(bootsteps.StartStopStep):
-    """Consumer bootstep: on warm shutdown (SIGTERM), serve the half-filled batch before the channel closes.
+    """Consumer bootstep: on warm shutdown (SIGTERM), finish the batches in flight and serve the half-filled batch
+    before the channel closes.
 
     Without it the buffered messages would simply be redelivered (they are unacknowledged), which is safe but slow;
     with it they finish here. After a lost connection the flush still stores results, and the failed acks only
@@ -128,9 +129,7 @@ class BatcherStep(bootsteps.StartStopStep):
 
     def stop(self, c: Any) -> None:
         for intake in live_intakes(c.app):
-            if intake.pending:
-                log.info("shutting down: serving %d buffered %s requests", len(intake.pending), intake.task.name)
-                intake.flush()
+            intake.drain()  # the batches in flight, then the buffered requests, each stored and acknowledged
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)

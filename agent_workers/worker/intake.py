@@ -4,7 +4,9 @@ oldest request waited ``max_wait_ms``); every request then gets its own result (
 its retry, its ack (in bulk) and its Flower events.
 
 A subclass decides how a batch is served (:meth:`Intake._serve`): :class:`~agent_workers.worker.batcher.Batcher`
-runs forward passes. Acks come after results (at-least-once).
+runs forward passes. Serving runs in the intake's compute thread (:mod:`~agent_workers.worker.pipeline`, depth 2 by
+default), so the event loop keeps receiving and buffering the next batch meanwhile; results, retries, acks and events
+stay on the loop, in the order of the batches. Acks come after results (at-least-once).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from agent_workers.errors import InputError
 from agent_workers.worker import idle, metrics, redelivery
 from agent_workers.worker.held import HeldMessages
 from agent_workers.worker.kombu_redis import ack_all
+from agent_workers.worker.pipeline import Job, Pipeline
 from agent_workers.worker.policy import BatchPolicy
 from agent_workers.worker.reporting import Reporter
 from agent_workers.worker.requests import Pending, check_headers, decode_body, parse_time, usable_id
@@ -62,6 +65,14 @@ class Intake:
         # then flushes at once instead of waiting out max_wait for company that is not coming.
         self._connection = getattr(consumer, "connection", None)
         self._idle = False
+        self._deferred = False  # a flush found the pipeline full: flush when a batch is done
+        self.pipeline = Pipeline(
+            depth=getattr(policy.settings, "pipeline_depth", 1),
+            hub=getattr(consumer, "hub", None),
+            finish=self._finish,
+            on_free=self._on_free,
+            name=getattr(task, "name", "intake"),
+        )
         if policy.settings.flush_when_idle:
             idle.subscribe(self._connection, self.on_drained)
 
@@ -71,6 +82,15 @@ class Intake:
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
+        self.pipeline.close()
+
+    def drain(self) -> None:
+        """Warm shutdown (event loop, blocking): serve what is buffered and finish every batch in flight."""
+        self.pipeline.drain()
+        if self.pending:
+            log.info("shutting down: serving %d buffered %s requests", len(self.pending), self.task.name)
+            self.flush()
+        self.pipeline.drain()
 
     # -- receive --------------------------------------------------------------------------------------------------
 
@@ -210,13 +230,18 @@ class Intake:
     # -- flush ----------------------------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Serve everything buffered now. Never raises: a request's fault stays with that request."""
+        """Serve everything buffered now, or as soon as a batch in flight is done when ``pipeline_depth`` batches
+        are. Never raises: a request's fault stays with that request."""
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
-        batch, self.pending = self.pending, []
-        if not batch:
+        if not self.pending:
             return
+        if self.pipeline.full:  # keep buffering (up to the prefetch window) until the compute thread is free
+            self._deferred = True
+            return
+        self._deferred = False
+        batch, self.pending = self.pending, []
         try:
             self._flush(batch)
         except Exception:  # noqa: BLE001 - last resort; unanswered requests stay unacknowledged and come back
@@ -228,21 +253,32 @@ class Intake:
         except Exception:  # noqa: BLE001 - events are for Flower; never worth a request
             log.exception("announcing a batch of %d failed", len(batch))
         batch = redelivery.skip_answered(self.writer, batch)
+        if batch:
+            self.pipeline.submit(self._job(batch))
+
+    def _job(self, batch: list[Pending]) -> Job:
+        """Serve ``batch`` (in the compute thread): its outcomes, then each deferred request's, alone, once
+        everything before it was stored and acknowledged on the event loop."""
         later: list[Any] = []
         try:
             outcomes, later = self._serve(batch)
         except Exception as exc:  # noqa: BLE001 - never lose a batch to a bug: fail each request with the reason
             log.exception("batch of %d failed unexpectedly", len(batch))
             outcomes = [Outcome(r, states.FAILURE, exc) for r in batch]
-        self._finish(outcomes)
-        for item in later:
+        yield outcomes, bool(later)
+        for i, item in enumerate(later):
             try:
                 outcomes = self._serve_later(item)
             except Exception as exc:  # noqa: BLE001
                 request = item[-1][0] if isinstance(item, tuple) else None
                 log.exception("a deferred request failed unexpectedly")
                 outcomes = [Outcome(request, states.FAILURE, exc)] if request is not None else []
-            self._finish(outcomes)
+            yield outcomes, i < len(later) - 1
+
+    def _on_free(self) -> None:
+        """A batch in flight is done: the flush it held back goes now."""
+        if self._deferred and self.pending:
+            self.flush()
 
     def _serve(self, batch: list[Pending]) -> tuple[list[Outcome], list[Any]]:
         """Serve a batch: the outcomes to store now, and items for :meth:`_serve_later` once those are acked."""
@@ -281,6 +317,10 @@ class Intake:
     def _finish(self, outcomes: list[Outcome]) -> None:
         """Store results in one round trip, then publish retries, then ack in bulk, then announce (results before
         acks: at-least-once; a result that was already final is kept, and the message acknowledged)."""
+        try:
+            self.reporter.send_kept()
+        except Exception:  # noqa: BLE001 - events are for Flower
+            log.exception("sending kept events failed")
         if not outcomes:
             return
         try:

@@ -3,6 +3,9 @@ request counter, labelled only with models the store holds."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from typing import Any
 
 from celery import states
@@ -13,17 +16,33 @@ from agent_workers.worker.results import Outcome, short_repr
 
 
 class Reporter:
-    """Sends a batch's task events and counts its outcomes."""
+    """Sends a batch's task events and counts its outcomes.
+
+    Events are published on the thread that built the reporter (the event loop): one sent from the compute thread
+    (``task-started``) is kept, with its time, until the loop sends it with the batch's outcomes (:meth:`send_kept`).
+    """
 
     def __init__(self, *, eventer: Any, labels: metrics.ModelLabels) -> None:
         self.eventer = eventer
         self.labels = labels
+        self._loop = threading.get_ident()
+        self._kept: deque[tuple[str, Any, dict[str, Any]]] = deque()
 
     def event(self, type_: str, req: Any, **fields: Any) -> None:
         """Send one task event (buffered by the dispatcher's 'task' group and sent as one message per group)."""
         eventer = self.eventer
         if eventer is not None and eventer.enabled:
+            if threading.get_ident() != self._loop:  # the dispatcher's producer is not thread-safe
+                fields.setdefault("timestamp", time.time())
+                self._kept.append((type_, req, fields))
+                return
             eventer.send(type_, uuid=req.id, **fields)
+
+    def send_kept(self) -> None:
+        """Event loop: send the events kept from the compute thread, in order."""
+        while self._kept:
+            type_, req, fields = self._kept.popleft()
+            self.event(type_, req, **fields)
 
     def announce(self, batch: list[Any]) -> None:
         """``task-received`` for each request of a batch, sent at flush rather than on arrival: events are published

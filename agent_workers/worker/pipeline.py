@@ -1,0 +1,154 @@
+"""The compute pipeline of an intake: forward passes in their own thread, everything else on the event loop.
+
+A batch computed on the consumer's event loop stops the loop: no message is received, decoded or buffered, no
+result stored and no ack sent while it runs. With a pipeline of depth 2 (``AGENT_WORKERS_PIPELINE_DEPTH``, the
+default) the loop hands batch *k* to the compute thread and goes on receiving and buffering batch *k + 1*, which it
+hands over as soon as *k* is done; depth 1 computes on the loop itself, as before.
+
+A job is a generator that runs in the compute thread. Each value it yields is ``(outcomes, wait)``: the outcomes go
+back to the event loop, which stores, publishes retries, acknowledges and reports them (kombu channels are not
+thread-safe, so every ack stays on the loop). ``wait`` makes the compute thread wait until the loop has done so;
+redelivered requests are served alone only once the rest of their flush was stored and acknowledged. One compute
+thread serves the jobs in the order they were submitted and the loop finishes their outcomes in the order they were
+yielded, so results and acks follow the order of the batches.
+
+The compute thread wakes the loop with the hub's thread-safe ``call_soon``. A consumer without a hub (Celery's
+blocking ``synloop``) has no way to be woken, so its pipeline runs every job inline, as depth 1 does.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: A job: yields ``(outcomes, wait)`` pairs from the compute thread.
+Job = Iterator[tuple[list[Any], bool]]
+
+DEFAULT_DEPTH = 2
+_DONE = object()
+
+
+class Pipeline:
+    """Runs jobs in one compute thread, at most ``depth`` at a time, and finishes their outcomes on the event loop.
+
+    Args:
+        depth: jobs in flight at once (submitted and not yet finished); 1 runs each job inline.
+        hub: the consumer's kombu hub, woken with ``call_soon`` (None: inline).
+        finish: called on the event loop with each yielded list of outcomes, in order.
+        on_free: called on the event loop each time a job is done (a flush that found the pipeline full can go).
+    """
+
+    def __init__(
+        self, *, depth: int, hub: Any, finish: Callable[[list[Any]], None], on_free: Callable[[], None], name: str
+    ) -> None:
+        self.depth = max(1, depth) if hub is not None else 1
+        self.in_flight = 0
+        self._hub = hub
+        self._finish = finish
+        self._on_free = on_free
+        self._name = name
+        self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._back: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._waiting: set[threading.Event] = set()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def full(self) -> bool:
+        """True when ``depth`` jobs are in flight: the next flush waits (the prefetch window bounds the buffer)."""
+        return self.depth > 1 and self.in_flight >= self.depth
+
+    def submit(self, job: Job) -> None:
+        """Run ``job``: in the compute thread, or now on the calling (event-loop) thread when the depth is 1."""
+        if self.depth <= 1 or self._closed:
+            for outcomes, _wait in _guarded(job):
+                self._finish(outcomes)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"compute-{self._name}", daemon=True)
+            self._thread.start()
+        self.in_flight += 1
+        self._work.put(job)
+
+    def pump(self) -> None:
+        """Event loop: finish whatever the compute thread handed back. Never raises."""
+        while True:
+            try:
+                item = self._back.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(item)
+
+    def drain(self) -> None:
+        """Event loop, blocking (warm shutdown): finish every job in flight, stored and acknowledged."""
+        self.pump()
+        while self.in_flight:
+            self._handle(self._back.get())
+
+    def close(self) -> None:
+        """Stop the compute thread once the submitted jobs are done; it no longer waits for the loop.
+
+        A closed pipeline belongs to a replaced intake (the consumer reconnected): its outcomes are still stored
+        whenever the old loop callbacks run, and their messages, on a dead channel, are redelivered and skipped.
+        """
+        self._closed = True
+        for event in list(self._waiting):
+            event.set()
+        if self._thread is not None:
+            self._work.put(None)
+
+    # -- compute thread ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._work.get()
+            if job is None:
+                return
+            for outcomes, wait in _guarded(job):
+                event = threading.Event() if wait and not self._closed else None
+                if event is not None:
+                    self._waiting.add(event)
+                self._post((outcomes, event))
+                if event is not None:
+                    event.wait()
+                    self._waiting.discard(event)
+            self._post(_DONE)
+
+    def _post(self, item: Any) -> None:
+        self._back.put(item)
+        try:
+            self._hub.call_soon(self.pump)
+        except Exception:  # noqa: BLE001 - the next flush or drain pumps it instead
+            log.warning("cannot wake the event loop", exc_info=True)
+
+    # -- event loop ----------------------------------------------------------------------------------------------
+
+    def _handle(self, item: Any) -> None:
+        if item is _DONE:
+            self.in_flight -= 1
+            try:
+                self._on_free()
+            except Exception:  # noqa: BLE001 - a flush fault must not stop the event loop
+                log.exception("flushing after a finished batch failed")
+            return
+        outcomes, event = item
+        try:
+            self._finish(outcomes)
+        except Exception:  # noqa: BLE001 - _finish never raises; last resort, the messages stay unacked
+            log.exception("finishing %d outcomes failed unexpectedly", len(outcomes))
+        finally:
+            if event is not None:
+                event.set()
+
+
+def _guarded(job: Job) -> Iterator[tuple[list[Any], bool]]:
+    """The values of ``job``; a bug that escapes it ends that job alone (its unanswered messages come back)."""
+    try:
+        yield from job
+    except Exception:  # noqa: BLE001 - last resort: the compute thread must outlive any job
+        log.exception("a batch job failed unexpectedly")
