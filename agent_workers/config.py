@@ -60,9 +60,10 @@ class BatchSettings:
         latency_target_ms: the per-request latency goal of the adaptive mode, in milliseconds.
         flush_when_idle: flush as soon as the broker has nothing more to hand over instead of waiting out
             ``max_wait_ms`` (``AGENT_WORKERS_FLUSH_WHEN_IDLE``, on by default).
-        pipeline_depth: batches in flight at once: with 2 (the default) the event loop receives and buffers the next
-            batch while one computes in the compute thread; 1 computes on the event loop itself
-            (``AGENT_WORKERS_PIPELINE_DEPTH``).
+        pipeline_depth: batches in flight at once: with 2 the event loop receives and buffers the next batch while
+            one computes in the compute thread; 1 computes on the event loop itself; 0 (the default) picks 2 on a
+            CUDA device, where compute leaves the CPU free for messaging, and 1 on CPU, where the two would only
+            fight over the same cores (``AGENT_WORKERS_PIPELINE_DEPTH``).
     """
 
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
@@ -70,7 +71,7 @@ class BatchSettings:
     mode: str = "fixed"
     latency_target_ms: float = 50.0
     flush_when_idle: bool = True
-    pipeline_depth: int = 2
+    pipeline_depth: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -182,7 +183,7 @@ class Settings:
             mode=r.choice("BATCH_MODE", "fixed", _BATCH_MODES),
             latency_target_ms=r.float("LATENCY_TARGET_MS", 50.0, minimum=0.1),
             flush_when_idle=r.bool("FLUSH_WHEN_IDLE", True),
-            pipeline_depth=r.int("PIPELINE_DEPTH", 2, minimum=1),
+            pipeline_depth=r.int("PIPELINE_DEPTH", 0, minimum=0),
         )
         settings = cls(
             broker_url=r.url("BROKER_URL", DEFAULT_BROKER_URL, _BROKER_SCHEMES),

@@ -67,7 +67,7 @@ class Intake:
         self._idle = False
         self._deferred = False  # a flush found the pipeline full: flush when a batch is done
         self.pipeline = Pipeline(
-            depth=getattr(policy.settings, "pipeline_depth", 1),
+            depth=pipeline_depth(app, getattr(policy.settings, "pipeline_depth", 1)),
             hub=getattr(consumer, "hub", None),
             finish=self._finish,
             on_free=self._on_free,
@@ -355,3 +355,12 @@ def register(app: Any, name: str, intake: Intake) -> Intake:
 def live_intakes(app: Any) -> list[Intake]:
     """The intakes serving ``app``'s consumer now (the warm-shutdown step flushes them)."""
     return list(_live.get(id(app), {}).values())
+
+
+def pipeline_depth(app: Any, setting: int) -> int:
+    """``AGENT_WORKERS_PIPELINE_DEPTH``, with 0 resolved by the worker's device: 2 on CUDA, 1 on CPU."""
+    if setting:
+        return setting
+    engine = getattr(app, "engine", None)
+    device = getattr(engine, "device", None)
+    return 2 if getattr(device, "type", "cpu") == "cuda" else 1

@@ -26,7 +26,9 @@ RESULT_TIMEOUT = 30
 
 def test_event_loop_receives_and_answers_while_a_batch_computes(broker: str, start_pool) -> None:
     # max_wait far beyond any timeout: every flush below happens because the broker went idle
-    pool: Pool = start_pool(broker, queues="inference", plugins="tests.plugins_batching", max_wait_ms=60_000)
+    pool: Pool = start_pool(
+        broker, queues="inference", plugins="tests.plugins_batching", max_wait_ms=60_000, pipeline_depth=2
+    )
     assert pool.settings.batch.pipeline_depth == 2
     model = unique("gated")
     pool.store.create(model, make_spec("gated", in_features=2))
@@ -58,7 +60,9 @@ def test_event_loop_receives_and_answers_while_a_batch_computes(broker: str, sta
 
 
 def test_warm_shutdown_finishes_the_batches_in_flight_and_the_buffer(broker: str, start_pool) -> None:
-    pool: Pool = start_pool(broker, queues="inference", plugins="tests.plugins_batching", max_wait_ms=60_000)
+    pool: Pool = start_pool(
+        broker, queues="inference", plugins="tests.plugins_batching", max_wait_ms=60_000, pipeline_depth=2
+    )
     model = unique("gated")
     pool.store.create(model, make_spec("gated", in_features=2))
     gate = redis.Redis.from_url(pool.settings.params_url)
