@@ -173,6 +173,35 @@ def split_state(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return params, {k: v for k, v in tensors.items() if not k.startswith(PARAM_PREFIX)}
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodedVersion:
+    """One version as it is stored: the parameters' blob and the optimizer state's (if any), cut into chunks; the
+    first ``param_chunks`` chunks hold the parameters."""
+
+    blob: bytearray
+    state_blob: bytearray | None
+    chunks: list[memoryview]
+    param_chunks: int
+
+    @classmethod
+    def of(
+        cls, tensors: dict[str, torch.Tensor], *, model: str, version: int, epoch: str, chunk_bytes: int
+    ) -> EncodedVersion:
+        params, opt_state = split_state(tensors)
+        blob = encode_blob(params, model=model, version=version, epoch=epoch)
+        chunks = split_chunks(blob, chunk_bytes)
+        param_chunks = len(chunks)
+        state_blob = encode_blob(opt_state, model=model, version=version, epoch=epoch) if opt_state else None
+        if state_blob is not None:
+            chunks += split_chunks(state_blob, chunk_bytes)
+        return cls(blob, state_blob, chunks, param_chunks)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and optimizer state as views of the encoded bytes (what a commit caches: later in-place
+        changes by the caller cannot leak in)."""
+        return {**decode_blob(self.blob), **(decode_blob(self.state_blob) if self.state_blob is not None else {})}
+
+
 def split_chunks(data: bytes, chunk_bytes: int) -> list[memoryview]:
     """Cut ``data`` into views of at most ``chunk_bytes`` (at least one, even when empty); no copies."""
     view = memoryview(data)

@@ -35,6 +35,7 @@ import redis
 from agent_workers import lua, maintenance
 from agent_workers.blobs import (
     PARAM_PREFIX,
+    EncodedVersion,
     Snapshot,
     SnapshotCache,
     blob_metadata,
@@ -42,7 +43,6 @@ from agent_workers.blobs import (
     decode_blob,
     encode_blob,
     split_chunks,
-    split_state,
 )
 from agent_workers.config import DEFAULT_CHUNK_BYTES, DEFAULT_DEDUP_WINDOW, DEFAULT_LOCK_TIMEOUT, Settings
 from agent_workers.errors import ConfigError, ModelError, StoreError, StoreUnavailableError
@@ -359,13 +359,8 @@ class RedisParamStore:
             StoreUnavailableError: Redis unreachable, staged chunks evicted, or the AOF fsync not confirmed.
         """
         new = expected + 1
-        params, opt_state = split_state(tensors)
-        blob = encode_blob(params, model=name, version=new, epoch=epoch)
-        chunks = split_chunks(blob, self.chunk_bytes)
-        param_chunks = len(chunks)
-        state_blob = encode_blob(opt_state, model=name, version=new, epoch=epoch) if opt_state else None
-        if state_blob is not None:
-            chunks += split_chunks(state_blob, self.chunk_bytes)
+        encoded = EncodedVersion.of(tensors, model=name, version=new, epoch=epoch, chunk_bytes=self.chunk_bytes)
+        chunks = encoded.chunks
         staging = chunk_keys(self.keys.staging(name, uuid.uuid4().hex), len(chunks))
         targets = chunk_keys(self.keys.blob(name, new), len(chunks))
         record = json.dumps(
@@ -396,7 +391,7 @@ class RedisParamStore:
                     self.dedup_window,
                     self.keys.blob_prefix(name),
                     HISTORY_LENGTH,
-                    param_chunks,
+                    encoded.param_chunks,
                     *more_ids,
                 ],
             )
@@ -413,16 +408,8 @@ class RedisParamStore:
             # Keep what we just wrote: the next read of this version costs no download. Decoding the bytes we
             # sent (not keeping ``tensors``) means later in-place changes by the caller cannot leak in.
             hint = self._cache.get(name)
-            self._cache.remember(
-                Snapshot(
-                    name,
-                    new,
-                    epoch,
-                    {**decode_blob(blob), **(decode_blob(state_blob) if state_blob is not None else {})},
-                    new if barrier else (hint.barrier if hint else 0),
-                    blob_metadata(blob),
-                )
-            )
+            barrier_at = new if barrier else (hint.barrier if hint else 0)
+            self._cache.remember(Snapshot(name, new, epoch, encoded.tensors(), barrier_at, blob_metadata(encoded.blob)))
         if self.wait_aof and result.outcome is not CommitOutcome.CONFLICT:
             # A duplicate too: the first delivery may have died between its commit and its fsync.
             self._wait_aof(name, result.version)

@@ -34,59 +34,21 @@ from celery import Celery
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 
-from agent_workers import errors, wire
+from agent_workers.client.failures import error_from, outcome, unwrap_celery
+from agent_workers.client.messages import plain, predict_parts, producer_app
 from agent_workers.client.publisher import Publisher, PublishError
 from agent_workers.client.results import ResultReader
 from agent_workers.config import Settings
-from agent_workers.contract import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP, declare_queue, task_routes
+from agent_workers.contract import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP
 from agent_workers.datasets import DEFAULT_TTL, DatasetStore, epoch_batches
-from agent_workers.errors import AgentWorkersError
 from agent_workers.wire import Envelope
 
 DEFAULT_TIMEOUT = 60.0
 #: Seconds between two looks at a running fit's ``PROGRESS`` meta.
 PROGRESS_POLL_INTERVAL = 0.25
-KWARGSREPR_LIMIT = 120
-_ERRORS: dict[str, type[AgentWorkersError]] = {name: getattr(errors, name) for name in errors.__all__}
 _REDIS_URL_SCHEMES = {"redis", "rediss", "unix"}
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "PublishError", "ResultTimeout", "producer_app"]
-
-
-def producer_app(settings: Settings) -> Celery:
-    """A minimal Celery app for producing: JSON only, our routes, our result backend."""
-    app = Celery(
-        "agent_workers_client", broker=settings.broker_url, backend=settings.result_backend, set_as_current=False
-    )
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_routes=task_routes(settings),
-        task_queues=[
-            declare_queue(settings.inference_queue, settings.queue_type),
-            declare_queue(settings.training_queue, settings.queue_type),
-        ],
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        broker_connection_retry_on_startup=True,
-    )
-    if urlparse(settings.broker_url).scheme == "sentinel":
-        app.conf.broker_transport_options["master_name"] = settings.sentinel_master
-    if urlparse(settings.result_backend).scheme == "sentinel":
-        app.conf.result_backend_transport_options = {"master_name": settings.sentinel_master}
-    return app
-
-
-def _predict_parts(model_json: str, model: str, inputs: Any, version: int | None) -> tuple[bytes, str]:
-    """Body and kwargs repr of one ``agent_workers.predict`` message (kwargs: model, inputs[, version])."""
-    if hasattr(inputs, "tolist"):  # numpy arrays and scalars
-        inputs = inputs.tolist()
-    inputs_json = json.dumps(inputs)
-    extra = "" if version is None else f', "version": {int(version)}'
-    body = wire.body("[]", f'{{"model": {model_json}, "inputs": {inputs_json}{extra}}}')
-    shown = inputs_json if len(inputs_json) <= KWARGSREPR_LIMIT else inputs_json[: KWARGSREPR_LIMIT - 3] + "..."
-    return body, f"{{'model': {model!r}, 'inputs': {shown}{extra.replace(chr(34), chr(39))}}}"
 
 
 class Client:
@@ -152,7 +114,7 @@ class Client:
         model_json = json.dumps(model)
         items = []
         for row in rows:
-            body, kwrepr = _predict_parts(model_json, model, row, version)
+            body, kwrepr = predict_parts(model_json, model, row, version)
             items.append((str(uuid.uuid4()), body, kwrepr))
         when = None
         if expires is not None:
@@ -207,7 +169,7 @@ class Client:
     def send_predict_many(
         self, model: str, rows: Sequence[Sequence[float]], *, version: int | None = None
     ) -> AsyncResult:
-        kwargs: dict[str, Any] = {"model": model, "inputs": [_plain(r) for r in rows]}
+        kwargs: dict[str, Any] = {"model": model, "inputs": [plain(r) for r in rows]}
         if version is not None:
             kwargs["version"] = version
         return self.app.send_task(PREDICT_MANY, kwargs=kwargs)
@@ -244,7 +206,7 @@ class Client:
         if dataset is not None:
             kwargs.update(dataset=dataset, rows=[int(r) for r in rows or ()])
         else:
-            kwargs.update(x=_plain(x), y=_plain(y))
+            kwargs.update(x=plain(x), y=plain(y))
         if update_id is not None:
             kwargs["update_id"] = update_id
         return self.app.send_task(TRAIN_STEP, kwargs=kwargs)
@@ -413,45 +375,14 @@ class Client:
         return [self._outcome(meta, task_id, return_exceptions) for meta, task_id in zip(metas, ids, strict=True)]
 
     def _outcome(self, meta: dict[str, Any], task_id: str, return_exceptions: bool) -> Any:
-        if meta["status"] == "SUCCESS":
-            return meta["result"]
-        error = self.error_from(meta["result"])
-        error.task_id = task_id  # type: ignore[attr-defined]
-        if return_exceptions:
-            return error
-        raise error
+        return outcome(self.app, meta, task_id, return_exceptions)
 
     def _unwrap_celery(self, handle: AsyncResult, timeout: float, return_exceptions: bool) -> Any:
-        try:
-            return handle.get(timeout=timeout, disable_sync_subtasks=False)
-        except ResultTimeout:
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped to ours or handed back as is
-            mapped = _ERRORS.get(type(exc).__name__)
-            error = mapped(*exc.args) if mapped is not None and not isinstance(exc, mapped) else exc
-            if return_exceptions:
-                return error
-            raise error from (exc if error is not exc else None)
+        return unwrap_celery(handle, timeout, return_exceptions)
 
     def error_from(self, payload: Any) -> BaseException:
-        """The exception a stored failure stands for: ours by class name, anything else as Celery rebuilds it.
-
-        ``payload`` is Celery's failure format ``{"exc_type", "exc_message", "exc_module"}`` (docs/tasks.md).
-        """
-        if isinstance(payload, dict):
-            cls = _ERRORS.get(str(payload.get("exc_type")))
-            if cls is not None and payload.get("exc_module", errors.__name__) == errors.__name__:
-                args = payload.get("exc_message")
-                args = list(args) if isinstance(args, (list, tuple)) else [args]
-                try:
-                    return cls(*args)
-                except TypeError:
-                    return cls(" ".join(map(str, args)))
-        try:
-            exc = self.app.backend.exception_to_python(payload)
-        except Exception as err:  # noqa: BLE001 - an unknown or malformed payload still tells what happened
-            return RuntimeError(f"task failed: {payload!r} ({err})")
-        return exc if isinstance(exc, BaseException) else RuntimeError(f"task failed: {payload!r}")
+        """The exception a stored failure stands for (:func:`agent_workers.client.failures.error_from`)."""
+        return error_from(self.app, payload)
 
     # -- asyncio --------------------------------------------------------------------------------------------------
 
@@ -500,12 +431,3 @@ class Client:
         """asyncio variant of :meth:`fit`."""
         handle = await asyncio.to_thread(self.send_fit, model, dataset, **kwargs)
         return (await self.collect_async([handle.id], timeout))[0]
-
-
-def _plain(value: Any) -> Any:
-    """numpy arrays to lists, so the JSON serializer takes them."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -57,7 +57,7 @@ def wait_for_files(paths: list[Path], proc: subprocess.Popen[bytes], log: Path) 
             pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"not ready after {READY_TIMEOUT}s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.05)  # a poll interval, not a synchronisation
+        time.sleep(0.05)  # noqa: sleep-ok - a poll interval bounded by a deadline, not a synchronisation
 
 
 @pytest.fixture

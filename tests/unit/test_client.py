@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from celery import Celery
 
-from agent_workers.client import Client, _predict_parts
+from agent_workers.client import Client
+from agent_workers.client.messages import predict_parts
 from agent_workers.config import Settings
 from agent_workers.errors import InputError, ModelError, StoreUnavailableError, VersionConflictError
 from agent_workers.wire import Envelope, redis_envelope
@@ -37,7 +38,7 @@ def kombu_message(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_redis_envelope_has_exactly_the_fields_and_types_kombu_writes() -> None:
-    body, kwrepr = _predict_parts(json.dumps("house"), "house", [0.5, -1.0, 2.0], None)
+    body, kwrepr = predict_parts(json.dumps("house"), "house", [0.5, -1.0, 2.0], None)
     ours = json.loads(Envelope(task=TASK, queue=QUEUE, reply_to="r-1").redis("id-1", body, "()", kwrepr))
     theirs = kombu_message({"model": "house", "inputs": [0.5, -1.0, 2.0]})
 
@@ -63,14 +64,14 @@ def test_redis_envelope_has_exactly_the_fields_and_types_kombu_writes() -> None:
 
 
 def test_predict_parts_encode_numpy_versions_and_a_short_kwargs_repr() -> None:
-    body, kwrepr = _predict_parts(json.dumps("m"), "m", np.arange(3, dtype=np.float32), 7)
+    body, kwrepr = predict_parts(json.dumps("m"), "m", np.arange(3, dtype=np.float32), 7)
     assert json.loads(body) == [
         [],
         {"model": "m", "inputs": [0.0, 1.0, 2.0], "version": 7},
         {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
     ]
     assert kwrepr == "{'model': 'm', 'inputs': [0.0, 1.0, 2.0], 'version': 7}"
-    _, long_repr = _predict_parts(json.dumps("m"), "m", [0.123456789] * 1000, None)
+    _, long_repr = predict_parts(json.dumps("m"), "m", [0.123456789] * 1000, None)
     assert len(long_repr) < 160 and long_repr.endswith("...}")
 
 
@@ -86,7 +87,7 @@ def test_envelope_carries_expires() -> None:
 
 def test_amqp_message_has_exactly_the_headers_and_properties_celery_sends() -> None:
     envelope = Envelope(task=TASK, queue=QUEUE, reply_to="client-1")
-    body, kwrepr = _predict_parts(json.dumps("house"), "house", [0.5, -1.0], None)
+    body, kwrepr = predict_parts(json.dumps("house"), "house", [0.5, -1.0], None)
     ours = envelope.message("id-9", body, "()", kwrepr, "2026-01-01T00:00:00+00:00")
     app = Celery("unit", broker="memory://", backend="disabled://", set_as_current=False)
     headers, properties, theirs_body, _ = app.amqp.as_task_v2(

@@ -1,0 +1,60 @@
+"""The producer's Celery app and the messages it builds without Celery: predict bodies and their reprs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlparse
+
+from celery import Celery
+
+from agent_workers import wire
+from agent_workers.config import Settings
+from agent_workers.contract import declare_queue, task_routes
+
+KWARGSREPR_LIMIT = 120
+
+
+def producer_app(settings: Settings) -> Celery:
+    """A minimal Celery app for producing: JSON only, our routes, our result backend."""
+    app = Celery(
+        "agent_workers_client", broker=settings.broker_url, backend=settings.result_backend, set_as_current=False
+    )
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_routes=task_routes(settings),
+        task_queues=[
+            declare_queue(settings.inference_queue, settings.queue_type),
+            declare_queue(settings.training_queue, settings.queue_type),
+        ],
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+    )
+    if urlparse(settings.broker_url).scheme == "sentinel":
+        app.conf.broker_transport_options["master_name"] = settings.sentinel_master
+    if urlparse(settings.result_backend).scheme == "sentinel":
+        app.conf.result_backend_transport_options = {"master_name": settings.sentinel_master}
+    return app
+
+
+def predict_parts(model_json: str, model: str, inputs: Any, version: int | None) -> tuple[bytes, str]:
+    """Body and kwargs repr of one ``agent_workers.predict`` message (kwargs: model, inputs[, version])."""
+    if hasattr(inputs, "tolist"):  # numpy arrays and scalars
+        inputs = inputs.tolist()
+    inputs_json = json.dumps(inputs)
+    extra = "" if version is None else f', "version": {int(version)}'
+    body = wire.body("[]", f'{{"model": {model_json}, "inputs": {inputs_json}{extra}}}')
+    shown = inputs_json if len(inputs_json) <= KWARGSREPR_LIMIT else inputs_json[: KWARGSREPR_LIMIT - 3] + "..."
+    return body, f"{{'model': {model!r}, 'inputs': {shown}{extra.replace(chr(34), chr(39))}}}"
+
+
+def plain(value: Any) -> Any:
+    """numpy arrays to lists, so the JSON serializer takes them."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
