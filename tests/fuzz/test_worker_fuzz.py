@@ -26,7 +26,7 @@ import pytest
 import redis
 import torch
 from celery.result import AsyncResult
-from hypothesis import given
+from hypothesis import given, reject
 from hypothesis import strategies as st
 from kombu import Connection
 
@@ -176,7 +176,13 @@ def test_no_message_can_hurt_another(pool: Pool) -> None:
         messages = [(_headers(task_id), [[model, row], {}, {}]) for task_id, row in zip(good_ids, good, strict=True)]
         for task_id, (_kind, headers, body, _usable) in zip(bad_ids, bad, strict=True):
             messages.insert(1, (_headers(task_id, **headers), body))
-        publish_raw(pool, messages)
+        try:
+            publish_raw(pool, messages)
+        except Exception as exc:  # noqa: BLE001 - the broker refused a message (RabbitMQ: a header over its frame)
+            if not amqp:
+                raise
+            reject()  # not a message any worker can receive: the example says nothing about ours
+            raise AssertionError("unreachable") from exc
         if broker is not None:
             for i, (replace, _) in enumerate(raw):
                 broker.lpush(queue, envelope(queue, f"{prefix}{n}-raw-{i}", model, replace))

@@ -36,9 +36,13 @@ def _headers(task_id: object, **extra: object) -> dict[str, object]:
 
 
 def publish_raw(pool: Pool, messages: list[tuple[dict[str, object], object]]) -> None:
-    """Publish protocol-2 messages exactly as given (headers and body), in order, on one channel."""
+    """Publish protocol-2 messages exactly as given (headers and body), in order, on one channel.
+
+    With publisher confirms on RabbitMQ: a message the broker itself refuses (a header table over its frame size)
+    closes the channel, and without confirms the messages after it would vanish without a word.
+    """
     queue = pool.settings.inference_queue
-    with Connection(pool.settings.broker_url) as conn:
+    with Connection(pool.settings.broker_url, transport_options={"confirm_publish": True}) as conn:
         producer = Producer(conn.default_channel)
         for headers, body in messages:
             producer.publish(
