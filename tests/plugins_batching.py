@@ -112,7 +112,7 @@ for _name, _cls in {
     "slow": Slow,
     "sleepy": Sleepy,
     "drowsy": Drowsy,
-    "gated": Gated,
+    "held": Gated,
 }.items():
     register_architecture(_name)(lambda *, in_features=2, _cls=_cls: _cls())  # noqa: B023 - bound by default
 

@@ -123,7 +123,9 @@ class ResultReader:
                 now = time.monotonic()
                 state.check_deadline(now, deadline, timeout)
                 try:
-                    message = ps.get_message(timeout=min(deadline, resync) - now)
+                    message = ps.get_message(
+                        timeout=max(0.0, min(deadline, resync) - now)
+                    )  # >= 0: hiredis refuses less
                 except (redis.ConnectionError, redis.TimeoutError):
                     if time.monotonic() >= deadline:
                         raise
@@ -167,7 +169,7 @@ class ResultReader:
             while state.pending:
                 now = time.monotonic()
                 state.check_deadline(now, deadline, timeout)
-                message = await ps.get_message(timeout=min(deadline, resync) - now)
+                message = await ps.get_message(timeout=max(0.0, min(deadline, resync) - now))
                 if message is None:
                     if time.monotonic() >= resync:
                         await read_stored()

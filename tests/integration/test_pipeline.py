@@ -31,7 +31,7 @@ def test_event_loop_receives_and_answers_while_a_batch_computes(broker: str, sta
     )
     assert pool.settings.batch.pipeline_depth == 2
     model = unique("gated")
-    pool.store.create(model, make_spec("gated", in_features=2))
+    pool.store.create(model, make_spec("held", in_features=2))
     gate = redis.Redis.from_url(pool.settings.params_url)
     entered, go = gate_keys(pool.settings.namespace)
 
@@ -64,7 +64,7 @@ def test_warm_shutdown_finishes_the_batches_in_flight_and_the_buffer(broker: str
         broker, queues="inference", plugins="tests.plugins_batching", max_wait_ms=60_000, pipeline_depth=2
     )
     model = unique("gated")
-    pool.store.create(model, make_spec("gated", in_features=2))
+    pool.store.create(model, make_spec("held", in_features=2))
     gate = redis.Redis.from_url(pool.settings.params_url)
     entered, go = gate_keys(pool.settings.namespace)
 
