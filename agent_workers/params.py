@@ -1,21 +1,13 @@
 """The versioned parameter store: immutable safetensors blobs, a head pointer, an atomic compare-and-set commit.
 
-A commit uploads the new blob to fresh staging keys (one per chunk of at most ``chunk_bytes``), then runs ONE
-server-side script that checks the model incarnation, the update id and the expected version, and only then
-renames the chunks into place, moves the head, records the update id and collects the version that fell out of
-the retention window. Outcomes:
-
-* ``committed``: the head moved from ``expected`` to ``expected + 1``;
-* ``conflict``: another commit got there first; the caller re-reads and retries;
-* ``duplicate``: this update id was applied before (a redelivered message); nothing changes.
-
-Blobs are immutable once committed and carry their model, version and incarnation in the safetensors header, so a
-reader that follows the head checks what it got and never returns a torn or mixed version. Readers pay one small
-``HMGET`` per call; the blob itself is fetched only when the version changed (the newest snapshot is cached).
-
-Two coordination modes share this class: ``optimistic`` (the default: trainers race, the compare-and-set picks
-one winner) and ``lock`` (:meth:`RedisParamStore.exclusive` holds a Redis lock from read to commit; the
-compare-and-set still fences a holder whose lock expired). Keys are laid out in :mod:`agent_workers.keys`.
+A commit uploads the new blob to fresh staging keys (chunks of at most ``chunk_bytes``), then ONE script
+(``lua/commit.lua``) checks the incarnation, the update ids and the expected version, renames the chunks into place,
+moves the head and collects the version that left the retention window: ``committed``, ``conflict`` (re-read and
+retry) or ``duplicate`` (an update id applied before; nothing changes). Blobs are immutable and carry model, version
+and incarnation in their header, so a reader that follows the head never returns a torn or mixed version; it pays
+one ``HMGET`` per call and downloads only a changed version. Modes: ``optimistic`` (trainers race, the
+compare-and-set picks one winner) and ``lock`` (:meth:`RedisParamStore.exclusive`; the compare-and-set still
+fences a holder whose lock expired). Keys are laid out in :mod:`agent_workers.keys`.
 """
 
 from __future__ import annotations

@@ -130,16 +130,7 @@ class Batcher(Intake):
             except Exception as exc:  # noqa: BLE001 - InputError, or arguments no one expected: this request alone
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         solo = redelivery.split_redelivered(groups)
-        if self.track_started:
-            started = [
-                Outcome(r, states.STARTED, {"pid": None, "hostname": self.hostname})
-                for group in groups.values()
-                for r, _ in group
-            ]
-            try:
-                self.writer.write(started)
-            except Exception:  # noqa: BLE001 - STARTED is informative; the final write decides the acks
-                log.warning("storing STARTED for %d requests failed", len(started), exc_info=True)
+        self._store_started([r for group in groups.values() for r, _ in group])
         for (model, version), members in groups.items():
             try:
                 outcomes.extend(self._serve_group(model, version, members))

@@ -280,6 +280,16 @@ class Intake:
         if self._deferred and self.pending:
             self.flush()
 
+    def _store_started(self, requests: list[Pending]) -> None:
+        """Store STARTED for ``requests`` (``AGENT_WORKERS_TRACK_STARTED``); informative, so a failure only logs."""
+        if not self.track_started or not requests:
+            return
+        started = [Outcome(r, states.STARTED, {"pid": None, "hostname": self.hostname}) for r in requests]
+        try:
+            self.writer.write(started)
+        except Exception:  # noqa: BLE001 - STARTED is informative; the final write decides the acks
+            log.warning("storing STARTED for %d requests failed", len(started), exc_info=True)
+
     def _serve(self, batch: list[Pending]) -> tuple[list[Outcome], list[Any]]:
         """Serve a batch: the outcomes to store now, and items for :meth:`_serve_later` once those are acked."""
         raise NotImplementedError

@@ -95,16 +95,7 @@ class TrainIntake(Intake):
                 solo.append(((model, hp), (req, step)))
             else:
                 groups.setdefault((model, hp), []).append((req, step))
-        if self.track_started:
-            started = [
-                Outcome(r, states.STARTED, {"pid": None, "hostname": self.hostname})
-                for members in groups.values()
-                for r, _ in members
-            ]
-            try:
-                self.writer.write(started)
-            except Exception:  # noqa: BLE001 - STARTED is informative; the final write decides the acks
-                log.warning("storing STARTED for %d requests failed", len(started), exc_info=True)
+        self._store_started([r for members in groups.values() for r, _ in members])
         for key, members in groups.items():
             for start in range(0, len(members), self.group):
                 outcomes.extend(self._serve_group(key, members[start : start + self.group]))
