@@ -17,8 +17,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_batches_form_and_one_bad_input_among_63_fails_alone(broker: str, start_pool) -> None:
-    # A long max_wait makes the 64 requests share a batch however the producer's sends are spread.
-    pool: Pool = start_pool(broker, queues="inference", max_wait_ms=500, max_batch_size=64)
+    # Queued before the worker starts, so the 64 requests are there together (an idle broker flushes at once).
+    pool: Pool = start_pool(broker, queues="inference", max_wait_ms=500, max_batch_size=64, start=False)
     model = unique("mlp")
     pool.store.create(model, make_spec("mlp", in_features=8, hidden=[16], out_features=3))
     rows = np.random.default_rng(4).standard_normal((64, 8)).astype(np.float32)
@@ -27,6 +27,7 @@ def test_batches_form_and_one_bad_input_among_63_fails_alone(broker: str, start_
     handles = [
         pool.client.app.send_task("agent_workers.predict", kwargs={"model": model, "inputs": row}) for row in inputs
     ]
+    pool.worker.start()
     expected = reference(pool, model, rows)
     for i, handle in enumerate(handles):
         if i == 17:
@@ -42,7 +43,7 @@ def test_batches_form_and_one_bad_input_among_63_fails_alone(broker: str, start_
 
 
 def test_model_that_raises_on_one_input_is_bisected(broker: str, start_pool) -> None:
-    pool: Pool = start_pool(broker, queues="inference", max_wait_ms=300, plugins="tests.plugins_batching")
+    pool: Pool = start_pool(broker, queues="inference", max_wait_ms=300, plugins="tests.plugins_batching", start=False)
     model = unique("picky")
     from tests.plugins_batching import picky_spec
 
@@ -50,6 +51,7 @@ def test_model_that_raises_on_one_input_is_bisected(broker: str, start_pool) -> 
     rows = [[float(i), 1.0] for i in range(16)]
     rows[5] = [-1.0, 1.0]  # the model raises on negative first features
     handles = [pool.client.app.send_task("agent_workers.predict", args=[model, row]) for row in rows]
+    pool.worker.start()  # the 16 requests are queued before it consumes: they share a batch
     outcomes = []
     for handle in handles:
         try:
@@ -119,11 +121,20 @@ def test_no_batch_mixes_parameter_versions_while_training_commits(pool: Pool) ->
 
     trainer = threading.Thread(target=commits)
     trainer.start()
+    results: list[dict[str, object]] = []
+    sent: list[np.ndarray] = []
     try:
-        results = pool.client.predict_bulk(model, rows.tolist(), timeout=60)
+        # Bulks of predictions until the commits have moved the version under them (a fast worker may drain one
+        # bulk before the first commit lands), bounded so a stuck trainer fails the assertion below.
+        for _ in range(30):
+            results += pool.client.predict_bulk(model, rows.tolist(), timeout=60)
+            sent.append(rows)
+            if len({r["version"] for r in results}) > 1:
+                break
     finally:
         stop.set()
         trainer.join(60)
+    rows = np.concatenate(sent)
     versions = {r["version"] for r in results}
     assert len(versions) > 1, "the version never changed during the load; the test proved nothing"
     for version in versions:
