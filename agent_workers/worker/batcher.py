@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 from celery import states
-from celery.worker import state as worker_state
 
 from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
@@ -39,7 +38,7 @@ from agent_workers.worker.cache import ResultCache, digest, distinct
 from agent_workers.worker.inference import InferenceEngine
 from agent_workers.worker.intake import Intake, register
 from agent_workers.worker.policy import BatchPolicy
-from agent_workers.worker.requests import Pending, revoked_error
+from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome
 
 log = logging.getLogger(__name__)
@@ -112,16 +111,13 @@ class Batcher(Intake):
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]] = {}
         now_utc = datetime.now(UTC)
-        revoked = worker_state.revoked
         if self._ordered:
             self._ordered = False
             batch = deadlines.order(batch)
         for req in batch:
-            if req.id in revoked:
-                outcomes.append(Outcome(req, states.REVOKED, revoked_error("revoked")))
-                continue
-            if req.expires is not None and req.expires <= now_utc:
-                outcomes.append(Outcome(req, states.REVOKED, revoked_error("expired")))
+            dropped = self._revoked_or_expired(req, now_utc)
+            if dropped is not None:
+                outcomes.append(dropped)
                 continue
             try:
                 call = bind_predict_call(req.args, req.kwargs)

@@ -19,6 +19,7 @@ from typing import Any
 
 from celery import states
 from celery.utils.saferepr import saferepr
+from celery.worker import state as worker_state
 
 from agent_workers.errors import InputError
 from agent_workers.worker import idle, metrics, redelivery
@@ -27,7 +28,7 @@ from agent_workers.worker.kombu_redis import ack_all
 from agent_workers.worker.pipeline import Job, Pipeline
 from agent_workers.worker.policy import BatchPolicy
 from agent_workers.worker.reporting import Reporter
-from agent_workers.worker.requests import Pending, check_headers, decode_body, parse_time, usable_id
+from agent_workers.worker.requests import Pending, check_headers, decode_body, parse_time, revoked_error, usable_id
 from agent_workers.worker.results import Outcome, ResultWriter
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,15 @@ class Intake:
         """A batch in flight is done: the flush it held back goes now."""
         if self._deferred and self.pending:
             self.flush()
+
+    @staticmethod
+    def _revoked_or_expired(req: Pending, now_utc: datetime) -> Outcome | None:
+        """REVOKED for a request revoked (``celery control revoke``) or past its ``expires``, before any compute."""
+        if req.id in worker_state.revoked:
+            return Outcome(req, states.REVOKED, revoked_error("revoked"))
+        if req.expires is not None and req.expires <= now_utc:
+            return Outcome(req, states.REVOKED, revoked_error("expired"))
+        return None
 
     def _store_started(self, requests: list[Pending]) -> None:
         """Store STARTED for ``requests`` (``AGENT_WORKERS_TRACK_STARTED``); informative, so a failure only logs."""

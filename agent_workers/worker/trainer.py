@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import states
-from celery.worker import state as worker_state
 
 from agent_workers.config import BatchSettings
 from agent_workers.errors import InputError, StoreUnavailableError
@@ -37,7 +36,7 @@ from agent_workers.worker import redelivery
 from agent_workers.worker.intake import Intake, register
 from agent_workers.worker.limits import limited_strategy
 from agent_workers.worker.policy import BatchPolicy
-from agent_workers.worker.requests import Pending, revoked_error
+from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome
 
 log = logging.getLogger(__name__)
@@ -75,13 +74,10 @@ class TrainIntake(Intake):
         groups: dict[GroupKey, list[Member]] = {}
         solo: list[tuple[GroupKey, Member]] = []
         now_utc = datetime.now(UTC)
-        revoked = worker_state.revoked
         for req in batch:
-            if req.id in revoked:
-                outcomes.append(Outcome(req, states.REVOKED, revoked_error("revoked")))
-                continue
-            if req.expires is not None and req.expires <= now_utc:
-                outcomes.append(Outcome(req, states.REVOKED, revoked_error("expired")))
+            dropped = self._revoked_or_expired(req, now_utc)
+            if dropped is not None:
+                outcomes.append(dropped)
                 continue
             try:
                 model, hp, step = self._bind(req)
