@@ -52,7 +52,10 @@ def demo() -> None:
     help="Also measure celery-batches 0.11 (pip install --no-deps if missing; it pins celery<5.7).",
 )
 @click.option(
-    "--skip", multiple=True, type=click.Choice(["baselines", "sweep", "latency", "idle"]), help="Leave a part out."
+    "--skip",
+    multiple=True,
+    type=click.Choice(["baselines", "sweep", "latency", "idle", "overload", "cache"]),
+    help="Leave a part out.",
 )
 @click.option("--quick", is_flag=True, help="CI-sized run (small N, sweep 1,64, 2 s latency runs).")
 @click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, help="Redis broker.")
@@ -108,7 +111,9 @@ def bench(
     profile: Path | None,
     fill: str,
 ) -> None:
-    """Benchmark our batcher against a per-request Celery task (and celery-batches) on Redis and RabbitMQ."""
+    """Benchmark our batcher against a per-request Celery task (and celery-batches) on Redis and RabbitMQ: drains,
+    latency (C=1 against a Celery no-op task), the heavy model against raw torch, an overload run with priorities and
+    deadlines, and the result cache on a Zipf workload."""
     from agent_workers.tools import bench as bench_module
 
     settings = _settings()

@@ -26,11 +26,18 @@ def backlog(broker: Any, queue: str) -> int:
     return int(broker.queue_declare(queue, passive=True).message_count)
 
 
+#: kombu's Redis transport: ``priority_steps`` and the separator of a queue's priority sub-lists.
+REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
+REDIS_PRIORITY_SEP = "\x06\x16"
+
+
 def delete_queue(broker: Any, queue: str) -> None:
-    """Remove ``queue``: on Redis (a client) its list and binding key; on AMQP (a channel) the queue and the direct
-    exchange named like it (:func:`agent_workers.contract.declare_queue`), each only where it still exists."""
+    """Remove ``queue``: on Redis (a client) its list, its priority sub-lists and its binding key; on AMQP (a
+    channel) the queue and the direct exchange named like it (:func:`agent_workers.contract.declare_queue`), each
+    only where it still exists."""
     if isinstance(broker, redis.Redis):
-        broker.delete(queue, binding_key(queue))
+        steps = (f"{queue}{REDIS_PRIORITY_SEP}{step}" for step in REDIS_PRIORITY_STEPS if step)
+        broker.delete(queue, *steps, binding_key(queue))
         return
     for call in (lambda: broker.queue_delete(queue), lambda: broker.exchange_delete(queue)):
         try:

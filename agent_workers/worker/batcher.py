@@ -36,7 +36,7 @@ from agent_workers.errors import AgentWorkersError, ConfigError, InputError, Mod
 from agent_workers.worker import deadlines, metrics, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
 from agent_workers.worker.inference import InferenceEngine
-from agent_workers.worker.intake import Intake, register
+from agent_workers.worker.intake import INLINE_BELOW_S, Intake, register
 from agent_workers.worker.policy import BatchPolicy
 from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome
@@ -69,6 +69,8 @@ class Batcher(Intake):
 
     #: some buffered request has a deadline or a priority: order the next flush (see deadlines.py)
     _ordered = False
+    #: a forward pass releases the GIL: with torch's threads below the cores, messaging overlaps it on CPU too
+    cpu_pipeline_depth = 2
 
     def __init__(self, *, task: Any, app: Any, consumer: Any, engine: InferenceEngine, policy: BatchPolicy) -> None:
         super().__init__(task=task, app=app, consumer=consumer, policy=policy)
@@ -80,6 +82,7 @@ class Batcher(Intake):
         self.min_version_wait = settings.min_version_wait_ms / 1000.0
         self.costs = deadlines.CostModels(settings.batch)
         self.results = ResultCache(settings.result_cache_size)
+        self._late: list[Outcome] = []  # revoked on arrival, answered at the end of the burst (_revoke_soon)
 
     def admit(self, request: Pending) -> None:
         """Stamp the request's deadline and rank (only when it has one), cap the buffer, then buffer it."""
@@ -90,6 +93,11 @@ class Batcher(Intake):
             or (getattr(request.message, "properties", None) or {}).get("priority")
         ) and deadlines.stamp(request, broker_is_redis=self.broker_is_redis):
             self._ordered = True
+            cost = self.costs.ahead(request, self.pending)
+            late = deadlines.too_late(request, time.time(), cost)
+            if late is not None:
+                self._revoke_soon(late)
+                return
         if self.max_queue_size and len(self.pending) + len(self.held) >= self.max_queue_size:
             self.pending, outcomes, admitted = deadlines.shed(self.pending, request, self.max_queue_size)
             for o in outcomes:
@@ -98,6 +106,42 @@ class Batcher(Intake):
             if not admitted:
                 return
         super().admit(request)
+
+    def _revoke_soon(self, outcome: Outcome) -> None:
+        """Answer a request revoked on arrival together with the others revoked in the same burst of deliveries:
+        one result write and one bulk ack for all of them (under overload most arrivals are revoked, and answering
+        each alone would cost the intake more than they take to arrive)."""
+        metrics.REVOKED.labels("deadline").inc()
+        self._late.append(outcome)
+        if len(self._late) >= self.policy.max_batch_size:
+            self._finish_late()
+        elif len(self._late) == 1:
+            hub = getattr(self.consumer, "hub", None)
+            if hub is None:
+                self._finish_late()
+            else:
+                hub.call_soon(self._finish_late)
+
+    def drain(self) -> None:
+        self._finish_late()
+        super().drain()
+
+    def _finish_late(self) -> None:
+        late, self._late = self._late, []
+        if late:
+            self._finish(late)
+
+    def _cheap(self, batch: list[Pending]) -> bool:
+        return self.policy.estimate(len(batch)) < INLINE_BELOW_S
+
+    def _form_late(self) -> bool:
+        return self._ordered
+
+    def _flush(self, batch: list[Pending]) -> None:
+        if self._ordered:  # on the event loop, where the flag is set: the next request's stamp cannot be missed
+            self._ordered = False
+            batch = deadlines.order(batch)
+        super()._flush(batch)
 
     def oldest_age(self) -> float:
         """Seconds the oldest buffered request has waited in this worker (0 when none): a scrape-time gauge."""
@@ -111,9 +155,6 @@ class Batcher(Intake):
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]] = {}
         now_utc = datetime.now(UTC)
-        if self._ordered:
-            self._ordered = False
-            batch = deadlines.order(batch)
         for req in batch:
             dropped = self._revoked_or_expired(req, now_utc)
             if dropped is not None:
@@ -173,7 +214,8 @@ class Batcher(Intake):
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         size = max(1, self.policy.max_batch_size)
         if any(req.deadline is not None for req, _ in valid):
-            valid, late = deadlines.drop_late(valid, chunk=size, cost=self.costs.predicted(model, size))
+            cost = self.costs.predicted(model, min(size, len(valid)))
+            valid, late = deadlines.drop_late(valid, chunk=size, cost=cost)
             metrics.REVOKED.labels("deadline").inc(len(late))
             outcomes.extend(late)
         cache = self.results

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from typing import Any
 
 from celery import states
 
 from agent_workers.config import BatchSettings
-from agent_workers.worker.policy import BatchPolicy
 from agent_workers.worker.requests import Pending, revoked_error
 from agent_workers.worker.results import Outcome
 
@@ -66,6 +66,24 @@ def passed(req: Pending, now: float) -> bool:
 
 def revoke(req: Pending, why: str) -> Outcome:
     return Outcome(req, states.REVOKED, revoked_error(why))
+
+
+def too_late(req: Pending, now: float, cost: float) -> Outcome | None:
+    """REVOKED for ``req`` when its deadline falls before ``now + cost`` (the least any batch takes), else None.
+
+    Checked as a request arrives: under overload a request that waited in the broker past its deadline is answered
+    and acknowledged at once, so it neither holds a prefetch slot nor waits for a batch in flight to end (Triton's
+    queue timeouts only fire once the running batch is done).
+    """
+    if req.deadline is None or req.deadline > now + cost:
+        return None
+    if req.deadline <= now:
+        return revoke(req, "deadline passed before compute")
+    return revoke(
+        req,
+        f"deadline cannot be met: due in {1000 * (req.deadline - now):.1f} ms, a batch takes "
+        f"at least {1000 * cost:.1f} ms",
+    )
 
 
 def drop_late(
@@ -119,19 +137,45 @@ def shed(pending: list[Pending], incoming: Pending, limit: int) -> tuple[list[Pe
 
 
 class CostModels:
-    """The learned batch cost ``t(n) ≈ a·n + b`` of each model (BatchPolicy's fit), for deadline predictions."""
+    """What a batch of each model costs, for deadline predictions, from its last batches (each model's first is
+    left out: allocations and lazy initialisation make it slow).
+
+    The prediction is a lower bound, never an extrapolating fit: a model that over-predicts revokes everything, and
+    then no batch ever runs to correct it. A batch costs at least what any smaller batch cost (cost grows with the
+    size) and at least ``size`` × the per-request cost of any larger batch (per-request cost falls with the size).
+    """
+
+    HISTORY = 16
 
     def __init__(self, settings: BatchSettings) -> None:
         self.settings = settings
-        self._models: dict[str, BatchPolicy] = {}
+        self._batches: dict[str, deque[tuple[int, float]]] = {}
 
     def observe(self, model: str, size: int, seconds: float) -> None:
-        policy = self._models.get(model)
-        if policy is None:
-            policy = self._models[model] = BatchPolicy(self.settings)
-        policy.observe(size, seconds)
+        """Record a batch of ``model`` (compute thread)."""
+        history = self._batches.get(model)
+        if history is None:
+            self._batches[model] = deque(maxlen=self.HISTORY)  # the first batch: left out
+            return
+        history.append((max(1, size), seconds))
+
+    def floor(self) -> float:
+        """The least any known model is predicted to take for one request (0 before any computed): a lower bound
+        for a request whose model is not known yet."""
+        return min((self.predicted(m, 1) for m in list(self._batches)), default=0.0)
+
+    def ahead(self, req: Pending, pending: list[Pending]) -> float:
+        """The least time before ``req`` could be answered if admitted now: the batches of the buffered requests
+        that would be served before it (more urgent or as urgent, deadline not yet passed) and its own."""
+        key, now = urgency(req), time.time()
+        before = sum(1 for p in pending if urgency(p) <= key and not passed(p, now))
+        model = (req.kwargs or {}).get("model", req.args[0] if req.args else None)
+        cost = self.predicted(model, before + 1) if isinstance(model, str) else 0.0
+        return cost or self.floor()
 
     def predicted(self, model: str, size: int) -> float:
-        """Predicted seconds of a batch of ``size``; 0 before the model computed anything."""
-        policy = self._models.get(model)
-        return 0.0 if policy is None else policy.estimate(size)
+        """The least seconds a batch of ``size`` of ``model`` takes; 0 before the model computed a second batch."""
+        history = list(self._batches.get(model) or ())  # one C-level copy: the compute thread appends meanwhile
+        smaller = max((t for n, t in history if n <= size), default=0.0)
+        larger = min((t / n for n, t in history if n >= size), default=0.0)
+        return max(smaller, size * larger)

@@ -34,6 +34,9 @@ from agent_workers.worker.results import Outcome, ResultWriter
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
+#: With the pipeline depth on auto, a batch predicted to compute in less than this runs on the event loop: the
+#: hand-over to the compute thread and back costs about as much as it would overlap.
+INLINE_BELOW_S = 0.002
 
 
 class Intake:
@@ -42,6 +45,9 @@ class Intake:
     Subclasses implement :meth:`_serve` (and :meth:`_serve_later` for what it defers until the rest of the flush is
     stored and acknowledged).
     """
+
+    #: what ``AGENT_WORKERS_PIPELINE_DEPTH=0`` resolves to on CPU (2 on CUDA)
+    cpu_pipeline_depth = 1
 
     def __init__(self, *, task: Any, app: Any, consumer: Any, policy: BatchPolicy) -> None:
         self.task = task
@@ -67,8 +73,11 @@ class Intake:
         self._connection = getattr(consumer, "connection", None)
         self._idle = False
         self._deferred = False  # a flush found the pipeline full: flush when a batch is done
+        setting = getattr(policy.settings, "pipeline_depth", 1)
+        # auto (0): a cheap batch computes on the loop, where handing it to the thread would cost more than it saves
+        self._adaptive = setting == 0
         self.pipeline = Pipeline(
-            depth=pipeline_depth(app, getattr(policy.settings, "pipeline_depth", 1)),
+            depth=pipeline_depth(app, setting, cpu=self.cpu_pipeline_depth),
             hub=getattr(consumer, "hub", None),
             finish=self._finish,
             on_free=self._on_free,
@@ -238,7 +247,9 @@ class Intake:
             self._tref = None
         if not self.pending:
             return
-        if self.pipeline.full:  # keep buffering (up to the prefetch window) until the compute thread is free
+        # Keep buffering (up to the prefetch window) until the compute thread is free, or, when the buffered requests
+        # carry priorities or deadlines, until it has nothing queued: a batch formed later serves the urgent first.
+        if self.pipeline.full or (self.pipeline.in_flight and self._form_late()):
             self._deferred = True
             return
         self._deferred = False
@@ -255,7 +266,7 @@ class Intake:
             log.exception("announcing a batch of %d failed", len(batch))
         batch = redelivery.skip_answered(self.writer, batch)
         if batch:
-            self.pipeline.submit(self._job(batch))
+            self.pipeline.submit(self._job(batch), inline=self._adaptive and self._cheap(batch))
 
     def _job(self, batch: list[Pending]) -> Job:
         """Serve ``batch`` (in the compute thread): its outcomes, then each deferred request's, alone, once
@@ -299,6 +310,14 @@ class Intake:
             self.writer.write(started)
         except Exception:  # noqa: BLE001 - STARTED is informative; the final write decides the acks
             log.warning("storing STARTED for %d requests failed", len(started), exc_info=True)
+
+    def _form_late(self) -> bool:
+        """True when the next batch should be formed only once the compute thread is idle (priorities, deadlines)."""
+        return False
+
+    def _cheap(self, batch: list[Pending]) -> bool:
+        """True when ``batch`` is predicted to compute in under ``INLINE_BELOW_S`` (the pipeline runs it inline)."""
+        return False
 
     def _serve(self, batch: list[Pending]) -> tuple[list[Outcome], list[Any]]:
         """Serve a batch: the outcomes to store now, and items for :meth:`_serve_later` once those are acked."""
@@ -377,10 +396,10 @@ def live_intakes(app: Any) -> list[Intake]:
     return list(_live.get(id(app), {}).values())
 
 
-def pipeline_depth(app: Any, setting: int) -> int:
-    """``AGENT_WORKERS_PIPELINE_DEPTH``, with 0 resolved by the worker's device: 2 on CUDA, 1 on CPU."""
+def pipeline_depth(app: Any, setting: int, *, cpu: int = 1) -> int:
+    """``AGENT_WORKERS_PIPELINE_DEPTH``, with 0 resolved by the worker's device: 2 on CUDA, ``cpu`` on CPU."""
     if setting:
         return setting
     engine = getattr(app, "engine", None)
     device = getattr(engine, "device", None)
-    return 2 if getattr(device, "type", "cpu") == "cuda" else 1
+    return 2 if getattr(device, "type", "cpu") == "cuda" else cpu

@@ -28,6 +28,7 @@ import logging
 from time import time
 from typing import Any
 
+import orjson
 from kombu.transport import redis as kredis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -131,7 +132,7 @@ class Channel(kredis.Channel):
             for key, text in popped:
                 queue = key.rsplit(self.sep, 1)[0]
                 try:
-                    payload = loads(text)
+                    payload = _envelope(text)
                     tag = payload["properties"]["delivery_tag"]
                     if not isinstance(tag, str) or not tag:
                         raise TypeError(f"delivery_tag {tag!r}")
@@ -156,7 +157,7 @@ class Channel(kredis.Channel):
             if drained:  # after the poll is over: a flush acknowledges on this channel's connection pool
                 idle.drained(self.connection.client)
 
-    def _dead_letter(self, queue: str, text: str, tag: str) -> None:
+    def _dead_letter(self, queue: str, text: bytes, tag: str) -> None:
         """Move a recorded envelope that cannot be delivered to ``<queue>.dead`` and forget it as unacknowledged (so
         no sweep restores it to fail again)."""
         with self.qos.pipe_or_acquire() as pipe:
@@ -164,7 +165,7 @@ class Channel(kredis.Channel):
             self.qos._remove_from_indices(tag, pipe)
             pipe.execute()
 
-    def _pop_and_record(self, count: int) -> tuple[list[tuple[str, str]], int]:
+    def _pop_and_record(self, count: int) -> tuple[list[tuple[str, bytes]], int]:
         """Pop up to ``count`` messages AND record them as unacknowledged, atomically (a Lua script), so no popped
         message ever exists only in this process: a SIGKILL at any point leaves each message either in its queue or
         in the unacked hash, from which the visibility-timeout sweep restores it. Envelopes that cannot be recorded
@@ -185,13 +186,23 @@ class Channel(kredis.Channel):
             logger.error(
                 "%d malformed envelope(s) moved to <queue>%s (no usable delivery tag)", dropped, DEAD_LETTER_SUFFIX
             )
-        return [(bytes_to_str(key), bytes_to_str(item)) for key, item in zip(sources, items, strict=True)], left
+        return [(bytes_to_str(key), item) for key, item in zip(sources, items, strict=True)], left
 
     def _pop_script(self) -> Any:
         script = getattr(self, "_pop_and_record_script", None)
         if script is None:
             script = self._pop_and_record_script = self.client.register_script(lua.source("pop_and_record"))
         return script
+
+
+def _envelope(raw: bytes) -> Any:
+    """kombu's envelope of a message: parsed with orjson (the envelope carries the whole body, base64-encoded, so
+    this is most of a large message's parse), else with kombu's own ``loads`` (what orjson refuses, e.g. a lone
+    surrogate escape, kombu may still read)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return loads(bytes_to_str(raw))
 
 
 class Transport(kredis.Transport):

@@ -57,15 +57,17 @@ class Pipeline:
         self._waiting: set[threading.Event] = set()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._freeing = False
 
     @property
     def full(self) -> bool:
         """True when ``depth`` jobs are in flight: the next flush waits (the prefetch window bounds the buffer)."""
         return self.depth > 1 and self.in_flight >= self.depth
 
-    def submit(self, job: Job) -> None:
-        """Run ``job``: in the compute thread, or now on the calling (event-loop) thread when the depth is 1."""
-        if self.depth <= 1 or self._closed:
+    def submit(self, job: Job, *, inline: bool = False) -> None:
+        """Run ``job``: in the compute thread, or now on the calling (event-loop) thread when the depth is 1 or the
+        caller asks for ``inline`` (a cheap batch) and nothing is in flight (so outcomes keep the batches' order)."""
+        if self.depth <= 1 or self._closed or (inline and self.in_flight == 0 and not self._freeing):
             for outcomes, _wait in _guarded(job):
                 self._finish(outcomes)
             return
@@ -109,15 +111,26 @@ class Pipeline:
             job = self._work.get()
             if job is None:
                 return
-            for outcomes, wait in _guarded(job):
+            values = _guarded(job)
+            current = next(values, None)
+            while current is not None:
+                outcomes, wait = current
                 event = threading.Event() if wait and not self._closed else None
                 if event is not None:
                     self._waiting.add(event)
-                self._post((outcomes, event))
-                if event is not None:
+                    self._post((outcomes, event, False))
                     event.wait()
                     self._waiting.discard(event)
-            self._post(_DONE)
+                    current = next(values, None)
+                    continue
+                # Nothing waits on these outcomes, so the job may end here: say so with them, and the loop hands
+                # this thread its next batch before it stores them (the thread never idles through the store).
+                current = next(values, None)
+                self._post((outcomes, None, current is None))
+                if current is None:
+                    break
+            else:
+                self._post(_DONE)
 
     def _post(self, item: Any) -> None:
         self._back.put(item)
@@ -130,13 +143,11 @@ class Pipeline:
 
     def _handle(self, item: Any) -> None:
         if item is _DONE:
-            self.in_flight -= 1
-            try:
-                self._on_free()
-            except Exception:  # noqa: BLE001 - a flush fault must not stop the event loop
-                log.exception("flushing after a finished batch failed")
+            self._free()
             return
-        outcomes, event = item
+        outcomes, event, last = item
+        if last:  # the job is done: the next batch goes to the thread first, then these outcomes are finished
+            self._free()
         try:
             self._finish(outcomes)
         except Exception:  # noqa: BLE001 - _finish never raises; last resort, the messages stay unacked
@@ -144,6 +155,16 @@ class Pipeline:
         finally:
             if event is not None:
                 event.set()
+
+    def _free(self) -> None:
+        self.in_flight -= 1
+        self._freeing = True  # a flush now must not run a batch inline: its outcomes would pass the ones in hand
+        try:
+            self._on_free()
+        except Exception:  # noqa: BLE001 - a flush fault must not stop the event loop
+            log.exception("flushing after a finished batch failed")
+        finally:
+            self._freeing = False
 
 
 def _guarded(job: Job) -> Iterator[tuple[list[Any], bool]]:

@@ -41,8 +41,9 @@ class BatchPolicy:
 
     def _fit(self) -> None:
         self._fitted = self._seen
-        n = [float(s) for s, _ in self._samples]
-        t = [float(x) for _, x in self._samples]
+        samples = list(self._samples)  # one C-level copy: the compute thread may append meanwhile
+        n = [float(s) for s, _ in samples]
+        t = [float(x) for _, x in samples]
         mean_n, mean_t = sum(n) / len(n), sum(t) / len(t)
         var = sum((x - mean_n) ** 2 for x in n)
         if var == 0:

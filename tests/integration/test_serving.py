@@ -47,7 +47,8 @@ def test_deadline_the_cost_model_says_cannot_be_met_is_revoked_before_compute(br
     pool: Pool = start_pool(broker, queues="inference", plugins=PLUGINS)
     model = unique("sleepy")
     pool.store.create(model, make_spec("sleepy", in_features=2))
-    assert pool.client.predict(model, [1.0, 2.0], timeout=30)["outputs"] == [3.0]  # teaches the cost: ~300 ms
+    for _ in range(2):  # the first batch of a model is not counted (warm-up); the second teaches it: ~300 ms
+        assert pool.client.predict(model, [1.0, 2.0], timeout=30)["outputs"] == [3.0]
     soon_ms = int((time.time() + 0.1) * 1000)  # 100 ms: less than one forward pass
     handle = pool.client.app.send_task("agent_workers.predict", args=[model, [1.0, 2.0], None, None, soon_ms])
     assert "deadline" in _revoked_reason(handle)  # "cannot be met", or "passed" if it arrived late
@@ -56,7 +57,7 @@ def test_deadline_the_cost_model_says_cannot_be_met_is_revoked_before_compute(br
         "agent_workers.predict", args=[model, [2.0, 2.0]], kwargs={"deadline_ms": later_ms}
     )
     assert pool.client.wait(served, 30)["outputs"] == [4.0]
-    assert _computed(pool, model) == 2, "the request that could not meet its deadline was computed"
+    assert _computed(pool, model) == 3, "the request that could not meet its deadline was computed"
     assert pool.metric("agent_workers_shed_total", {"reason": "deadline"}) == 1
 
 

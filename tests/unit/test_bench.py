@@ -18,7 +18,7 @@ from agent_workers.client import producer_app
 from agent_workers.config import Settings
 from agent_workers.models import parameter_count
 from agent_workers.tools import bench, stats
-from agent_workers.wire import redis_envelope
+from agent_workers.wire import TaskMessage, redis_envelope
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 99.9, 100])
@@ -166,7 +166,7 @@ def test_check_targets_computes_the_ratios_and_verdicts() -> None:
     assert checks["redis/mlp drain req/s"].met is True
     assert checks["redis/mlp worker CPU ms/request"].met is True
     assert checks["redis/heavy end-to-end / raw torch"].measured == 0.8
-    assert checks["redis/heavy end-to-end / raw torch"].met is True
+    assert checks["redis/heavy end-to-end / raw torch"].met is False  # the goal is 90 %
     assert checks["redis/heavy drain vs naive"].measured == 8.0
     assert checks["redis/heavy drain vs naive"].met is False
     assert "redis/heavy drain req/s" not in checks  # the 3,500 req/s target is the reference model's
@@ -362,3 +362,59 @@ def test_idle_latency_check_compares_c1_with_the_noop_task() -> None:
     checks = check_idle_latency(rows)
     assert [c.met for c in checks] == [True, False]
     assert checks[0].measured == pytest.approx(5.0 / 4.5)
+
+
+def _overload(**classes: dict) -> dict:
+    base = {"broker": "redis", "workload": "wide", "factor": 2.0, "bound_ms": 100.0, "late_answers": 0, "unanswered": 0}
+    return {**base, "classes": classes}
+
+
+def test_overload_checks_the_high_priority_bound_share_and_late_answers() -> None:
+    ok = _overload(high={"p99_ms": 90.0, "answered_share": 1.0}, low={})
+    late = {**_overload(high={"p99_ms": 120.0, "answered_share": 0.5}, low={}), "late_answers": 2}
+    met = [c.met for c in bench.check_overload([ok])]
+    missed = [(c.measured, c.met) for c in bench.check_overload([late])]
+    assert met == [True, True, True]
+    assert missed == [(120.0, False), (0.5, False), (2, False)]
+
+
+def test_overload_summary_counts_states_late_answers_and_only_the_window() -> None:
+    from agent_workers.tools.bench.overload import summarise
+
+    sent = {
+        "h1": ("high", 10.0, 10.5),
+        "h2": ("high", 11.0, 11.5),
+        "l1": ("low", 12.0, 12.2),
+        "w": ("low", 5.0, 5.2),  # warm-up: before the window
+    }
+    heard = {
+        "h1": (10.1, "SUCCESS", 10.09),
+        "h2": (11.7, "SUCCESS", 11.6),  # stored after its deadline (11.5)
+        "l1": (12.05, "REVOKED", 12.05),
+        "w": (5.1, "SUCCESS", 5.1),
+    }
+    result = summarise(sent, heard, (10.0, 20.0), bound=100.0, budgets={"high": 500.0, "low": 200.0})
+    high, low = result["classes"]["high"], result["classes"]["low"]
+    assert (high["sent"], high["answered_share"], high["states"]) == (2, 1.0, {"SUCCESS": 2})
+    assert (low["sent"], low["revoked_share"]) == (1, 1.0)
+    assert result["late_answers"] == 1 and result["unanswered"] == 0
+    assert abs(high["p99_ms"] - 694.0) < 1e-6  # linear between 100 ms and 700 ms
+    assert abs(result["goodput"] - 0.2) < 1e-9  # 2 answered over the 10 s window
+
+
+def test_cache_check_wants_the_cache_faster_and_reports_the_hit_rate() -> None:
+    run = {"broker": "redis", "zipf_exponent": 1.1, "distinct": 2000, "speedup": 1.4}
+    run["runs"] = [{"hit_rate": 0.0}, {"hit_rate": 0.9}]
+    checks = bench.check_cache([run])
+    assert [(c.measured, c.met) for c in checks] == [(1.4, True), (0.9, None)]
+
+
+def test_redis_publisher_pushes_onto_kombus_priority_sub_lists() -> None:
+    from agent_workers.tools.bench.messages import Publisher
+
+    publisher = Publisher.__new__(Publisher)
+    publisher.queue = "q"
+    lists = [
+        publisher._list(TaskMessage("i", {}, {} if p is None else {"priority": p}, b"")) for p in (None, 0, 2, 5, 9)
+    ]
+    assert lists == ["q", "q", "q", "q\x06\x163", "q\x06\x169"]  # kombu: the nearest step at or below

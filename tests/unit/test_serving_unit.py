@@ -105,3 +105,37 @@ def test_snapshot_cache_is_capped_by_bytes() -> None:
     cache.remember(Snapshot("d", 0, "e", {"p.w": torch.zeros(250)}))
     assert cache.get("b") is None and all(cache.get(n) is not None for n in "acd")
     assert cache.nbytes == 3000
+
+
+def test_cost_model_is_a_lower_bound_learned_after_the_first_batch() -> None:
+    costs = deadlines.CostModels(BatchSettings())
+    costs.observe("m", 64, 5.0)  # the first batch (warm-up) is not counted
+    assert costs.predicted("m", 64) == 0.0
+    costs.observe("m", 64, 0.064)  # 1 ms per request at 64
+    costs.observe("m", 8, 0.016)  # 2 ms per request at 8
+    assert abs(costs.predicted("m", 64) - 0.064) < 1e-12
+    assert abs(costs.predicted("m", 32) - 0.032) < 1e-12  # 32 x the per-request cost of the larger batch
+    assert abs(costs.predicted("m", 128) - 0.064) < 1e-12  # never extrapolated above what a smaller batch cost
+    assert abs(costs.predicted("m", 4) - 0.004) < 1e-12
+    assert costs.predicted("other", 4) == 0.0 and costs.floor() == costs.predicted("m", 1)
+
+
+def test_too_late_on_arrival_counts_the_more_urgent_requests_ahead() -> None:
+    costs = deadlines.CostModels(BatchSettings())
+    for _ in range(2):
+        costs.observe("m", 32, 0.32)  # 10 ms per request
+    now_ms = int(time.time() * 1000)
+    ahead = [_req(i, priority=0, deadline_ms=now_ms + 60_000) for i in range(20)]
+    for r in ahead:
+        deadlines.stamp(r, broker_is_redis=True)
+    urgent, behind = _req(30, priority=0, deadline_ms=now_ms + 100), _req(31, priority=9, deadline_ms=now_ms + 150)
+    for r in (urgent, behind):
+        deadlines.stamp(r, broker_is_redis=True)
+    # the urgent one (earliest deadline, top priority) has nobody ahead: 10 ms fits in 100 ms
+    assert deadlines.too_late(urgent, time.time(), costs.ahead(urgent, ahead)) is None
+    # behind 20 more urgent requests it needs >= 210 ms: revoked on arrival, saying why
+    late = deadlines.too_late(behind, time.time(), costs.ahead(behind, ahead))
+    assert late is not None and "cannot be met" in str(late.result)
+    passed = _req(32, deadline_ms=now_ms - 1)
+    deadlines.stamp(passed, broker_is_redis=True)
+    assert "passed" in str(deadlines.too_late(passed, time.time(), 0.0).result)

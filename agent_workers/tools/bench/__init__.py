@@ -31,7 +31,14 @@ from agent_workers.tools.bench.messages import MessageFactory, ProducerFactory, 
 from agent_workers.tools.bench.output import report_tables, write_outputs
 from agent_workers.tools.bench.runner import Bench, run
 from agent_workers.tools.bench.runs import Runs, Session
-from agent_workers.tools.bench.targets import Check, check_idle_latency, check_targets, ratio
+from agent_workers.tools.bench.targets import (
+    Check,
+    check_cache,
+    check_idle_latency,
+    check_overload,
+    check_targets,
+    ratio,
+)
 from agent_workers.tools.bench.workloads import WORKLOADS, Workload, parameter_count
 
 __all__ = [
@@ -48,7 +55,9 @@ __all__ = [
     "Session",
     "Workload",
     "cdf_points",
+    "check_cache",
     "check_idle_latency",
+    "check_overload",
     "check_targets",
     "drain_rate",
     "interpolate",

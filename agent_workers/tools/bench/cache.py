@@ -81,17 +81,16 @@ def _samples(port: int) -> dict[tuple[str, str], float]:
     return sums
 
 
-def run(
+def measure(
     settings: Settings | None = None,
     *,
     n: int = 20_000,
     distinct: int = 2_000,
     exponent: float = 1.1,
     cache_size: int = 10_000,
-    out: Path = Path("docs/benchmarks"),
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Drain the same Zipf workload with the cache off and on; write cache.json and cache.png; returns the figures."""
+    """Drain the same Zipf workload with the cache off and on, on ``settings``' broker; returns the figures."""
     base = settings or Settings.from_env()
     ns = "bc" + uuid.uuid4().hex[:8]
     base = derive_settings(base, namespace=ns, inference_queue=f"{ns}.inference", training_queue=f"{ns}.training")
@@ -104,21 +103,28 @@ def run(
         runs = [_drain(base, model, rows, 0, say), _drain(base, model, rows, cache_size, say)]
     finally:
         store.delete(model)
-    report = {
+    return {
+        "broker_url": base.broker_url,
         "n": n,
         "distinct": distinct,
         "zipf_exponent": exponent,
         "runs": runs,
         "speedup": round(runs[1]["req_per_s"] / runs[0]["req_per_s"], 2),
     }
+
+
+def run(settings: Settings | None = None, *, out: Path = Path("docs/benchmarks"), **options: Any) -> dict[str, Any]:
+    """:func:`measure`, then write cache.json and cache.png under ``out``; returns the figures."""
+    say = options.get("say", print)
+    report = measure(settings, **options)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cache.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(report, out / "cache.png")
+    plot(report, out / "cache.png")
     say(f"cache on / off throughput: {report['speedup']}x; written {out / 'cache.json'}, {out / 'cache.png'}")
     return report
 
 
-def _plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

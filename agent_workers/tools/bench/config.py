@@ -25,6 +25,10 @@ class BenchConfig:
             full-precision random inputs, ``as_task_v2`` per message); ``fast`` reuses 256 rounded templates with
             positional arguments (cheaper to decode: flatters the worker by ~1.5x).
         idle_duration: seconds measured per C=1 run of ours and of the Celery no-op task.
+        overload_n: requests of the drain that measures the ``wide`` model's saturation rate before the overload run.
+        overload_factor / overload_high_share / overload_duration: the overload run's offered rate (× saturation),
+            its share of high-priority requests, and its measured seconds (after a 1 s warm-up).
+        cache_n / cache_distinct: requests and distinct inputs of the Zipf workload of the cache run.
     """
 
     brokers: tuple[str, ...] = ("redis", "rabbitmq")
@@ -53,6 +57,12 @@ class BenchConfig:
     repeat: int = 1
     fill: str = "producer"
     idle_duration: float = 5.0
+    overload_n: int = 3_000
+    overload_factor: float = 2.0
+    overload_high_share: float = 0.2
+    overload_duration: float = 10.0
+    cache_n: int = 20_000
+    cache_distinct: int = 2_000
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -66,6 +76,10 @@ class BenchConfig:
             "sweep": (1, 64),
             "duration": 2.0,
             "idle_duration": 2.0,
+            "overload_n": 600,
+            "overload_duration": 3.0,
+            "cache_n": 3_000,
+            "cache_distinct": 300,
             "tag": "-quick",
         }
         sizes.update(overrides)

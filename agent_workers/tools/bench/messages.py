@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from agent_workers.contract import declare_queue
-from agent_workers.tools.broker import backlog, delete_queue
+from agent_workers.tools.broker import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS, backlog, delete_queue
 from agent_workers.wire import DEFAULT_EXCHANGE, TaskMessage, redis_envelope
 
 
@@ -79,12 +79,21 @@ class Publisher:
 
     def send(self, message: TaskMessage) -> None:
         if self.redis:
-            self._client.lpush(self.queue, redis_envelope(message, self.queue))
+            self._client.lpush(self._list(message), redis_envelope(message, self.queue))
             return
+        properties = {**message.properties, "delivery_mode": 2}
+        priority = properties.pop("priority", None) or 0
         amqp_message = self._channel.prepare_message(
-            message.body, 0, "application/json", "utf-8", message.headers, {**message.properties, "delivery_mode": 2}
+            message.body, priority, "application/json", "utf-8", message.headers, properties
         )
         self._channel.basic_publish(amqp_message, exchange=DEFAULT_EXCHANGE, routing_key=self.queue)
+
+    def _list(self, message: TaskMessage) -> str:
+        """The Redis list kombu's transport pushes ``message`` onto: the queue's own for priority 0, else the
+        sub-list of the nearest priority step at or below it (``<queue>\\x06\\x16<step>``)."""
+        priority = message.properties.get("priority") or 0
+        step = max((s for s in REDIS_PRIORITY_STEPS if s <= priority), default=0)
+        return f"{self.queue}{REDIS_PRIORITY_SEP}{step}" if step else self.queue
 
     def fill(self, messages: Iterator[TaskMessage], chunk: int = 1000) -> int:
         """Publish everything ``messages`` yields, pipelined on Redis; returns the count."""

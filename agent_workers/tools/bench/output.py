@@ -86,6 +86,70 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
         [t["what"], t["target"], t["measured"], "met" if t["met"] else "MISSED" if t["met"] is False else "-"]
         for t in results["targets"]
     ]
+    overload_rows = [
+        [
+            r["broker"],
+            r["workload"],
+            r["saturation_rate"],
+            r["offered_rate"],
+            cls,
+            c["sent"],
+            c["answered_share"],
+            c["revoked_share"],
+            c.get("p50_ms"),
+            c.get("p99_ms"),
+            c["budget_ms"],
+            r["bound_ms"] if cls == "high" else None,
+            r["late_answers"] if cls == "high" else None,
+        ]
+        for r in results.get("overload", [])
+        for cls, c in r["classes"].items()
+    ]
+    cache_rows = [
+        [
+            r["broker"],
+            r["n"],
+            r["distinct"],
+            run["cache_size"] or "off",
+            run["req_per_s"],
+            run["hit_rate"],
+            run["deduplicated_in_batch"],
+        ]
+        for r in results.get("cache", [])
+        for run in r["runs"]
+    ]
+    extra = []
+    if overload_rows:
+        extra.append(
+            (
+                "Overload: Poisson arrivals at a multiple of the drain rate, mixed priorities, every request with a "
+                "deadline (latency over all answers, REVOKED ones included)",
+                [
+                    "broker",
+                    "model",
+                    "drain req/s",
+                    "offered req/s",
+                    "class",
+                    "sent",
+                    "answered",
+                    "revoked",
+                    "p50 ms",
+                    "p99 ms",
+                    "deadline ms",
+                    "p99 bound",
+                    "answered late",
+                ],
+                overload_rows,
+            )
+        )
+    if cache_rows:
+        extra.append(
+            (
+                "Result cache on a Zipf workload (drain, cache off against on)",
+                ["broker", "requests", "distinct inputs", "cache", "req/s", "hit rate", "deduplicated in batch"],
+                cache_rows,
+            )
+        )
     return [
         (
             "Drain: pre-filled queue, one worker",
@@ -140,6 +204,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
             ],
             latency_rows,
         ),
+        *extra,
         ("Targets (reported, not asserted)", ["what", "target", "measured", "verdict"], target_rows),
     ]
 

@@ -1,4 +1,5 @@
-"""The benchmark's figures: throughput against max_batch_size (with raw torch and the baselines), latency CDFs."""
+"""The benchmark's figures: throughput against max_batch_size (with raw torch and the baselines), latency CDFs, the
+overload run's latency per priority class, the result cache off against on."""
 
 from __future__ import annotations
 
@@ -104,4 +105,63 @@ def plot(results: dict[str, Any], out: Path, tag: str = "") -> list[Path]:
         paths.append(out / f"latency-cdf{tag}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+    paths += _plot_overload(results, out, tag, plt, finish)
+    if results.get("cache"):
+        paths.append(out / f"cache-zipf{tag}.png")
+        _plot_cache(results["cache"], paths[-1], plt)
     return paths
+
+
+def _plot_overload(results: dict[str, Any], out: Path, tag: str, plt: Any, finish: Any) -> list[Path]:
+    """overload.png: per broker, the latency CDF of each priority class, with the high class's bound."""
+    runs = results.get("overload") or []
+    if not runs:
+        return []
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], runs, strict=True):
+        for cls, color in (("high", "tab:green"), ("low", "tab:orange")):
+            c = r["classes"][cls]
+            if c.get("cdf"):
+                label = f"{cls} priority ({c['answered_share']:.0%} answered, deadline {c['budget_ms']:.0f} ms)"
+                ax.plot([p[0] for p in c["cdf"]], [p[1] for p in c["cdf"]], color=color, label=label)
+        ax.axvline(r["bound_ms"], color="gray", ls=":", lw=1, label=f"high-priority p99 bound {r['bound_ms']:.0f} ms")
+        ax.set_xscale("log")
+        ax.set_ylabel("fraction of requests")
+        finish(
+            ax,
+            "latency (ms), send to final answer (REVOKED included)",
+            f"{r['broker']}: {r['offered_rate']:,.0f} req/s offered = {r['factor']:g}x drain",
+        )
+    fig.tight_layout()
+    path = out / f"overload{tag}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _plot_cache(runs: list[dict[str, Any]], path: Path, plt: Any) -> None:
+    """Drain throughput with the result cache off and on, per broker, with the hit rate on each bar."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    width = 0.38
+    for i, r in enumerate(runs):
+        for j, run in enumerate(r["runs"]):
+            x = i + (j - 0.5) * width
+            ax.bar(
+                x,
+                run["req_per_s"],
+                width,
+                color="#888" if j == 0 else "#2a7",
+                label=None if i else ("cache off" if j == 0 else f"cache {run['cache_size']}"),
+            )
+            if j:
+                ax.annotate(f"{run['hit_rate']:.0%} hits", (x, run["req_per_s"]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(runs)), [r["broker"] for r in runs])
+    ax.set_ylabel("requests / s (drain)")
+    first = runs[0]
+    ax.set_title(
+        f"Zipf workload: {first['n']:,} requests over {first['distinct']:,} inputs (s={first['zipf_exponent']})"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

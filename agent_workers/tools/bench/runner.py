@@ -14,12 +14,16 @@ from typing import Any
 import numpy as np
 
 from agent_workers.config import Settings
+from agent_workers.tools.bench import cache
 from agent_workers.tools.bench.config import BenchConfig
 from agent_workers.tools.bench.measure import machine_info, raw_torch_rate
 from agent_workers.tools.bench.output import print_tables, say, write_outputs
+from agent_workers.tools.bench.overload import WORKLOAD as OVERLOAD_WORKLOAD
+from agent_workers.tools.bench.overload import run_overload
 from agent_workers.tools.bench.runs import Runs, Session
-from agent_workers.tools.bench.targets import check_idle_latency, check_targets
+from agent_workers.tools.bench.targets import check_cache, check_idle_latency, check_overload, check_targets
 from agent_workers.tools.bench.workloads import CELERY_BATCHES_PIN, WORKLOADS, Workload, parameter_count
+from agent_workers.tools.supervisor import derive_settings
 
 
 def ensure_celery_batches() -> str | None:
@@ -62,6 +66,8 @@ class Bench:
         self.latency: list[dict[str, Any]] = []
         self.raw: dict[str, dict[str, float]] = {}
         self.raw_ms: dict[str, dict[str, float]] = {}
+        self.overload: list[dict[str, Any]] = []
+        self.cache: list[dict[str, Any]] = []
         self._raw_seconds = 0.5 if config.duration < 5 else 1.0
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -134,7 +140,47 @@ class Bench:
                     self._run_session(s)
                 finally:
                     self._close_session(s)
+        for broker in cfg.brokers if "overload" not in cfg.skip else ():
+            self._overload(broker)
+        for broker in cfg.brokers if "cache" not in cfg.skip else ():
+            self._cache(broker)
         return self.results()
+
+    def _overload(self, broker: str) -> None:
+        """The ``wide`` model's drain rate (its saturation), then the overload run at a multiple of it."""
+        cfg = self.cfg
+        s = self._session(broker, WORKLOADS[OVERLOAD_WORKLOAD])
+        try:
+            saturation = self._drain(s, "ours", cfg.overload_n, cfg.max_batch_size)
+            self.drains.append({**saturation, "role": "saturation"})
+            self.overload.append(
+                run_overload(
+                    self.runs,
+                    s,
+                    saturation=saturation["rate"],
+                    batch_ms=saturation.get("mean_batch_compute_ms") or 0.0,
+                    factor=cfg.overload_factor,
+                    high_share=cfg.overload_high_share,
+                    duration=cfg.overload_duration,
+                )
+                | {"model": {**s.workload.config, "parameters": parameter_count(s.workload)}}
+            )
+        finally:
+            self._close_session(s)
+
+    def _cache(self, broker: str) -> None:
+        """The result cache on a Zipf workload, off against on, on ``broker`` (agent_workers.tools.bench.cache)."""
+        cfg = self.cfg
+        settings = derive_settings(
+            self.runs.settings,
+            broker_url=cfg.broker_url(broker),
+            result_backend=cfg.result_backend,
+            params_url=cfg.params_url,
+            torch_threads=cfg.torch_threads,
+            device=cfg.device,
+        )
+        report = cache.measure(settings, n=cfg.cache_n, distinct=cfg.cache_distinct, say=say)
+        self.cache.append({**report, "broker": broker})
 
     def _run_session(self, s: Session) -> None:
         cfg = self.cfg
@@ -169,7 +215,12 @@ class Bench:
     def results(self) -> dict[str, Any]:
         main = [d for d in self.drains if d["role"] == "main"]
         opens = [r for r in self.latency if r["mode"] == "open" and "bound_ms" in r and "p99_ms" in r]
-        checks = check_targets(main, self.raw, opens) + check_idle_latency(self.latency)
+        checks = (
+            check_targets(main, self.raw, opens)
+            + check_idle_latency(self.latency)
+            + check_overload(self.overload)
+            + check_cache(self.cache)
+        )
         return {
             "config": self.cfg.as_json(),
             "workloads": {
@@ -182,6 +233,8 @@ class Bench:
             "latency": self.latency,
             "raw_torch": self.raw,
             "raw_torch_batch_ms": self.raw_ms,
+            "overload": self.overload,
+            "cache": self.cache,
             "targets": [dataclasses.asdict(c) for c in checks],
         }
 

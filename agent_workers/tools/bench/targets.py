@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 TARGET_VS_NAIVE = 10.0
-TARGET_VS_CELERY_BATCHES = 3.0
+#: Drain against celery-batches, per broker (issue 11: Redis kept at 5x, RabbitMQ raised to 3x).
+TARGET_VS_CELERY_BATCHES = {"redis": 5.0, "rabbitmq": 3.0}
 TARGET_RATE = 3500.0
 TARGET_CPU_MS = 0.28
-TARGET_VS_RAW = 0.80
+TARGET_VS_RAW = 0.90
 #: One request at a time (C=1): our p50 and p99 at most this many times a Celery no-op task's on the same broker.
 TARGET_IDLE_VS_NOOP = 1.2
 
@@ -50,7 +51,8 @@ def check_targets(
         if system != "ours":
             continue
         where = f"{broker}/{workload}"
-        for other, target in (("naive", TARGET_VS_NAIVE), ("celery-batches", TARGET_VS_CELERY_BATCHES)):
+        vs_batches = TARGET_VS_CELERY_BATCHES.get(broker, 3.0)
+        for other, target in (("naive", TARGET_VS_NAIVE), ("celery-batches", vs_batches)):
             baseline = by.get((other, broker, workload))
             if baseline:
                 r = ratio(d["rate"], baseline["rate"])
@@ -114,4 +116,47 @@ def check_idle_latency(latency: Sequence[dict[str, Any]]) -> list[Check]:
                     None if r is None else r <= TARGET_IDLE_VS_NOOP,
                 )
             )
+    return checks
+
+
+#: The overload run: at least this share of the high-priority requests answered (SUCCESS).
+TARGET_HIGH_ANSWERED = 0.99
+
+
+def check_overload(runs: Sequence[dict[str, Any]]) -> list[Check]:
+    """Per overload run: high-priority p99 within its bound, high-priority requests answered, none answered late."""
+    checks: list[Check] = []
+    for r in runs:
+        where = f"{r['broker']}/{r['workload']} overload at {r['factor']:g}x saturation"
+        high = r["classes"]["high"]
+        p99 = high.get("p99_ms")
+        checks.append(
+            Check(
+                f"{where}: high-priority p99 (ms)",
+                f"<= {r['bound_ms']:.1f}",
+                p99,
+                None if p99 is None else p99 <= r["bound_ms"],
+            )
+        )
+        checks.append(
+            Check(
+                f"{where}: high-priority answered",
+                f">= {TARGET_HIGH_ANSWERED:.0%}",
+                high["answered_share"],
+                high["answered_share"] >= TARGET_HIGH_ANSWERED,
+            )
+        )
+        late = r["late_answers"] + r["unanswered"]
+        checks.append(Check(f"{where}: answered after deadline or never", "== 0", late, late == 0))
+    return checks
+
+
+def check_cache(runs: Sequence[dict[str, Any]]) -> list[Check]:
+    """Per cache run: throughput with the cache on against off (goal: faster), and its hit rate (reported)."""
+    checks: list[Check] = []
+    for r in runs:
+        where = f"{r['broker']} Zipf s={r['zipf_exponent']:g}, {r['distinct']} inputs"
+        on = r["runs"][1]
+        checks.append(Check(f"{where}: cache on / off throughput", "> 1x", r["speedup"], r["speedup"] > 1.0))
+        checks.append(Check(f"{where}: cache hit rate", "reported", on["hit_rate"], None))
     return checks

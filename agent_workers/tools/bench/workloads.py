@@ -45,6 +45,8 @@ WORKLOADS = {
     "mlp": Workload("mlp", {"in_features": 64, "hidden": [256, 256], "out_features": 10}),
     # weight-bound: 1024 -> 4096 -> 4096 -> 1024, 25,175,040 parameters (100 MB of float32)
     "heavy": Workload("heavy", {"in_features": 1024, "hidden": [4096, 4096], "out_features": 1024}),
+    # the overload run's: compute-bound with small messages (38 million multiply-adds per row, 64 floats in, 10 out)
+    "wide": Workload("wide", {"in_features": 64, "hidden": [6144, 6144], "out_features": 10}),
 }
 
 
