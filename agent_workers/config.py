@@ -61,9 +61,9 @@ class BatchSettings:
         flush_when_idle: flush as soon as the broker has nothing more to hand over instead of waiting out
             ``max_wait_ms`` (``AGENT_WORKERS_FLUSH_WHEN_IDLE``, on by default).
         pipeline_depth: batches in flight at once: with 2 the event loop receives and buffers the next batch while
-            one computes in the compute thread; 1 computes on the event loop itself; 0 (the default) picks 2 on a
-            CUDA device, where compute leaves the CPU free for messaging, and 1 on CPU, where the two would only
-            fight over the same cores (``AGENT_WORKERS_PIPELINE_DEPTH``).
+            one computes in the compute thread; 1 computes on the event loop itself; 0 (the default) runs predict
+            at 2 and computes a batch predicted under 2 ms on the loop, and training at 2 on CUDA and 1 on CPU
+            (``AGENT_WORKERS_PIPELINE_DEPTH``).
     """
 
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE

@@ -69,7 +69,7 @@ def revoke(req: Pending, why: str) -> Outcome:
 
 
 def too_late(req: Pending, now: float, cost: float) -> Outcome | None:
-    """REVOKED for ``req`` when its deadline falls before ``now + cost`` (the least any batch takes), else None.
+    """REVOKED for ``req`` when its deadline falls before ``now + cost`` (the least its batch takes), else None.
 
     Checked as a request arrives: under overload a request that waited in the broker past its deadline is answered
     and acknowledged at once, so it neither holds a prefetch slot nor waits for a batch in flight to end (Triton's
@@ -77,6 +77,8 @@ def too_late(req: Pending, now: float, cost: float) -> Outcome | None:
     """
     if req.deadline is None or req.deadline > now + cost:
         return None
+    if req.expires is not None and req.expires.timestamp() <= now:
+        return revoke(req, "expired")  # what Celery, and the check before compute, call it
     if req.deadline <= now:
         return revoke(req, "deadline passed before compute")
     return revoke(

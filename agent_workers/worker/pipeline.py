@@ -1,9 +1,13 @@
 """The compute pipeline of an intake: forward passes in their own thread, everything else on the event loop.
 
 A batch computed on the consumer's event loop stops the loop: no message is received, decoded or buffered, no
-result stored and no ack sent while it runs. With a pipeline of depth 2 (``AGENT_WORKERS_PIPELINE_DEPTH``, the
-default) the loop hands batch *k* to the compute thread and goes on receiving and buffering batch *k + 1*, which it
-hands over as soon as *k* is done; depth 1 computes on the loop itself, as before.
+result stored and no ack sent while it runs. With a pipeline of depth 2 (``AGENT_WORKERS_PIPELINE_DEPTH``) the
+loop hands batch *k* to the compute thread and goes on receiving and buffering batch *k + 1*, which it hands over as
+soon as *k* is done; depth 1 computes on the loop itself. On auto (0, the default) the predict intake runs at depth 2
+and computes a batch inline when it is predicted under 2 ms (the hand-over would cost what it saves).
+
+When a job ends, its last outcomes say so: the loop hands the thread its next batch first and stores those outcomes
+after, so the thread never idles through a result write.
 
 A job is a generator that runs in the compute thread. Each value it yields is ``(outcomes, wait)``: the outcomes go
 back to the event loop, which stores, publishes retries, acknowledges and reports them (kombu channels are not
