@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +37,7 @@ from agent_workers.errors import AgentWorkersError, ConfigError, InputError, Mod
 from agent_workers.worker import deadlines, metrics, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
 from agent_workers.worker.inference import InferenceEngine
-from agent_workers.worker.intake import INLINE_BELOW_S, Intake, register
+from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, register
 from agent_workers.worker.policy import BatchPolicy
 from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome
@@ -83,6 +84,9 @@ class Batcher(Intake):
         self.costs = deadlines.CostModels(settings.batch)
         self.results = ResultCache(settings.result_cache_size)
         self._late: list[Outcome] = []  # revoked on arrival, answered at the end of the burst (_revoke_soon)
+        self._loop_costs: deque[float] = deque(maxlen=16)  # seconds per request of forward passes on the loop
+        self._loop_timed = 0
+        self._since_probe = 0
 
     def admit(self, request: Pending) -> None:
         """Stamp the request's deadline and rank (only when it has one), cap the buffer, then buffer it."""
@@ -132,7 +136,17 @@ class Batcher(Intake):
             self._finish(late)
 
     def _cheap(self, batch: list[Pending]) -> bool:
-        return self.policy.estimate(len(batch)) < INLINE_BELOW_S
+        """Whether to compute ``batch`` on the loop: from forward passes timed on the loop alone (a forward pass in
+        the compute thread waits for the GIL behind the busy loop, so its time says nothing about its cost); with
+        none timed yet, and every ``PROBE_EVERY`` batches otherwise, it is computed on the loop to find out."""
+        costs = self._loop_costs
+        if not costs or min(costs) * len(batch) < INLINE_BELOW_S:
+            return True
+        self._since_probe += 1
+        if self._since_probe >= PROBE_EVERY:
+            self._since_probe = 0
+            return True
+        return False
 
     def _form_late(self) -> bool:
         return self._ordered
@@ -233,6 +247,10 @@ class Batcher(Intake):
                     self.reporter.event("task-started", req)
             results = self.engine.run_batch_arrays(loaded, [row.array for row in chunk])
             elapsed = time.monotonic() - started
+            if not self.pipeline.in_compute_thread():
+                self._loop_timed += 1
+                if self._loop_timed > 1:  # the first forward pass (lazy initialisation) says nothing either
+                    self._loop_costs.append(elapsed / len(chunk))
             self.policy.observe(len(chunk), elapsed)
             self.costs.observe(model, len(chunk), elapsed)
             answered = sum(len(row.requests) for row in chunk)

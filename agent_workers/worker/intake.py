@@ -37,6 +37,8 @@ MAX_RETRIES = 3
 #: With the pipeline depth on auto, a batch predicted to compute in less than this runs on the event loop: the
 #: hand-over to the compute thread and back costs about as much as it would overlap.
 INLINE_BELOW_S = 0.002
+#: ... and one batch in this many that would go to the compute thread runs on the loop, to time it again.
+PROBE_EVERY = 64
 
 
 class Intake:

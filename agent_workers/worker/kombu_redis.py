@@ -35,7 +35,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from agent_workers import lua
-from agent_workers.worker import idle
+from agent_workers.worker import idle, kombu_amqp
 
 DEFAULT_POP_COUNT = 128
 #: With several lists to watch (queues, priority sub-lists), the longest one not watched waits for a sweep (seconds).
@@ -225,17 +225,23 @@ class SentinelTransport(kredis.SentinelTransport):
 
 
 def ack_all(messages: list[Any]) -> None:
-    """Acknowledge many messages; on Redis in one pipelined round trip instead of one per message."""
+    """Acknowledge many messages: on Redis in one pipelined round trip instead of one per message, on AMQP in one
+    socket write."""
     by_qos: dict[int, list[Any]] = {}
+    by_channel: dict[int, list[Any]] = {}
     for m in messages:
         qos = getattr(m.channel, "qos", None)
         if isinstance(qos, virtual.QoS) and hasattr(qos, "_remove_from_indices"):
             by_qos.setdefault(id(qos), []).append(m)
         elif not m.acknowledged:
-            try:
-                m.ack()
-            except Exception:  # noqa: BLE001 - channel gone: the broker redelivers it
-                logger.warning("ack of %s failed; the broker will redeliver it", m.delivery_tag, exc_info=True)
+            by_channel.setdefault(id(m.channel), []).append(m)
+    for group in by_channel.values():  # AMQP and others: one ack each, written together on AMQP
+        with kombu_amqp.corked(group[0].channel):
+            for m in group:
+                try:
+                    m.ack()
+                except Exception:  # noqa: BLE001 - channel gone: the broker redelivers it
+                    logger.warning("ack of %s failed; the broker will redeliver it", m.delivery_tag, exc_info=True)
     for group in by_qos.values():
         qos = group[0].channel.qos
         try:

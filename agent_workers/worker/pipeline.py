@@ -63,6 +63,10 @@ class Pipeline:
         self._closed = False
         self._freeing = False
 
+    def in_compute_thread(self) -> bool:
+        """Whether the caller runs in this pipeline's compute thread (not on the event loop)."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
     @property
     def full(self) -> bool:
         """True when ``depth`` jobs are in flight: the next flush waits (the prefetch window bounds the buffer)."""

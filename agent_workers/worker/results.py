@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import redis
 from celery import states
 
 from agent_workers import lua
@@ -61,8 +62,7 @@ class ResultWriter:
             return [True] * len(outcomes)
         done = self.app.now().isoformat()
         expires = int(self.backend.expires or 0)
-        pipe = self._redis.pipeline(transaction=False)
-        sent: list[int] = []
+        records: list[tuple[int, str, bytes]] = []
         for i, o in enumerate(outcomes):
             try:
                 key, value = self.backend.get_key_for_task(o.request.id), self._encode(self._record(o, done))
@@ -74,13 +74,26 @@ class ResultWriter:
                 except Exception:  # noqa: BLE001 - not even a failure can be stored under this id
                     log.exception("no result can be stored for %r", o.request.id)
                     continue
-            assert self._store is not None
-            self._store(keys=[key], args=[value, expires], client=pipe)
-            sent.append(i)
+            records.append((i, key, value))
+        try:
+            replies = self._store_all(records, expires)
+        except redis.exceptions.NoScriptError:  # the server lost its scripts (a restart, SCRIPT FLUSH): load, redo
+            assert self._store is not None and self._redis is not None
+            self._redis.script_load(self._store.script)
+            replies = self._store_all(records, expires)
         stored = [False] * len(outcomes)
-        for i, reply in zip(sent, pipe.execute(), strict=True):
+        for (i, _, _), reply in zip(records, replies, strict=True):
             stored[i] = bool(reply)
         return stored
+
+    def _store_all(self, records: list[tuple[int, str, bytes]], expires: int) -> list[Any]:
+        """One pipelined round trip of ``store_result.lua`` calls by EVALSHA (a registered Script in a pipeline
+        would add a SCRIPT EXISTS round trip to every write)."""
+        assert self._store is not None and self._redis is not None
+        pipe = self._redis.pipeline(transaction=False)
+        for _, key, value in records:
+            pipe.evalsha(self._store.sha, 1, key, value, expires)
+        return pipe.execute() if records else []
 
     def final_states(self, task_ids: list[str]) -> dict[str, str]:
         """The final state already stored for each of ``task_ids`` that has one (one MGET)."""
