@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import select
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from kombu.transport import pyamqp
 from agent_workers.worker import idle
 
 _UNAVAILABLE = (errno.EAGAIN, errno.EINTR)
+logger = logging.getLogger(__name__)
 
 
 def nothing_pending(connection: Any) -> bool:
@@ -66,7 +68,12 @@ def corked(channel: Any) -> Iterator[None]:
         else:
             transport._write = own
         if frames:
-            transport.write(b"".join(frames))
+            try:
+                transport.write(b"".join(frames))
+            except Exception:  # noqa: BLE001 - the connection is gone: the broker redelivers what was not acked
+                logger.warning(
+                    "writing %d buffered frames failed; the broker will redeliver", len(frames), exc_info=True
+                )
 
 
 class _IdleReader:

@@ -107,3 +107,32 @@ def test_run_batch_bisects_to_the_culprits() -> None:
     out = engine.run_batch(loaded, arrays)
     assert [isinstance(o, ModelError) for o in out] == [False, False, True, False, False, True, False]
     assert out[0] == [2.0, 0.0, 0.0] and "failed on this input: boom" in str(out[2])
+
+
+def test_corked_acks_go_out_in_one_write_and_the_transport_is_restored() -> None:
+    from types import SimpleNamespace
+
+    from agent_workers.worker.kombu_amqp import corked
+
+    sent: list[bytes] = []
+
+    class Transport:
+        def __init__(self) -> None:
+            self._write = sent.append  # what TCPTransport sets: the socket's sendall
+
+        def write(self, data: bytes) -> None:
+            self._write(data)
+
+    transport = Transport()
+    own = transport._write
+    channel = SimpleNamespace(connection=SimpleNamespace(transport=transport))
+    with corked(channel):
+        buffer = bytearray(b"ack-1")
+        transport.write(memoryview(buffer))
+        buffer[:] = b"ack-2"  # py-amqp's frame writer reuses its buffer between frames
+        transport.write(memoryview(buffer))
+        assert sent == []
+    assert sent == [b"ack-1ack-2"]
+    assert transport._write == own
+    with corked(SimpleNamespace()):  # not py-amqp: nothing to cork, nothing breaks
+        pass

@@ -16,17 +16,23 @@ def latency_label(r: dict[str, Any], closed: str = "C=") -> str:
     return f"open {r['offered_rate']:,.0f}/s{basis}"
 
 
+def _formatters() -> tuple[Any, Any]:
+    """Tick labels: plain numbers, and for the minor ticks of a log axis only 2× and 5× a power of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
+    sparse = FuncFormatter(lambda v, _: plain(v) if v > 0 and f"{v:e}"[0] in "25" else "")
+    return plain, sparse
+
+
 def plot(results: dict[str, Any], out: Path, tag: str = "") -> list[Path]:
-    """throughput-vs-batch-size and latency-cdf PNGs; returns their paths."""
+    """throughput-vs-batch-size, latency-cdf, overload and cache-zipf PNGs (those with data); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
 
-    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
-    # minor ticks of a log axis: label only 2× and 5× a power of ten, so short ranges still read
-    sparse = FuncFormatter(lambda v, _: plain(v) if v > 0 and f"{v:e}"[0] in "25" else "")
+    plain, sparse = _formatters()
 
     def finish(ax: Any, xlabel: str, title: str) -> None:
         ax.set_xlabel(xlabel)
@@ -36,41 +42,8 @@ def plot(results: dict[str, Any], out: Path, tag: str = "") -> list[Path]:
 
     paths = []
     workloads = list(results["workloads"])
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
-    for ax, workload in zip(axes[0], workloads, strict=True):
-        ours = [
-            d
-            for d in results["drains"]
-            if d["system"] == "ours" and d["workload"] == workload and d["role"] != "repeat"
-        ]
-        for broker in sorted({d["broker"] for d in ours}):
-            points = sorted({d["max_batch_size"]: d["rate"] for d in ours if d["broker"] == broker}.items())
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"ours ({broker})")
-        raw = results["raw_torch"].get(workload, {})
-        if raw:
-            sizes = sorted(int(k) for k in raw)
-            ax.plot(sizes, [raw[str(k)] for k in sizes], "k:", label="raw torch forward (in-process)")
-        for d in results["drains"]:
-            if d["workload"] == workload and d["system"] != "ours" and d["role"] == "main":
-                ax.axhline(
-                    d["rate"],
-                    ls="--",
-                    lw=1,
-                    color="tab:red" if d["system"] == "naive" else "tab:purple",
-                    alpha=0.6 if d["broker"] == "redis" else 0.35,
-                )
-                ax.annotate(f"{d['system']} ({d['broker']})", (1, d["rate"]), fontsize=7, va="bottom")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(plain)
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(sparse)
-        ax.set_ylabel("requests / s (drain)")
-        finish(ax, "max_batch_size", f"{workload}: throughput vs max_batch_size")
-    fig.tight_layout()
-    paths.append(out / f"throughput-vs-batch-size{tag}.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    if workloads:
+        paths.append(_plot_throughput(results, workloads, out / f"throughput-vs-batch-size{tag}.png", plt, finish))
 
     panels = sorted(
         {(r["workload"], r["broker"]) for r in results["latency"]},
@@ -110,6 +83,46 @@ def plot(results: dict[str, Any], out: Path, tag: str = "") -> list[Path]:
         paths.append(out / f"cache-zipf{tag}.png")
         _plot_cache(results["cache"], paths[-1], plt)
     return paths
+
+
+def _plot_throughput(results: dict[str, Any], workloads: list[str], path: Path, plt: Any, finish: Any) -> Path:
+    """throughput-vs-batch-size: per workload, ours by max_batch_size, raw torch and the baselines."""
+    plain, sparse = _formatters()
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
+    for ax, workload in zip(axes[0], workloads, strict=True):
+        ours = [
+            d
+            for d in results["drains"]
+            if d["system"] == "ours" and d["workload"] == workload and d["role"] != "repeat"
+        ]
+        for broker in sorted({d["broker"] for d in ours}):
+            points = sorted({d["max_batch_size"]: d["rate"] for d in ours if d["broker"] == broker}.items())
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"ours ({broker})")
+        raw = results["raw_torch"].get(workload, {})
+        if raw:
+            sizes = sorted(int(k) for k in raw)
+            ax.plot(sizes, [raw[str(k)] for k in sizes], "k:", label="raw torch forward (in-process)")
+        for d in results["drains"]:
+            if d["workload"] == workload and d["system"] != "ours" and d["role"] == "main":
+                ax.axhline(
+                    d["rate"],
+                    ls="--",
+                    lw=1,
+                    color="tab:red" if d["system"] == "naive" else "tab:purple",
+                    alpha=0.6 if d["broker"] == "redis" else 0.35,
+                )
+                ax.annotate(f"{d['system']} ({d['broker']})", (1, d["rate"]), fontsize=7, va="bottom")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(sparse)
+        ax.set_ylabel("requests / s (drain)")
+        finish(ax, "max_batch_size", f"{workload}: throughput vs max_batch_size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _plot_overload(results: dict[str, Any], out: Path, tag: str, plt: Any, finish: Any) -> list[Path]:

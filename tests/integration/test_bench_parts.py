@@ -1,0 +1,44 @@
+"""The benchmark's overload and cache parts, run for real at a tiny size on one broker each: every request the
+overload run sends gets a final answer, the priorities reach the worker as the broker means them, and the outputs
+(JSON with goals and verdicts, PNGs) are written. Figures are not asserted: they belong to docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent_workers.tools import bench
+
+pytestmark = pytest.mark.integration
+
+
+def test_overload_and_cache_parts_answer_everything_and_write_their_verdicts(broker: str, tmp_path: Path) -> None:
+    config = bench.BenchConfig.quick(
+        brokers=(broker,),
+        workloads=(),
+        skip=frozenset({"baselines", "sweep", "latency", "idle"}),
+        overload_n=200,
+        overload_duration=1.0,
+        cache_n=400,
+        cache_distinct=40,
+        out=tmp_path,
+    )
+    results = bench.run(config)
+    (overload,) = results["overload"]
+    high, low = overload["classes"]["high"], overload["classes"]["low"]
+    assert high["sent"] > 0 and low["sent"] > 0
+    assert overload["unanswered"] == 0, "a request of the overload run got no final answer"
+    assert overload["answered_twice"] == 0
+    answered = sum(sum(c["states"].values()) for c in (high, low))
+    assert answered == high["sent"] + low["sent"]
+    assert set(high["states"]) | set(low["states"]) <= {"SUCCESS", "REVOKED"}
+    (cache,) = results["cache"]
+    assert [r["cache_size"] for r in cache["runs"]] == [0, 10_000]
+    assert cache["runs"][1]["hit_rate"] > 0.5  # 400 requests over 40 inputs: most are repeats
+    verdicts = {t["what"] for t in json.loads((tmp_path / "results-quick.json").read_text())["targets"]}
+    assert any("high-priority p99" in what for what in verdicts)
+    assert any("cache on / off" in what for what in verdicts)
+    for name in ("overload-quick.png", "cache-zipf-quick.png", "summary-quick.md"):
+        assert (tmp_path / name).stat().st_size > 0
