@@ -45,6 +45,8 @@ _REDIS_SCHEMES = {"redis", "rediss", "unix", "sentinel"}
 _PARAMS_SCHEMES = _REDIS_SCHEMES | {"redis+cluster", "rediss+cluster"}
 _AMQP_SCHEMES = {"amqp", "amqps", "pyamqp"}
 _QUEUE_TYPES = {"classic", "quorum"}
+#: The largest ``x-max-priority`` RabbitMQ accepts.
+MAX_QUEUE_PRIORITY = 255
 _BATCH_MODES = {"fixed", "adaptive"}
 _COMMIT_MODES = {"optimistic", "lock"}
 
@@ -122,6 +124,10 @@ class Settings:
             models on big hosts. Irrelevant on GPU.
         queue_type: RabbitMQ queue type of the inference and training queues: ``classic`` or ``quorum``
             (replicated, with a delivery limit and a ``<queue>.dead`` dead-letter queue; see app.py).
+        queue_max_priority: RabbitMQ: declare the inference and training queues with ``x-max-priority`` (1–255;
+            0, the default, declares none), so the broker itself hands higher ``priority`` messages over first.
+            Every producer must declare the queues with the same argument; classic queues only. Ignored on Redis,
+            whose transport always keeps a sub-list per priority step.
         sentinel_master: the master name Redis Sentinel is asked for, for every ``sentinel://`` URL.
         max_queue_size: most predict requests one worker keeps buffered or held at once (0: no cap beyond the
             prefetch window); past it, requests whose deadline passed are shed first, then the least urgent.
@@ -162,6 +168,7 @@ class Settings:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     torch_threads: int = 1
     queue_type: str = "classic"
+    queue_max_priority: int = 0
     sentinel_master: str = DEFAULT_SENTINEL_MASTER
     max_queue_size: int = 0
     min_version_wait_ms: float = DEFAULT_MIN_VERSION_WAIT_MS
@@ -216,6 +223,7 @@ class Settings:
             chunk_bytes=r.int("CHUNK_BYTES", DEFAULT_CHUNK_BYTES, minimum=1024),
             torch_threads=r.int("TORCH_THREADS", 1, minimum=0),
             queue_type=r.choice("QUEUE_TYPE", "classic", _QUEUE_TYPES),
+            queue_max_priority=r.int("QUEUE_MAX_PRIORITY", 0, minimum=0),
             sentinel_master=r.str("SENTINEL_MASTER", DEFAULT_SENTINEL_MASTER),
             max_queue_size=r.int("MAX_QUEUE_SIZE", 0, minimum=0),
             min_version_wait_ms=r.float("MIN_VERSION_WAIT_MS", DEFAULT_MIN_VERSION_WAIT_MS, minimum=0.0),
@@ -253,6 +261,15 @@ class Settings:
             raise ConfigError(
                 "AGENT_WORKERS_QUEUE_TYPE=quorum needs a RabbitMQ broker (amqp://); quorum queues are a RabbitMQ "
                 "feature. Unset it or point AGENT_WORKERS_BROKER_URL at RabbitMQ"
+            )
+        if self.queue_max_priority > MAX_QUEUE_PRIORITY:
+            raise ConfigError(
+                f"AGENT_WORKERS_QUEUE_MAX_PRIORITY={self.queue_max_priority}: RabbitMQ allows 1 to "
+                f"{MAX_QUEUE_PRIORITY} (10 or less is what its docs recommend)"
+            )
+        if self.queue_max_priority and self.queue_type == "quorum":
+            raise ConfigError(
+                "AGENT_WORKERS_QUEUE_MAX_PRIORITY needs classic queues: quorum queues do not take x-max-priority"
             )
         for name, url in (
             ("BROKER_URL", self.broker_url),

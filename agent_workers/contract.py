@@ -32,16 +32,20 @@ def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
     return routes
 
 
-def declare_queue(name: str, queue_type: str = "classic") -> Queue:
+def declare_queue(name: str, queue_type: str = "classic", max_priority: int = 0) -> Queue:
     """A durable direct queue declared exactly as a bare Celery producer or a Node client declares it, so RabbitMQ
     never refuses a mismatched redeclaration.
 
-    ``classic`` has no arguments. ``quorum`` carries ``x-queue-type: quorum``, ``x-delivery-limit`` and a
-    dead-letter exchange ``<queue>.dead``; every producer that declares the queue must pass exactly these
+    ``classic`` has no arguments, or only ``x-max-priority`` when ``max_priority`` is set
+    (``AGENT_WORKERS_QUEUE_MAX_PRIORITY``). ``quorum`` carries ``x-queue-type: quorum``, ``x-delivery-limit`` and a
+    dead-letter exchange ``<queue>.dead``. Every producer that declares the queue must pass exactly these
     arguments (RabbitMQ answers ``PRECONDITION_FAILED - inequivalent arg`` otherwise; docs/operations.md).
     """
     if queue_type == "quorum":
         return Queue(name, Exchange(name, type="direct"), routing_key=name, queue_arguments=quorum_arguments(name))
+    if max_priority:
+        arguments = {"x-max-priority": max_priority}
+        return Queue(name, Exchange(name, type="direct"), routing_key=name, queue_arguments=arguments)
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 

@@ -27,8 +27,8 @@ def producer_app(settings: Settings) -> Celery:
         result_accept_content=["json"],
         task_routes=task_routes(settings),
         task_queues=[
-            declare_queue(settings.inference_queue, settings.queue_type),
-            declare_queue(settings.training_queue, settings.queue_type),
+            declare_queue(settings.inference_queue, settings.queue_type, settings.queue_max_priority),
+            declare_queue(settings.training_queue, settings.queue_type, settings.queue_max_priority),
         ],
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,

@@ -76,8 +76,8 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
         task_retry_on_worker_lost=True,
         task_acks_on_failure=True,
         task_queues=[
-            declare_queue(settings.inference_queue, settings.queue_type),
-            declare_queue(settings.training_queue, settings.queue_type),
+            declare_queue(settings.inference_queue, settings.queue_type, settings.queue_max_priority),
+            declare_queue(settings.training_queue, settings.queue_type, settings.queue_max_priority),
         ],
         task_default_queue=settings.inference_queue,
         task_routes=task_routes(settings),

@@ -93,30 +93,31 @@ def drop_late(
 ) -> tuple[list[tuple[Pending, Any]], list[Outcome]]:
     """Revoke the members that cannot be answered by their deadline, before any compute.
 
-    The i-th member is computed in chunk ``i // chunk``; with ``cost`` predicted seconds per chunk it is done at
-    ``now + (i // chunk + 1) * cost``. A deadline before that is a miss.
+    The members are computed ``chunk`` at a time, ``cost`` predicted seconds per chunk, and every answer is stored
+    when the last chunk is done: all are answered at ``now + chunks * cost``. A deadline before that is a miss;
+    revoking misses leaves fewer chunks, so the check repeats until nothing more is revoked (a member revoked in an
+    earlier round stays revoked: this errs towards fewer late answers).
     """
     now = time.time()
-    kept: list[tuple[Pending, Any]] = []
+    kept = list(members)
     revoked: list[Outcome] = []
-    for member in members:
-        req = member[0]
-        if req.deadline is not None:
-            done = now + (len(kept) // chunk + 1) * cost
-            if req.deadline <= now:
+    while True:
+        done = now + math.ceil(len(kept) / max(1, chunk)) * cost
+        keep: list[tuple[Pending, Any]] = []
+        for member in kept:
+            req = member[0]
+            if req.deadline is not None and req.deadline <= now:
                 revoked.append(revoke(req, "deadline passed before compute"))
-                continue
-            if req.deadline < done:
+            elif req.deadline is not None and req.deadline < done:
+                due, eta = 1000 * (req.deadline - now), 1000 * (done - now)
                 revoked.append(
-                    revoke(
-                        req,
-                        f"deadline cannot be met: predicted done in {1000 * (done - now):.1f} ms, due in "
-                        f"{1000 * (req.deadline - now):.1f} ms",
-                    )
+                    revoke(req, f"deadline cannot be met: predicted done in {eta:.1f} ms, due in {due:.1f} ms")
                 )
-                continue
-        kept.append(member)
-    return kept, revoked
+            else:
+                keep.append(member)
+        if len(keep) == len(kept):
+            return keep, revoked
+        kept = keep
 
 
 def shed(pending: list[Pending], incoming: Pending, limit: int) -> tuple[list[Pending], list[Outcome], bool]:

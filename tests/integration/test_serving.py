@@ -154,3 +154,22 @@ def test_result_cache_never_answers_from_an_older_version(broker: str, start_poo
     np.testing.assert_allclose(after["outputs"], reference(pool, model, np.array([x]), 1)[0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(after["outputs"], first["outputs"]), "the commit did not change the output"
     assert _computed(pool, model) == 2
+
+
+def test_rabbitmq_queue_max_priority_hands_urgent_messages_over_first(start_pool) -> None:
+    # A queue declared with x-max-priority (by the client and the worker alike) is ordered by the broker itself.
+    pool: Pool = start_pool("rabbitmq", queues="inference", start=False, max_batch_size=1, queue_max_priority=10)
+    assert pool.settings.queue_max_priority == 10
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=2))
+    low = [pool.client.app.send_task("agent_workers.predict", args=[model, [1.0, 0.0]], priority=0) for _ in range(6)]
+    high = [pool.client.app.send_task("agent_workers.predict", args=[model, [0.0, 1.0]], priority=9) for _ in range(6)]
+    pool.worker.start()  # everything queued first, lows before highs: FIFO would serve the lows first
+    for handle in low + high:
+        pool.client.wait(handle, 60)
+    done = sorted(
+        (AsyncResult(h.id, app=pool.client.app).date_done, p) for h, p in [(h, 0) for h in low] + [(h, 9) for h in high]
+    )
+    first = [p for _, p in done[:6]]
+    # the prefetch window (2 x max_batch_size) may take two lows before the broker sees the rest
+    assert first.count(9) >= 4, f"priorities served in arrival order: {[p for _, p in done]}"

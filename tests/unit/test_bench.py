@@ -402,11 +402,27 @@ def test_overload_summary_counts_states_late_answers_and_only_the_window() -> No
     assert abs(result["goodput"] - 0.2) < 1e-9  # 2 answered over the 10 s window
 
 
-def test_cache_check_wants_the_cache_faster_and_reports_the_hit_rate() -> None:
+def test_cache_check_reports_the_speedup_and_the_hit_rate() -> None:
     run = {"broker": "redis", "zipf_exponent": 1.1, "distinct": 2000, "speedup": 1.4}
     run["runs"] = [{"hit_rate": 0.0}, {"hit_rate": 0.9}]
     checks = bench.check_cache([run])
-    assert [(c.measured, c.met) for c in checks] == [(1.4, True), (0.9, None)]
+    assert [(c.measured, c.met) for c in checks] == [(1.4, None), (0.9, None)]
+
+
+def test_idle_check_pairs_the_first_c1_run_with_the_noop() -> None:
+    def c1(system: str, p50: float) -> dict:
+        return {
+            "system": system,
+            "broker": "redis",
+            "workload": "mlp",
+            "mode": "closed",
+            "concurrency": 1,
+            "p50_ms": p50,
+            "p99_ms": p50,
+        }
+
+    checks = bench.check_idle_latency([c1("ours", 2.0), c1("noop", 2.0), c1("ours", 9.0)])
+    assert [c.measured for c in checks] == [1.0, 1.0]
 
 
 def test_redis_publisher_pushes_onto_kombus_priority_sub_lists() -> None:

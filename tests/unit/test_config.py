@@ -63,3 +63,23 @@ def test_plugins_are_split_and_trimmed() -> None:
 
 def test_cuda_index_is_a_valid_device() -> None:
     assert Settings.from_env({"AGENT_WORKERS_DEVICE": "cuda:1"}).device == "cuda:1"
+
+
+def test_queue_max_priority_declares_x_max_priority_on_classic_queues_only() -> None:
+    from agent_workers.contract import declare_queue
+
+    amqp = "amqp://guest:guest@127.0.0.1:5672//"
+    settings = Settings.from_env({"AGENT_WORKERS_BROKER_URL": amqp, "AGENT_WORKERS_QUEUE_MAX_PRIORITY": "10"})
+    assert settings.queue_max_priority == 10
+    assert declare_queue("q", max_priority=10).queue_arguments == {"x-max-priority": 10}
+    assert not declare_queue("q").queue_arguments  # what a bare Celery producer declares
+    with pytest.raises(ConfigError, match="quorum"):
+        Settings.from_env(
+            {
+                "AGENT_WORKERS_BROKER_URL": amqp,
+                "AGENT_WORKERS_QUEUE_MAX_PRIORITY": "5",
+                "AGENT_WORKERS_QUEUE_TYPE": "quorum",
+            }
+        )
+    with pytest.raises(ConfigError, match="255"):
+        Settings.from_env({"AGENT_WORKERS_QUEUE_MAX_PRIORITY": "256"})

@@ -60,7 +60,7 @@ class Publisher:
     """Publishes task messages onto one queue, on Redis (LPUSH of kombu's envelope) or RabbitMQ (``basic_publish``
     on a channel, what kombu's ``Producer.publish`` ends in, minus its per-call overhead)."""
 
-    def __init__(self, broker_url: str, queue_name: str) -> None:
+    def __init__(self, broker_url: str, queue_name: str, *, max_priority: int = 0) -> None:
         self.url = broker_url
         self.queue = queue_name
         self.redis = urlparse(broker_url).scheme.lower() in {"redis", "rediss"}
@@ -75,7 +75,7 @@ class Publisher:
 
             self._conn = Connection(broker_url)
             self._channel = self._conn.channel()
-            declare_queue(queue_name)(self._channel).declare()
+            declare_queue(queue_name, max_priority=max_priority)(self._channel).declare()
 
     def send(self, message: TaskMessage) -> None:
         if self.redis:

@@ -35,6 +35,7 @@ from agent_workers.wire import TaskMessage
 
 #: The overload run's model (workloads.WORKLOADS): compute-bound, so shedding saves forward passes, not messaging.
 WORKLOAD = "wide"
+QUEUE_MAX_PRIORITY = 10  # RabbitMQ's recommended ceiling
 HIGH_BUDGET_BOUNDS = 4.0  # a high-priority request's deadline, in p99 bounds after it is sent
 LOW_BUDGET_BOUNDS = 1.5
 
@@ -123,8 +124,11 @@ def run_overload(
     label = f"{session.broker}/{session.workload.name} overload at {rate:,.0f} req/s ({factor:g}x the drain rate)"
     run = "o" + uuid.uuid4().hex[:10]
     queue_name = f"{session.namespace}.{run}"
-    publisher = Publisher(session.broker_url, queue_name)
-    worker, port = runs._worker(session, queue_name, cfg.max_batch_size, run)
+    # RabbitMQ orders by priority only in a queue declared with x-max-priority (AGENT_WORKERS_QUEUE_MAX_PRIORITY);
+    # the worker and this producer declare it alike. kombu's Redis transport keeps priority sub-lists anyway.
+    max_priority = 0 if session.broker == "redis" else QUEUE_MAX_PRIORITY
+    publisher = Publisher(session.broker_url, queue_name, max_priority=max_priority)
+    worker, port = runs._worker(session, queue_name, cfg.max_batch_size, run, queue_max_priority=max_priority)
     make = PriorityMessages(runs.amqp, session.model, session.workload.in_features)
     priorities = dict(zip(("high", "low"), urgent_priority(session.broker), strict=True))
     heard = _Heard()
@@ -173,6 +177,7 @@ def run_overload(
         factor=factor,
         offered_rate=rate,
         high_share=high_share,
+        queue_max_priority=max_priority,
         answered_twice=heard.twice,
         revoked_because=heard.reasons,
         shed_before_compute=metrics.get("agent_workers_shed_total", 0.0) - before.get("agent_workers_shed_total", 0.0),

@@ -80,7 +80,9 @@ class Runs:
         self.backend = backend
         self.amqp = amqp
 
-    def _worker(self, s: Session, queue_name: str, max_batch_size: int, run: str) -> tuple[WorkerProcess, int]:
+    def _worker(
+        self, s: Session, queue_name: str, max_batch_size: int, run: str, **changes: Any
+    ) -> tuple[WorkerProcess, int]:
         port = free_port()
         settings = derive_settings(
             self.settings,
@@ -96,6 +98,7 @@ class Runs:
             result_expires=3600,
             torch_threads=self.cfg.torch_threads,
             batch={"max_batch_size": max_batch_size, "max_wait_ms": self.cfg.max_wait_ms},
+            **changes,
         )
         return WorkerProcess(queues=[queue_name], env=settings.to_env(), name=f"{run}@%h", loglevel="WARNING"), port
 
