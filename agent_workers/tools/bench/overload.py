@@ -128,7 +128,7 @@ def run_overload(
     # the worker and this producer declare it alike. kombu's Redis transport keeps priority sub-lists anyway.
     max_priority = 0 if session.broker == "redis" else QUEUE_MAX_PRIORITY
     publisher = Publisher(session.broker_url, queue_name, max_priority=max_priority)
-    worker, port = runs._worker(session, queue_name, cfg.max_batch_size, run, queue_max_priority=max_priority)
+    worker, port = runs.worker(session, queue_name, cfg.max_batch_size, run, queue_max_priority=max_priority)
     make = PriorityMessages(runs.amqp, session.model, session.workload.in_features)
     priorities = dict(zip(("high", "low"), urgent_priority(session.broker), strict=True))
     heard = _Heard()
@@ -165,7 +165,7 @@ def run_overload(
     finally:
         worker.stop()
         listener.close()
-        runs._forget(list(sent))
+        runs.forget(list(sent))
         publisher.delete()
         publisher.close()
     result = summarise(sent, heard.first, window, bound=bound, budgets=budgets)

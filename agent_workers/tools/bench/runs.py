@@ -80,9 +80,11 @@ class Runs:
         self.backend = backend
         self.amqp = amqp
 
-    def _worker(
+    def worker(
         self, s: Session, queue_name: str, max_batch_size: int, run: str, **changes: Any
     ) -> tuple[WorkerProcess, int]:
+        """A worker process (not started) serving ``queue_name`` for session ``s``, and its metrics port; ``changes``
+        are further settings (the overload run's ``queue_max_priority``)."""
         port = free_port()
         settings = derive_settings(
             self.settings,
@@ -111,7 +113,8 @@ class Runs:
         make = self._factory(s, system)
         return (make(task_id, i) for i, task_id in enumerate(ids))
 
-    def _forget(self, ids: Sequence[str]) -> None:
+    def forget(self, ids: Sequence[str]) -> None:
+        """Delete the result records of ``ids``."""
         for start in range(0, len(ids), 5000):
             self.backend.delete(*(RESULT_KEY_PREFIX + i for i in ids[start : start + 5000]))
 
@@ -143,7 +146,7 @@ class Runs:
             started = time.perf_counter()
             publisher.fill(self._messages(s, system, ids))
             say(f"{label}: filled in {time.perf_counter() - started:.1f}s, queue depth {publisher.depth():,}")
-            worker, port = self._worker(s, queue_name, max_batch_size, run)
+            worker, port = self.worker(s, queue_name, max_batch_size, run)
             worker.start(wait=False)
             last = [0.0]
 
@@ -167,7 +170,7 @@ class Runs:
                 worker.stop()
             raise
         finally:
-            self._forget(ids)
+            self.forget(ids)
             publisher.delete()
             publisher.close()
         rate, seconds, counted = drain_rate(times)
@@ -221,7 +224,7 @@ class Runs:
         run = "l" + uuid.uuid4().hex[:10]
         queue_name = f"{s.namespace}.{run}"
         publisher = Publisher(s.broker_url, queue_name)
-        worker, port = self._worker(s, queue_name, self.cfg.max_batch_size, run)
+        worker, port = self.worker(s, queue_name, self.cfg.max_batch_size, run)
         factory = self._factory(s, system)
         counter = itertools.count()
 
@@ -291,7 +294,7 @@ class Runs:
         finally:
             worker.stop()
             for prefix, count in prefixes:
-                self._forget([f"{prefix}{i:08d}" for i in range(count)])
+                self.forget([f"{prefix}{i:08d}" for i in range(count)])
             publisher.delete()
             publisher.close()
         return results
