@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -81,11 +80,10 @@ class Batcher(Intake):
         self.broker_is_redis = settings.broker_is_redis
         self.max_queue_size = settings.max_queue_size
         self.min_version_wait = settings.min_version_wait_ms / 1000.0
-        self.costs = deadlines.CostModels(settings.batch)
+        self.costs = deadlines.CostModels()
         self.results = ResultCache(settings.result_cache_size)
         self._late: list[Outcome] = []  # revoked on arrival, answered at the end of the burst (_revoke_soon)
-        self._loop_costs: deque[float] = deque(maxlen=16)  # seconds per request of forward passes on the loop
-        self._loop_timed = 0
+        self._on_loop = deadlines.CostModels()  # forward passes timed on the loop, all models as one
         self._since_probe = 0
 
     def admit(self, request: Pending) -> None:
@@ -139,8 +137,7 @@ class Batcher(Intake):
         """Whether to compute ``batch`` on the loop: from forward passes timed on the loop alone (a forward pass in
         the compute thread waits for the GIL behind the busy loop, so its time says nothing about its cost); with
         none timed yet, and every ``PROBE_EVERY`` batches otherwise, it is computed on the loop to find out."""
-        costs = self._loop_costs
-        if not costs or min(costs) * len(batch) < INLINE_BELOW_S:
+        if self._on_loop.predicted("", len(batch)) < INLINE_BELOW_S:  # 0 until a second pass was timed
             return True
         self._since_probe += 1
         if self._since_probe >= PROBE_EVERY:
@@ -248,9 +245,7 @@ class Batcher(Intake):
             results = self.engine.run_batch_arrays(loaded, [row.array for row in chunk])
             elapsed = time.monotonic() - started
             if not self.pipeline.in_compute_thread():
-                self._loop_timed += 1
-                if self._loop_timed > 1:  # the first forward pass (lazy initialisation) says nothing either
-                    self._loop_costs.append(elapsed / len(chunk))
+                self._on_loop.observe("", len(chunk), elapsed)
             self.policy.observe(len(chunk), elapsed)
             self.costs.observe(model, len(chunk), elapsed)
             answered = sum(len(row.requests) for row in chunk)

@@ -21,7 +21,6 @@ from typing import Any
 
 from celery import states
 
-from agent_workers.config import BatchSettings
 from agent_workers.worker.requests import Pending, revoked_error
 from agent_workers.worker.results import Outcome
 
@@ -68,6 +67,19 @@ def revoke(req: Pending, why: str) -> Outcome:
     return Outcome(req, states.REVOKED, revoked_error(why))
 
 
+def miss(req: Pending, now: float, done: float) -> Outcome | None:
+    """REVOKED for ``req`` when it would be answered at ``done``, after its deadline, else None; the reason says
+    whether it expired, its deadline passed, or the prediction missed it."""
+    if req.deadline is None or req.deadline >= done:
+        return None
+    if req.expires is not None and req.expires.timestamp() <= now:
+        return revoke(req, "expired")  # what Celery, and the check before compute, call it
+    if req.deadline <= now:
+        return revoke(req, "deadline passed before compute")
+    due, eta = 1000 * (req.deadline - now), 1000 * (done - now)
+    return revoke(req, f"deadline cannot be met: predicted done in {eta:.1f} ms, due in {due:.1f} ms")
+
+
 def too_late(req: Pending, now: float, cost: float) -> Outcome | None:
     """REVOKED for ``req`` when its deadline falls before ``now + cost`` (the least its batch takes), else None.
 
@@ -75,17 +87,7 @@ def too_late(req: Pending, now: float, cost: float) -> Outcome | None:
     and acknowledged at once, so it neither holds a prefetch slot nor waits for a batch in flight to end (Triton's
     queue timeouts only fire once the running batch is done).
     """
-    if req.deadline is None or req.deadline > now + cost:
-        return None
-    if req.expires is not None and req.expires.timestamp() <= now:
-        return revoke(req, "expired")  # what Celery, and the check before compute, call it
-    if req.deadline <= now:
-        return revoke(req, "deadline passed before compute")
-    return revoke(
-        req,
-        f"deadline cannot be met: due in {1000 * (req.deadline - now):.1f} ms, a batch takes "
-        f"at least {1000 * cost:.1f} ms",
-    )
+    return miss(req, now, now + cost)
 
 
 def drop_late(
@@ -105,16 +107,11 @@ def drop_late(
         done = now + math.ceil(len(kept) / max(1, chunk)) * cost
         keep: list[tuple[Pending, Any]] = []
         for member in kept:
-            req = member[0]
-            if req.deadline is not None and req.deadline <= now:
-                revoked.append(revoke(req, "deadline passed before compute"))
-            elif req.deadline is not None and req.deadline < done:
-                due, eta = 1000 * (req.deadline - now), 1000 * (done - now)
-                revoked.append(
-                    revoke(req, f"deadline cannot be met: predicted done in {eta:.1f} ms, due in {due:.1f} ms")
-                )
-            else:
+            outcome = miss(member[0], now, done)
+            if outcome is None:
                 keep.append(member)
+            else:
+                revoked.append(outcome)
         if len(keep) == len(kept):
             return keep, revoked
         kept = keep
@@ -150,12 +147,11 @@ class CostModels:
 
     HISTORY = 16
 
-    def __init__(self, settings: BatchSettings) -> None:
-        self.settings = settings
+    def __init__(self) -> None:
         self._batches: dict[str, deque[tuple[int, float]]] = {}
 
     def observe(self, model: str, size: int, seconds: float) -> None:
-        """Record a batch of ``model`` (compute thread)."""
+        """Record a batch of ``model`` (from the compute thread or the loop)."""
         history = self._batches.get(model)
         if history is None:
             self._batches[model] = deque(maxlen=self.HISTORY)  # the first batch: left out

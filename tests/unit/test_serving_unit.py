@@ -108,7 +108,7 @@ def test_snapshot_cache_is_capped_by_bytes() -> None:
 
 
 def test_cost_model_is_a_lower_bound_learned_after_the_first_batch() -> None:
-    costs = deadlines.CostModels(BatchSettings())
+    costs = deadlines.CostModels()
     costs.observe("m", 64, 5.0)  # the first batch (warm-up) is not counted
     assert costs.predicted("m", 64) == 0.0
     costs.observe("m", 64, 0.064)  # 1 ms per request at 64
@@ -121,7 +121,7 @@ def test_cost_model_is_a_lower_bound_learned_after_the_first_batch() -> None:
 
 
 def test_too_late_on_arrival_counts_the_more_urgent_requests_ahead() -> None:
-    costs = deadlines.CostModels(BatchSettings())
+    costs = deadlines.CostModels()
     for _ in range(2):
         costs.observe("m", 32, 0.32)  # 10 ms per request
     now_ms = int(time.time() * 1000)
