@@ -18,12 +18,12 @@ from agent_workers.errors import (
 )
 
 _LAZY = {
-    "HyperParams": "agent_workers.optim",
+    "HyperParams": "agent_workers.training.optim",
     "ModelSpec": "agent_workers.models",
     "architectures": "agent_workers.models",
     "make_spec": "agent_workers.models",
     "register_architecture": "agent_workers.models",
-    "register_loss": "agent_workers.optim",
+    "register_loss": "agent_workers.training.optim",
 }
 
 __all__ = [

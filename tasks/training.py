@@ -9,9 +9,9 @@ from celery import Task
 
 from agent_workers.contract import FIT, TRAIN_STEP
 from agent_workers.errors import InputError, StoreUnavailableError
-from agent_workers.optim import HyperParams
-from agent_workers.training import fit as run_fit
-from agent_workers.training import train_step as run_step
+from agent_workers.training.optim import HyperParams
+from agent_workers.training.steps import fit as run_fit
+from agent_workers.training.steps import train_step as run_step
 from agent_workers.worker.limits import LimitedTask, deadline
 from tasks import app
 

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent_workers.client import Client
 from agent_workers.config import Settings
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.supervisor import WorkerProcess, free_port
 
 IN_CI = os.environ.get("CI") == "true"

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from agent_workers.models import register_architecture
-from agent_workers.optim import register_loss
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
+from agent_workers.training.optim import register_loss
 
 PAUSE_BEFORE = "pause-before-cas:"
 PAUSE_AFTER = "pause-after-cas:"

@@ -10,11 +10,11 @@ import click
 
 from agent_workers.cli._base import settings
 
-DEFAULT_TTL = 7 * 24 * 3600  # agent_workers.datasets.DEFAULT_TTL, without importing numpy for --help
+DEFAULT_TTL = 7 * 24 * 3600  # agent_workers.training.datasets.DEFAULT_TTL, without importing numpy for --help
 
 
 def store() -> Any:
-    from agent_workers.datasets import DatasetStore
+    from agent_workers.training.datasets import DatasetStore
 
     return DatasetStore.from_settings(settings())
 

@@ -13,7 +13,7 @@ from agent_workers.cli._base import settings
 
 
 def store() -> Any:
-    from agent_workers.params import RedisParamStore
+    from agent_workers.store.params import RedisParamStore
 
     return RedisParamStore.from_settings(settings())
 

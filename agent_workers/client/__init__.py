@@ -40,7 +40,7 @@ from agent_workers.client.publisher import Publisher, PublishError
 from agent_workers.client.results import ResultReader
 from agent_workers.config import Settings
 from agent_workers.contract import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP
-from agent_workers.datasets import DEFAULT_TTL, DatasetStore, epoch_batches
+from agent_workers.training.datasets import DEFAULT_TTL, DatasetStore, epoch_batches
 from agent_workers.wire import Envelope
 
 DEFAULT_TIMEOUT = 60.0

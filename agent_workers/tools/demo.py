@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from agent_workers.client import Client
 from agent_workers.config import Settings
-from agent_workers.datasets import DatasetStore
 from agent_workers.models import make_spec
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.supervisor import WorkerProcess, ensure_redis
+from agent_workers.training.datasets import DatasetStore
 
 SEED_REPORTED_MSE = 0.0118
 N_ROWS, N_FEATURES, N_TEST = 10_000, 10, 1_000

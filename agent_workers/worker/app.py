@@ -11,8 +11,8 @@ from celery import Celery
 
 from agent_workers.config import Settings
 from agent_workers.contract import declare_queue, task_routes
-from agent_workers.datasets import DatasetStore
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
+from agent_workers.training.datasets import DatasetStore
 from agent_workers.worker.bootsteps import BatcherStep, DeadLetterQueues, QueueDepthStep, StartupChecks
 from agent_workers.worker.inference import InferenceEngine
 from agent_workers.worker.reclaim import ReclaimStep

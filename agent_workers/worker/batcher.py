@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 from celery import states
 
+from agent_workers import metrics
 from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
-from agent_workers.worker import deadlines, metrics, redelivery
+from agent_workers.worker import deadlines, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
 from agent_workers.worker.inference import InferenceEngine
 from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, register

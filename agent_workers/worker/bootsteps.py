@@ -11,9 +11,9 @@ from typing import Any
 
 from celery import bootsteps, signals
 
+from agent_workers import metrics
 from agent_workers.contract import dead_letter_queue
 from agent_workers.errors import ConfigError
-from agent_workers.worker import metrics
 from agent_workers.worker.intake import live_intakes
 from agent_workers.worker.kombu_redis import queue_depth
 

@@ -20,7 +20,7 @@ import torch
 from agent_workers.config import Settings
 from agent_workers.errors import InputError, ModelError
 from agent_workers.models import ModelSpec
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
 
 log = logging.getLogger(__name__)
 

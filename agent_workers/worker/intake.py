@@ -21,8 +21,9 @@ from celery import states
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
+from agent_workers import metrics
 from agent_workers.errors import InputError
-from agent_workers.worker import idle, metrics, redelivery
+from agent_workers.worker import idle, redelivery
 from agent_workers.worker.held import HeldMessages
 from agent_workers.worker.kombu_redis import ack_all
 from agent_workers.worker.pipeline import Job, Pipeline

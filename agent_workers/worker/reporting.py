@@ -11,7 +11,7 @@ from typing import Any
 from celery import states
 from celery.utils.saferepr import saferepr
 
-from agent_workers.worker import metrics
+from agent_workers import metrics
 from agent_workers.worker.results import Outcome, short_repr
 
 

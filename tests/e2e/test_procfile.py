@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent_workers.client import Client
 from agent_workers.config import Settings
 from agent_workers.models import make_spec
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.supervisor import free_port
 from tests.conftest import _cleanup, need, pool_env, unique
 from tests.e2e.conftest import wait_for

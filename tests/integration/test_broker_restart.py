@@ -33,7 +33,7 @@ import torch
 from agent_workers.client import Client
 from agent_workers.config import Settings
 from agent_workers.models import make_spec, register_architecture
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.supervisor import LocalRedis, WorkerProcess, free_port
 from tests.conftest import need, pool_env, tcp_answers, unique
 

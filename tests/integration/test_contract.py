@@ -21,10 +21,10 @@ from referencing import Registry, Resource
 
 from agent_workers.client import ResultTimeout
 from agent_workers.contract import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP
-from agent_workers.datasets import DatasetStore
 from agent_workers.errors import InputError, ModelError
 from agent_workers.models import make_spec
 from agent_workers.tools.producer_bench import bench
+from agent_workers.training.datasets import DatasetStore
 from agent_workers.worker.control import inspect_models
 from agent_workers.worker.launch import settings_env
 from tests.conftest import Pool, unique

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agent_workers.errors import ModelError
+from agent_workers.metrics import UNKNOWN_MODEL
 from agent_workers.models import make_spec
-from agent_workers.worker.metrics import UNKNOWN_MODEL
 from tests.conftest import Pool, unique
 
 pytestmark = pytest.mark.integration

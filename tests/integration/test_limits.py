@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from celery.exceptions import TimeLimitExceeded
 
-from agent_workers.datasets import DatasetStore
 from agent_workers.errors import InputError
 from agent_workers.models import make_spec
+from agent_workers.training.datasets import DatasetStore
 from tests.conftest import Pool, unique
 
 pytestmark = pytest.mark.integration

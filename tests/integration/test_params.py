@@ -15,7 +15,7 @@ import tests.plugins  # noqa: F401 - registers the counter architecture
 from agent_workers.errors import ConfigError, ModelError, StoreError
 from agent_workers.keys import Keys
 from agent_workers.models import make_spec
-from agent_workers.params import (
+from agent_workers.store.params import (
     PARAM_PREFIX,
     STAGING_TTL,
     CommitOutcome,

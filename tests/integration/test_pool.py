@@ -131,7 +131,7 @@ def test_predict_many_names_the_bad_example(pool: Pool) -> None:
 
 
 def test_fit_job_trains_and_reports_progress(pool: Pool) -> None:
-    from agent_workers.datasets import DatasetStore
+    from agent_workers.training.datasets import DatasetStore
 
     model = unique("lin")
     pool.store.create(model, make_spec("linear", in_features=2))

@@ -64,7 +64,7 @@ def test_cli_creates_a_model_from_safetensors_and_refuses_a_pickle(
     bad = runner.invoke(cli, ["models", "create", "bad", "--config", config, "--weights", str(tmp_path / "w.pt")])
     assert bad.exit_code != 0 and "never loaded" in bad.output
     from agent_workers.config import Settings
-    from agent_workers.params import RedisParamStore
+    from agent_workers.store.params import RedisParamStore
 
     store = RedisParamStore.from_settings(Settings.from_env(env))
     try:

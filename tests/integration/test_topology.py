@@ -29,8 +29,8 @@ from agent_workers.config import Settings
 from agent_workers.contract import PREDICT, QUORUM_DELIVERY_LIMIT, declare_queue
 from agent_workers.errors import ConfigError, ModelError
 from agent_workers.models import make_spec
-from agent_workers.params import CommitOutcome, RedisParamStore
 from agent_workers.redis_clients import redis_client
+from agent_workers.store.params import CommitOutcome, RedisParamStore
 from agent_workers.tools.supervisor import WorkerProcess, free_port, redis_answers
 from agent_workers.worker.app import create_app
 from tests.conftest import need, pool_env, unique

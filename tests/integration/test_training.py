@@ -28,12 +28,12 @@ import redis
 import tests.plugins  # noqa: F401 - the counter architecture and loss, for create() in this process
 from agent_workers.client import Client
 from agent_workers.config import Settings
-from agent_workers.datasets import DatasetStore
 from agent_workers.errors import ModelError
 from agent_workers.keys import Keys
 from agent_workers.models import make_spec
-from agent_workers.params import STAGING_TTL, RedisParamStore
+from agent_workers.store.params import STAGING_TTL, RedisParamStore
 from agent_workers.tools.supervisor import WorkerProcess
+from agent_workers.training.datasets import DatasetStore
 from tests.conftest import Pool, pool_env, unique
 from tests.plugins import PAUSE_AFTER, PAUSE_BEFORE, reached_key
 

@@ -70,7 +70,8 @@ def test_a_csv_header_row_is_skipped_and_a_bad_cell_is_named(tmp_path: Path) -> 
 
 def test_commands_that_touch_no_tensor_do_not_import_torch() -> None:
     code = (
-        "import sys, agent_workers.cli, agent_workers.params, agent_workers.datasets, agent_workers.client; "
+        "import sys, agent_workers.cli, agent_workers.store.params, agent_workers.training.datasets, "
+        "agent_workers.client; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

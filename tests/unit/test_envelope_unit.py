@@ -10,9 +10,9 @@ from celery import states
 
 from agent_workers.config import Settings
 from agent_workers.errors import InputError
+from agent_workers.metrics import UNKNOWN_MODEL, ModelLabels
 from agent_workers.worker.app import create_app, tls_options
 from agent_workers.worker.batcher import Batcher
-from agent_workers.worker.metrics import UNKNOWN_MODEL, ModelLabels
 from agent_workers.worker.requests import Pending, check_headers, usable_id
 from agent_workers.worker.results import Outcome
 

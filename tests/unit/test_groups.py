@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from agent_workers import groups, training
-from agent_workers.blobs import PARAM_PREFIX, Snapshot
 from agent_workers.errors import InputError, ModelError
-from agent_workers.groups import Step, group_step
 from agent_workers.models import make_spec
-from agent_workers.training import HyperParams, StepResult, apply_update, compute_gradient
+from agent_workers.store.blobs import PARAM_PREFIX, Snapshot
+from agent_workers.training import groups
+from agent_workers.training import steps as training
+from agent_workers.training.groups import Step, group_step
+from agent_workers.training.steps import HyperParams, StepResult, apply_update, compute_gradient
 from tests.unit.test_training import MemoryStore
 
 SPEC = make_spec("linear", in_features=3, out_features=2)

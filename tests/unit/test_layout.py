@@ -3,7 +3,10 @@
 * a producer (``agent_workers.client``) never imports the worker, the tools or torch;
 * the runtime (everything but ``tools/`` and the CLI) never imports the tools;
 * the library never imports its own Celery adapters (``tasks``);
-* only ``worker/kombu_redis.py`` touches kombu's Redis internals.
+* only ``worker/kombu_redis.py`` touches kombu's Redis internals;
+* the store and training rooms never import the worker, the client or the tools, and the store never imports
+  training (the worker's trainer calls training, training calls the store);
+* no two modules import each other, directly or round a loop.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ CLIENT_MAY_IMPORT = {
     "agent_workers.contract",
     "agent_workers.wire",
     "agent_workers.redis_clients",
-    "agent_workers.datasets",
+    "agent_workers.training.datasets",
 }
 KOMBU_INTERNALS = (
     "_q_for_pri",
@@ -62,7 +65,8 @@ def test_importing_the_client_loads_no_worker_tool_or_torch_module() -> None:
     code = (
         "import sys, agent_workers.client, agent_workers.client.publisher, agent_workers.client.results; "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'tasks', "
-        "'agent_workers.worker', 'agent_workers.tools', 'agent_workers.params', 'agent_workers.training'))))"
+        "'agent_workers.worker', 'agent_workers.tools', 'agent_workers.store', 'agent_workers.training.steps', "
+        "'agent_workers.training.groups', 'agent_workers.training.optim'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
@@ -107,3 +111,50 @@ def test_only_kombu_redis_knows_kombus_redis_internals() -> None:
 def test_lua_scripts_ship_as_files(name: str) -> None:
     assert (PACKAGE / "lua" / f"{name}.lua").is_file()
     assert "redis.call" in lua.source(name)
+
+
+ROOM_MAY_NOT_IMPORT = {
+    "store": ("agent_workers.worker", "agent_workers.client", "agent_workers.tools", "agent_workers.training"),
+    "training": ("agent_workers.worker", "agent_workers.client", "agent_workers.tools"),
+}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for room in ROOM_MAY_NOT_IMPORT for p in modules(PACKAGE / room)],
+    ids=lambda p: str(p.relative_to(PACKAGE)),
+)
+def test_store_and_training_rooms_import_downwards_only(path: Path) -> None:
+    forbidden = ROOM_MAY_NOT_IMPORT[path.relative_to(PACKAGE).parts[0]]
+    crossing = {n for n in ours(imported(path)) if n.startswith(forbidden)}
+    assert crossing == set(), f"{path.relative_to(PACKAGE)} imports {sorted(crossing)}"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_circles() -> None:
+    names = {_module_name(p): p for p in modules()}
+    graph = {name: {n for n in imported(path) if n in names and n != name} for name, path in names.items()}
+    circles = []
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            if node == goal:
+                return True
+            if node not in seen:
+                seen.add(node)
+                todo.extend(graph[node])
+        return False
+
+    for name, deps in graph.items():
+        circles += [
+            f"{name} <-> {dep}"
+            for dep in deps
+            if not dep.startswith(name + ".") and not name.startswith(dep + ".") and reaches(dep, name)
+        ]
+    assert circles == []

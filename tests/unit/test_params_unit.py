@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from agent_workers.blobs import blob_metadata, blob_version, chunk_keys, decode_blob, encode_blob, split_chunks
 from agent_workers.config import Settings
 from agent_workers.errors import ConfigError, ModelError, StoreUnavailableError
 from agent_workers.keys import Keys
-from agent_workers.params import RedisParamStore
 from agent_workers.redis_clients import glob_escape as _glob_escape
+from agent_workers.store.blobs import blob_metadata, blob_version, chunk_keys, decode_blob, encode_blob, split_chunks
+from agent_workers.store.params import RedisParamStore
 
 
 def test_blob_round_trip_keeps_tensors_and_header() -> None:

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from agent_workers.blobs import Snapshot, SnapshotCache
 from agent_workers.config import BatchSettings
+from agent_workers.store.blobs import Snapshot, SnapshotCache
 from agent_workers.worker import deadlines
 from agent_workers.worker.cache import ResultCache, distinct
 from agent_workers.worker.policy import BatchPolicy

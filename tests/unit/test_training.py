@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from agent_workers import optim, training
-from agent_workers.blobs import PARAM_PREFIX, Snapshot
 from agent_workers.errors import InputError, ModelError, StoreError
 from agent_workers.models import ModelSpec, make_spec
-from agent_workers.params import CommitOutcome, CommitResult
-from agent_workers.training import HyperParams, apply_update, compute_gradient, train_step
+from agent_workers.store.blobs import PARAM_PREFIX, Snapshot
+from agent_workers.store.params import CommitOutcome, CommitResult
+from agent_workers.training import optim
+from agent_workers.training import steps as training
+from agent_workers.training.steps import HyperParams, apply_update, compute_gradient, train_step
 
 STEPS = 6
 

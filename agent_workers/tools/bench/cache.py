@@ -22,7 +22,7 @@ import numpy as np
 from agent_workers.client import Client
 from agent_workers.config import Settings
 from agent_workers.models import make_spec
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.supervisor import WorkerProcess, derive_settings, free_port
 
 WIDTH = 32

@@ -93,7 +93,7 @@ class Bench:
             say(note)
 
     def _session(self, broker: str, workload: Workload) -> Session:
-        from agent_workers.params import RedisParamStore
+        from agent_workers.store.params import RedisParamStore
 
         namespace = "bench" + uuid.uuid4().hex[:8]
         settings = Settings(params_url=self.cfg.params_url, namespace=namespace)

@@ -14,11 +14,11 @@ import numpy as np
 
 from agent_workers.client import Client
 from agent_workers.config import Settings
-from agent_workers.datasets import DatasetStore
 from agent_workers.keys import Keys
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.stats import percentile
 from agent_workers.tools.supervisor import WorkerProcess, derive_settings
+from agent_workers.training.datasets import DatasetStore
 
 Progress = Callable[[str], None]
 
@@ -223,7 +223,7 @@ def send_steps(
     from celery import Celery
 
     from agent_workers.contract import TRAIN_STEP
-    from agent_workers.datasets import epoch_batches
+    from agent_workers.training.datasets import epoch_batches
 
     producer = Celery("report-producer", broker=lab.settings.broker_url, backend=lab.settings.result_backend)
     total = epochs * math.ceil(n_rows / batch_size)

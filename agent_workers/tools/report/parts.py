@@ -12,9 +12,9 @@ import numpy as np
 import redis
 import torch
 
-from agent_workers.blobs import chunk_keys
 from agent_workers.models import ModelSpec, make_spec, parameter_count
-from agent_workers.params import RedisParamStore
+from agent_workers.store.blobs import chunk_keys
+from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.report.lab import (
     ACCURACY_GAP_GOAL,
     ACCURACY_GOAL,

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from agent_workers.contract import RESULT_KEY_PREFIX
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.soak.plot import plot
 
 

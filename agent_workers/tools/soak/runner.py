@@ -21,7 +21,7 @@ from agent_workers.client import Client
 from agent_workers.client.results import ResultListener, is_final
 from agent_workers.config import Settings
 from agent_workers.models import make_spec
-from agent_workers.params import RedisParamStore
+from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.broker import backlog
 from agent_workers.tools.soak.account import account, rss_report, summarize, write
 from agent_workers.tools.stats import process_cpu_seconds, redis_cpu_seconds, rss_mb

@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from agent_workers import training
-from agent_workers.blobs import Snapshot
+from agent_workers import metrics
 from agent_workers.errors import InputError, ModelError, VersionConflictError
-from agent_workers.optim import HyperParams
-from agent_workers.params import CommitOutcome, RedisParamStore
-from agent_workers.training import StepResult
-from agent_workers.worker import metrics
+from agent_workers.store.blobs import Snapshot
+from agent_workers.store.params import CommitOutcome, RedisParamStore
+from agent_workers.training import steps as training
+from agent_workers.training.optim import HyperParams
+from agent_workers.training.steps import StepResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from agent_workers.datasets import epoch_batches
+from agent_workers import metrics
 from agent_workers.errors import InputError, ModelError, VersionConflictError
-from agent_workers.optim import HyperParams, apply_update, check_finite, compute_gradient, compute_loss
-from agent_workers.params import CommitOutcome, RedisParamStore
-from agent_workers.worker import metrics
+from agent_workers.store.params import CommitOutcome, RedisParamStore
+from agent_workers.training.datasets import epoch_batches
+from agent_workers.training.optim import HyperParams, apply_update, check_finite, compute_gradient, compute_loss
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,20 @@ from urllib.parse import urlparse
 
 import redis
 
-from agent_workers import lua, maintenance
-from agent_workers.blobs import (
+from agent_workers import lua
+from agent_workers.config import DEFAULT_CHUNK_BYTES, DEFAULT_DEDUP_WINDOW, DEFAULT_LOCK_TIMEOUT, Settings
+from agent_workers.errors import ConfigError, ModelError, StoreError, StoreUnavailableError
+from agent_workers.keys import Keys
+from agent_workers.models import ModelSpec
+from agent_workers.redis_clients import (
+    CLUSTER_SCHEMES,
+    bulk_packer,
+    glob_escape,
+    redis_client,
+    unavailable,
+)
+from agent_workers.store import maintenance
+from agent_workers.store.blobs import (
     PARAM_PREFIX,
     EncodedVersion,
     Snapshot,
@@ -36,20 +48,9 @@ from agent_workers.blobs import (
     encode_blob,
     split_chunks,
 )
-from agent_workers.config import DEFAULT_CHUNK_BYTES, DEFAULT_DEDUP_WINDOW, DEFAULT_LOCK_TIMEOUT, Settings
-from agent_workers.errors import ConfigError, ModelError, StoreError, StoreUnavailableError
-from agent_workers.keys import Keys
-from agent_workers.locks import DEFAULT_LOCK_WAIT, CommitLock
-from agent_workers.maintenance import STAGING_TTL
-from agent_workers.models import ModelSpec
-from agent_workers.redis_clients import (
-    CLUSTER_SCHEMES,
-    bulk_packer,
-    glob_escape,
-    redis_client,
-    unavailable,
-)
-from agent_workers.versions import HEAD_FIELDS, CommitOutcome, CommitResult, Head
+from agent_workers.store.locks import DEFAULT_LOCK_WAIT, CommitLock
+from agent_workers.store.maintenance import STAGING_TTL
+from agent_workers.store.versions import HEAD_FIELDS, CommitOutcome, CommitResult, Head
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so listing models (the CLI) stays fast
     import torch
@@ -141,7 +142,7 @@ class RedisParamStore:
         return cls(client=client, keys=Keys(settings.namespace), **options)
 
     def check_durability(self) -> None:
-        """Make sure ``WAITAOF 1 0`` can work here (:func:`agent_workers.maintenance.check_durability`)."""
+        """Make sure ``WAITAOF 1 0`` can work here (:func:`agent_workers.store.maintenance.check_durability`)."""
         maintenance.check_durability(self.client)
 
     # -- models -------------------------------------------------------------------------------------------------
@@ -416,11 +417,11 @@ class RedisParamStore:
         maintenance.wait_aof(self.client, name, version)
 
     def rollback(self, name: str, version: int, *, update_id: str = "", max_attempts: int = 64) -> int:
-        """Make ``version`` current again, as a new version (:func:`agent_workers.maintenance.rollback`)."""
+        """Make ``version`` current again, as a new version (:func:`agent_workers.store.maintenance.rollback`)."""
         return maintenance.rollback(self, name, version, update_id=update_id, max_attempts=max_attempts)
 
     def gc(self, name: str) -> int:
-        """Delete leftover blob keys (:func:`agent_workers.maintenance.gc`); returns how many."""
+        """Delete leftover blob keys (:func:`agent_workers.store.maintenance.gc`); returns how many."""
         return maintenance.gc(self, name)
 
     def history(self, name: str, limit: int = 20) -> list[dict[str, Any]]:

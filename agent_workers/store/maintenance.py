@@ -1,25 +1,41 @@
 """Store maintenance: rollback to a kept version, collecting leftovers, and the commit history.
 
-Each is also a method of :class:`~agent_workers.params.RedisParamStore` (``store.rollback(...)``).
+Each is also a method of :class:`~agent_workers.store.params.RedisParamStore` (``store.rollback(...)``).
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from agent_workers.errors import ConfigError, ModelError, StoreUnavailableError, VersionConflictError
 from agent_workers.redis_clients import glob_escape, server_version, unavailable
-from agent_workers.versions import CommitOutcome
+from agent_workers.store.versions import CommitOutcome
 
-if TYPE_CHECKING:
-    from agent_workers.params import RedisParamStore
+
+class Store(Protocol):
+    """What maintenance needs of a parameter store (:class:`~agent_workers.store.params.RedisParamStore` is one).
+
+    A protocol rather than an import: the store calls maintenance, so maintenance must not import the store.
+    """
+
+    client: Any
+    keys: Any
+    keep_versions: int
+
+    def applied(self, name: str, update_id: str) -> int | None: ...
+    def head(self, name: str) -> Any: ...
+    def exclusive(self, name: str) -> AbstractContextManager[Any]: ...
+    def read(self, name: str, version: int | None = None) -> Any: ...
+    def commit(self, name: str, **kwargs: Any) -> Any: ...
+
 
 #: Seconds a staging key lives if its commit never ran.
 STAGING_TTL = 300
 
 
-def rollback(store: RedisParamStore, name: str, version: int, *, update_id: str = "", max_attempts: int = 64) -> int:
+def rollback(store: Store, name: str, version: int, *, update_id: str = "", max_attempts: int = 64) -> int:
     """Make the parameters (and optimizer state) of ``version`` current again, as a new version.
 
     The blob is re-encoded, not copied, because its header must carry the new version. The new version is a
@@ -65,7 +81,7 @@ def rollback(store: RedisParamStore, name: str, version: int, *, update_id: str 
     )
 
 
-def gc(store: RedisParamStore, name: str) -> int:
+def gc(store: Store, name: str) -> int:
     """Delete blob keys outside the retention window that a commit did not collect; returns how many.
 
     Leftovers come from a lowered ``keep_versions`` or a Redis that lost a script's tail; staging keys expire
@@ -97,7 +113,7 @@ def gc(store: RedisParamStore, name: str) -> int:
     return len(doomed)
 
 
-def history(store: RedisParamStore, name: str, limit: int = 20) -> list[dict[str, Any]]:
+def history(store: Store, name: str, limit: int = 20) -> list[dict[str, Any]]:
     """The newest ``limit`` commit records of ``name``."""
     with unavailable():
         raw = store.client.lrange(store.keys.history(name), 0, limit - 1)

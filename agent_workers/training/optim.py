@@ -1,7 +1,7 @@
 """The arithmetic of a training step: losses (a registry), hyperparameters, the gradient of a mini-batch, one
 optimizer step (SGD with momentum or Adam, L1/L2, gradient clipping) applied to a snapshot, and the finiteness check
-that keeps NaN and infinity out of the store. No Redis, no queue: :mod:`agent_workers.training` runs these under
-compare-and-set, :mod:`agent_workers.groups` several at once.
+that keeps NaN and infinity out of the store. No Redis, no queue: :mod:`agent_workers.training.steps` runs these under
+compare-and-set, :mod:`agent_workers.training.groups` several at once.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent_workers.blobs import PARAM_PREFIX, Snapshot
 from agent_workers.errors import InputError
 from agent_workers.models import ModelSpec
+from agent_workers.store.blobs import PARAM_PREFIX, Snapshot
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _LOSSES: dict[str, Loss] = {}
