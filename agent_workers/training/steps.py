@@ -159,7 +159,7 @@ def _optimistic_step(
     for attempt in range(1, max_attempts + 1):
         staleness = snapshot.version - grad_version
         new = apply_update(snapshot, grads, hp)
-        check_finite(grads, new, hp)
+        check_finite(grads, new, hp, loss=loss)
         check_deadline(deadline, f"train step {update_id or ''} on {model!r}")
         result = store.commit(
             model,

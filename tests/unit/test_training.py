@@ -391,6 +391,17 @@ def test_a_non_finite_gradient_names_the_data() -> None:
     assert store.commits == 0
 
 
+def test_a_step_whose_loss_overflows_but_whose_gradient_is_finite_commits_nothing() -> None:
+    # mse with y = 1e30: the squared error overflows float32 (loss = inf) while the gradient, ~2e30, stays finite;
+    # committed, it would move the model by ~1e29 and write a loss JSON cannot hold into the history.
+    store = MemoryStore(SPEC)
+    grads, loss = compute_gradient(SPEC, store.read("m"), np.array(X, np.float32), np.array([[1e30]], np.float32), HP)
+    assert loss == float("inf") and all(bool(torch.isfinite(g).all()) for g in grads.values())
+    with pytest.raises(InputError, match="mse loss of this mini-batch is not finite"):
+        train_step(store, "m", X, [[1e30]], HP, update_id="u")  # type: ignore[arg-type]
+    assert (store.commits, store.version, store.applied_ids) == (0, 0, {})
+
+
 def test_max_grad_norm_clips_to_the_global_norm() -> None:
     clipped = optim.clip_gradient({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, 1.0)
     assert torch.allclose(torch.cat([clipped["a"], clipped["b"]]), torch.tensor([0.6, 0.8]))
