@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -319,6 +320,12 @@ def test_step_result_reports_its_costs_as_json() -> None:
         out
     )
     assert out["latency_ms"] >= 0
+
+
+def test_a_step_result_is_strict_json_whatever_its_loss() -> None:
+    for loss in (float("inf"), float("nan")):
+        out = training.StepResult("m", 3, loss, 0, 0, True).to_json()
+        assert out["loss"] is None and json.loads(json.dumps(out, allow_nan=False))["version"] == 3
 
 
 # -- the report's pure parts (agent_workers/tools/report) ---------------------------------------------------------
