@@ -27,7 +27,7 @@ DEFAULT_VISIBILITY_TIMEOUT = 3600
 DEFAULT_RECLAIM_AFTER = 10
 DEFAULT_TASK_TIME_LIMIT = 600
 DEFAULT_KEEP_VERSIONS = 10
-#: Versions an applied update id is remembered for: ~100 bytes of Redis memory per id, so ~10 MiB per model.
+#: Applied update ids remembered per model (the newest): ~100 bytes of Redis memory per id, so ~10 MiB per model.
 DEFAULT_DEDUP_WINDOW = 100_000
 DEFAULT_MAX_STALENESS = 4
 MAX_TRAIN_GROUP = 8  # the default group size is min(this, max_staleness + 1)
@@ -93,9 +93,9 @@ class Settings:
             unacknowledged messages go back to their queues (0: off; only the visibility timeout restores them).
         task_time_limit: hard time limit of one task, seconds.
         keep_versions: parameter versions kept per model before old blobs are collected.
-        dedup_window: versions an applied update id is remembered for, so a redelivered step is applied once;
-            a redelivery later than that would apply again. Costs about 100 bytes of Redis memory per remembered
-            id (one id per commit): 100,000 versions ≈ 10 MiB per model.
+        dedup_window: how many applied update ids (the newest) are remembered, so a redelivered step is applied
+            once; a redelivery of an id older than that would apply again. Costs about 100 bytes of Redis memory
+            per remembered id: 100,000 ids ≈ 10 MiB per model, whatever the group commit size.
         max_staleness: a training gradient computed at version v may be applied up to version v + max_staleness.
         train_group: how many queued ``train_step`` requests of one model a training worker applies in one commit
             (group commit: one snapshot, k optimizer steps in order, one compare-and-set); at most

@@ -1,6 +1,6 @@
 -- KEYS: 1 head, 2 applied (zset update id -> version), 3 history, then n staging chunks, then n blob chunks
 -- ARGV: 1 expected version, 2 update id ('' = none), 3 history record, 4 n, 5 keep versions,
---       6 epoch ('' = any), 7 set the staleness barrier (1/0), 8 dedup window (versions), 9 blob key prefix,
+--       6 epoch ('' = any), 7 set the staleness barrier (1/0), 8 dedup window (update ids), 9 blob key prefix,
 --       10 history length, 11 how many of the n chunks hold the parameters (the rest: optimizer state),
 --       12... further update ids of a group commit (several steps applied in this one version)
 local n = tonumber(ARGV[4])
@@ -38,7 +38,9 @@ if p < n then redis.call('HSET', KEYS[1], 'pchunks:' .. new, p) end
 if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'barrier', new) end
 if #ids > 0 then
   for _, id in ipairs(ids) do redis.call('ZADD', KEYS[2], new, id) end
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', new - tonumber(ARGV[8]))
+  -- The window counts ids, not versions: keep the newest ARGV[8] ids (a group commit adds several per version, and
+  -- trimming by version let the set grow to window x group size).
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[8]) + 1))
 end
 redis.call('LPUSH', KEYS[3], ARGV[3])
 redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[10]) - 1)

@@ -77,8 +77,8 @@ class RedisParamStore:
         lock_timeout: seconds a commit lock lives unless released (lock mode).
         lock_wait: seconds to wait for the commit lock before giving up (lock mode).
         cache: keep the newest snapshot of each model, so an unchanged version is never downloaded twice.
-        dedup_window: how many versions an applied update id is remembered for (a redelivery later than that
-            would apply again).
+        dedup_window: how many applied update ids are remembered (the newest ones, whatever the group sizes); a
+            redelivery of an id that has left this window would apply again.
         cache_bytes: drop the least recently used cached snapshots beyond this many bytes (0: no cap).
 
     Raises:

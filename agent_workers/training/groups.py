@@ -16,7 +16,7 @@ id within the group applies once (its twins are duplicates of it); and when the 
 meanwhile (a redelivery raced us), it refuses the whole group naming those ids, which are dropped before the
 group commits again.
 
-Faults stay with their step: a malformed batch or a non-finite gradient or update fails that step alone and the
+Faults stay with their step: a malformed batch or a non-finite loss, gradient or update fails that step alone and the
 group goes on without it; a fault of the whole group (unknown or recreated model, store unavailable, conflicts
 past ``max_attempts``, the deadline) is every remaining step's answer.
 """
@@ -171,7 +171,7 @@ def _commit(
         for i in live:
             new = training.apply_update(dataclasses.replace(snapshot, tensors=tensors), grads[i], hp)
             try:
-                training.check_finite(grads[i], new, hp)
+                training.check_finite(grads[i], new, hp, loss=losses[i])
             except InputError as exc:
                 answers[i] = exc  # this step alone; the group goes on from the parameters before it
                 continue

@@ -7,6 +7,7 @@ compare-and-set, :mod:`agent_workers.training.groups` several at once.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -189,17 +190,29 @@ def clip_gradient(grads: dict[str, torch.Tensor], max_norm: float) -> dict[str, 
     return {name: g * scale for name, g in grads.items()}
 
 
-def check_finite(grads: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], hp: HyperParams) -> None:
-    """Refuse an update that would put NaN or infinity into the store, naming what to change.
+def check_finite(
+    grads: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], hp: HyperParams, *, loss: float
+) -> None:
+    """Refuse an update that would put NaN or infinity into the store or its history, naming what to change.
+
+    The loss is checked as well as the gradient: with mse and targets near float32's limit the loss overflows to
+    infinity while its gradient stays finite, and such a step would move the model by ~1e30 and write a loss that
+    JSON cannot hold into the history.
 
     Raises:
-        InputError: the gradient (the data's scale) or the updated parameters (the hyperparameters) are not finite.
+        InputError: the loss or the gradient (the data's scale) or the updated parameters (the hyperparameters) are
+            not finite.
     """
     bad = sorted(name for name, g in grads.items() if not bool(torch.isfinite(g).all()))
     if bad:
         raise InputError(
             f"the gradient of this mini-batch is not finite (NaN or infinity in {', '.join(bad)}): x or y are "
             "too large for this model; scale the data, or set max_grad_norm; nothing was committed"
+        )
+    if not math.isfinite(loss):
+        raise InputError(
+            f"the {hp.loss} loss of this mini-batch is not finite ({loss}): x or y are too large for this model; "
+            "scale the data; nothing was committed"
         )
     bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if bad:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -78,7 +79,12 @@ class StepResult:
     latency_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The result as strict JSON: a loss that is not finite (a duplicate's loss, recomputed at today's
+        parameters, can overflow) is ``None``, never the non-JSON token ``Infinity`` Celery's encoder would write."""
+        out = dataclasses.asdict(self)
+        if not math.isfinite(out["loss"]):
+            out["loss"] = None
+        return out
 
 
 def train_step(
@@ -159,7 +165,7 @@ def _optimistic_step(
     for attempt in range(1, max_attempts + 1):
         staleness = snapshot.version - grad_version
         new = apply_update(snapshot, grads, hp)
-        check_finite(grads, new, hp)
+        check_finite(grads, new, hp, loss=loss)
         check_deadline(deadline, f"train step {update_id or ''} on {model!r}")
         result = store.commit(
             model,

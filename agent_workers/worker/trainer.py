@@ -28,7 +28,7 @@ from typing import Any
 from celery import states
 
 from agent_workers.config import BatchSettings
-from agent_workers.errors import InputError, StoreUnavailableError
+from agent_workers.errors import InputError, ModelError, StoreUnavailableError
 from agent_workers.training.groups import Step, group_step
 from agent_workers.training.optim import HyperParams
 from agent_workers.training.steps import StepResult, as_batch
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 #: train_step's parameters in order (docs/tasks.md), for binding positional and keyword arguments alike.
 TRAIN_STEP_PARAMS = ("model", "x", "y", "hparams", "dataset", "rows", "update_id")
+
+#: A group whose every answer is one of these never resolved its model (unknown, unreadable, or store down).
+_UNRESOLVED = (ModelError, StoreUnavailableError)
 
 GroupKey = tuple[str, HyperParams]
 Member = tuple[Pending, Step]
@@ -122,7 +125,6 @@ class TrainIntake(Intake):
 
     def _serve_group(self, key: GroupKey, members: list[Member]) -> list[Outcome]:
         model, hp = key
-        self.labels.known(model)
         for req, _ in members:  # Flower shows received / started / succeeded times per request
             self.reporter.event("task-started", req)
         settings = self.app.settings
@@ -136,6 +138,9 @@ class TrainIntake(Intake):
             deadline=started + settings.task_time_limit,
         )
         elapsed = time.monotonic() - started
+        if any(not isinstance(a, _UNRESOLVED) for a in answers):
+            # Labelled by name only once the store resolved it: a stream of made-up names shares UNKNOWN_MODEL.
+            self.labels.known(model)
         outcomes = []
         for (req, _), answer in zip(members, answers, strict=True):
             if isinstance(answer, StepResult):

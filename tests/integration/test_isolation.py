@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import requests
 
 from agent_workers.errors import ModelError
 from agent_workers.metrics import UNKNOWN_MODEL
@@ -37,3 +38,19 @@ def test_unknown_model_names_share_one_metric_label(pool: Pool) -> None:
     assert pool.metric("agent_workers_requests_total", {"model": UNKNOWN_MODEL}) >= before + 3
     for name in names:
         assert pool.metric("agent_workers_requests_total", {"model": name}) == 0
+
+
+def test_made_up_model_names_sent_to_train_step_share_one_metric_label(pool: Pool) -> None:
+    names = [unique("nosuch") for _ in range(40)]
+    before = pool.metric("agent_workers_requests_total", {"model": UNKNOWN_MODEL})
+    handles = [pool.client.send_train_step(name, x=[[1.0, 2.0]], y=[[1.0]]) for name in names]
+    answers = pool.client.collect([h.id for h in handles], 60, return_exceptions=True)
+    assert all(isinstance(a, ModelError) and "unknown model" in str(a) for a in answers), answers[:3]
+    # As above: one more step, on a known model, is counted after every refused one.
+    known = unique("lin")
+    pool.store.create(known, make_spec("linear", in_features=2))
+    assert pool.client.train_step(known, x=[[1.0, 2.0]], y=[[1.0]], timeout=30)["version"] == 1
+    assert pool.metric("agent_workers_requests_total", {"model": UNKNOWN_MODEL}) >= before + len(names)
+    assert pool.metric("agent_workers_requests_total", {"model": known}) == 1
+    text = requests.get(f"http://127.0.0.1:{pool.metrics_port}/metrics", timeout=5).text
+    assert not [name for name in names if name in text], "a made-up model name became a metric series"

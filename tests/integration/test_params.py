@@ -71,6 +71,24 @@ def test_commit_outcomes_committed_conflict_duplicate(make_store: Callable[..., 
     assert not list(store.client.scan_iter(match=store.keys.staging("m", "") + "*"))
 
 
+def test_the_dedup_window_counts_update_ids_not_versions(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store(dedup_window=6)
+    store.create("m", COUNTER)
+    epoch = store.head("m").epoch
+    groups = [[f"g{v}:{i}" for i in range(4)] for v in range(5)]  # group commits: 4 update ids per version
+    for v, ids in enumerate(groups):
+        won = store.commit("m", expected=v, tensors=values(v + 1), update_id=ids[0], more_ids=ids[1:], epoch=epoch)
+        assert won.outcome is CommitOutcome.COMMITTED
+    # At most the window's ids are kept (trimming by version kept 6 versions x 4 ids), and they are the newest.
+    assert store.client.zcard(store.keys.applied("m")) == 6
+    assert all(v == 5 for v in store.applied_many("m", groups[-1]))
+    assert store.applied_many("m", groups[0]) == [None] * 4
+    # Within the window, a redelivered step is still a duplicate that changes nothing.
+    again = store.commit("m", expected=5, tensors=values(99), update_id=groups[-1][2], epoch=epoch)
+    assert (again.outcome, again.version) == (CommitOutcome.DUPLICATE, 5)
+    assert store.head("m").version == 5 and counter_value(make_store(), "m") == 5.0
+
+
 def test_commit_to_unknown_or_recreated_model_is_refused(make_store: Callable[..., RedisParamStore]) -> None:
     store = make_store()
     with pytest.raises(ModelError, match="unknown model"):

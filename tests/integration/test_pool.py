@@ -74,6 +74,42 @@ def test_train_step_advances_version_and_prediction_uses_new_parameters(pool: Po
     np.testing.assert_allclose(after["outputs"], reference(pool, model, np.array([row]), 1)[0], rtol=1e-5)
 
 
+def _strict_json(raw: bytes) -> object:
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} is not JSON")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+def test_a_step_whose_loss_overflows_fails_alone_and_its_group_commits(pool: Pool) -> None:
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=3), seed=1)
+    x = [[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]]
+    # mse with y = 1e30: the loss overflows float32 to infinity while the gradient (~1e30) stays finite. Sent back to
+    # back with innocent steps, so the worker's group commit (AGENT_WORKERS_TRAIN_GROUP) holds them together.
+    ys = {"good-0": [[5.0], [-1.0]], "bad": [[1e30], [1e30]], "good-1": [[1.0], [2.0]], "good-2": [[0.0], [3.0]]}
+    ids = {u: unique(u) for u in ys}
+    handles = {
+        u: pool.client.send_train_step(model, x=x, y=y, hparams={"lr": 0.1}, update_id=ids[u]) for u, y in ys.items()
+    }
+    got = pool.client.collect([h.id for h in handles.values()], 60, return_exceptions=True)
+    answers = dict(zip(handles, got, strict=True))
+    assert isinstance(answers.pop("bad"), InputError)
+    with pytest.raises(InputError, match="mse loss of this mini-batch is not finite"):
+        pool.client.wait(handles["bad"], 5)
+    assert handles["bad"].state == "FAILURE"
+    assert all(isinstance(a, dict) and not a["duplicate"] for a in answers.values()), answers
+    head = pool.store.head(model)
+    assert head.version == max(a["version"] for a in answers.values())
+    assert pool.store.applied(model, ids["bad"]) is None
+    assert all(pool.store.applied(model, ids[u]) is not None for u in answers)
+    # The model stays sane and its history is strict JSON (no Infinity / NaN tokens).
+    out = pool.client.predict(model, x[0], timeout=30)
+    assert out["version"] == head.version and all(abs(v) < 1e3 for v in out["outputs"])
+    for raw in pool.store.client.lrange(pool.store.keys.history(model), 0, -1):
+        _strict_json(raw)
+
+
 @pytest.mark.parametrize(
     ("inputs", "model", "message"),
     [

@@ -3,6 +3,7 @@ rule and the epoch fence exact after a conflict, a non-finite step failing alone
 
 from __future__ import annotations
 
+import json
 import types
 from typing import Any
 
@@ -171,6 +172,23 @@ def test_a_non_finite_step_fails_alone_and_the_rest_commit(counted: dict[str, An
     assert [(r.version, r.staleness) for r in good] == [(1, 0), (1, 1)]
     assert set(store.applied_ids) == {"u0", "u2"}
     assert all(bool(torch.isfinite(t).all()) for t in store.tensors.values())
+
+
+def test_a_step_whose_loss_overflows_fails_alone_and_the_group_commits_finite_history(
+    counted: dict[str, Any],
+) -> None:
+    store = MemoryStore(SPEC)
+    steps = make_steps(3)
+    steps[1] = Step("inf-loss", steps[1].x, np.full((5, 2), 1e30, np.float32))  # finite gradient, loss = inf
+    answers = group_step(store, "m", steps, HyperParams(lr=0.1))  # type: ignore[arg-type]
+    assert isinstance(answers[1], InputError) and "loss of this mini-batch is not finite" in str(answers[1])
+    good = results([answers[0], answers[2]])
+    assert [(r.version, r.staleness) for r in good] == [(1, 0), (1, 1)]
+    assert set(store.applied_ids) == {"u0", "u2"}
+    assert all(bool(torch.isfinite(t).all()) and float(t.abs().max()) < 100 for t in store.tensors.values())
+    # The history record and every result are strict JSON: no Infinity or NaN token anywhere.
+    json.dumps(store.infos, allow_nan=False)
+    json.dumps([r.to_json() for r in good], allow_nan=False)
 
 
 def test_a_group_larger_than_tau_plus_one_is_refused() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -94,7 +96,23 @@ def test_identical_inputs_share_a_row_and_the_cache_is_an_lru() -> None:
     cache.get(("m", "e", 0, b"a"))
     cache.put(("m", "e", 1, b"a"), b)
     cache.put(("m", "e", 1, b"x"), ValueError("never cached"))
-    assert cache.get(("m", "e", 0, b"b")) is None and cache.get(("m", "e", 0, b"a")) is a and len(cache) == 2
+    assert cache.get(("m", "e", 0, b"b")) is None and len(cache) == 2
+    np.testing.assert_array_equal(cache.get(("m", "e", 0, b"a")), a)
+
+
+def test_a_cached_row_owns_its_memory_and_does_not_pin_its_batch() -> None:
+    batch = np.arange(4096 * 64, dtype=np.float32).reshape(4096, 64).copy()  # 1 MiB of output, 256 bytes per row
+    assert batch.base is None  # the array that owns the memory: what a view would keep alive
+    alive = weakref.ref(batch)
+    cache = ResultCache(8)
+    for i, row in enumerate(list(batch)[:3]):  # rows as the engine returns them: views of the batch
+        cache.put(("m", "e", 0, bytes([i])), row)
+    del batch, row
+    gc.collect()
+    assert alive() is None, "a cached row keeps its whole batch alive"
+    held = [cache.get(("m", "e", 0, bytes([i]))) for i in range(3)]
+    assert all(h is not None and h.base is None and h.nbytes == 256 for h in held)
+    np.testing.assert_array_equal(held[2], np.arange(128, 192, dtype=np.float32))
 
 
 def test_snapshot_cache_is_capped_by_bytes() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -321,6 +322,12 @@ def test_step_result_reports_its_costs_as_json() -> None:
     assert out["latency_ms"] >= 0
 
 
+def test_a_step_result_is_strict_json_whatever_its_loss() -> None:
+    for loss in (float("inf"), float("nan")):
+        out = training.StepResult("m", 3, loss, 0, 0, True).to_json()
+        assert out["loss"] is None and json.loads(json.dumps(out, allow_nan=False))["version"] == 3
+
+
 # -- the report's pure parts (agent_workers/tools/report) ---------------------------------------------------------
 
 
@@ -389,6 +396,17 @@ def test_a_non_finite_gradient_names_the_data() -> None:
     with pytest.raises(InputError, match="gradient of this mini-batch is not finite"):
         train_step(store, "m", [[3e38, 3e38]], [[-3e38]], HP, update_id="u")  # type: ignore[arg-type]
     assert store.commits == 0
+
+
+def test_a_step_whose_loss_overflows_but_whose_gradient_is_finite_commits_nothing() -> None:
+    # mse with y = 1e30: the squared error overflows float32 (loss = inf) while the gradient, ~2e30, stays finite;
+    # committed, it would move the model by ~1e29 and write a loss JSON cannot hold into the history.
+    store = MemoryStore(SPEC)
+    grads, loss = compute_gradient(SPEC, store.read("m"), np.array(X, np.float32), np.array([[1e30]], np.float32), HP)
+    assert loss == float("inf") and all(bool(torch.isfinite(g).all()) for g in grads.values())
+    with pytest.raises(InputError, match="mse loss of this mini-batch is not finite"):
+        train_step(store, "m", X, [[1e30]], HP, update_id="u")  # type: ignore[arg-type]
+    assert (store.commits, store.version, store.applied_ids) == (0, 0, {})
 
 
 def test_max_grad_norm_clips_to_the_global_norm() -> None:
