@@ -196,13 +196,27 @@ def bench_producer(n: int, broker_url: str | None) -> None:
     default="docs",
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Where training.md and benchmarks/training.{json,png} are written.",
+    help="Where training.md and benchmarks/training*.{json,png} are written.",
 )
-def report(quick: bool, docs_dir: Path) -> None:
+@click.option(
+    "--part",
+    "parts",
+    multiple=True,
+    type=click.Choice(["main", "queued"]),
+    help="Run only these parts (repeatable): main = quality, coordination and fetch; queued = every step queued "
+    "at once, 1/2/4 trainers. Default: both.",
+)
+def report(quick: bool, docs_dir: Path, parts: tuple[str, ...]) -> None:
     """Training quality and commit-coordination report (starts and stops its own workers)."""
     from agent_workers.tools import report as report_module
 
-    report_module.run(_settings(), quick=quick, docs=docs_dir, progress=lambda line: click.echo(line))
+    report_module.run(
+        _settings(),
+        quick=quick,
+        docs=docs_dir,
+        progress=lambda line: click.echo(line),
+        parts=parts or report_module.PARTS,
+    )
 
 
 @click.command()

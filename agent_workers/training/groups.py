@@ -1,24 +1,25 @@
-"""Group commit: up to k queued train steps of one model, one snapshot, one compare-and-set.
+"""Group commit: up to k queued train steps of one model, walked in order, one compare-and-set.
 
-A group reads version ``v`` once, computes every step's gradient against that snapshot, and applies them IN ORDER
-through the optimizer, so Adam/SGD state advances k steps exactly as k sequential steps from ``v`` would; the i-th
-applied gradient (0-based) has staleness i. The group then commits ONCE: one compare-and-set that records all k
-update ids with the new version (commit.lua). Contention drops by about k, and a group costs one read, one commit
-and (in the worker) one result write and one bulk ack.
+A group reads version ``v`` once and walks its steps IN ORDER locally: step i's gradient is computed at the
+parameters (and optimizer state) that steps 0..i-1 left, exactly as k sequential steps of one process would, so one
+trainer trains as sequential single-process training does while paying one read and one commit per group (and, in
+the worker, one result write and one bulk ack). The group then commits ONCE: one compare-and-set that records all k
+update ids with the new version (commit.lua). Every step of a group committed where it was computed has staleness 0.
 
-The τ rule stays exact: a gradient computed at version ``v`` is never applied beyond ``v + τ``. Within a group
-the staleness is ``moved + i`` (``moved``: how far the head got ahead of the group's snapshot through conflicts),
-so the gradients are reused after a conflict only while ``moved + k - 1 <= τ``, else recomputed at the new head
-(also when a rollback's barrier passed the snapshot). The epoch fence is the first snapshot's incarnation.
+On a conflict the group is **rebased**: its gradients are re-applied, in order, through the optimizer onto the new
+head (staleness ``moved``: how far the head got ahead of the version the gradients were computed at), as long as
+``moved <= τ``; beyond τ, or when a rollback's barrier passed them, the walk is recomputed at the new head. So the τ
+rule stays exact (a gradient computed at version ``v`` is never applied beyond ``v + τ``) and a collision costs the
+optimizer arithmetic, not k gradients. The epoch fence is the first snapshot's incarnation.
 
 Exactly-once per update id: ids applied before are answered as duplicates before anything is computed; a repeated
 id within the group applies once (its twins are duplicates of it); and when the commit script finds an id applied
-meanwhile (a redelivery raced us), it refuses the whole group naming those ids, which are dropped before the
-group commits again.
+meanwhile (a redelivery raced us), it refuses the whole group naming those ids, which are dropped before the rest
+is re-applied and committed again.
 
 Faults stay with their step: a malformed batch or a non-finite loss, gradient or update fails that step alone and the
-group goes on without it; a fault of the whole group (unknown or recreated model, store unavailable, conflicts
-past ``max_attempts``, the deadline) is every remaining step's answer.
+walk goes on from the parameters before it; a fault of the whole group (unknown or recreated model, store
+unavailable, conflicts past ``max_attempts``, the deadline) is every remaining step's answer.
 """
 
 from __future__ import annotations
@@ -125,21 +126,44 @@ def _duplicates(
     return answers
 
 
-def _gradients(
-    spec: Any, snapshot: Snapshot, steps: list[Step], live: list[int], hp: HyperParams, answers: dict[int, Answer]
-) -> tuple[dict[int, Any], dict[int, float]]:
-    """Every live step's gradient and loss at ``snapshot``; a step whose batch fails answers alone."""
-    grads: dict[int, Any] = {}
-    losses: dict[int, float] = {}
+def _walk(
+    spec: Any,
+    snapshot: Snapshot,
+    steps: list[Step],
+    live: list[int],
+    hp: HyperParams,
+    answers: dict[int, Answer],
+    grads: dict[int, Any],
+    losses: dict[int, float],
+    *,
+    compute: bool,
+) -> tuple[dict[str, Any], list[int]]:
+    """Apply the live steps one after the other from ``snapshot``, as k sequential steps would.
+
+    With ``compute``, step i's gradient is computed at the parameters after the steps before it (stored in
+    ``grads``/``losses``); without, the stored gradients are re-applied in order (a rebase onto a newer head). A step
+    whose batch, gradient or update fails answers alone and the walk goes on from the parameters before it.
+
+    Returns:
+        The tensors after the last applied step, and the applied steps in order.
+    """
+    tensors, applied = snapshot.tensors, []
     for i in live:
+        here = dataclasses.replace(snapshot, tensors=tensors)
         step = steps[i]
         try:
-            if step.x.shape[1:] != spec.input_shape:
-                raise InputError(f"x rows must have shape {list(spec.input_shape)}, got {list(step.x.shape[1:])}")
-            grads[i], losses[i] = training.compute_gradient(spec, snapshot, step.x, step.y, hp)
+            if compute:
+                if step.x.shape[1:] != spec.input_shape:
+                    raise InputError(f"x rows must have shape {list(spec.input_shape)}, got {list(step.x.shape[1:])}")
+                grads[i], losses[i] = training.compute_gradient(spec, here, step.x, step.y, hp)
+            new = training.apply_update(here, grads[i], hp)
+            training.check_finite(grads[i], new, hp, loss=losses[i])
         except Exception as exc:  # noqa: BLE001 - this step's data alone
             answers[i] = exc
-    return grads, losses
+            continue
+        tensors = new
+        applied.append(i)
+    return tensors, applied
 
 
 def _commit(
@@ -154,31 +178,19 @@ def _commit(
     deadline: float | None,
     started: float,
 ) -> None:
-    """Compute, apply in order and commit the live steps, answering each; raises what fails the whole group."""
+    """Walk the live steps in order from the head and commit them once, answering each; on a conflict rebase the
+    group onto the new head within τ (or recompute it); raises what fails the whole group."""
     snapshot = store.read(model)
     epoch = snapshot.epoch  # the incarnation the gradients belong to: every commit is fenced by it
     spec = store.spec(model, epoch)
-    grads, losses = _gradients(spec, snapshot, steps, live, hp, answers)
+    grads: dict[int, Any] = {}
+    losses: dict[int, float] = {}
+    tensors, applied = _walk(spec, snapshot, steps, live, hp, answers, grads, losses, compute=True)
     grad_version = snapshot.version
     conflicts = recomputed = attempt = 0
-    while True:
-        live = [i for i in live if i not in answers]
-        if not live:
-            return
+    while applied:
         attempt += 1
-        moved = snapshot.version - grad_version
-        tensors, applied = snapshot.tensors, []
-        for i in live:
-            new = training.apply_update(dataclasses.replace(snapshot, tensors=tensors), grads[i], hp)
-            try:
-                training.check_finite(grads[i], new, hp, loss=losses[i])
-            except InputError as exc:
-                answers[i] = exc  # this step alone; the group goes on from the parameters before it
-                continue
-            tensors = new
-            applied.append(i)
-        if not applied:
-            return
+        moved = snapshot.version - grad_version  # every gradient of the group is this many versions stale
         ids = [steps[i].update_id for i in applied if steps[i].update_id]
         training.check_deadline(deadline, f"a group of {len(applied)} train steps on {model!r}")
         result = store.commit(
@@ -188,51 +200,50 @@ def _commit(
             update_id=ids[0] if ids else "",
             more_ids=ids[1:],
             epoch=epoch,
-            info={
-                "loss": float(np.mean([losses[i] for i in applied])),
-                "staleness": moved + len(applied) - 1,
-                "steps": len(applied),
-            },
+            info={"loss": float(np.mean([losses[i] for i in applied])), "staleness": moved, "steps": len(applied)},
         )
         metrics.COMMITS.labels(model, result.outcome.value).inc()
         if result.outcome is CommitOutcome.COMMITTED:
             ms = _ms_since(started)
-            for pos, i in enumerate(applied):
-                metrics.STALENESS.labels(model).observe(moved + pos)
+            for i in applied:
+                metrics.STALENESS.labels(model).observe(moved)
                 answers[i] = StepResult(
-                    model, result.version, losses[i], attempt, moved + pos, False, conflicts, recomputed, ms
+                    model, result.version, losses[i], attempt, moved, False, conflicts, recomputed, ms
                 )
             metrics.PARAM_VERSION.labels(model).set(result.version)
             return
         if result.outcome is CommitOutcome.DUPLICATE:
             # A redelivery of some of our steps committed meanwhile: drop them (answered as duplicates) and commit
-            # the rest at once; if the head moved too, that commit conflicts and the rules below apply.
+            # the rest, re-applied without them; if the head moved too, that commit conflicts and the rules below apply.
             gone = [i for i in applied if steps[i].update_id in result.applied] or applied
             for i in gone:
                 version = result.applied.get(steps[i].update_id, result.version)
                 answers[i] = StepResult(
                     model, version, losses[i], attempt, 0, True, conflicts, recomputed, _ms_since(started)
                 )
-            continue
-        conflicts += 1
-        if attempt >= max_attempts:
-            raise VersionConflictError(
-                f"a group of {len(applied)} train steps on {model!r} still conflicted after {max_attempts} attempts; "
-                "fewer concurrent trainers, AGENT_WORKERS_COMMIT_MODE=lock or a higher AGENT_WORKERS_MAX_STALENESS "
-                "help",
-                expected=snapshot.version,
-                actual=result.version,
-            )
-        # Full jitter, capped: trainers that collided do not collide again in lockstep.
-        time.sleep(random.uniform(0, min(training.BACKOFF_CAP, training.BACKOFF_BASE * 2**attempt)))
-        snapshot = store.read(model)
-        if snapshot.epoch != epoch:
-            raise ModelError(f"model {model!r} was recreated while this update was computed; it no longer applies")
-        # The last step of the group would land at staleness moved + len - 1: keep it within τ, else recompute.
-        if snapshot.version - grad_version + len(applied) - 1 > max_staleness or grad_version < snapshot.barrier:
-            grads, losses = _gradients(spec, snapshot, steps, applied, hp, answers)
+        else:
+            conflicts += 1
+            if attempt >= max_attempts:
+                raise VersionConflictError(
+                    f"a group of {len(applied)} train steps on {model!r} still conflicted after {max_attempts} "
+                    "attempts; fewer concurrent trainers, AGENT_WORKERS_COMMIT_MODE=lock or a higher "
+                    "AGENT_WORKERS_MAX_STALENESS help",
+                    expected=snapshot.version,
+                    actual=result.version,
+                )
+            # Full jitter, capped: trainers that collided do not collide again in lockstep.
+            time.sleep(random.uniform(0, min(training.BACKOFF_CAP, training.BACKOFF_BASE * 2**attempt)))
+            snapshot = store.read(model)
+            if snapshot.epoch != epoch:
+                raise ModelError(f"model {model!r} was recreated while this update was computed; it no longer applies")
+        live = [i for i in applied if i not in answers]
+        # Rebase: re-apply the group's gradients, in order, onto the new head while they are within τ of it;
+        # recompute them there when they would not be, or when a rollback's barrier passed them.
+        compute = snapshot.version - grad_version > max_staleness or grad_version < snapshot.barrier
+        if compute:
             grad_version = snapshot.version
             recomputed += 1
+        tensors, applied = _walk(spec, snapshot, steps, live, hp, answers, grads, losses, compute=compute)
 
 
 def _ms_since(started: float) -> float:

@@ -9,8 +9,10 @@ message before any work happens, and a SIGKILL between the pop and the record lo
   up to the free prefetch window and records every popped message as unacknowledged in the same atomic step: a
   popped message is never only in flight to this process, so a SIGKILL at any moment loses nothing (the
   visibility-timeout sweep restores what it had recorded). BLMOVE watches one list; a worker with several lists
-  (several queues, priority sub-lists) waits at most ``wake_interval`` (0.25 s) per BLMOVE, rotating the watched
-  queue, and every wake-up sweeps all its lists;
+  (several queues, priority sub-lists) watches the queue that last delivered and waits 2 ms after traffic, doubling
+  with each quiet wake-up up to ``wake_interval`` (0.25 s), rotating the watched queue while quiet; every wake-up
+  sweeps all its lists (a windowed producer's next message, due within milliseconds on any list, is not left
+  waiting out a quarter second);
 * the script records only envelopes with a usable delivery tag; any other is moved to ``<queue>.dead`` and logged,
   never delivered and never lost;
 * when a pop comes back with fewer messages than it asked for, or leaves the lists empty, the broker has nothing
@@ -40,6 +42,8 @@ from agent_workers.worker import idle, kombu_amqp
 DEFAULT_POP_COUNT = 128
 #: With several lists to watch (queues, priority sub-lists), the longest one not watched waits for a sweep (seconds).
 DEFAULT_WAKE_INTERVAL = 0.25
+#: The shortest wait after traffic; it doubles with each quiet wake-up up to ``wake_interval``.
+MIN_WAKE_INTERVAL = 0.002
 #: A queue's dead-letter list, for envelopes the transport cannot record: ``<queue>.dead``.
 DEAD_LETTER_SUFFIX = ".dead"
 logger = logging.getLogger(__name__)
@@ -105,11 +109,9 @@ class Channel(kredis.Channel):
         # then pops and records atomically, so no message is ever only in flight to this process. BLMOVE watches
         # one list; every wake-up (or time-out) sweeps ALL of them (every queue, every priority sub-list), so with
         # more than one list the wait is short (``wake_interval``) and the watched queue rotates.
-        self._watch = (getattr(self, "_watch", -1) + 1) % len(queues)
-        base = queues[self._watch]
+        base = self._watched(queues)
         if len(self._bulk_keys) > 1:
-            wake = float(self.connection.client.transport_options.get("wake_interval", DEFAULT_WAKE_INTERVAL))
-            timeout = min(timeout or wake, wake)
+            timeout = min(timeout or self._wake, self._wake)
         self.client.connection.send_command("BLMOVE", base, base, "RIGHT", "RIGHT", timeout or 0)
         return None
 
@@ -127,6 +129,7 @@ class Channel(kredis.Channel):
             count = self._pop_count()
             popped, left = self._pop_and_record(count)
             drained = len(popped) < count or left == 0
+            self._after_pop(popped)
             if not popped:
                 raise kredis.Empty()
             for key, text in popped:
@@ -156,6 +159,30 @@ class Channel(kredis.Channel):
             self._flush_brpop_reauth()
             if drained:  # after the poll is over: a flush acknowledges on this channel's connection pool
                 idle.drained(self.connection.client)
+
+    @property
+    def _wake(self) -> float:
+        """How long the next ``BLMOVE`` may wait when this worker has more lists than the one it watches: short
+        right after traffic (the next message of a windowed producer is due within milliseconds, maybe on another
+        list), doubling with each quiet wake-up up to ``wake_interval``, so an idle worker still sweeps rarely."""
+        ceiling = float(self.connection.client.transport_options.get("wake_interval", DEFAULT_WAKE_INTERVAL))
+        return min(ceiling, MIN_WAKE_INTERVAL * 2 ** getattr(self, "_quiet_wakes", 0))
+
+    def _watched(self, queues: list[str]) -> str:
+        """The list ``BLMOVE`` watches: the queue that last delivered (traffic tends to stay where it is: a training
+        burst on a worker that consumes both queues), else the next one in turn."""
+        last = getattr(self, "_last_queue", None)
+        if last in queues and getattr(self, "_quiet_wakes", 0) == 0:
+            return last
+        self._watch = (getattr(self, "_watch", -1) + 1) % len(queues)
+        return queues[self._watch]
+
+    def _after_pop(self, popped: list[tuple[str, bytes]]) -> None:
+        if popped:
+            self._quiet_wakes = 0
+            self._last_queue = popped[-1][0].rsplit(self.sep, 1)[0]
+        else:
+            self._quiet_wakes = min(getattr(self, "_quiet_wakes", 0) + 1, 16)
 
     def _dead_letter(self, queue: str, text: bytes, tag: str) -> None:
         """Move a recorded envelope that cannot be delivered to ``<queue>.dead`` and forget it as unacknowledged (so

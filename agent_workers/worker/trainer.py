@@ -7,7 +7,8 @@ The receiving half (check, decode, hold, buffer, one pipelined result write, bul
    resolved (inline, or rows of an uploaded dataset) and checked against ``AGENT_WORKERS_MAX_INPUT_ELEMENTS``; a
    request that fails any of this fails alone;
 2. requests are grouped by (model, hyperparameters) and each group, in chunks of ``AGENT_WORKERS_TRAIN_GROUP``,
-   is applied by :func:`agent_workers.training.groups.group_step`: one snapshot, the steps in arrival order, one commit;
+   is applied by :func:`agent_workers.training.groups.group_step`: one head read, the steps walked in arrival
+   order, one commit;
 3. each request gets its own result (the StepResult JSON of the per-step path), state and events; a store outage
    retries the request (its update id makes the retry a no-op if the commit had landed).
 

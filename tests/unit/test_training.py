@@ -473,3 +473,27 @@ def test_mini_batches_over_the_element_limit_are_refused() -> None:
     with pytest.raises(InputError, match="AGENT_WORKERS_MAX_INPUT_ELEMENTS"):
         training.as_batch([[0.0] * 4] * 3, [[0.0]] * 3, max_elements=11)
     assert training.as_batch([[0.0] * 4] * 3, [[0.0]] * 3, max_elements=12)[0].shape == (3, 4)
+
+
+def test_the_queued_part_splices_its_own_markers_and_reports_speedups_from_one_run() -> None:
+    from agent_workers.tools.report import BEGIN_MARK, splice
+    from agent_workers.tools.report.queued import QUEUED_BEGIN, QUEUED_END, render_queued, scaling
+
+    def row(n: int, steps_per_s: float, ratio: float) -> dict[str, Any]:
+        return {"optimizer": "adam", "path": "grouped", "mode": "optimistic", "trainers": n, "steps": 800,
+                "ratio": ratio, "sequential_ratio": 1.0, "gap": round(ratio - 1.0, 4), "meets_goal": ratio <= 1.005,
+                "steps_per_s": steps_per_s, "conflicts_per_step": 0.0, "recomputed": 0, "commits": 160}  # fmt: skip
+
+    rows = [row(1, 200.0, 1.001), row(2, 330.0, 1.02)]
+    assert scaling(rows) == [
+        {"optimizer": "adam", "path": "grouped", "mode": "optimistic", "trainers": 1, "speedup": 1.0},
+        {"optimizer": "adam", "path": "grouped", "mode": "optimistic", "trainers": 2, "speedup": 1.65},
+    ]
+    report = {"queued": rows, "finished": "now", "plan": {"queued_epochs": 10},
+              "environment": {"cpus": 2, "broker": "redis", "max_staleness": 4}}  # fmt: skip
+    table = render_queued(report)
+    assert "| 1.65 |" in table and "| NO |" in table and "| yes |" in table
+    doc = splice(f"# T\n\n{BEGIN_MARK}\nmain\n", "x")  # the main tables' block stays as it is
+    out = splice(doc, table, begin=QUEUED_BEGIN, end=QUEUED_END)
+    assert out.count(QUEUED_BEGIN) == 1 and "main" in out
+    assert splice(out, "again\n", begin=QUEUED_BEGIN, end=QUEUED_END).count("| 1.65 |") == 0

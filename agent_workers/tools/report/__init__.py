@@ -13,6 +13,10 @@ with worker processes it starts and stops itself:
    (a step's start, lock wait included, to its commit) p50/p99.
 4. **Parameter fetch latency** of ~1M and ~25M parameter models (the latter chunked): a full read, and the
    per-call version check a reader pays when nothing changed.
+5. **All steps queued at once** (:mod:`agent_workers.tools.report.queued`): 1, 2 and 4 trainers, SGD and Adam,
+   per-step, grouped and lock; quality against sequential single-process torch, steps/s, conflicts per step. It
+   writes its own files (``training-queued.{json,png}``, its own markers in training.md), so ``--part queued``
+   reruns it alone.
 
 Results go to ``docs/benchmarks/training.json`` and ``.png``, and the tables into ``docs/training.md`` between
 the report markers. Figures are this machine's; they are reported, never asserted.
@@ -35,14 +39,23 @@ from agent_workers.config import Settings
 from agent_workers.tools.report.lab import Lab, Plan, Progress, layout, step_stats
 from agent_workers.tools.report.output import BEGIN_MARK, END_MARK, environment, plot, render_tables, splice
 from agent_workers.tools.report.parts import coordination, digits, fetch_latency, linear_regression
+from agent_workers.tools.report.queued import QUEUED_BEGIN, QUEUED_END, plot_queued, queued_at_once, render_queued
+
+#: The parts ``--part`` can name; "main" is parts 1-4 (they share one JSON, one figure and one set of tables).
+PARTS = ("main", "queued")
 
 __all__ = ["BEGIN_MARK", "END_MARK", "Lab", "Plan", "layout", "render_tables", "run", "splice", "step_stats"]
 
 
 def run(
-    settings: Settings | None = None, *, quick: bool = False, docs: Path = Path("docs"), progress: Progress = print
+    settings: Settings | None = None,
+    *,
+    quick: bool = False,
+    docs: Path = Path("docs"),
+    progress: Progress = print,
+    parts: tuple[str, ...] = PARTS,
 ) -> dict[str, Any]:
-    """Run the whole report and write its files; returns the figures."""
+    """Run the report (``parts``: "main" = parts 1-4, "queued" = part 5) and write its files; returns the figures."""
     plan = Plan.quick() if quick else Plan()
     lab = Lab(settings or Settings.from_env(), progress)
     started = time.perf_counter()
@@ -50,24 +63,34 @@ def run(
         f"report: namespace {lab.settings.namespace}, broker {lab.settings.broker_url.split('@')[-1]}"
         f"{' (quick)' if quick else ''}"
     )
+    out = docs / "benchmarks"
+    doc = docs / "training.md"
+    report: dict[str, Any] = {"plan": dataclasses.asdict(plan), "environment": environment(lab)}
     try:
-        report: dict[str, Any] = {"plan": dataclasses.asdict(plan), "environment": environment(lab)}
-        report["linear"] = linear_regression(lab, plan)
-        report["digits"] = digits(lab, plan)
-        report["coordination"] = coordination(lab, plan)
-        report["fetch"] = fetch_latency(lab, plan)
+        if "main" in parts:
+            report["linear"] = linear_regression(lab, plan)
+            report["digits"] = digits(lab, plan)
+            report["coordination"] = coordination(lab, plan)
+            report["fetch"] = fetch_latency(lab, plan)
+        if "queued" in parts:
+            report["queued"] = queued_at_once(lab, plan)
     finally:
         lab.cleanup()
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["environment"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     report["finished"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    out = docs / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out / "training.png")
-    doc = docs / "training.md"
-    doc.write_text(splice(doc.read_text() if doc.exists() else "# Training\n", render_tables(report)))
-    progress(
-        f"report written: {out / 'training.json'}, {out / 'training.png'}, tables in {doc} ({report['seconds']} s)"
-    )
+    text = doc.read_text() if doc.exists() else "# Training\n"
+    if "main" in parts:
+        main = {k: v for k, v in report.items() if k != "queued"}
+        (out / "training.json").write_text(json.dumps(main, indent=2) + "\n")
+        plot(main, out / "training.png")
+        text = splice(text, render_tables(main))
+    if "queued" in parts:
+        queued = {k: v for k, v in report.items() if k not in ("linear", "digits", "coordination", "fetch")}
+        (out / "training-queued.json").write_text(json.dumps(queued, indent=2) + "\n")
+        plot_queued(report["queued"], out / "training-queued.png")
+        text = splice(text, render_queued(queued), begin=QUEUED_BEGIN, end=QUEUED_END)
+    doc.write_text(text)
+    progress(f"report written under {out} and {doc} ({report['seconds']} s)")
     return report

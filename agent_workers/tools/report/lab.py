@@ -54,6 +54,15 @@ class Plan:
         ("grouped", "lock"),
     )
     linear_paths: tuple[str, ...] = PATHS
+    #: The hard case (report/queued.py): every step queued before the workers start.
+    queued_optimizers: tuple[str, ...] = ("sgd", "adam")
+    queued_runs: tuple[tuple[str, str], ...] = (
+        ("per-step", "optimistic"),
+        ("grouped", "optimistic"),
+        ("grouped", "lock"),
+    )
+    queued_trainers: tuple[int, ...] = (1, 2, 4)
+    queued_epochs: int = 10
     fetch_sizes: tuple[tuple[str, int, int], ...] = (("~1M", 1000, 1000), ("~25M", 5000, 5000))
     fetch_reads: tuple[int, ...] = (20, 5)
 
@@ -68,6 +77,10 @@ class Plan:
             commit_runs=(("per-step", "optimistic"), ("grouped", "optimistic")),
             fetch_sizes=(("~1M", 1000, 1000),),
             fetch_reads=(5,),
+            queued_optimizers=("adam",),
+            queued_runs=(("grouped", "optimistic"),),
+            queued_trainers=(1, 2),
+            queued_epochs=2,
         )
 
 

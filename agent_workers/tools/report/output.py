@@ -182,12 +182,12 @@ def render_tables(report: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def splice(document: str, tables: str) -> str:
-    """Replace what lies between the report markers (or append the markers and tables)."""
-    block = f"{BEGIN_MARK}\n{tables}{END_MARK}"
-    if BEGIN_MARK in document and END_MARK in document:
-        head, _, rest = document.partition(BEGIN_MARK)
-        _, _, tail = rest.partition(END_MARK)
+def splice(document: str, tables: str, *, begin: str = BEGIN_MARK, end: str = END_MARK) -> str:
+    """Replace what lies between the ``begin``/``end`` markers (or append the markers and tables)."""
+    block = f"{begin}\n{tables}{end}"
+    if begin in document and end in document:
+        head, _, rest = document.partition(begin)
+        _, _, tail = rest.partition(end)
         return head + block + tail
     return document.rstrip("\n") + "\n\n" + block + "\n"
 

@@ -1,0 +1,228 @@
+"""The report's hard case: every step of a training run queued at once, then 1, 2 and 4 trainers drain it.
+
+This is how a batch job's producer behaves (publish the epoch, collect later), and where group commits used to
+cost quality: each group computed all its gradients at one snapshot. Per run: the seed's linear regression, 10
+epochs of batches of 100 (800 ``train_step`` messages, sent by a bare Celery producer before any worker starts), on
+the per-step path, the grouped path (optimistic) and the grouped path in lock mode, with SGD and with Adam. Quality
+is the test MSE over the floor, against sequential single-process torch on the same mini-batches in the same order
+from the same initial weights; speed is steps per second from the first to the last stored step (worker start-up
+left out), with conflicts per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent_workers.models import make_spec
+from agent_workers.tools.report.lab import Lab, Plan, stop_all
+from agent_workers.training.datasets import epoch_batches
+
+#: The issue's hard case: Adam lr 0.01 and SGD lr 0.05 (the demo's), MSE, batches of 100.
+QUEUED_HP = {
+    "sgd": {"loss": "mse", "optimizer": "sgd", "lr": 0.05},
+    "adam": {"loss": "mse", "optimizer": "adam", "lr": 0.01},
+}
+QUEUED_BATCH = 100
+#: Goal: the queued run's test MSE / floor within this of sequential single-process training's.
+QUALITY_GAP_GOAL = 0.005
+
+
+def sequential_reference(
+    initial: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray, hp: dict[str, Any], *, epochs: int
+) -> torch.nn.Module:
+    """Single-process torch over the batches ``Client.train`` and the report send (``epoch_batches``, seed 0)."""
+    module = make_spec("linear", in_features=x.shape[1], out_features=1).build()
+    module.load_state_dict(initial)
+    params = module.parameters()
+    opt = torch.optim.Adam(params, lr=hp["lr"]) if hp["optimizer"] == "adam" else torch.optim.SGD(params, lr=hp["lr"])
+    for _, _, rows in epoch_batches(len(x), epochs=epochs, batch_size=QUEUED_BATCH, seed=0):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(module(torch.from_numpy(x[rows])), torch.from_numpy(y[rows]))
+        loss.backward()
+        opt.step()
+    return module
+
+
+def _mse(weight: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(((x @ weight.T + bias)[:, 0] - y[:, 0]) ** 2))
+
+
+def queued_at_once(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
+    """Every (optimizer, path, commit mode, trainers) run of the hard case; one row each."""
+    from celery import Celery
+
+    from agent_workers.contract import TRAIN_STEP
+    from agent_workers.tools.demo import N_TEST, seed_data
+
+    x, y = seed_data()
+    y = y.reshape(-1, 1)
+    x_train, y_train, x_test, y_test = x[:-N_TEST], y[:-N_TEST], x[-N_TEST:], y[-N_TEST:]
+    floor = float(np.mean((x_test[:, 0] - y_test[:, 0]) ** 2))
+    dataset = lab.datasets.upload(x_train, y_train)
+    spec = make_spec("linear", in_features=x.shape[1], out_features=1)
+    producer = Celery("report-queued", broker=lab.settings.broker_url, backend=lab.settings.result_backend)
+    rows_out: list[dict[str, Any]] = []
+    try:
+        for opt in plan.queued_optimizers:
+            hp = QUEUED_HP[opt]
+            lab.store.create("queued-ref", spec, seed=0, replace=True)
+            ref = sequential_reference(
+                lab.store.read("queued-ref").parameters(), x_train, y_train, hp, epochs=plan.queued_epochs
+            )
+            ref_ratio = _mse(ref.weight.detach().numpy(), ref.bias.detach().numpy(), x_test, y_test) / floor
+            for path, mode in plan.queued_runs:
+                for n in plan.queued_trainers:
+                    label = f"[5/5] queued at once, {opt}, {path} {mode}, {n} trainer(s)"
+                    model = f"queued-{opt}-{path}-{mode}-{n}"
+                    lab.store.create(model, spec, seed=0, replace=True)
+                    handles = [
+                        producer.send_task(
+                            TRAIN_STEP,
+                            kwargs={"model": model, "dataset": dataset, "rows": rows.tolist(), "hparams": hp},
+                            queue=lab.settings.training_queue,
+                        )
+                        for _, _, rows in epoch_batches(
+                            len(x_train), epochs=plan.queued_epochs, batch_size=QUEUED_BATCH, seed=0
+                        )
+                    ]
+                    lab.progress(f"{label}: {len(handles)} steps queued; starting workers")
+                    workers = lab.workers(n, mode=mode, path=path)
+                    try:
+                        results = [h.get(timeout=600) for h in handles]
+                    finally:
+                        stop_all(workers)
+                    done = sorted(h.date_done.timestamp() for h in handles)
+                    seconds = done[-1] - done[0]
+                    params = lab.store.read(model).parameters()
+                    ratio = _mse(params["weight"].numpy(), params["bias"].numpy(), x_test, y_test) / floor
+                    conflicts = sum(r["conflicts"] for r in results)
+                    row = {
+                        "optimizer": opt,
+                        "path": path,
+                        "mode": mode,
+                        "trainers": n,
+                        "steps": len(results),
+                        "ratio": round(ratio, 4),
+                        "sequential_ratio": round(ref_ratio, 4),
+                        "gap": round(ratio - ref_ratio, 4),
+                        "meets_goal": ratio - ref_ratio <= QUALITY_GAP_GOAL,
+                        "steps_per_s": round((len(results) - 1) / seconds, 1) if seconds > 0 else None,
+                        "conflicts_per_step": round(conflicts / len(results), 3),
+                        "recomputed": sum(r["recomputed"] for r in results),
+                        "commits": lab.store.head(model).version,
+                    }
+                    lab.progress(
+                        f"  -> MSE/floor {ratio:.4f} (sequential {ref_ratio:.4f}, gap {ratio - ref_ratio:+.4f}); "
+                        f"{row['steps_per_s']} steps/s, {row['conflicts_per_step']} conflicts/step, "
+                        f"{row['commits']} commits"
+                    )
+                    rows_out.append(row)
+    finally:
+        producer.close()
+    return rows_out
+
+
+def scaling(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Steps/s of n trainers over one trainer's, per (optimizer, path, mode), from one report run."""
+    out = []
+    for r in rows:
+        base = next(
+            (
+                b
+                for b in rows
+                if (b["optimizer"], b["path"], b["mode"], b["trainers"]) == (r["optimizer"], r["path"], r["mode"], 1)
+            ),
+            None,
+        )
+        if base and base["steps_per_s"] and r["steps_per_s"]:
+            out.append(
+                {
+                    **{k: r[k] for k in ("optimizer", "path", "mode", "trainers")},
+                    "speedup": round(r["steps_per_s"] / base["steps_per_s"], 2),
+                }
+            )
+    return out
+
+
+QUEUED_BEGIN = "<!-- report:queued:begin -->"
+QUEUED_END = "<!-- report:queued:end -->"
+
+
+def render_queued(report: dict[str, Any]) -> str:
+    """The markdown of the hard case, spliced between its own markers in docs/training.md."""
+    from agent_workers.tools.report.output import markdown_table
+
+    rows = report["queued"]
+    speed = {(s["optimizer"], s["path"], s["mode"], s["trainers"]): s["speedup"] for s in scaling(rows)}
+    head = (
+        f"Measured {report['finished']} ({report['environment']['cpus']} CPUs, broker "
+        f"`{report['environment']['broker']}`, τ = {report['environment']['max_staleness']}): the seed's linear "
+        f"regression, {report['plan']['queued_epochs']} epochs of batches of {QUEUED_BATCH}, every `train_step` queued "
+        "by a bare Celery producer before the workers start; quality against sequential single-process torch on the "
+        f"same batches in the same order (goal: gap <= +{QUALITY_GAP_GOAL}); steps/s from the first to the last "
+        "stored step. Regenerate with `agent-workers report --part queued`.\n"
+    )
+    table = markdown_table(
+        [
+            "optimizer",
+            "path",
+            "mode",
+            "trainers",
+            "MSE / floor",
+            "sequential",
+            "gap",
+            "goal met",
+            "steps/s",
+            "x one trainer",
+            "conflicts/step",
+            "recomputed",
+            "commits",
+        ],
+        [
+            [
+                r["optimizer"],
+                r["path"],
+                r["mode"],
+                r["trainers"],
+                r["ratio"],
+                r["sequential_ratio"],
+                r["gap"],
+                "yes" if r["meets_goal"] else "NO",
+                r["steps_per_s"],
+                speed.get((r["optimizer"], r["path"], r["mode"], r["trainers"]), ""),
+                r["conflicts_per_step"],
+                r["recomputed"],
+                r["commits"],
+            ]
+            for r in rows
+        ],
+    )
+    return head + "\n" + table + "\n"
+
+
+def plot_queued(rows: list[dict[str, Any]], path: Any) -> None:
+    """Quality gap and steps/s against trainers, one line per (optimizer, path, mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = sorted({(r["optimizer"], r["path"], r["mode"]) for r in rows})
+    for run in runs:
+        line = sorted((r for r in rows if (r["optimizer"], r["path"], r["mode"]) == run), key=lambda r: r["trainers"])
+        label = " ".join(run)
+        left.plot([r["trainers"] for r in line], [r["gap"] for r in line], "o-", label=label)
+        right.plot([r["trainers"] for r in line], [r["steps_per_s"] for r in line], "o-", label=label)
+    left.axhline(QUALITY_GAP_GOAL, color="grey", linestyle="--", label=f"goal +{QUALITY_GAP_GOAL}")
+    left.set(title="MSE/floor minus sequential torch's", xlabel="trainers", ylabel="gap")
+    right.set(title="steps/s, all steps queued at once", xlabel="trainers", ylabel="steps/s")
+    for ax in (left, right):
+        ax.set_xticks(sorted({r["trainers"] for r in rows}))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
