@@ -30,7 +30,7 @@ DEFAULT_KEEP_VERSIONS = 10
 #: Applied update ids remembered per model (the newest): ~100 bytes of Redis memory per id, so ~10 MiB per model.
 DEFAULT_DEDUP_WINDOW = 100_000
 DEFAULT_MAX_STALENESS = 4
-MAX_TRAIN_GROUP = 8  # the default group size is min(this, max_staleness + 1)
+MAX_TRAIN_GROUP = 8  # the default group size (a group walks its steps in order: τ does not bound it)
 DEFAULT_MAX_INPUT_ELEMENTS = 1_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_LOCK_TIMEOUT = 30.0
@@ -96,11 +96,12 @@ class Settings:
         dedup_window: how many applied update ids (the newest) are remembered, so a redelivered step is applied
             once; a redelivery of an id older than that would apply again. Costs about 100 bytes of Redis memory
             per remembered id: 100,000 ids ≈ 10 MiB per model, whatever the group commit size.
-        max_staleness: a training gradient computed at version v may be applied up to version v + max_staleness.
+        max_staleness: τ, the most steps a gradient may lag the parameters it is applied to (per step: versions; a
+            group's version is about k steps, so a conflicting group is re-applied only while moved × k <= τ).
         train_group: how many queued ``train_step`` requests of one model a training worker applies in one commit
-            (group commit: one snapshot, k optimizer steps in order, one compare-and-set); at most
-            ``max_staleness + 1``. 1 serves every step as its own task (the per-step path); above 1 the worker
-            prefetches this many training messages so a group can form. Default ``min(8, max_staleness + 1)``.
+            (group commit: one head read, k sequential optimizer steps, one compare-and-set). 1 serves every step
+            as its own task (the per-step path); above 1 the worker prefetches this many training messages so a
+            group can form. Default 8.
         max_input_elements: the largest input, in numbers, that one request may carry.
         max_message_bytes: the largest message body accepted.
         track_started: also store the STARTED state of every request in the backend (one more write per batch).
@@ -151,7 +152,7 @@ class Settings:
     keep_versions: int = DEFAULT_KEEP_VERSIONS
     dedup_window: int = DEFAULT_DEDUP_WINDOW
     max_staleness: int = DEFAULT_MAX_STALENESS
-    train_group: int = min(MAX_TRAIN_GROUP, DEFAULT_MAX_STALENESS + 1)
+    train_group: int = MAX_TRAIN_GROUP
     max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     track_started: bool = False
@@ -205,8 +206,8 @@ class Settings:
             task_time_limit=r.int("TASK_TIME_LIMIT", DEFAULT_TASK_TIME_LIMIT, minimum=1),
             keep_versions=r.int("KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, minimum=1),
             dedup_window=r.int("DEDUP_WINDOW", DEFAULT_DEDUP_WINDOW, minimum=1),
-            max_staleness=(staleness := r.int("MAX_STALENESS", DEFAULT_MAX_STALENESS, minimum=0)),
-            train_group=r.int("TRAIN_GROUP", min(MAX_TRAIN_GROUP, staleness + 1), minimum=1),
+            max_staleness=r.int("MAX_STALENESS", DEFAULT_MAX_STALENESS, minimum=0),
+            train_group=r.int("TRAIN_GROUP", MAX_TRAIN_GROUP, minimum=1),
             max_input_elements=r.int("MAX_INPUT_ELEMENTS", DEFAULT_MAX_INPUT_ELEMENTS, minimum=1),
             max_message_bytes=r.int("MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024),
             track_started=r.bool("TRACK_STARTED", False),
@@ -246,12 +247,6 @@ class Settings:
                 f"AGENT_WORKERS_VISIBILITY_TIMEOUT={self.visibility_timeout}s must exceed "
                 f"AGENT_WORKERS_TASK_TIME_LIMIT={self.task_time_limit}s, or Redis redelivers running tasks; "
                 "raise the visibility timeout or lower the time limit"
-            )
-        if self.train_group > self.max_staleness + 1:
-            raise ConfigError(
-                f"AGENT_WORKERS_TRAIN_GROUP={self.train_group} exceeds AGENT_WORKERS_MAX_STALENESS + 1 = "
-                f"{self.max_staleness + 1}: the last step of a group would be applied too stale; lower the group or "
-                "raise the staleness bound"
             )
         if self.chunk_bytes > MAX_CHUNK_BYTES:
             raise ConfigError(

@@ -101,7 +101,7 @@ def trainers(broker: str, mode: str, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def grouped(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainers]:
-    """Two worker processes on the group-commit path (groups of up to τ + 1 = 5 steps)."""
+    """Two worker processes on the group-commit path (groups of up to GROUP steps)."""
     env = pool_env(broker, plugins="tests.plugins", keep_versions=3, chunk_bytes=4096, train_group=GROUP)
     yield from _trainers(env, tmp_path_factory.mktemp(f"grouped-{broker}"), concurrency=1)
 

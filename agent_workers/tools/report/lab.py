@@ -32,7 +32,7 @@ DIGITS_HIDDEN = [128]
 DIGITS_BATCH = 32
 
 #: The two queue paths of train_step the report compares: one pool task and one commit per step
-#: (``AGENT_WORKERS_TRAIN_GROUP=1``), and group commits of up to ``min(8, τ + 1)`` queued steps.
+#: (``AGENT_WORKERS_TRAIN_GROUP=1``), and group commits of up to ``AGENT_WORKERS_TRAIN_GROUP`` queued steps.
 PATHS = ("per-step", "grouped")
 
 
@@ -110,7 +110,7 @@ class Lab:
 
     def group(self, path: str) -> int:
         """``AGENT_WORKERS_TRAIN_GROUP`` of the workers of ``path``."""
-        return 1 if path == "per-step" else min(8, self.settings.max_staleness + 1)
+        return 1 if path == "per-step" else self.settings.train_group
 
     def workers(self, trainers: int, *, mode: str = "optimistic", path: str = "per-step") -> list[WorkerProcess]:
         """Start worker processes giving ``trainers`` concurrent trainers in commit ``mode`` on the train_step
