@@ -107,7 +107,8 @@ class Settings:
         track_started: also store the STARTED state of every request in the backend (one more write per batch).
         amp: autocast dtype for inference on CUDA: ``off``, ``bf16`` or ``fp16``.
         compile: wrap models in ``torch.compile``.
-        plugins: modules imported at worker start-up, so they can register architectures and losses.
+        plugins: modules imported at worker start-up and wherever a spec is built (the store, the CLI), so they
+            can register architectures and losses.
         metrics_port: port of the worker's Prometheus endpoint; 0 disables it.
         inference_queue: queue of the inference tasks (predict, predict_many).
         training_queue: queue of the training tasks (train_step, fit).

@@ -19,12 +19,13 @@ and shapes; the weights themselves always come from the parameter store.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent_workers.errors import ModelError
+from agent_workers.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # torch is imported where a module is built, so reading specs (the CLI) stays fast
     import torch
@@ -41,6 +42,22 @@ def register_architecture(name: str) -> Callable[[Builder], Builder]:
         return builder
 
     return decorate
+
+
+def load_plugins(modules: Iterable[str]) -> None:
+    """Import the modules of ``AGENT_WORKERS_PLUGINS`` so their registrations run here too (idempotent).
+
+    Every entry point that builds or checks a spec calls it: the worker at start-up, and
+    :meth:`~agent_workers.store.params.RedisParamStore.from_settings` (the CLI's ``models`` commands, the tools).
+
+    Raises:
+        ConfigError: a module cannot be imported (named, with the import error).
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"AGENT_WORKERS_PLUGINS names {module!r}, which cannot be imported: {exc}") from exc
 
 
 def architectures() -> list[str]:

@@ -49,9 +49,10 @@ def models_create(name: str, arch: str, config_json: str, seed: int, replace: bo
         config = json.loads(config_json)
     except json.JSONDecodeError as exc:
         raise click.ClickException(f"--config is not valid JSON: {exc}") from None
+    params = store()  # imports AGENT_WORKERS_PLUGINS first, so their architectures are known here too
     spec = make_spec(arch, **config)
     module = load_weights(spec, weights) if weights is not None else None
-    store().create(name, spec, seed=seed, module=module, replace=replace)
+    params.create(name, spec, seed=seed, module=module, replace=replace)
     click.echo(f"created {name} ({arch}) at version 0" + (f" from {weights}" if weights else ""))
 
 

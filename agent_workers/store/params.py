@@ -28,7 +28,7 @@ from agent_workers import lua
 from agent_workers.config import DEFAULT_CHUNK_BYTES, DEFAULT_DEDUP_WINDOW, DEFAULT_LOCK_TIMEOUT, Settings
 from agent_workers.errors import ConfigError, ModelError, StoreError, StoreUnavailableError
 from agent_workers.keys import Keys
-from agent_workers.models import ModelSpec
+from agent_workers.models import ModelSpec, load_plugins
 from agent_workers.redis_clients import (
     CLUSTER_SCHEMES,
     bulk_packer,
@@ -123,8 +123,10 @@ class RedisParamStore:
     def from_settings(cls, settings: Settings, **overrides: Any) -> RedisParamStore:
         """A store on ``settings.params_url`` in ``settings.namespace`` with the settings' mode and limits.
 
-        The URL may name one Redis, a Sentinel-managed master or a Redis Cluster (see redis_clients.py).
+        The URL may name one Redis, a Sentinel-managed master or a Redis Cluster (see redis_clients.py). The
+        modules of ``AGENT_WORKERS_PLUGINS`` are imported first, so the store can build the specs they register.
         """
+        load_plugins(settings.plugins)
         connection: dict[str, Any] = {"socket_timeout": 30, "health_check_interval": 30}
         if urlparse(settings.params_url).scheme not in CLUSTER_SCHEMES:
             connection["command_packer"] = bulk_packer()  # blob chunks go to the socket uncopied

@@ -3,7 +3,6 @@ and the ready file."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from celery import bootsteps, signals
 from agent_workers import metrics
 from agent_workers.contract import dead_letter_queue
 from agent_workers.errors import ConfigError
+from agent_workers.models import load_plugins
 from agent_workers.worker.intake import live_intakes
 from agent_workers.worker.kombu_redis import queue_depth
 
@@ -49,11 +49,7 @@ class StartupChecks(bootsteps.Step):
             import torch
 
             torch.set_num_threads(app.settings.torch_threads)
-        for module in app.settings.plugins:
-            try:
-                importlib.import_module(module)
-            except ImportError as exc:
-                raise ConfigError(f"AGENT_WORKERS_PLUGINS names {module!r}, which cannot be imported: {exc}") from exc
+        load_plugins(app.settings.plugins)
         if app.settings.metrics_port:
             try:
                 metrics.serve(app.settings.metrics_port)

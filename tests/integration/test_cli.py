@@ -244,3 +244,32 @@ def test_a_misspelled_variable_is_named_with_the_nearest_one(redis_up: None) -> 
     assert "AGENT_WORKERS_MAX_BATCHSIZE is not an agent-workers setting" in out.stderr
     assert "did you mean AGENT_WORKERS_MAX_BATCH_SIZE?" in out.stderr
     assert os.environ.get("AGENT_WORKERS_MAX_BATCHSIZE") is None
+
+
+def test_models_create_knows_the_architectures_of_the_plugins(redis_up: None) -> None:
+    """AGENT_WORKERS_PLUGINS is honoured by the CLI, not only by the worker (issue 20: "unknown architecture")."""
+    import redis
+
+    env = pool_env("redis", plugins="tests.plugins")
+    name = unique("plugged")
+    try:
+        made = cli("models", "create", name, "--arch", "counter", "--config", '{"in_features": 2}', env=env)
+        assert made.returncode == 0, made.stderr
+        shown = cli("models", "show", name, env=env)
+        assert shown.returncode == 0 and "counter" in shown.stdout, shown.stderr
+        unplugged = cli(
+            "models", "create", unique("plain"), "--arch", "counter", env={**env, "AGENT_WORKERS_PLUGINS": ""}
+        )
+        assert unplugged.returncode == 1 and "unknown architecture 'counter'" in unplugged.stderr
+    finally:
+        params = redis.Redis.from_url(env["AGENT_WORKERS_PARAMS_URL"])
+        keys = list(params.scan_iter(match=f"{env['AGENT_WORKERS_NAMESPACE']}:*"))
+        if keys:
+            params.delete(*keys)
+
+
+def test_an_unimportable_plugin_is_one_line_naming_the_module(redis_up: None) -> None:
+    env = pool_env("redis", plugins="no_such_plugin_module")
+    out = cli("models", "list", env=env)
+    assert out.returncode == 1
+    assert "AGENT_WORKERS_PLUGINS names 'no_such_plugin_module'" in out.stderr and "Traceback" not in out.stderr
