@@ -26,19 +26,40 @@ QUEUED_HP = {
     "adam": {"loss": "mse", "optimizer": "adam", "lr": 0.01},
 }
 QUEUED_BATCH = 100
+#: Batches per run when the sequential reference is interleaved (a default group).
+QUEUED_INTERLEAVE = 8
 #: Goal: the queued run's test MSE / floor within this of sequential single-process training's.
 QUALITY_GAP_GOAL = 0.005
 
 
 def sequential_reference(
-    initial: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray, hp: dict[str, Any], *, epochs: int
+    initial: dict[str, torch.Tensor],
+    x: np.ndarray,
+    y: np.ndarray,
+    hp: dict[str, Any],
+    *,
+    epochs: int,
+    interleave: int | None = None,
 ) -> torch.nn.Module:
-    """Single-process torch over the batches ``Client.train`` and the report send (``epoch_batches``, seed 0)."""
+    """Single-process torch over the batches ``Client.train`` and the report send (``epoch_batches``, seed 0).
+
+    With ``interleave`` (a seed), neighbouring runs of ``QUEUED_INTERLEAVE`` batches swap places at random, as two
+    trainers' groups interleave: the same batches, another order. The spread of those runs is how much the order
+    alone moves the result (the yardstick for the quality gap).
+    """
     module = make_spec("linear", in_features=x.shape[1], out_features=1).build()
     module.load_state_dict(initial)
     params = module.parameters()
     opt = torch.optim.Adam(params, lr=hp["lr"]) if hp["optimizer"] == "adam" else torch.optim.SGD(params, lr=hp["lr"])
-    for _, _, rows in epoch_batches(len(x), epochs=epochs, batch_size=QUEUED_BATCH, seed=0):
+    batches = [rows for _, _, rows in epoch_batches(len(x), epochs=epochs, batch_size=QUEUED_BATCH, seed=0)]
+    if interleave is not None:
+        rng = np.random.default_rng(interleave)
+        runs = [batches[i : i + QUEUED_INTERLEAVE] for i in range(0, len(batches), QUEUED_INTERLEAVE)]
+        for i in range(0, len(runs) - 1, 2):
+            if rng.random() < 0.5:
+                runs[i], runs[i + 1] = runs[i + 1], runs[i]
+        batches = [rows for run in runs for rows in run]
+    for rows in batches:
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(module(torch.from_numpy(x[rows])), torch.from_numpy(y[rows]))
         loss.backward()
@@ -73,6 +94,23 @@ def queued_at_once(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
                 lab.store.read("queued-ref").parameters(), x_train, y_train, hp, epochs=plan.queued_epochs
             )
             ref_ratio = _mse(ref.weight.detach().numpy(), ref.bias.detach().numpy(), x_test, y_test) / floor
+            spread = []
+            for seed in range(1, 5):
+                other = sequential_reference(
+                    lab.store.read("queued-ref").parameters(),
+                    x_train,
+                    y_train,
+                    hp,
+                    epochs=plan.queued_epochs,
+                    interleave=seed,
+                )
+                spread.append(
+                    _mse(other.weight.detach().numpy(), other.bias.detach().numpy(), x_test, y_test) / floor - ref_ratio
+                )
+            lab.progress(
+                f"[5/5] {opt}: sequential torch MSE/floor {ref_ratio:.4f}; the same batches interleaved in runs of "
+                f"{QUEUED_INTERLEAVE}: {min(spread):+.4f} .. {max(spread):+.4f}"
+            )
             for path, mode in plan.queued_runs:
                 for n in plan.queued_trainers:
                     label = f"[5/5] queued at once, {opt}, {path} {mode}, {n} trainer(s)"
@@ -108,6 +146,7 @@ def queued_at_once(lab: Lab, plan: Plan) -> list[dict[str, Any]]:
                         "ratio": round(ratio, 4),
                         "sequential_ratio": round(ref_ratio, 4),
                         "gap": round(ratio - ref_ratio, 4),
+                        "order_spread": [round(min(spread), 4), round(max(spread), 4)],
                         "meets_goal": ratio - ref_ratio <= QUALITY_GAP_GOAL,
                         "steps_per_s": round((len(results) - 1) / seconds, 1) if seconds > 0 else None,
                         "conflicts_per_step": round(conflicts / len(results), 3),
@@ -162,8 +201,10 @@ def render_queued(report: dict[str, Any]) -> str:
         f"`{report['environment']['broker']}`, τ = {report['environment']['max_staleness']}): the seed's linear "
         f"regression, {report['plan']['queued_epochs']} epochs of batches of {QUEUED_BATCH}, every `train_step` queued "
         "by a bare Celery producer before the workers start; quality against sequential single-process torch on the "
-        f"same batches in the same order (goal: gap <= +{QUALITY_GAP_GOAL}); steps/s from the first to the last "
-        "stored step. Regenerate with `agent-workers report --part queued`.\n"
+        f"same batches in the same order (goal: gap <= +{QUALITY_GAP_GOAL}); *order alone*: how far sequential torch "
+        f"moves when the same batches come interleaved in runs of {QUEUED_INTERLEAVE} (as trainers' groups do; four "
+        "orders), the yardstick for a gap; steps/s from the first to the last stored step. Regenerate with "
+        "`agent-workers report --part queued`.\n"
     )
     table = markdown_table(
         [
@@ -174,6 +215,7 @@ def render_queued(report: dict[str, Any]) -> str:
             "MSE / floor",
             "sequential",
             "gap",
+            "order alone",
             "goal met",
             "steps/s",
             "x one trainer",
@@ -187,9 +229,10 @@ def render_queued(report: dict[str, Any]) -> str:
                 r["path"],
                 r["mode"],
                 r["trainers"],
-                r["ratio"],
-                r["sequential_ratio"],
-                r["gap"],
+                f"{r['ratio']:.4f}",
+                f"{r['sequential_ratio']:.4f}",
+                f"{r['gap']:+.4f}",
+                "{:+.4f}..{:+.4f}".format(*r["order_spread"]) if "order_spread" in r else "",
                 "yes" if r["meets_goal"] else "NO",
                 r["steps_per_s"],
                 speed.get((r["optimizer"], r["path"], r["mode"], r["trainers"]), ""),
