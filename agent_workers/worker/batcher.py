@@ -109,6 +109,19 @@ class Batcher(Intake):
                 return
         super().admit(request)
 
+    def _refuse_hold(self, request: Pending, delay: float) -> Outcome | None:
+        """Held requests count against ``AGENT_WORKERS_MAX_QUEUE_SIZE`` too: each widens the prefetch window, so
+        uncounted they would grow the worker without bound. Past the cap a new held request is revoked."""
+        refused = super()._refuse_hold(request, delay)
+        if refused is None and self.max_queue_size and len(self.pending) + len(self.held) >= self.max_queue_size:
+            metrics.REVOKED.labels("overload").inc()
+            refused = deadlines.revoke(
+                request,
+                f"overloaded: this worker holds {self.max_queue_size} requests (AGENT_WORKERS_MAX_QUEUE_SIZE); "
+                "no room to hold one more for its eta",
+            )
+        return refused
+
     def _revoke_soon(self, outcome: Outcome) -> None:
         """Answer a request revoked on arrival together with the others revoked in the same burst of deliveries:
         one result write and one bulk ack for all of them (under overload most arrivals are revoked, and answering

@@ -73,6 +73,7 @@ class Intake:
             timer=consumer.timer, settle=self._settle, requeue=self._requeue, give_up_after=app.settings.result_retry_s
         )
         self.max_message_bytes = app.settings.max_message_bytes
+        self.max_eta_s = app.settings.max_eta_s
         self.track_started = app.settings.track_started
         # The transport says when the broker has nothing more for us (kombu_redis.py, kombu_amqp.py): a batch
         # then flushes at once instead of waiting out max_wait for company that is not coming.
@@ -177,6 +178,10 @@ class Intake:
         if eta is not None:
             delay = (eta - datetime.now(UTC)).total_seconds()
             if delay > 0:
+                refused = self._refuse_hold(request, delay)
+                if refused is not None:
+                    self._finish([refused])
+                    return
                 # eta/countdown: held (unacknowledged) on the event-loop timer, then admitted. Like Celery's own
                 # strategy (celery/worker/strategy.py), a held message widens the prefetch window by one, so
                 # held messages never starve the requests behind them.
@@ -187,6 +192,19 @@ class Intake:
                 self.timer.call_after(delay, self._release, (request, qos))
                 return
         self.admit(request)
+
+    def _refuse_hold(self, request: Pending, delay: float) -> Outcome | None:
+        """The outcome of an eta/countdown request that must not be held (``delay`` seconds ahead), else None."""
+        if delay > self.max_eta_s:
+            return Outcome(
+                request,
+                states.FAILURE,
+                InputError(
+                    f"eta is {delay:.0f} s ahead; this worker holds requests at most {self.max_eta_s:g} s ahead "
+                    "(AGENT_WORKERS_MAX_ETA_S)"
+                ),
+            )
+        return None
 
     def _release(self, request: Pending, qos: Any) -> None:
         if qos is not None and qos is getattr(self.consumer, "qos", None):
