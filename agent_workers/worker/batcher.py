@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two looks at the head for a request whose ``min_version`` the store has not reached.
 MIN_VERSION_POLL = 0.02
+#: at most this many cost-probe ids are remembered (a probe shed before compute leaves its id behind)
+PROBES_KEPT = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Batcher(Intake):
         self._late: list[Outcome] = []  # revoked on arrival, answered at the end of the burst (_revoke_soon)
         self._on_loop = deadlines.CostModels()  # forward passes timed on the loop, all models as one
         self._since_probe = 0
+        self._probes: set[str] = set()  # ids admitted as cost probes despite their prediction (see admit)
 
     def admit(self, request: Pending) -> None:
         """Stamp the request's deadline and rank (only when it has one), cap the buffer, then buffer it."""
@@ -96,10 +99,22 @@ class Batcher(Intake):
         ) and deadlines.stamp(request, broker_is_redis=self.broker_is_redis):
             self._ordered = True
             cost = self.costs.ahead(request, self.pending)
-            late = deadlines.too_late(request, time.time(), cost)
+            now = time.time()
+            late = deadlines.too_late(request, now, cost)
             if late is not None:
-                self._revoke_soon(late)
-                return
+                # Revoked on a prediction alone (the deadline is still ahead): now and then compute one anyway, so
+                # one slow batch cannot make the model look too slow for ever.
+                if (
+                    request.deadline is not None
+                    and request.deadline > now
+                    and self.costs.probe(deadlines.model_of(request))
+                ):
+                    if len(self._probes) > PROBES_KEPT:  # ids of probes shed before compute: never served
+                        self._probes.clear()
+                    self._probes.add(request.id)
+                else:
+                    self._revoke_soon(late)
+                    return
         if self.max_queue_size and len(self.pending) + len(self.held) >= self.max_queue_size:
             self.pending, outcomes, admitted = deadlines.shed(self.pending, request, self.max_queue_size)
             for o in outcomes:
@@ -238,7 +253,9 @@ class Batcher(Intake):
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         size = max(1, self.policy.max_batch_size)
         if any(req.deadline is not None for req, _ in valid):
-            cost = self.costs.predicted(model, min(size, len(valid)))
+            probing = [req.id for req, _ in valid if req.id in self._probes]
+            cost = 0.0 if probing else self.costs.predicted(model, min(size, len(valid)))
+            self._probes.difference_update(probing)
             valid, late = deadlines.drop_late(valid, chunk=size, cost=cost)
             metrics.REVOKED.labels("deadline").inc(len(late))
             outcomes.extend(late)
