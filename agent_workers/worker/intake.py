@@ -393,7 +393,7 @@ class Intake:
         or one command of the write, a retry's republish) goes to the backlog, retried from the timer."""
         todo = [o for o in outcomes if o.written is None]
         try:
-            for o, written in zip(todo, self.writer.write(todo), strict=True):
+            for o, written in zip(todo, self.writer.write(todo) if todo else [], strict=True):
                 o.written = written
         except Exception:  # noqa: BLE001 - results not stored: retried from the timer, the messages stay unacked
             log.warning("storing %d results failed; retrying", len(todo), exc_info=True)
