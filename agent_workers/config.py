@@ -22,6 +22,8 @@ DEFAULT_NAMESPACE = "aw"
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MIN_VERSION_WAIT_MS = 1000.0
+DEFAULT_RESULT_RETRY_S = 30.0
+DEFAULT_MAX_ETA_S = 24 * 3600.0
 DEFAULT_RESULT_EXPIRES = 24 * 3600
 DEFAULT_VISIBILITY_TIMEOUT = 3600
 DEFAULT_RECLAIM_AFTER = 10
@@ -135,6 +137,9 @@ class Settings:
             prefetch window); past it, requests whose deadline passed are shed first, then the least urgent.
         min_version_wait_ms: how long a ``min_version`` request waits for the store to reach that version before
             it fails, in milliseconds.
+        result_retry_s: how long a worker retries (with backoff, from its event-loop timer) results the backend
+            refused and retries the broker refused to take back, before it hands their messages back to the broker.
+        max_eta_s: the furthest ahead a predict request's ``eta``/``countdown`` may be, in seconds; a later one fails.
         result_cache_size: entries of the per-worker predict result cache keyed by (model, version, input); 0 off.
         model_cache_bytes: bytes of parameters a worker keeps loaded (engine models) and cached (store snapshots),
             each; least recently used models are dropped beyond it (0: no cap).
@@ -174,6 +179,8 @@ class Settings:
     sentinel_master: str = DEFAULT_SENTINEL_MASTER
     max_queue_size: int = 0
     min_version_wait_ms: float = DEFAULT_MIN_VERSION_WAIT_MS
+    result_retry_s: float = DEFAULT_RESULT_RETRY_S
+    max_eta_s: float = DEFAULT_MAX_ETA_S
     result_cache_size: int = 0
     model_cache_bytes: int = 0
 
@@ -229,6 +236,8 @@ class Settings:
             sentinel_master=r.str("SENTINEL_MASTER", DEFAULT_SENTINEL_MASTER),
             max_queue_size=r.int("MAX_QUEUE_SIZE", 0, minimum=0),
             min_version_wait_ms=r.float("MIN_VERSION_WAIT_MS", DEFAULT_MIN_VERSION_WAIT_MS, minimum=0.0),
+            result_retry_s=r.float("RESULT_RETRY_S", DEFAULT_RESULT_RETRY_S, minimum=0.1),
+            max_eta_s=r.float("MAX_ETA_S", DEFAULT_MAX_ETA_S, minimum=0.0),
             result_cache_size=r.int("RESULT_CACHE_SIZE", 0, minimum=0),
             model_cache_bytes=r.int("MODEL_CACHE_BYTES", 0, minimum=0),
         )

@@ -41,11 +41,12 @@ from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, reg
 from agent_workers.worker.policy import BatchPolicy
 from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome
+from agent_workers.worker.version_waits import VersionWaits
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two looks at the head for a request whose ``min_version`` the store has not reached.
-MIN_VERSION_POLL = 0.02
+#: at most this many cost-probe ids are remembered (a probe shed before compute leaves its id behind)
+PROBES_KEPT = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,14 @@ class Batcher(Intake):
         self._late: list[Outcome] = []  # revoked on arrival, answered at the end of the burst (_revoke_soon)
         self._on_loop = deadlines.CostModels()  # forward passes timed on the loop, all models as one
         self._since_probe = 0
+        self._probes: set[str] = set()  # ids admitted as cost probes despite their prediction (see admit)
+        self.versions = VersionWaits(
+            timer=self.timer,
+            head=lambda model: int(engine.store.head(model).version),
+            admit=self._version_reached,
+            fail=self._version_not_reached,
+            wait_s=self.min_version_wait,
+        )
 
     def admit(self, request: Pending) -> None:
         """Stamp the request's deadline and rank (only when it has one), cap the buffer, then buffer it."""
@@ -97,11 +106,23 @@ class Batcher(Intake):
         ) and deadlines.stamp(request, broker_is_redis=self.broker_is_redis):
             self._ordered = True
             cost = self.costs.ahead(request, self.pending)
-            late = deadlines.too_late(request, time.time(), cost)
+            now = time.time()
+            late = deadlines.too_late(request, now, cost)
             if late is not None:
-                self._revoke_soon(late)
-                return
-        if self.max_queue_size and len(self.pending) + len(self.held) >= self.max_queue_size:
+                # Revoked on a prediction alone (the deadline is still ahead): now and then compute one anyway, so
+                # one slow batch cannot make the model look too slow for ever.
+                if (
+                    request.deadline is not None
+                    and request.deadline > now
+                    and self.costs.probe(deadlines.model_of(request))
+                ):
+                    if len(self._probes) > PROBES_KEPT:  # ids of probes shed before compute: never served
+                        self._probes.clear()
+                    self._probes.add(request.id)
+                else:
+                    self._revoke_soon(late)
+                    return
+        if self.max_queue_size and len(self.pending) + len(self.held) + len(self.versions) >= self.max_queue_size:
             self.pending, outcomes, admitted = deadlines.shed(self.pending, request, self.max_queue_size)
             for o in outcomes:
                 metrics.REVOKED.labels("overload" if "overloaded" in str(o.result) else "deadline").inc()
@@ -109,6 +130,19 @@ class Batcher(Intake):
             if not admitted:
                 return
         super().admit(request)
+
+    def _refuse_hold(self, request: Pending, delay: float) -> Outcome | None:
+        """Held requests count against ``AGENT_WORKERS_MAX_QUEUE_SIZE`` too: each widens the prefetch window, so
+        uncounted they would grow the worker without bound. Past the cap a new held request is revoked."""
+        refused = super()._refuse_hold(request, delay)
+        if refused is None and self.max_queue_size and len(self.pending) + len(self.held) >= self.max_queue_size:
+            metrics.REVOKED.labels("overload").inc()
+            refused = deadlines.revoke(
+                request,
+                f"overloaded: this worker holds {self.max_queue_size} requests (AGENT_WORKERS_MAX_QUEUE_SIZE); "
+                "no room to hold one more for its eta",
+            )
+        return refused
 
     def _revoke_soon(self, outcome: Outcome) -> None:
         """Answer a request revoked on arrival together with the others revoked in the same burst of deliveries:
@@ -226,7 +260,9 @@ class Batcher(Intake):
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         size = max(1, self.policy.max_batch_size)
         if any(req.deadline is not None for req, _ in valid):
-            cost = self.costs.predicted(model, min(size, len(valid)))
+            probing = [req.id for req, _ in valid if req.id in self._probes]
+            cost = 0.0 if probing else self.costs.predicted(model, min(size, len(valid)))
+            self._probes.difference_update(probing)
             valid, late = deadlines.drop_late(valid, chunk=size, cost=cost)
             metrics.REVOKED.labels("deadline").inc(len(late))
             outcomes.extend(late)
@@ -294,26 +330,50 @@ class Batcher(Intake):
     def _behind(
         self, model: str, version: int, members: list[tuple[Pending, Any]], outcomes: list[Outcome]
     ) -> list[tuple[Pending, Any]]:
-        """Requests whose ``min_version`` the store has not reached wait (re-admitted shortly, unacknowledged) up to
-        ``AGENT_WORKERS_MIN_VERSION_WAIT_MS``, then fail; the others are served now."""
+        """Requests whose ``min_version`` the store has not reached wait (unacknowledged, on the event loop: see
+        version_waits.py) up to ``AGENT_WORKERS_MIN_VERSION_WAIT_MS``, then fail; the others are served now."""
         now = time.monotonic()
         ready: list[tuple[Pending, Any]] = []
+        waiting: list[Pending] = []
         for member in members:
             req = member[0]
             if req.min_version is None or req.min_version <= version:
                 ready.append(member)
-                continue
-            if req.behind_since is None:
-                req.behind_since = now
-            if now - req.behind_since < self.min_version_wait:
-                self.timer.call_after(MIN_VERSION_POLL, self.admit, (req,))
+            elif req.behind_since is not None and now - req.behind_since >= self.min_version_wait:
+                outcomes.append(Outcome(req, states.FAILURE, self._not_reached(model, version, req)))
             else:
-                error = ModelError(
-                    f"model {model!r} is at version {version}; min_version {req.min_version} was not reached within "
-                    f"{self.min_version_wait:g} s (AGENT_WORKERS_MIN_VERSION_WAIT_MS)"
-                )
-                outcomes.append(Outcome(req, states.FAILURE, error))
+                waiting.append(req)
+        if waiting:  # kombu's timer belongs to the loop: never touched from the compute thread
+            self._call_on_loop(self.versions.add, model, waiting)
         return ready
+
+    def _not_reached(self, model: str, version: int | None, req: Pending) -> ModelError:
+        at = f"is at version {version}" if version is not None else "has no readable head"
+        return ModelError(
+            f"model {model!r} {at}; min_version {req.min_version} was not reached within "
+            f"{self.min_version_wait:g} s (AGENT_WORKERS_MIN_VERSION_WAIT_MS)"
+        )
+
+    def _version_not_reached(self, model: str, version: int | None, requests: list[Pending]) -> None:
+        self._finish([Outcome(r, states.FAILURE, self._not_reached(model, version, r)) for r in requests])
+
+    def _version_reached(self, request: Pending) -> None:
+        self.admit(request)
+        if self._idle:  # nothing else is arriving: no reason to wait for company
+            self.flush()
+
+    def _call_on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` on the event loop: now when already there, else through the hub's thread-safe
+        ``call_soon``."""
+        hub = getattr(self.consumer, "hub", None)
+        if hub is not None and self.pipeline.in_compute_thread():
+            hub.call_soon(fn, *args)
+        else:
+            fn(*args)
+
+    def close(self) -> None:
+        super().close()
+        self.versions.close()
 
     def _metrics(self, model: str) -> _ModelMetrics:
         hit = self._metric_cache.get(model)

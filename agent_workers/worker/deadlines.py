@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from celery import states
@@ -137,18 +138,28 @@ def shed(pending: list[Pending], incoming: Pending, limit: int) -> tuple[list[Pe
 
 
 class CostModels:
-    """What a batch of each model costs, for deadline predictions, from its last batches (each model's first is
+    """What a batch of each model costs, for deadline predictions, from its recent batches (each model's first is
     left out: allocations and lazy initialisation make it slow).
 
     The prediction is a lower bound, never an extrapolating fit: a model that over-predicts revokes everything, and
-    then no batch ever runs to correct it. A batch costs at least what any smaller batch cost (cost grows with the
-    size) and at least ``size`` × the per-request cost of any larger batch (per-request cost falls with the size).
+    then no batch ever runs to correct it. Per batch size, the statistic is the lower median of that size's samples
+    from the last ``MAX_AGE_S`` seconds, so one slow batch (a GC pause, a page fault storm) is outvoted by the next
+    normal one and forgotten after ``MAX_AGE_S`` anyway. Across sizes, a batch costs at least what a smaller one
+    costs (cost grows with the size) and at least ``size`` x the per-request cost of a larger one. While a model's
+    requests are being revoked on a prediction alone, :meth:`probe` lets one through every ``PROBE_AFTER_S``, so
+    the prediction is measured again instead of trusted for ever.
     """
 
-    HISTORY = 16
+    HISTORY = 32
+    #: samples older than this (seconds) no longer count
+    MAX_AGE_S = 60.0
+    #: a model without a sample this recent (seconds) gets a probe: one request computed despite the prediction
+    PROBE_AFTER_S = 2.0
 
-    def __init__(self) -> None:
-        self._batches: dict[str, deque[tuple[int, float]]] = {}
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._batches: dict[str, deque[tuple[int, float, float]]] = {}
+        self._probed: dict[str, float] = {}
 
     def observe(self, model: str, size: int, seconds: float) -> None:
         """Record a batch of ``model`` (from the compute thread or the loop)."""
@@ -156,7 +167,7 @@ class CostModels:
         if history is None:
             self._batches[model] = deque(maxlen=self.HISTORY)  # the first batch: left out
             return
-        history.append((max(1, size), seconds))
+        history.append((max(1, size), seconds, self._clock()))
 
     def floor(self) -> float:
         """The least any known model is predicted to take for one request (0 before any computed): a lower bound
@@ -168,13 +179,41 @@ class CostModels:
         that would be served before it (more urgent or as urgent, deadline not yet passed) and its own."""
         key, now = urgency(req), time.time()
         before = sum(1 for p in pending if urgency(p) <= key and not passed(p, now))
-        model = (req.kwargs or {}).get("model", req.args[0] if req.args else None)
-        cost = self.predicted(model, before + 1) if isinstance(model, str) else 0.0
+        model = model_of(req)
+        cost = self.predicted(model, before + 1) if model is not None else 0.0
         return cost or self.floor()
 
     def predicted(self, model: str, size: int) -> float:
         """The least seconds a batch of ``size`` of ``model`` takes; 0 before the model computed a second batch."""
-        history = list(self._batches.get(model) or ())  # one C-level copy: the compute thread appends meanwhile
-        smaller = max((t for n, t in history if n <= size), default=0.0)
-        larger = min((t / n for n, t in history if n >= size), default=0.0)
+        per_size = self._per_size(model)
+        smaller = max((t for n, t in per_size.items() if n <= size), default=0.0)
+        larger = min((t / n for n, t in per_size.items() if n >= size), default=0.0)
         return max(smaller, size * larger)
+
+    def probe(self, model: str | None) -> bool:
+        """Whether a request of ``model`` that the prediction alone would revoke is computed anyway, to measure the
+        model again: when its newest sample is older than ``PROBE_AFTER_S`` and so is its last probe."""
+        if model is None:
+            return False
+        now = self._clock()
+        history = list(self._batches.get(model) or ())
+        newest = max((at for _, _, at in history), default=-math.inf)
+        if now - newest < self.PROBE_AFTER_S or now - self._probed.get(model, -math.inf) < self.PROBE_AFTER_S:
+            return False
+        self._probed[model] = now
+        return True
+
+    def _per_size(self, model: str) -> dict[int, float]:
+        """The lower median of each batch size's recent samples."""
+        oldest = self._clock() - self.MAX_AGE_S
+        by_size: dict[int, list[float]] = {}
+        for n, t, at in list(self._batches.get(model) or ()):  # one C-level copy: the compute thread appends
+            if at >= oldest:
+                by_size.setdefault(n, []).append(t)
+        return {n: sorted(ts)[(len(ts) - 1) // 2] for n, ts in by_size.items()}
+
+
+def model_of(req: Pending) -> str | None:
+    """The model name ``req`` asks for, when it names one as a string (before binding checks it)."""
+    model = (req.kwargs or {}).get("model", req.args[0] if req.args else None)
+    return model if isinstance(model, str) else None

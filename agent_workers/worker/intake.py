@@ -24,6 +24,7 @@ from celery.worker import state as worker_state
 from agent_workers import metrics
 from agent_workers.errors import InputError
 from agent_workers.worker import idle, redelivery
+from agent_workers.worker.backlog import Backlog
 from agent_workers.worker.held import HeldMessages
 from agent_workers.worker.kombu_redis import ack_all
 from agent_workers.worker.pipeline import Job, Pipeline
@@ -69,7 +70,11 @@ class Intake:
         self.reporter = Reporter(eventer=eventer, labels=self.labels)
         self.pending: list[Pending] = []
         self._tref: Any = None
+        self.backlog = Backlog(
+            timer=consumer.timer, settle=self._settle, requeue=self._requeue, give_up_after=app.settings.result_retry_s
+        )
         self.max_message_bytes = app.settings.max_message_bytes
+        self.max_eta_s = app.settings.max_eta_s
         self.track_started = app.settings.track_started
         # The transport says when the broker has nothing more for us (kombu_redis.py, kombu_amqp.py): a batch
         # then flushes at once instead of waiting out max_wait for company that is not coming.
@@ -96,6 +101,7 @@ class Intake:
             self._tref.cancel()
             self._tref = None
         self.pipeline.close()
+        self.backlog.close()
 
     def drain(self) -> None:
         """Warm shutdown (event loop, blocking): serve what is buffered and finish every batch in flight."""
@@ -173,6 +179,10 @@ class Intake:
         if eta is not None:
             delay = (eta - datetime.now(UTC)).total_seconds()
             if delay > 0:
+                refused = self._refuse_hold(request, delay)
+                if refused is not None:
+                    self._finish([refused])
+                    return
                 # eta/countdown: held (unacknowledged) on the event-loop timer, then admitted. Like Celery's own
                 # strategy (celery/worker/strategy.py), a held message widens the prefetch window by one, so
                 # held messages never starve the requests behind them.
@@ -183,6 +193,19 @@ class Intake:
                 self.timer.call_after(delay, self._release, (request, qos))
                 return
         self.admit(request)
+
+    def _refuse_hold(self, request: Pending, delay: float) -> Outcome | None:
+        """The outcome of an eta/countdown request that must not be held (``delay`` seconds ahead), else None."""
+        if delay > self.max_eta_s:
+            return Outcome(
+                request,
+                states.FAILURE,
+                InputError(
+                    f"eta is {delay:.0f} s ahead; this worker holds requests at most {self.max_eta_s:g} s ahead "
+                    "(AGENT_WORKERS_MAX_ETA_S)"
+                ),
+            )
+        return None
 
     def _release(self, request: Pending, qos: Any) -> None:
         if qos is not None and qos is getattr(self.consumer, "qos", None):
@@ -351,8 +374,8 @@ class Intake:
                 countdown=o.retry_countdown,
                 expires=req.headers.get("expires"),
             )
-        except Exception:  # noqa: BLE001 - not acknowledged: the broker redelivers the original instead
-            log.warning("publishing the retry of %s failed; its message is not acknowledged", req.id, exc_info=True)
+        except Exception:  # noqa: BLE001 - not acknowledged: tried again from the backlog, then requeued
+            log.warning("publishing the retry of %s failed; trying again", req.id, exc_info=True)
             return False
         return True
 
@@ -363,23 +386,44 @@ class Intake:
             self.reporter.send_kept()
         except Exception:  # noqa: BLE001 - events are for Flower
             log.exception("sending kept events failed")
-        if not outcomes:
-            return
+        if outcomes:
+            self._settle(outcomes)
+
+    def _settle(self, outcomes: list[Outcome]) -> None:
+        """Store what is not stored yet, publish retries, ack and report what is done; whatever failed (the backend
+        or one command of the write, a retry's republish) goes to the backlog, retried from the timer."""
+        todo = [o for o in outcomes if o.written is None]
         try:
-            stored = self.writer.write(outcomes)
-        except Exception:  # noqa: BLE001 - results not stored: leave the messages unacked so they come back
-            log.exception("storing %d results failed; their messages are not acknowledged", len(outcomes))
+            for o, written in zip(todo, self.writer.write(todo) if todo else [], strict=True):
+                o.written = written
+        except Exception:  # noqa: BLE001 - results not stored: retried from the timer, the messages stay unacked
+            log.warning("storing %d results failed; retrying", len(todo), exc_info=True)
+            self.backlog.add(outcomes)
             return
-        done = [
-            o
-            for o, ok in zip(outcomes, stored, strict=True)
-            if o.state != states.RETRY or not ok or self._publish_retry(o)
-        ]
+        done, again = [], []
+        for o in outcomes:
+            if o.written is None or (o.state == states.RETRY and o.written and not self._publish_retry(o)):
+                again.append(o)
+            else:
+                done.append(o)
+        self.backlog.add(again)
         ack_all([o.request.message for o in done])
         try:
             self.reporter.report(done)
         except Exception:  # noqa: BLE001 - metrics and events never cost a request its answer
             log.exception("reporting %d outcomes failed", len(done))
+
+    def _requeue(self, outcomes: list[Outcome]) -> None:
+        """Hand messages whose outcome could not be settled back to the broker (a redelivery computes them again):
+        AMQP requeues; kombu's Redis transport restores the message to its queue and frees its QoS slot."""
+        redelivery.forgive(self.app.store, [o.request.id for o in outcomes if o.request.redelivered])
+        for o in outcomes:
+            message = o.request.message
+            try:
+                if not message.acknowledged:
+                    message.reject(requeue=True)
+            except Exception:  # noqa: BLE001 - channel gone: the broker redelivers it anyway
+                log.warning("requeueing %s failed; the broker will redeliver it", o.request.id, exc_info=True)
 
 
 _live: dict[int, dict[str, Intake]] = {}

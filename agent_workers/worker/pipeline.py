@@ -62,6 +62,8 @@ class Pipeline:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._freeing = False
+        self._lock = threading.Lock()
+        self._running = False  # the compute thread runs (until closed and out of jobs)
 
     def in_compute_thread(self) -> bool:
         """Whether the caller runs in this pipeline's compute thread (not on the event loop)."""
@@ -75,12 +77,23 @@ class Pipeline:
     def submit(self, job: Job, *, inline: bool = False) -> None:
         """Run ``job``: in the compute thread, or now on the calling (event-loop) thread when the depth is 1 or the
         caller asks for ``inline`` (a cheap batch) and nothing is in flight (so outcomes keep the batches' order)."""
+        if self._closed:
+            # A replaced intake's late flush (a held or waiting request admitted after the consumer restarted): the
+            # old thread may still compute an earlier job, so the new one queues behind it rather than running
+            # beside it; once the thread is gone, inline.
+            with self._lock:
+                if self._running:
+                    self.in_flight += 1
+                    self._work.put(job)
+                    self._work.put(None)  # and stop again after it
+                    return
         if self.depth <= 1 or self._closed or (inline and self.in_flight == 0 and not self._freeing):
             for outcomes, _wait in _guarded(job):
                 self._finish(outcomes)
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"compute-{self._name}", daemon=True)
+            self._running = True
             self._thread.start()
         self.in_flight += 1
         self._work.put(job)
@@ -118,7 +131,11 @@ class Pipeline:
         while True:
             job = self._work.get()
             if job is None:
-                return
+                with self._lock:  # closed: end once nothing was queued behind the stop (see submit)
+                    if self._work.empty():
+                        self._running = False
+                        return
+                continue
             values = _guarded(job)
             current = next(values, None)
             while current is not None:

@@ -68,6 +68,17 @@ def count_attempt(store: Any, task_id: str) -> int:
     return int(pipe.execute()[0])
 
 
+def forgive(store: Any, task_ids: list[str]) -> None:
+    """Forget the solo attempts counted for ``task_ids``: their worker served them and handed them back (the result
+    backend was down), so their next delivery is no sign of poison. Best effort: a failure only logs."""
+    if not task_ids:
+        return
+    try:
+        store.client.delete(*(store.keys.deliveries(t) for t in task_ids))
+    except Exception:  # noqa: BLE001 - at worst a request counts one attempt too many
+        log.warning("cannot reset the delivery counts of %d requeued requests", len(task_ids), exc_info=True)
+
+
 def poison_error(attempt: int) -> ModelError:
     """The failure of a request that took its worker down ``attempt`` times."""
     return ModelError(

@@ -31,6 +31,8 @@ class Outcome:
     result: Any
     runtime: float = 0.0
     retry_countdown: float | None = None  # RETRY: re-publish after this many seconds, once RETRY is stored
+    #: once stored: True when its record was written, False when a final one was there already; None: not yet
+    written: bool | None = None
 
 
 class ResultWriter:
@@ -47,9 +49,10 @@ class ResultWriter:
         self._fast = self.backend.serializer == "json" and not getattr(self.backend, "compression", None)
         self._store = self._redis.register_script(lua.source("store_result")) if self._redis is not None else None
 
-    def write(self, outcomes: list[Outcome]) -> list[bool]:
+    def write(self, outcomes: list[Outcome]) -> list[bool | None]:
         """Store ``outcomes``; per outcome, whether its record was written (False: a final result was already
-        stored, or the record could not be encoded at all).
+        stored, or the record could not be encoded at all; None: its command failed, e.g. the backend refused the
+        write: try it again later).
 
         Raises:
             redis.RedisError: the round trip failed; nothing is known to be stored.
@@ -75,25 +78,32 @@ class ResultWriter:
                     log.exception("no result can be stored for %r", o.request.id)
                     continue
             records.append((i, key, value))
-        try:
-            replies = self._store_all(records, expires)
-        except redis.exceptions.NoScriptError:  # the server lost its scripts (a restart, SCRIPT FLUSH): load, redo
+        replies = self._store_all(records, expires)
+        lost = [
+            r for r, reply in zip(records, replies, strict=True) if isinstance(reply, redis.exceptions.NoScriptError)
+        ]
+        if lost:  # the server lost its scripts (a restart, SCRIPT FLUSH): load them, redo those commands
             assert self._store is not None and self._redis is not None
             self._redis.script_load(self._store.script)
-            replies = self._store_all(records, expires)
-        stored = [False] * len(outcomes)
+            again = iter(self._store_all(lost, expires))
+            replies = [next(again) if isinstance(r, redis.exceptions.NoScriptError) else r for r in replies]
+        stored: list[bool | None] = [False] * len(outcomes)
         for (i, _, _), reply in zip(records, replies, strict=True):
-            stored[i] = bool(reply)
+            if isinstance(reply, Exception):  # this command alone failed (OOM, READONLY...): the others stand
+                log.warning("storing the result of %r failed: %s", outcomes[i].request.id, reply)
+                stored[i] = None
+            else:
+                stored[i] = bool(reply)
         return stored
 
     def _store_all(self, records: list[tuple[int, str, bytes]], expires: int) -> list[Any]:
         """One pipelined round trip of ``store_result.lua`` calls by EVALSHA (a registered Script in a pipeline
-        would add a SCRIPT EXISTS round trip to every write)."""
+        would add a SCRIPT EXISTS round trip to every write); a command's error is its reply, not raised."""
         assert self._store is not None and self._redis is not None
         pipe = self._redis.pipeline(transaction=False)
         for _, key, value in records:
             pipe.evalsha(self._store.sha, 1, key, value, expires)
-        return pipe.execute() if records else []
+        return pipe.execute(raise_on_error=False) if records else []
 
     def final_states(self, task_ids: list[str]) -> dict[str, str]:
         """The final state already stored for each of ``task_ids`` that has one (one MGET)."""

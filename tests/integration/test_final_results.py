@@ -56,3 +56,17 @@ def test_redelivered_request_with_a_stored_answer_is_acknowledged_not_recomputed
     assert pool.metric("agent_workers_batch_size_sum", {"model": model}) == 2
     raw = pool.client.app.backend.client.get(pool.client.app.backend.get_key_for_task(task_id))
     assert json.loads(raw)["result"] == stored
+
+
+def test_one_failed_command_of_the_result_write_costs_only_its_own_outcome(pool: Pool) -> None:
+    writer = ResultWriter(pool.client.app)
+    backend = pool.client.app.backend
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    backend.client.rpush(backend.get_key_for_task(ids[1]), "not a result")  # its GET raises WRONGTYPE
+    try:
+        stored = writer.write([_outcome(t, states.SUCCESS, {"outputs": [1.0]}) for t in ids])
+        assert stored == [True, None, True]  # None: not stored, tried again later; the others stand
+        assert AsyncResult(ids[0], app=pool.client.app).state == states.SUCCESS
+        assert AsyncResult(ids[2], app=pool.client.app).state == states.SUCCESS
+    finally:
+        backend.client.delete(*(backend.get_key_for_task(t) for t in ids))

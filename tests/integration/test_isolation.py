@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 import requests
+from celery.exceptions import TaskRevokedError
 
-from agent_workers.errors import ModelError
+from agent_workers.errors import InputError, ModelError
 from agent_workers.metrics import UNKNOWN_MODEL
 from agent_workers.models import make_spec
 from tests.conftest import Pool, unique
@@ -54,3 +57,26 @@ def test_made_up_model_names_sent_to_train_step_share_one_metric_label(pool: Poo
     assert pool.metric("agent_workers_requests_total", {"model": known}) == 1
     text = requests.get(f"http://127.0.0.1:{pool.metrics_port}/metrics", timeout=5).text
     assert not [name for name in names if name in text], "a made-up model name became a metric series"
+
+
+def test_held_eta_requests_count_against_the_queue_size_and_the_eta_horizon(broker: str, start_pool) -> None:
+    pool: Pool = start_pool(broker, queues="inference", max_queue_size=4, max_eta_s=600)
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=2))
+    send = pool.client.app.send_task
+    held = [send("agent_workers.predict", args=[model, [1.0, 2.0]], countdown=300) for _ in range(12)]
+    far = send("agent_workers.predict", args=[model, [1.0, 2.0]], countdown=3600)  # past AGENT_WORKERS_MAX_ETA_S
+    never = send("agent_workers.predict", args=[model, [1.0, 2.0]], eta=datetime(9999, 12, 31, tzinfo=UTC))
+    assert pool.client.predict(model, [1.0, 2.0], timeout=30)["version"] == 0  # still consuming
+    for handle in (far, never):
+        with pytest.raises(InputError, match="AGENT_WORKERS_MAX_ETA_S"):
+            handle.get(timeout=30)
+    # Only MAX_QUEUE_SIZE of the held requests are kept (each widens the prefetch window); the rest are revoked.
+    revoked = 0
+    for handle in held:
+        if handle.state == "PENDING":
+            continue
+        with pytest.raises(TaskRevokedError, match="MAX_QUEUE_SIZE"):
+            handle.get(timeout=30)
+        revoked += 1
+    assert revoked == len(held) - 4

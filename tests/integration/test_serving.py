@@ -61,6 +61,32 @@ def test_deadline_the_cost_model_says_cannot_be_met_is_revoked_before_compute(br
     assert pool.metric("agent_workers_shed_total", {"reason": "deadline"}) == 1
 
 
+def test_one_slow_batch_does_not_revoke_deadline_traffic_for_ever(broker: str, start_pool) -> None:
+    pool: Pool = start_pool(broker, queues="inference", plugins=PLUGINS)
+    model = unique("drowsy")
+    pool.store.create(model, make_spec("drowsy", in_features=2))
+    assert pool.client.predict(model, [1.0, 0.0], timeout=30)["outputs"] == [1.0]  # warm-up: not counted
+    assert pool.client.predict(model, [1.0, 2.0], timeout=30)["outputs"] == [3.0]  # one 2 s batch: the only sample
+
+    def due_soon(x: float) -> AsyncResult:  # needs ~1 ms, due in 1 s: the slow sample alone predicts a miss
+        return pool.client.app.send_task(
+            "agent_workers.predict", args=[model, [x, 0.0]], kwargs={"deadline_ms": int((time.time() + 1.0) * 1000)}
+        )
+
+    # Deadline-only traffic: a probe now and then measures the model again, and serving resumes.
+    give_up = time.monotonic() + 30
+    while True:
+        handle = due_soon(2.0)
+        handle.get(timeout=30, propagate=False)
+        if handle.state == "SUCCESS":
+            break
+        assert "cannot be met" in str(handle.result) or "passed" in str(handle.result), handle.result
+        assert time.monotonic() < give_up, "every deadline request is still revoked on the slow batch's prediction"
+    for _ in range(5):
+        handle = due_soon(3.0)
+        assert pool.client.wait(handle, 30)["outputs"] == [3.0]
+
+
 def test_priority_orders_the_rows_of_a_batch(broker: str, start_pool) -> None:
     # Published before the worker starts, so they reach it together and share batches.
     pool: Pool = start_pool(

@@ -157,3 +157,38 @@ def test_too_late_on_arrival_counts_the_more_urgent_requests_ahead() -> None:
     passed = _req(32, deadline_ms=now_ms - 1)
     deadlines.stamp(passed, broker_is_redis=True)
     assert "passed" in str(deadlines.too_late(passed, time.time(), 0.0).result)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_one_slow_batch_cannot_capture_the_cost_model() -> None:
+    clock = _Clock()
+    costs = deadlines.CostModels(clock=clock)
+    costs.observe("m", 1, 0.5)  # warm-up, left out
+    costs.observe("m", 1, 0.001)
+    costs.observe("m", 1, 2.0)  # one slow batch (a GC pause)
+    assert costs.predicted("m", 1) == 0.001  # the lower median of the same size's samples
+    assert costs.predicted("m", 4) == 0.001  # never more than the smaller batches' statistic
+    costs.observe("m", 2, 2.0)  # the only sample of its size: it counts, until it ages out
+    assert costs.predicted("m", 2) == 2.0
+    clock.now += deadlines.CostModels.MAX_AGE_S + 1
+    assert costs.predicted("m", 2) == 0.0 and costs.floor() == 0.0
+
+
+def test_a_model_revoked_on_prediction_alone_is_probed_now_and_then() -> None:
+    clock = _Clock()
+    costs = deadlines.CostModels(clock=clock)
+    assert not costs.probe(None)
+    costs.observe("m", 1, 0.5)
+    costs.observe("m", 1, 2.0)
+    assert not costs.probe("m")  # its newest sample is fresh
+    clock.now += deadlines.CostModels.PROBE_AFTER_S
+    assert costs.probe("m") and not costs.probe("m")  # one probe, then none until PROBE_AFTER_S later
+    clock.now += deadlines.CostModels.PROBE_AFTER_S
+    assert costs.probe("m")
