@@ -114,7 +114,9 @@ class TrainIntake(Intake):
         hp = HyperParams.from_json(bound.get("hparams"))
         x, y = bound.get("x"), bound.get("y")
         if bound.get("dataset") is not None:
-            x, y = self.app.datasets.rows(bound["dataset"], bound.get("rows"))
+            x, y = self.app.datasets.rows(
+                bound["dataset"], bound.get("rows"), max_elements=self.app.settings.max_input_elements
+            )
         elif x is None or y is None:
             raise InputError("train_step needs x and y, or dataset and rows")
         xa, ya = as_batch(x, y, max_elements=self.app.settings.max_input_elements)

@@ -97,7 +97,11 @@ def test_queue_max_priority_declares_x_max_priority_on_classic_queues_only() -> 
         ("RESULT_EXPIRES", str(10**17), "AGENT_WORKERS_RESULT_EXPIRES=100000000000000000 is too large"),
         ("TASK_TIME_LIMIT", str(10**12), "AGENT_WORKERS_TASK_TIME_LIMIT=1000000000000 is too large"),
         ("VISIBILITY_TIMEOUT", str(10**12), "AGENT_WORKERS_VISIBILITY_TIMEOUT=1000000000000 is too large"),
-        ("MAX_BATCH_SIZE", "40000", "AGENT_WORKERS_MAX_BATCH_SIZE=40000 is too large; set a whole number from 1 to 32767"),
+        (
+            "MAX_BATCH_SIZE",
+            "40000",
+            "AGENT_WORKERS_MAX_BATCH_SIZE=40000 is too large; set a whole number from 1 to 32767",
+        ),
     ],
 )
 def test_settings_out_of_range_fail_at_start_up_naming_the_range(variable: str, value: str, fragment: str) -> None:
