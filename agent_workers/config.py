@@ -34,7 +34,7 @@ DEFAULT_MAX_STALENESS = 4
 MAX_TRAIN_GROUP = 8  # the default group size is min(this, max_staleness + 1)
 DEFAULT_MAX_INPUT_ELEMENTS = 1_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-DEFAULT_LOCK_TIMEOUT = 30.0
+DEFAULT_LOCK_TIMEOUT = 5.0  # renewed by its holder: how long a dead holder blocks the others
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_CHUNK_BYTES = 512 * 1024 * 1024  # Redis's proto-max-bulk-len default
 DEFAULT_SENTINEL_MASTER = "mymaster"
@@ -128,7 +128,8 @@ class Settings:
             still fences a holder whose lock expired).
         wait_aof: report a commit only after Redis fsynced it to its append-only file (``WAITAOF 1 0``; needs
             Redis >= 7.2 with ``appendonly yes``).
-        lock_timeout: seconds a commit lock lives unless released (how long a crashed holder blocks others).
+        lock_timeout: seconds a commit lock lives unless renewed; its holder renews it every third of that, so this
+            is how long a crashed holder blocks the others.
         chunk_bytes: parameter blobs larger than this are stored as several keys of at most this many bytes.
         torch_threads: CPU threads torch may use in a worker process (0 = torch's default, one per core). One
             keeps the event loop and the forward pass from fighting over cores on CPU; raise it for heavy CPU
