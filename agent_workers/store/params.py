@@ -49,7 +49,7 @@ from agent_workers.store.blobs import (
     split_chunks,
 )
 from agent_workers.store.locks import DEFAULT_LOCK_WAIT, CommitLock
-from agent_workers.store.maintenance import STAGING_TTL
+from agent_workers.store.maintenance import STAGING_TTL, staging_ttl  # noqa: F401 - STAGING_TTL re-exported
 from agent_workers.store.versions import HEAD_FIELDS, CommitOutcome, CommitResult, Head
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so listing models (the CLI) stays fast
@@ -379,8 +379,9 @@ class RedisParamStore:
         )
         with unavailable():
             pipe = self.client.pipeline(transaction=False)
+            ttl = staging_ttl(sum(len(chunk) for chunk in chunks))
             for key, chunk in zip(staging, chunks, strict=True):
-                pipe.set(key, chunk, ex=STAGING_TTL)
+                pipe.set(key, chunk, ex=ttl)
             pipe.execute()
             reply = self._cas(
                 keys=[self.keys.head(name), self.keys.applied(name), self.keys.history(name), *staging, *targets],

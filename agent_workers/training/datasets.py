@@ -282,9 +282,11 @@ class DatasetStore:
                 "send fewer rows per step"
             )
         try:
-            index = np.asarray(rows, dtype=np.int64)
+            index = np.asarray(rows)
         except (TypeError, ValueError, OverflowError):
-            raise InputError("rows must be a list of integer row indices") from None
+            index = np.asarray([None])
+        if index.dtype.kind not in "iu":  # floats, booleans, strings, huge ints (object): never cast silently
+            raise InputError("rows must be a list of integer row indices")
         n = len(data.x)
         if index.ndim != 1 or index.min() < 0 or index.max() >= n:
             raise InputError(f"rows must be a non-empty list of indices in [0, {n})")
