@@ -36,6 +36,7 @@ def describe(info: Any) -> dict[str, Any]:
         if info.uploaded_at is None
         else datetime.fromtimestamp(info.uploaded_at, UTC).isoformat(timespec="seconds"),
         "expires_in": expiry(info.expires_in),
+        "upload": info.upload,
     }
 
 
