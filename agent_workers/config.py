@@ -43,7 +43,8 @@ DEFAULT_SENTINEL_MASTER = "mymaster"
 MAX_SECONDS = 10 * 365 * 24 * 3600
 #: The longest wait in milliseconds (an hour): a batch, version or latency wait beyond it is a typo.
 MAX_WAIT_MS = 3600 * 1000.0
-#: AMQP's ``prefetch_count`` is an unsigned short, and a worker prefetches twice its batch size.
+#: AMQP's ``prefetch_count`` is an unsigned short, and a worker prefetches twice its batch size (a trainer: its
+#: group size).
 MAX_BATCH_SIZE = 65535 // 2
 #: The commit lock's expiry stays below the longest wait for it (agent_workers/store/locks.py DEFAULT_LOCK_WAIT).
 MAX_LOCK_TIMEOUT = 60.0
@@ -221,7 +222,7 @@ class Settings:
             keep_versions=r.int("KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, minimum=1),
             dedup_window=r.int("DEDUP_WINDOW", DEFAULT_DEDUP_WINDOW, minimum=1),
             max_staleness=(staleness := r.int("MAX_STALENESS", DEFAULT_MAX_STALENESS, minimum=0)),
-            train_group=r.int("TRAIN_GROUP", min(MAX_TRAIN_GROUP, staleness + 1), minimum=1),
+            train_group=r.int("TRAIN_GROUP", min(MAX_TRAIN_GROUP, staleness + 1), minimum=1, maximum=MAX_BATCH_SIZE),
             max_input_elements=r.int("MAX_INPUT_ELEMENTS", DEFAULT_MAX_INPUT_ELEMENTS, minimum=1),
             max_message_bytes=r.int("MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024),
             track_started=r.bool("TRACK_STARTED", False),

@@ -275,7 +275,7 @@ class DatasetStore:
         if not isinstance(rows, (list, tuple, np.ndarray)) or len(rows) == 0:
             raise InputError("rows must be a non-empty list of integer row indices")
         data = self.get(dataset_id)
-        width = max(_width(data.x), _width(data.y))
+        width = max(row_width(data.x), row_width(data.y))
         if max_elements is not None and len(rows) * width > max_elements:
             raise InputError(
                 f"{len(rows)} rows × {width} numbers each exceed AGENT_WORKERS_MAX_INPUT_ELEMENTS={max_elements}; "
@@ -293,7 +293,8 @@ class DatasetStore:
         return data.x[index], data.y[index]
 
 
-def _width(array: np.ndarray) -> int:
+def row_width(array: np.ndarray) -> int:
+    """Numbers per row of ``array`` (1 for a 1-D array)."""
     return int(np.prod(array.shape[1:])) if array.ndim > 1 else 1
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from agent_workers import metrics
 from agent_workers.errors import InputError, ModelError, VersionConflictError
 from agent_workers.store.params import CommitOutcome, RedisParamStore
-from agent_workers.training.datasets import epoch_batches
+from agent_workers.training.datasets import epoch_batches, row_width
 from agent_workers.training.optim import HyperParams, apply_update, check_finite, compute_gradient, compute_loss
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def fit(
         raise InputError("epochs and batch_size must be positive integers")
     if isinstance(epochs, bool) or isinstance(batch_size, bool):
         raise InputError("epochs and batch_size must be positive integers")
-    width = max(_width(x), _width(y))
+    width = max(row_width(x), row_width(y))
     if max_elements is not None and min(batch_size, len(x)) * width > max_elements:
         raise InputError(
             f"batch_size {batch_size} × {width} numbers per row exceeds AGENT_WORKERS_MAX_INPUT_ELEMENTS="
@@ -316,11 +316,13 @@ def check_job(store: RedisParamStore, model: str, x: np.ndarray, y: np.ndarray, 
         bad = ~(np.isfinite(x).reshape(len(x), -1).all(axis=1) & np.isfinite(y).reshape(len(y), -1).all(axis=1))
         raise InputError(f"row {int(np.flatnonzero(bad)[0])} of the dataset holds NaN or infinity")
     outputs = _output_width(spec, snapshot, x[:1])
-    if hp.loss == "mse" and _width(y) != outputs:
-        raise InputError(f"y has {_width(y)} target(s) per row; model {model!r} has {outputs} output(s) (mse loss)")
+    if hp.loss == "mse" and row_width(y) != outputs:
+        raise InputError(f"y has {row_width(y)} target(s) per row; model {model!r} has {outputs} output(s) (mse loss)")
     if hp.loss == "cross_entropy":
-        if _width(y) != 1:
-            raise InputError(f"y has {_width(y)} numbers per row; the cross_entropy loss takes one class index per row")
+        if row_width(y) != 1:
+            raise InputError(
+                f"y has {row_width(y)} numbers per row; the cross_entropy loss takes one class index per row"
+            )
         labels = y.reshape(-1)
         bad = np.flatnonzero((labels != np.round(labels)) | (labels < 0) | (labels >= outputs))
         if len(bad):
@@ -338,10 +340,6 @@ def _output_width(spec: Any, snapshot: Any, x: np.ndarray) -> int:
     module.load_state_dict(snapshot.parameters())
     with torch.no_grad():
         return int(np.prod(module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).shape[1:]))
-
-
-def _width(array: np.ndarray) -> int:
-    return int(np.prod(array.shape[1:])) if array.ndim > 1 else 1
 
 
 def _ms_since(started: float) -> float:

@@ -149,3 +149,26 @@ def test_a_huge_rows_list_is_refused_before_allocating_and_the_worker_serves_on(
             pool.client.wait(handle, TIMEOUT)
     assert pool.client.train_step(model, dataset=name, rows=[0, 1, 2, 3], timeout=TIMEOUT)["version"] == 1
     assert pool.client.predict(model, [0.0] * 250, timeout=TIMEOUT) is not None
+
+
+def test_rows_are_size_checked_before_indexing_on_every_path(redis_up: None) -> None:
+    """The per-step task and the group path both select rows through DatasetStore.rows with the element limit."""
+    import tracemalloc
+
+    store = DatasetStore(client=redis.Redis.from_url(f"{REDIS}/2"), keys=Keys("tds" + unique("")[1:]))
+    name = store.upload(np.ones((4, 250)), np.ones((4, 3)), ttl=60)
+    store.get(name)  # cached: what remains to allocate is the selection itself
+    huge = [0] * 2_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="2000000 rows × 250 numbers each exceed"):
+            store.rows(name, huge, max_elements=1_000_000)
+        assert tracemalloc.get_traced_memory()[1] < 50 * 1024 * 1024  # the selection would be 2 GB
+    finally:
+        tracemalloc.stop()
+    wide_y = store.upload(np.ones((4, 1)), np.ones((4, 500)), ttl=60)  # y's width counts too
+    with pytest.raises(InputError, match="× 500 numbers each"):
+        store.rows(wide_y, [0, 1, 2], max_elements=1000)
+    x, y = store.rows(wide_y, [0, 1], max_elements=1000)
+    assert x.shape == (2, 1) and y.shape == (2, 500)
+    store.delete(name), store.delete(wide_y)

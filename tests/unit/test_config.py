@@ -102,6 +102,7 @@ def test_queue_max_priority_declares_x_max_priority_on_classic_queues_only() -> 
             "40000",
             "AGENT_WORKERS_MAX_BATCH_SIZE=40000 is too large; set a whole number from 1 to 32767",
         ),
+        ("TRAIN_GROUP", "40000", "AGENT_WORKERS_TRAIN_GROUP=40000 is too large"),
     ],
 )
 def test_settings_out_of_range_fail_at_start_up_naming_the_range(variable: str, value: str, fragment: str) -> None:
