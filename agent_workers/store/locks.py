@@ -69,9 +69,11 @@ class CommitLock:
                 with unavailable():
                     lock.release()
             except LockError:
-                # It expired while we held it; the compare-and-set already kept our commit safe.
+                # Lost while we held it (a renewal failed, or someone deleted it); the compare-and-set already kept
+                # our commit safe.
                 log.warning(
-                    "commit lock of %s expired before release (lock_timeout=%ss is short for this step)",
+                    "commit lock of %s was lost before release (a renewal within lock_timeout=%ss failed, or the key "
+                    "was deleted)",
                     name,
                     self.timeout,
                 )
