@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Mapping
 from urllib.parse import urlparse
@@ -35,10 +36,21 @@ DEFAULT_MAX_STALENESS = 4
 MAX_TRAIN_GROUP = 8  # the default group size (a group walks its steps in order: τ does not bound it)
 DEFAULT_MAX_INPUT_ELEMENTS = 1_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-DEFAULT_LOCK_TIMEOUT = 30.0
+DEFAULT_LOCK_TIMEOUT = 5.0  # renewed by its holder: how long a dead holder blocks the others
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_CHUNK_BYTES = 512 * 1024 * 1024  # Redis's proto-max-bulk-len default
 DEFAULT_SENTINEL_MASTER = "mymaster"
+#: The longest duration any setting may name (ten years): Redis refuses larger expiries (``EX``) and Celery's time
+#: limits overflow its timers.
+MAX_SECONDS = 10 * 365 * 24 * 3600
+#: The longest wait in milliseconds (an hour): a batch, version or latency wait beyond it is a typo.
+MAX_WAIT_MS = 3600 * 1000.0
+#: AMQP's ``prefetch_count`` is an unsigned short, and a worker prefetches twice its batch size (a trainer: its
+#: group size).
+MAX_BATCH_SIZE = 65535 // 2
+#: The commit lock's expiry stays below the longest wait for it (agent_workers/store/locks.py DEFAULT_LOCK_WAIT).
+MAX_LOCK_TIMEOUT = 60.0
+DEFAULT_DATASET_CACHE_BYTES = 1024 * 1024 * 1024
 
 _BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory", "sentinel"}
 _REDIS_SCHEMES = {"redis", "rediss", "unix", "sentinel"}
@@ -121,7 +133,8 @@ class Settings:
             still fences a holder whose lock expired).
         wait_aof: report a commit only after Redis fsynced it to its append-only file (``WAITAOF 1 0``; needs
             Redis >= 7.2 with ``appendonly yes``).
-        lock_timeout: seconds a commit lock lives unless released (how long a crashed holder blocks others).
+        lock_timeout: seconds a commit lock lives unless renewed; its holder renews it every third of that, so this
+            is how long a crashed holder blocks the others.
         chunk_bytes: parameter blobs larger than this are stored as several keys of at most this many bytes.
         torch_threads: CPU threads torch may use in a worker process (0 = torch's default, one per core). One
             keeps the event loop and the forward pass from fighting over cores on CPU; raise it for heavy CPU
@@ -143,6 +156,8 @@ class Settings:
         result_cache_size: entries of the per-worker predict result cache keyed by (model, version, input); 0 off.
         model_cache_bytes: bytes of parameters a worker keeps loaded (engine models) and cached (store snapshots),
             each; least recently used models are dropped beyond it (0: no cap).
+        dataset_cache_bytes: bytes of uploaded datasets a worker process keeps decoded (least recently used dropped
+            beyond it; 0: none kept, every load reads Redis).
     """
 
     broker_url: str = DEFAULT_BROKER_URL
@@ -183,6 +198,7 @@ class Settings:
     max_eta_s: float = DEFAULT_MAX_ETA_S
     result_cache_size: int = 0
     model_cache_bytes: int = 0
+    dataset_cache_bytes: int = DEFAULT_DATASET_CACHE_BYTES
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -194,10 +210,10 @@ class Settings:
         env = os.environ if environ is None else environ
         r = _Reader(env)
         batch = BatchSettings(
-            max_batch_size=r.int("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE, minimum=1),
-            max_wait_ms=r.float("MAX_WAIT_MS", DEFAULT_MAX_WAIT_MS, minimum=0.0),
+            max_batch_size=r.int("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE, minimum=1, maximum=MAX_BATCH_SIZE),
+            max_wait_ms=r.float("MAX_WAIT_MS", DEFAULT_MAX_WAIT_MS, minimum=0.0, maximum=MAX_WAIT_MS),
             mode=r.choice("BATCH_MODE", "fixed", _BATCH_MODES),
-            latency_target_ms=r.float("LATENCY_TARGET_MS", 50.0, minimum=0.1),
+            latency_target_ms=r.float("LATENCY_TARGET_MS", 50.0, minimum=0.1, maximum=MAX_WAIT_MS),
             flush_when_idle=r.bool("FLUSH_WHEN_IDLE", True),
             pipeline_depth=r.int("PIPELINE_DEPTH", 0, minimum=0),
         )
@@ -208,14 +224,14 @@ class Settings:
             namespace=r.str("NAMESPACE", DEFAULT_NAMESPACE),
             device=r.str("DEVICE", "auto"),
             batch=batch,
-            result_expires=r.int("RESULT_EXPIRES", DEFAULT_RESULT_EXPIRES, minimum=1),
-            visibility_timeout=r.int("VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=1),
-            reclaim_after=r.int("RECLAIM_AFTER", DEFAULT_RECLAIM_AFTER, minimum=0),
-            task_time_limit=r.int("TASK_TIME_LIMIT", DEFAULT_TASK_TIME_LIMIT, minimum=1),
+            result_expires=r.int("RESULT_EXPIRES", DEFAULT_RESULT_EXPIRES, minimum=1, maximum=MAX_SECONDS),
+            visibility_timeout=r.int("VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=1, maximum=MAX_SECONDS),
+            reclaim_after=r.int("RECLAIM_AFTER", DEFAULT_RECLAIM_AFTER, minimum=0, maximum=MAX_SECONDS),
+            task_time_limit=r.int("TASK_TIME_LIMIT", DEFAULT_TASK_TIME_LIMIT, minimum=1, maximum=MAX_SECONDS),
             keep_versions=r.int("KEEP_VERSIONS", DEFAULT_KEEP_VERSIONS, minimum=1),
             dedup_window=r.int("DEDUP_WINDOW", DEFAULT_DEDUP_WINDOW, minimum=1),
             max_staleness=r.int("MAX_STALENESS", DEFAULT_MAX_STALENESS, minimum=0),
-            train_group=r.int("TRAIN_GROUP", MAX_TRAIN_GROUP, minimum=1),
+            train_group=r.int("TRAIN_GROUP", MAX_TRAIN_GROUP, minimum=1, maximum=MAX_BATCH_SIZE),
             max_input_elements=r.int("MAX_INPUT_ELEMENTS", DEFAULT_MAX_INPUT_ELEMENTS, minimum=1),
             max_message_bytes=r.int("MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024),
             track_started=r.bool("TRACK_STARTED", False),
@@ -228,18 +244,21 @@ class Settings:
             ready_file=r.str("READY_FILE", "", allow_empty=True),
             commit_mode=r.choice("COMMIT_MODE", "optimistic", _COMMIT_MODES),
             wait_aof=r.bool("WAIT_AOF", False),
-            lock_timeout=r.float("LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, minimum=0.1),
+            lock_timeout=r.float("LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, minimum=0.1, maximum=MAX_LOCK_TIMEOUT),
             chunk_bytes=r.int("CHUNK_BYTES", DEFAULT_CHUNK_BYTES, minimum=1024),
             torch_threads=r.int("TORCH_THREADS", 1, minimum=0),
             queue_type=r.choice("QUEUE_TYPE", "classic", _QUEUE_TYPES),
             queue_max_priority=r.int("QUEUE_MAX_PRIORITY", 0, minimum=0),
             sentinel_master=r.str("SENTINEL_MASTER", DEFAULT_SENTINEL_MASTER),
             max_queue_size=r.int("MAX_QUEUE_SIZE", 0, minimum=0),
-            min_version_wait_ms=r.float("MIN_VERSION_WAIT_MS", DEFAULT_MIN_VERSION_WAIT_MS, minimum=0.0),
-            result_retry_s=r.float("RESULT_RETRY_S", DEFAULT_RESULT_RETRY_S, minimum=0.1),
-            max_eta_s=r.float("MAX_ETA_S", DEFAULT_MAX_ETA_S, minimum=0.0),
+            min_version_wait_ms=r.float(
+                "MIN_VERSION_WAIT_MS", DEFAULT_MIN_VERSION_WAIT_MS, minimum=0.0, maximum=MAX_WAIT_MS
+            ),
+            result_retry_s=r.float("RESULT_RETRY_S", DEFAULT_RESULT_RETRY_S, minimum=0.1, maximum=MAX_WAIT_MS / 1000),
+            max_eta_s=r.float("MAX_ETA_S", DEFAULT_MAX_ETA_S, minimum=0.0, maximum=MAX_SECONDS),
             result_cache_size=r.int("RESULT_CACHE_SIZE", 0, minimum=0),
             model_cache_bytes=r.int("MODEL_CACHE_BYTES", 0, minimum=0),
+            dataset_cache_bytes=r.int("DATASET_CACHE_BYTES", DEFAULT_DATASET_CACHE_BYTES, minimum=0),
         )
         settings.validate()
         return settings
@@ -367,6 +386,10 @@ def sentinel_url_problem(url: str) -> str | None:
     return None
 
 
+def _allowed(kind: str, minimum: float, maximum: float | None) -> str:
+    return f"{kind} >= {minimum}" if maximum is None else f"{kind} from {minimum} to {maximum}"
+
+
 def _valid_device(device: str) -> bool:
     if device in {"auto", "cpu", "cuda"}:
         return True
@@ -388,28 +411,36 @@ class _Reader:
         value = self._raw(name)
         return default if value is None else value
 
-    def int(self, name: str, default: int, *, minimum: int) -> int:
+    def int(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
         value = self._raw(name)
         if value is None:
             return default
+        allowed = _allowed("a whole number", minimum, maximum)
         try:
             number = int(value)
         except ValueError:
-            raise ConfigError(f"{PREFIX}{name}={value!r} is not an integer; set a whole number >= {minimum}") from None
+            raise ConfigError(f"{PREFIX}{name}={value!r} is not an integer; set {allowed}") from None
         if number < minimum:
-            raise ConfigError(f"{PREFIX}{name}={number} is too small; set a whole number >= {minimum}")
+            raise ConfigError(f"{PREFIX}{name}={number} is too small; set {allowed}")
+        if maximum is not None and number > maximum:
+            raise ConfigError(f"{PREFIX}{name}={number} is too large; set {allowed}")
         return number
 
-    def float(self, name: str, default: float, *, minimum: float) -> float:
+    def float(self, name: str, default: float, *, minimum: float, maximum: float | None = None) -> float:
         value = self._raw(name)
         if value is None:
             return default
+        allowed = _allowed("a finite number", minimum, maximum)
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"{PREFIX}{name}={value!r} is not a number; set a number >= {minimum}") from None
+            raise ConfigError(f"{PREFIX}{name}={value!r} is not a number; set {allowed}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{PREFIX}{name}={value!r} is not finite; set {allowed}")
         if not number >= minimum:
-            raise ConfigError(f"{PREFIX}{name}={number} is too small; set a number >= {minimum}")
+            raise ConfigError(f"{PREFIX}{name}={number} is too small; set {allowed}")
+        if maximum is not None and number > maximum:
+            raise ConfigError(f"{PREFIX}{name}={number} is too large; set {allowed}")
         return number
 
     def bool(self, name: str, default: bool) -> bool:

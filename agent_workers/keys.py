@@ -23,6 +23,30 @@ from __future__ import annotations
 
 import dataclasses
 
+#: The longest model or dataset name (a key part; also what a terminal line can show).
+MAX_NAME_LENGTH = 200
+#: Characters no model or dataset name may hold: the hash-tag braces (a ``{`` or ``}`` would split one name's keys
+#: across Redis Cluster slots), the key separator, glob metacharacters (SCAN patterns) and whitespace.
+_BAD_NAME_CHARS = frozenset("{}:*?[]\\")
+
+
+def name_problem(name: object, kind: str = "name") -> str | None:
+    """What makes ``name`` unusable as a model or dataset name, or None: one rule for both.
+
+    A name is a non-empty string of at most ``MAX_NAME_LENGTH`` printable characters, no whitespace (so no control
+    character reaches an operator's terminal) and none of ``{ } : * ? [ ] \\``.
+    """
+    if not isinstance(name, str) or not name:
+        return f"{kind} must be a non-empty string"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"{kind} {name[:40]!r}... is {len(name)} characters long; at most {MAX_NAME_LENGTH}"
+    if not name.isprintable() or any(c.isspace() or c in _BAD_NAME_CHARS for c in name):
+        return (
+            f"{kind} {ascii(name)} must be printable, without spaces or control characters, and free of the "
+            "characters { } : * ? [ ] \\"
+        )
+    return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Keys:

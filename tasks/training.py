@@ -51,7 +51,7 @@ def train_step(
     """
     hp = HyperParams.from_json(hparams)
     if dataset is not None:
-        x, y = self.app.datasets.rows(dataset, rows)
+        x, y = self.app.datasets.rows(dataset, rows, max_elements=self.app.settings.max_input_elements)
     elif x is None or y is None:
         raise InputError("train_step needs x and y, or dataset and rows")
     settings = self.app.settings
@@ -83,19 +83,22 @@ def fit(
 
     Progress is readable as the task's ``PROGRESS`` state (meta: epoch, step, steps, loss, version). Each step's
     update id is derived from the task id, so a redelivered fit skips the steps it already committed. The result
-    adds what coordination cost: ``conflicts``, ``recomputed``, ``duplicates`` and ``max_staleness_seen``.
+    adds what coordination cost: ``conflicts``, ``recomputed``, ``duplicates`` and ``max_staleness_seen``, and
+    which upload it trained on (``dataset``, ``upload``; also in each step's record of the model's history). The
+    whole job is checked against the model before its first commit.
     """
     hp = HyperParams.from_json(hparams)
-    x, y = self.app.datasets.load(dataset)
+    data = self.app.datasets.get(dataset)  # the current upload (a re-upload is seen at once)
+    trained_on = {"dataset": data.name, "upload": data.upload}
 
     def progress(meta: dict[str, Any]) -> None:
         self.update_state(state="PROGRESS", meta=meta)
 
-    return run_fit(
+    result = run_fit(
         self.app.store,
         model,
-        x,
-        y,
+        data.x,
+        data.y,
         hp,
         epochs=epochs,
         batch_size=batch_size,
@@ -105,4 +108,6 @@ def fit(
         on_progress=progress,
         max_elements=self.app.settings.max_input_elements,
         deadline=deadline(self.app),
+        info=trained_on,
     )
+    return {**result, **trained_on}

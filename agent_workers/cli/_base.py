@@ -42,6 +42,12 @@ class Group(click.Group):
             raise
 
 
+def shown(name: str) -> str:
+    """A model or dataset name fit for a terminal: as is when printable, else escaped (``\\x1b``), so a name stored
+    before names were checked cannot move the cursor or rewrite the screen."""
+    return name if name.isprintable() else ascii(name)[1:-1]
+
+
 def unreachable(exc: BaseException) -> str:
     return (
         f"cannot reach the broker or Redis ({type(exc).__name__}: {exc}); start them or fix AGENT_WORKERS_BROKER_URL, "

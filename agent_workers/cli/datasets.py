@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from agent_workers.cli._base import settings
+from agent_workers.cli._base import settings, shown
 
 DEFAULT_TTL = 7 * 24 * 3600  # agent_workers.training.datasets.DEFAULT_TTL, without importing numpy for --help
 
@@ -36,6 +36,7 @@ def describe(info: Any) -> dict[str, Any]:
         if info.uploaded_at is None
         else datetime.fromtimestamp(info.uploaded_at, UTC).isoformat(timespec="seconds"),
         "expires_in": expiry(info.expires_in),
+        "upload": info.upload,
     }
 
 
@@ -61,7 +62,8 @@ def datasets_upload(name: str, path: Path, ttl: int) -> None:
     x, y = read_xy(path)
     store().upload(x, y, dataset_id=name, ttl=ttl)
     click.echo(
-        f"uploaded {name}: {len(x)} rows × {x.shape[1] if x.ndim > 1 else 1} features, expires in {expiry(ttl or None)}"
+        f"uploaded {shown(name)}: {len(x)} rows × {x.shape[1] if x.ndim > 1 else 1} features, "
+        f"expires in {expiry(ttl or None)}"
     )
 
 
@@ -70,7 +72,7 @@ def datasets_list() -> None:
     """List datasets: name, rows, features, expiry."""
     for info in store().list():
         d = describe(info)
-        click.echo(f"{d['name']}\t{d['rows']} rows\t{d['features']} features\texpires in {d['expires_in']}")
+        click.echo(f"{shown(d['name'])}\t{d['rows']} rows\t{d['features']} features\texpires in {d['expires_in']}")
 
 
 @datasets.command("show")
@@ -87,5 +89,5 @@ def datasets_show(name: str) -> None:
 def datasets_delete(name: str) -> None:
     """Delete NAME."""
     if not store().delete(name):
-        raise click.ClickException(f"no dataset {name!r}; see agent-workers datasets list")
-    click.echo(f"deleted {name}")
+        raise click.ClickException(f"no dataset {ascii(name)}; see agent-workers datasets list")
+    click.echo(f"deleted {shown(name)}")

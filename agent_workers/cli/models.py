@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from agent_workers.cli._base import settings
+from agent_workers.cli._base import settings, shown
 
 
 def store() -> Any:
@@ -53,7 +53,7 @@ def models_create(name: str, arch: str, config_json: str, seed: int, replace: bo
     spec = make_spec(arch, **config)
     module = load_weights(spec, weights) if weights is not None else None
     params.create(name, spec, seed=seed, module=module, replace=replace)
-    click.echo(f"created {name} ({arch}) at version 0" + (f" from {weights}" if weights else ""))
+    click.echo(f"created {shown(name)} ({arch}) at version 0" + (f" from {weights}" if weights else ""))
 
 
 @models.command("list")
@@ -63,7 +63,7 @@ def models_list() -> None:
     for name in params.list():
         head = params.head(name)
         spec = params.spec(name, head.epoch)
-        click.echo(f"{name}\tv{head.version}\t{spec.arch}\t{json.dumps(spec.config)}")
+        click.echo(f"{shown(name)}\tv{head.version}\t{spec.arch}\t{json.dumps(spec.config)}")
 
 
 @models.command("show")
@@ -88,7 +88,7 @@ def models_show(name: str) -> None:
 
 @models.command("history")
 @click.argument("name")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest records to show.")
 @click.option("--all", "show_all", is_flag=True, help="Also the commits whose versions are no longer kept.")
 def models_history(name: str, limit: int, show_all: bool) -> None:
     """Show NAME's newest commits of versions still kept (times in UTC, ISO 8601)."""
@@ -109,4 +109,4 @@ def models_history(name: str, limit: int, show_all: bool) -> None:
 def models_rollback(name: str, version: int) -> None:
     """Make VERSION's parameters current again (as a new version)."""
     new = store().rollback(name, version)
-    click.echo(f"{name}: version {version} restored as version {new}")
+    click.echo(f"{shown(name)}: version {version} restored as version {new}")

@@ -31,8 +31,17 @@ class Store(Protocol):
     def commit(self, name: str, **kwargs: Any) -> Any: ...
 
 
-#: Seconds a staging key lives if its commit never ran.
+#: Seconds a staging key lives if its commit never ran (for a small blob; see :func:`staging_ttl`).
 STAGING_TTL = 300
+#: The slowest upload a commit's staging TTL allows for, bytes per second: 1 MiB/s.
+STAGING_MIN_RATE = 1024 * 1024
+
+
+def staging_ttl(nbytes: int) -> int:
+    """Seconds the staged chunks of a ``nbytes`` blob live: ``STAGING_TTL`` plus the time to upload them at
+    ``STAGING_MIN_RATE``, so a multi-GB commit over a slow link does not see its first chunks expire before the
+    last one lands."""
+    return STAGING_TTL + nbytes // STAGING_MIN_RATE
 
 
 def rollback(store: Store, name: str, version: int, *, update_id: str = "", max_attempts: int = 64) -> int:

@@ -27,7 +27,7 @@ import redis
 from agent_workers import lua
 from agent_workers.config import DEFAULT_CHUNK_BYTES, DEFAULT_DEDUP_WINDOW, DEFAULT_LOCK_TIMEOUT, Settings
 from agent_workers.errors import ConfigError, ModelError, StoreError, StoreUnavailableError
-from agent_workers.keys import Keys
+from agent_workers.keys import Keys, name_problem
 from agent_workers.models import ModelSpec, load_plugins
 from agent_workers.redis_clients import (
     CLUSTER_SCHEMES,
@@ -49,7 +49,7 @@ from agent_workers.store.blobs import (
     split_chunks,
 )
 from agent_workers.store.locks import DEFAULT_LOCK_WAIT, CommitLock
-from agent_workers.store.maintenance import STAGING_TTL
+from agent_workers.store.maintenance import STAGING_TTL, staging_ttl  # noqa: F401 - STAGING_TTL re-exported
 from agent_workers.store.versions import HEAD_FIELDS, CommitOutcome, CommitResult, Head
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so listing models (the CLI) stays fast
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 HISTORY_LENGTH = 1000
 READ_ATTEMPTS = 8
 COMMIT_MODES = ("optimistic", "lock")
-_BAD_NAME_CHARS = set("{}:*?[]\\") | {" ", "\t", "\n"}
 
 
 class RedisParamStore:
@@ -158,10 +157,9 @@ class RedisParamStore:
             ModelError: a name that cannot be a key part.
             StoreError: the model exists and ``replace`` is false.
         """
-        if not name or any(c in _BAD_NAME_CHARS for c in name):
-            raise ModelError(
-                f"model name {name!r} must be non-empty and free of spaces and of the characters {{ }} : * ? [ ] \\"
-            )
+        problem = name_problem(name, "model name")
+        if problem:
+            raise ModelError(problem)
         if module is None:
             import torch
 
@@ -260,14 +258,24 @@ class RedisParamStore:
 
         Raises:
             ModelError: unknown model, or a version that was never written or is no longer kept.
-            StoreError: the head moved too fast to catch a version before it was collected.
+            StoreError: the head moved too fast to catch a version before it was collected, or its blob is missing
+                or foreign while the head stands still (a damaged store; the message names the key and the fix).
         """
         fields = list(HEAD_FIELDS)
         if version is not None:
             fields += [f"chunks:{version}", f"pchunks:{version}"]
+        last: tuple[Any, str] | None = None  # the previous attempt's head and what was wrong with its blob
         for _ in range(READ_ATTEMPTS):
             with unavailable():
                 raw = self.client.hmget(self.keys.head(name), *fields)
+            if last is not None and last[0] == raw:
+                # The head did not move, yet its blob is missing or foreign twice in a row: not a race with a
+                # commit but a damaged store. Say so, with the key and the way out.
+                raise StoreError(
+                    f"model {name!r}: {last[1]} while its head has not moved; the store is damaged (evicted or "
+                    "edited by hand): restore an earlier kept version with `agent-workers models rollback "
+                    f"{name} <version>` (see `models history`), or recreate the model"
+                )
             head = Head.parse(name, raw)
             wanted = head.version if version is None else version
             if wanted > head.version or wanted < 0:
@@ -297,11 +305,14 @@ class RedisParamStore:
                     return snap
                 # The model was recreated between our two round trips and the key now holds another
                 # incarnation's blob (keys are per version, incarnations reuse them): start over.
+                last = (raw, f"the blob at {first} belongs to {blob_owner(meta)}, not to version {wanted}")
             elif version is not None:
                 raise ModelError(
                     f"version {wanted} of model {name!r} is no longer kept (the last {self.keep_versions} are)"
                 )
-            # The head moved and its old blob was collected between our two round trips: follow the head again.
+            else:
+                # The head moved and its old blob was collected between our two round trips: follow the head again.
+                last = (raw, f"the blob of version {wanted} ({first}, {n if state else p} chunk(s)) is missing")
         raise StoreError(f"model {name!r} changed too fast to read a consistent version; retry")
 
     def _fetch(self, first: str, n: int) -> list[bytes] | None:
@@ -370,8 +381,9 @@ class RedisParamStore:
         )
         with unavailable():
             pipe = self.client.pipeline(transaction=False)
+            ttl = staging_ttl(sum(len(chunk) for chunk in chunks))
             for key, chunk in zip(staging, chunks, strict=True):
-                pipe.set(key, chunk, ex=STAGING_TTL)
+                pipe.set(key, chunk, ex=ttl)
             pipe.execute()
             reply = self._cas(
                 keys=[self.keys.head(name), self.keys.applied(name), self.keys.history(name), *staging, *targets],
@@ -450,3 +462,8 @@ def _text(value: bytes | str) -> str:
 def _joined(parts: list[bytes]) -> bytes:
     """One blob from its chunks (no copy for a single chunk)."""
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def blob_owner(meta: dict[str, Any]) -> str:
+    """Whose blob a header says it is, for an error message."""
+    return f"model {meta.get('model')!r} version {meta.get('version')} (incarnation {meta.get('epoch') or '?'})"

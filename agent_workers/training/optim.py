@@ -72,7 +72,12 @@ class HyperParams:
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> HyperParams:
         """Parse hyperparameters from a job's JSON, refusing unknown names and values."""
+        if data is not None and not isinstance(data, dict):
+            raise InputError(f"hparams must be an object of hyperparameters, got {type(data).__name__}")
         data = dict(data or {})
+        for name in ("loss", "optimizer"):
+            if name in data and not isinstance(data[name], str):
+                raise InputError(f"hyperparameter {name} must be a name (a string), got {type(data[name]).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -118,7 +123,14 @@ def _loss(
     module.load_state_dict(snapshot.parameters())
     module.train()
     output = module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-    return module, _LOSSES[hp.loss](output, torch.from_numpy(np.asarray(y)))
+    try:
+        return module, _LOSSES[hp.loss](output, torch.from_numpy(np.asarray(y)))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        # torch's own words (a reshape that cannot fit, a class index out of range) with what to compare.
+        raise InputError(
+            f"y of shape {list(np.shape(y))} does not fit the {hp.loss} loss of a model whose output has shape "
+            f"{list(output.shape)}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def compute_loss(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray, hp: HyperParams) -> float:

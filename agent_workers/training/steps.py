@@ -28,7 +28,7 @@ import numpy as np
 from agent_workers import metrics
 from agent_workers.errors import InputError, ModelError, VersionConflictError
 from agent_workers.store.params import CommitOutcome, RedisParamStore
-from agent_workers.training.datasets import epoch_batches
+from agent_workers.training.datasets import epoch_batches, row_width
 from agent_workers.training.optim import HyperParams, apply_update, check_finite, compute_gradient, compute_loss
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def train_step(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     max_elements: int | None = None,
     deadline: float | None = None,
+    info: dict[str, Any] | None = None,
 ) -> StepResult:
     """One training step with compare-and-set, bounded staleness and bounded retries (see the module docstring).
 
@@ -109,6 +110,7 @@ def train_step(
         max_attempts: commits to try before giving up.
         max_elements: the most numbers x (and y) may hold (``AGENT_WORKERS_MAX_INPUT_ELEMENTS``).
         deadline: ``time.monotonic()`` after which no commit is attempted (the task's time limit).
+        info: extra fields of the commit record (the model's history).
 
     Raises:
         InputError: x or y malformed or too large, or an update that is not finite (nothing is committed).
@@ -138,6 +140,7 @@ def train_step(
             max_attempts=max_attempts,
             started=started,
             deadline=deadline,
+            info=info,
         )
 
 
@@ -153,6 +156,7 @@ def _optimistic_step(
     max_attempts: int,
     started: float,
     deadline: float | None = None,
+    info: dict[str, Any] | None = None,
 ) -> StepResult:
     snapshot = store.read(model)
     epoch = snapshot.epoch  # the incarnation the gradient belongs to: every commit is fenced by it
@@ -173,7 +177,7 @@ def _optimistic_step(
             tensors=new,
             update_id=update_id,
             epoch=epoch,
-            info={"loss": loss, "staleness": staleness},
+            info={**(info or {}), "loss": loss, "staleness": staleness},
         )
         metrics.COMMITS.labels(model, result.outcome.value).inc()
         if result.outcome is CommitOutcome.COMMITTED:
@@ -221,6 +225,7 @@ def fit(
     progress_every: int = 10,
     max_elements: int | None = None,
     deadline: float | None = None,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A whole training job in this process: every mini-batch is one :func:`train_step`, committed on its own.
 
@@ -232,6 +237,7 @@ def fit(
             ``{"epoch", "epochs", "step", "steps", "loss", "version"}``.
         max_elements: the most numbers one mini-batch may hold (``AGENT_WORKERS_MAX_INPUT_ELEMENTS``).
         deadline: ``time.monotonic()`` after which no further step starts (the task's time limit).
+        info: added to every step's commit record (the model's history), e.g. the dataset upload trained on.
 
     Returns:
         ``{"model", "version", "steps", "history", "conflicts", "recomputed", "duplicates", "max_staleness_seen"}``;
@@ -239,17 +245,20 @@ def fit(
 
     Raises:
         InputError: ``epochs`` or ``batch_size`` not a positive integer, a mini-batch over ``max_elements``, or
-            bad data.
+            data that does not fit the model (checked before the first commit: nothing is half-trained).
         TimeLimitExceeded: the deadline passed; the steps committed so far stay committed (a redelivery skips them).
     """
     if not (isinstance(epochs, int) and epochs > 0 and isinstance(batch_size, int) and batch_size > 0):
         raise InputError("epochs and batch_size must be positive integers")
-    width = int(np.prod(x.shape[1:])) if x.ndim > 1 else 1
+    if isinstance(epochs, bool) or isinstance(batch_size, bool):
+        raise InputError("epochs and batch_size must be positive integers")
+    width = max(row_width(x), row_width(y))
     if max_elements is not None and min(batch_size, len(x)) * width > max_elements:
         raise InputError(
-            f"batch_size {batch_size} × {width} features exceeds AGENT_WORKERS_MAX_INPUT_ELEMENTS={max_elements}; "
-            "use a smaller batch_size"
+            f"batch_size {batch_size} × {width} numbers per row exceeds AGENT_WORKERS_MAX_INPUT_ELEMENTS="
+            f"{max_elements}; use a smaller batch_size"
         )
+    check_job(store, model, x, y, hp)
     steps_per_epoch = (len(x) + batch_size - 1) // batch_size
     total = epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
@@ -268,7 +277,9 @@ def fit(
             hp,
             update_id=f"{update_prefix}:{epoch}:{step}",
             max_staleness=max_staleness,
+            max_elements=max_elements,
             deadline=deadline,
+            info=info,
         )
         losses.append(result.loss)
         version = result.version
@@ -291,6 +302,50 @@ def fit(
             history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "version": version})
             losses = []
     return {"model": model, "version": version, "steps": total, "history": history, **cost}
+
+
+def check_job(store: RedisParamStore, model: str, x: np.ndarray, y: np.ndarray, hp: HyperParams) -> None:
+    """Check a whole job's data against the model before its first commit: x's rows against the model's input
+    shape, y's rows against the loss and the model's output (for ``cross_entropy``: one class index per row, in
+    range; for ``mse``: as many targets per row as outputs; any loss: the loss of the first row computes).
+
+    Raises:
+        InputError: naming what does not fit (and the first bad row where there is one).
+    """
+    snapshot = store.read(model)
+    spec = store.spec(model, snapshot.epoch)
+    if x.shape[1:] != spec.input_shape:
+        raise InputError(
+            f"the dataset's rows have shape {list(x.shape[1:])}; model {model!r} takes {list(spec.input_shape)}"
+        )
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        bad = ~(np.isfinite(x).reshape(len(x), -1).all(axis=1) & np.isfinite(y).reshape(len(y), -1).all(axis=1))
+        raise InputError(f"row {int(np.flatnonzero(bad)[0])} of the dataset holds NaN or infinity")
+    outputs = _output_width(spec, snapshot, x[:1])
+    if hp.loss == "mse" and row_width(y) != outputs:
+        raise InputError(f"y has {row_width(y)} target(s) per row; model {model!r} has {outputs} output(s) (mse loss)")
+    if hp.loss == "cross_entropy":
+        if row_width(y) != 1:
+            raise InputError(
+                f"y has {row_width(y)} numbers per row; the cross_entropy loss takes one class index per row"
+            )
+        labels = y.reshape(-1)
+        bad = np.flatnonzero((labels != np.round(labels)) | (labels < 0) | (labels >= outputs))
+        if len(bad):
+            raise InputError(
+                f"y row {int(bad[0])} is not one class index in [0, {outputs}) (cross_entropy loss of model "
+                f"{model!r}); {len(bad)} bad row(s) in all"
+            )
+    compute_loss(spec, snapshot, x[:1], y[:1], hp)  # any loss (plugins too): y against the output, on one row
+
+
+def _output_width(spec: Any, snapshot: Any, x: np.ndarray) -> int:
+    import torch
+
+    module = spec.build()
+    module.load_state_dict(snapshot.parameters())
+    with torch.no_grad():
+        return int(np.prod(module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).shape[1:]))
 
 
 def _ms_since(started: float) -> float:

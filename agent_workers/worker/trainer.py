@@ -14,8 +14,9 @@ The receiving half (check, decode, hold, buffer, one pipelined result write, bul
 
 Redelivered requests are served alone after the rest of the flush, with the batcher's poison count. Like the
 predict batcher, the work runs in the worker's event loop: a training message is small and a group of small-model
-steps takes milliseconds, and while it runs the worker consumes nothing else. ``fit`` is not batched (it runs many
-steps itself, in the pool).
+steps takes milliseconds, and while it runs the worker consumes nothing else; in lock mode, where a group may wait
+for another process's commit lock, groups always run in the compute thread instead. ``fit`` is not batched (it runs
+many steps itself, in the pool).
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ class TrainIntake(Intake):
     ``group`` steps per (model, hyperparameters)."""
 
     def __init__(self, *, task: Any, app: Any, consumer: Any, group: int) -> None:
-        policy = BatchPolicy(BatchSettings(max_batch_size=group, max_wait_ms=app.settings.batch.max_wait_ms))
+        # Lock mode: a group may wait for another process's commit lock, so it always runs in the compute thread
+        # (depth 2); the event loop goes on receiving (predictions too) while it waits.
+        depth = 2 if app.settings.commit_mode == "lock" else 0
+        policy = BatchPolicy(
+            BatchSettings(max_batch_size=group, max_wait_ms=app.settings.batch.max_wait_ms, pipeline_depth=depth)
+        )
         super().__init__(task=task, app=app, consumer=consumer, policy=policy)
         self.group = group
 
@@ -118,7 +124,9 @@ class TrainIntake(Intake):
         hp = HyperParams.from_json(bound.get("hparams"))
         x, y = bound.get("x"), bound.get("y")
         if bound.get("dataset") is not None:
-            x, y = self.app.datasets.rows(bound["dataset"], bound.get("rows"))
+            x, y = self.app.datasets.rows(
+                bound["dataset"], bound.get("rows"), max_elements=self.app.settings.max_input_elements
+            )
         elif x is None or y is None:
             raise InputError("train_step needs x and y, or dataset and rows")
         xa, ya = as_batch(x, y, max_elements=self.app.settings.max_input_elements)

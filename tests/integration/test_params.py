@@ -369,3 +369,42 @@ def test_collecting_a_version_removes_its_state_chunks_too(make_store: Callable[
     assert store.client.hget(store.keys.head("m"), "pchunks:1") is None
     assert store.client.hget(store.keys.head("m"), "pchunks:3") is not None
     assert float(store.read("m", 2).tensors["o.sgd.buf.weight"][0, 0]) == 1.0
+
+
+def test_names_with_control_characters_or_too_long_are_refused(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store()
+    for bad in ("a\x1b[2Jb", "a\rb", "a\tb", "x" * 201, "a\u200bb"):
+        with pytest.raises(ModelError, match="model name"):
+            store.create(bad, COUNTER)
+    store.create("x" * 200, COUNTER)  # the longest name allowed
+
+
+def test_a_missing_blob_under_a_still_head_is_named_with_its_key_and_the_fix(
+    make_store: Callable[..., RedisParamStore],
+) -> None:
+    store = make_store()
+    store.create("m", COUNTER)
+    store.commit("m", expected=0, tensors=values(1), epoch=store.head("m").epoch)
+    key = store.keys.blob("m", 1)
+    store.client.delete(key)  # evicted, or deleted by hand
+    with pytest.raises(StoreError) as info:
+        make_store().read("m")
+    message = str(info.value)
+    assert key in message and "missing" in message and "models rollback m" in message
+    assert "too fast" not in message
+    store.rollback("m", 0)  # the fix the message names works
+    assert counter_value(make_store(), "m") == 0.0
+
+
+def test_a_foreign_blob_under_a_still_head_is_named_as_such(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store()
+    store.create("m", COUNTER)
+    store.create("other", COUNTER)
+    store.commit("m", expected=0, tensors=values(1), epoch=store.head("m").epoch)
+    # Someone copied another model's blob over m's current one.
+    store.client.set(store.keys.blob("m", 1), store.client.get(store.keys.blob("other", 0)))
+    with pytest.raises(StoreError) as info:
+        make_store().read("m")
+    message = str(info.value)
+    assert "belongs to model 'other' version 0" in message and store.keys.blob("m", 1) in message
+    assert "models rollback" in message and "too fast" not in message

@@ -83,3 +83,45 @@ def test_queue_max_priority_declares_x_max_priority_on_classic_queues_only() -> 
         )
     with pytest.raises(ConfigError, match="255"):
         Settings.from_env({"AGENT_WORKERS_QUEUE_MAX_PRIORITY": "256"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("LOCK_TIMEOUT", "inf", "is not finite; set a finite number from 0.1 to 60.0"),
+        ("LOCK_TIMEOUT", "nan", "is not finite"),
+        ("LOCK_TIMEOUT", "600", "is too large; set a finite number from 0.1 to 60.0"),
+        ("MAX_WAIT_MS", "inf", "AGENT_WORKERS_MAX_WAIT_MS='inf' is not finite"),
+        ("MIN_VERSION_WAIT_MS", "Infinity", "AGENT_WORKERS_MIN_VERSION_WAIT_MS='Infinity' is not finite"),
+        ("LATENCY_TARGET_MS", "-inf", "is not finite"),
+        ("RESULT_EXPIRES", str(10**17), "AGENT_WORKERS_RESULT_EXPIRES=100000000000000000 is too large"),
+        ("TASK_TIME_LIMIT", str(10**12), "AGENT_WORKERS_TASK_TIME_LIMIT=1000000000000 is too large"),
+        ("VISIBILITY_TIMEOUT", str(10**12), "AGENT_WORKERS_VISIBILITY_TIMEOUT=1000000000000 is too large"),
+        (
+            "MAX_BATCH_SIZE",
+            "40000",
+            "AGENT_WORKERS_MAX_BATCH_SIZE=40000 is too large; set a whole number from 1 to 32767",
+        ),
+        ("TRAIN_GROUP", "40000", "AGENT_WORKERS_TRAIN_GROUP=40000 is too large"),
+    ],
+)
+def test_settings_out_of_range_fail_at_start_up_naming_the_range(variable: str, value: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({f"AGENT_WORKERS_{variable}": value})
+    assert fragment in str(info.value)
+
+
+def test_settings_at_their_maxima_are_accepted() -> None:
+    from agent_workers import config
+    from agent_workers.store.locks import DEFAULT_LOCK_WAIT
+
+    s = Settings.from_env(
+        {
+            "AGENT_WORKERS_LOCK_TIMEOUT": str(config.MAX_LOCK_TIMEOUT),
+            "AGENT_WORKERS_RESULT_EXPIRES": str(config.MAX_SECONDS),
+            "AGENT_WORKERS_MAX_BATCH_SIZE": str(config.MAX_BATCH_SIZE),
+            "AGENT_WORKERS_MIN_VERSION_WAIT_MS": str(config.MAX_WAIT_MS),
+        }
+    )
+    assert s.lock_timeout == config.MAX_LOCK_TIMEOUT and s.batch.max_batch_size == config.MAX_BATCH_SIZE
+    assert config.MAX_LOCK_TIMEOUT < DEFAULT_LOCK_WAIT  # a lock always expires before a waiter gives up

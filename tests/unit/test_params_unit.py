@@ -196,3 +196,11 @@ def test_a_truncated_or_foreign_blob_is_refused() -> None:
     for bad in (good[:-4], good[:5], b"\x80\x04garbage", pickle.dumps({"p.w": [1.0]})):
         with pytest.raises(ModelError):
             decode_blob(bad)
+
+
+def test_the_staging_ttl_grows_with_the_blob_so_a_slow_multi_gb_upload_keeps_its_first_chunks() -> None:
+    from agent_workers.store.maintenance import STAGING_MIN_RATE, STAGING_TTL, staging_ttl
+
+    assert staging_ttl(0) == staging_ttl(64 * 1024) == STAGING_TTL  # small models: unchanged
+    five_gb = 5 * 1024**3
+    assert staging_ttl(five_gb) >= five_gb / STAGING_MIN_RATE  # 5 GB at 1 MiB/s: 85 minutes, not 5

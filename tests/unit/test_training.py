@@ -497,3 +497,28 @@ def test_the_queued_part_splices_its_own_markers_and_reports_speedups_from_one_r
     out = splice(doc, table, begin=QUEUED_BEGIN, end=QUEUED_END)
     assert out.count(QUEUED_BEGIN) == 1 and "main" in out
     assert splice(out, "again\n", begin=QUEUED_BEGIN, end=QUEUED_END).count("| 1.65 |") == 0
+
+
+@pytest.mark.parametrize("hparams", [["lr", 0.1], "lr=0.1", 3, [("lr", 0.1)]])
+def test_hyperparameters_that_are_not_an_object_are_an_input_error(hparams: Any) -> None:
+    with pytest.raises(InputError, match="hparams must be an object"):
+        HyperParams.from_json(hparams)
+    with pytest.raises(InputError, match="hyperparameter loss must be a name"):
+        HyperParams.from_json({"loss": ["mse"]})
+
+
+def test_fit_limits_the_width_of_y_per_step_and_checks_the_job_before_its_first_commit() -> None:
+    store = MemoryStore(SPEC)
+    x = np.zeros((10, 2), np.float32)
+    with pytest.raises(InputError, match="1000 numbers per row exceeds AGENT_WORKERS_MAX_INPUT_ELEMENTS=100"):
+        training.fit(
+            store, "m", x, np.zeros((10, 1000)), HP, epochs=1, batch_size=5, update_prefix="f", max_elements=100
+        )  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="y has 3 target"):
+        training.fit(store, "m", x, np.zeros((10, 3)), HP, epochs=1, batch_size=5, update_prefix="f")  # type: ignore[arg-type]
+    assert store.commits == 0
+    result = training.fit(
+        store, "m", x, np.zeros((10, 1)), HP, epochs=1, batch_size=5, update_prefix="f", info={"upload": "u1"}
+    )  # type: ignore[arg-type]
+    assert result["steps"] == 2 and store.commits == 2
+    assert all(info["upload"] == "u1" for info in store.infos)
