@@ -118,7 +118,8 @@ class BatcherStep(bootsteps.StartStopStep):
     mean the broker redelivers messages whose results already exist.
     """
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+    # After fast reclaim starts, so before it stops: a clean stop deregisters only once the batches are done.
+    requires = ("celery.worker.consumer.tasks:Tasks", "agent_workers.worker.reclaim:ReclaimStep")
 
     def start(self, c: Any) -> None:
         # Celery looks a message's strategy up by its 'task' header; an unhashable one (a JSON object or list)
