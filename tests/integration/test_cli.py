@@ -114,6 +114,29 @@ def test_one_process_per_fake_device_each_with_its_metrics_port_and_ready_file(
     assert procs[0].wait(60) == 0
 
 
+def test_the_printed_worker_command_run_twice_starts_two_workers(
+    broker: str, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    env = pool_env(broker)
+    out = cli("worker", "-Q", "inference", "--no-gpus", "--print-command", env=env)
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    assert str(os.getpid()) not in line and "{unique}@%h" in line  # no pid of the printing process baked in
+    ready = [tmp_path / "ready0", tmp_path / "ready1"]
+    for i, path in enumerate(ready):
+        with (tmp_path / f"worker{i}.log").open("ab") as log:
+            worker_env = settings_env({**env, "AGENT_WORKERS_READY_FILE": str(path)})
+            procs.append(
+                subprocess.Popen(["bash", "-c", f"exec {line}"], env=worker_env, cwd=ROOT, stdout=log, stderr=log)
+            )
+    for i, proc in enumerate(procs):
+        wait_for_files([ready[i]], proc, tmp_path / f"worker{i}.log")
+    names = {p.read_text() for p in ready}
+    assert len(names) == 2 and not any("{unique}" in n for n in names), names
+    out = cli("status", "--timeout", "3", env=env)
+    assert f"{env['AGENT_WORKERS_INFERENCE_QUEUE']}\t0 waiting\t2 consumers" in out.stdout
+
+
 def test_print_command_is_what_runs_and_resolves_queue_roles(redis_up: None) -> None:
     env = pool_env("redis", max_batch_size=8)
     out = cli("worker", "-Q", "inference", "--print-command", env=env)
