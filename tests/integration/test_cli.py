@@ -65,10 +65,15 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Worker processes a test started; each is stopped (SIGTERM, then SIGKILL) by pid afterwards."""
     started: list[subprocess.Popen[bytes]] = []
     yield started
-    for proc in started:
+    stop_all(started)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process (a warm shutdown), then SIGKILL any still running after 60 s; by pid."""
+    for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    for proc in started:
+    for proc in procs:
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -267,3 +272,27 @@ def test_a_misspelled_variable_is_named_with_the_nearest_one(redis_up: None) -> 
     assert "AGENT_WORKERS_MAX_BATCHSIZE is not an agent-workers setting" in out.stderr
     assert "did you mean AGENT_WORKERS_MAX_BATCH_SIZE?" in out.stderr
     assert os.environ.get("AGENT_WORKERS_MAX_BATCHSIZE") is None
+
+
+def test_models_history_all_is_every_record_and_limit_still_caps_it(redis_up: None) -> None:
+    from agent_workers.config import Settings
+    from agent_workers.params import RedisParamStore
+
+    env = pool_env("redis", keep_versions=5)
+    store = RedisParamStore.from_settings(Settings.from_env(env))
+    model = unique("hist")
+    try:
+        store.create(model, make_spec("linear", in_features=1))
+        head = store.head(model)
+        tensors = store.read(model).parameters()
+        for v in range(30):
+            store.commit(model, expected=v, tensors=tensors, epoch=head.epoch)
+        records = store.history(model, 0)
+        out = cli("models", "history", model, "--all", env=env)
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.splitlines()) == len(records) > 20  # was capped at --limit's 20
+        kept = cli("models", "history", model, env=env).stdout.splitlines()
+        assert len(kept) == 5  # the versions still kept (keep_versions)
+        assert len(cli("models", "history", model, "--all", "--limit", "7", env=env).stdout.splitlines()) == 7
+    finally:
+        store.delete(model)
