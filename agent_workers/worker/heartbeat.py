@@ -108,15 +108,20 @@ def _run(stdin: IO[bytes]) -> int:
     beat = client.register_script(lua.source("heartbeat"))
     interval = float(config["interval"])
     failing = False
+    first = True
     while True:
         try:
             beat(keys=[config["key"]], args=[config["id"]])
         except redis.RedisError as exc:
+            if first:  # cannot reach what the worker reaches (TLS, auth): exit, so the worker beats itself
+                print(f"agent-workers heartbeat: cannot beat ({exc})", file=sys.stderr)
+                return 2
             if not failing:  # once per outage: the others reclaim us only if it lasts
                 print(f"agent-workers heartbeat: beat failed ({exc}); retrying every {interval:.1f} s", file=sys.stderr)
             failing = True
         else:
             failing = False
+        first = False
         readable, _, _ = select.select([stdin], [], [], interval)
         if readable and not stdin.read1(4096):  # type: ignore[attr-defined]
             return 0  # end of file: the worker stopped or died

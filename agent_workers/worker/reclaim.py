@@ -115,12 +115,12 @@ class Reclaimer:
             self._beat_from_thread(f"the heartbeat process exited with status {code}")
         self.sweep()
 
-    def stop(self, *, deregister: bool = True) -> int:
-        """Stop beating and sweeping; with ``deregister`` (a clean stop), restore what this consumer still holds,
-        then remove its held set and heartbeat, so that no other worker reclaims it. Returns the messages restored.
+    def stop(self) -> int:
+        """Stop beating and sweeping, then deregister (a clean stop): restore what this consumer still holds, remove
+        its held set and heartbeat, so that no other worker reclaims it. Returns the messages restored.
 
-        Without deregistering (or when Redis cannot be reached) the heartbeat expires: the others reclaim what is
-        left ``reclaim_after`` seconds later, as after a crash."""
+        When Redis cannot be reached the heartbeat expires instead: the others reclaim what is left
+        ``reclaim_after`` seconds later, as after a crash."""
         self._stopped.set()
         if self._tref is not None:
             self._tref.cancel()
@@ -131,16 +131,14 @@ class Reclaimer:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
-        if not deregister:
-            return 0
         try:
             return self._deregister()
-        except Exception:  # noqa: BLE001 - the broker is gone: the others reclaim us after reclaim_after
+        except Exception as exc:  # noqa: BLE001 - the broker is gone: the others reclaim us after reclaim_after
             log.warning(
-                "clean stop: could not deregister consumer %s; the others reclaim what it held in %.0f s",
+                "clean stop: could not deregister consumer %s (%s); the others reclaim what it held in %.0f s",
                 self.worker_id,
+                exc,
                 self.reclaim_after,
-                exc_info=True,
             )
             return 0
 

@@ -9,10 +9,13 @@ would be published twice, since the result script publishes only the answer it s
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import redis
@@ -22,9 +25,11 @@ from agent_workers.client.results import ResultListener
 from agent_workers.keys import Keys
 from agent_workers.models import make_spec
 from agent_workers.tools.supervisor import WorkerProcess
+from agent_workers.worker.heartbeat import connection_of
 from agent_workers.worker.kombu_redis import UNACKED_KEY
+from agent_workers.worker.launch import settings_env
 from tests import plugins_batching  # noqa: F401 - registers the test architectures here too
-from tests.conftest import Pool, unique
+from tests.conftest import BROKERS, Pool, unique
 from tests.integration.test_faults import stored, wait_until
 
 pytestmark = pytest.mark.integration
@@ -201,3 +206,37 @@ def test_clean_stop_deregisters_while_a_kill_is_still_reclaimed(broker: str, sta
             assert reclaimed_workers(pool.worker) == [victim]
     finally:
         other.stop()
+
+
+def _exited(pid: int) -> bool:
+    """Whether process ``pid`` is gone (or a zombie nobody reaped yet)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status
+
+
+def test_heartbeat_process_stops_beating_when_its_worker_is_sigkilled(redis_up, tmp_path) -> None:
+    # The worker alone is killed (an OOM kill, not its process group): its heartbeat process must not outlive it.
+    broker = redis.Redis.from_url(BROKERS["redis"])
+    key = Keys("t" + uuid.uuid4().hex[:10]).heartbeats()
+    connection = connection_of(broker.connection_pool)
+    code = (
+        "import time\n"
+        "from agent_workers.worker.heartbeat import HeartbeatProcess\n"
+        f"beat = HeartbeatProcess(connection={connection!r}, key={key!r}, worker_id='w', interval=0.2)\n"
+        "beat.start()\n"
+        "print(beat._proc.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=settings_env())
+    try:
+        child = int(worker.stdout.readline())
+        wait_until(lambda: broker.zscore(key, "w") is not None, 30, "the first beat")
+        worker.kill()
+        worker.wait(10)
+        wait_until(lambda: _exited(child), 30, "the heartbeat process to end with its worker")
+    finally:
+        worker.kill()
+        broker.delete(key)
