@@ -189,6 +189,7 @@ def test_documented_defaults_are_the_code_defaults() -> None:
         for para in page(name).split("\n\n"):
             if "prefetch 1" in para and "rainer" in para:
                 assert "TRAIN_GROUP=1" in para, f"{name}: {para}"
+            assert "inference queue, 1 otherwise" not in para, f"{name}: {para}"  # a trainer's is TRAIN_GROUP
     assert f"`AGENT_WORKERS_TRAIN_GROUP`, {train_group} by default" in page("docs/operations.md")
 
 
