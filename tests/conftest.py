@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -25,8 +26,13 @@ from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.supervisor import WorkerProcess, free_port
 
 IN_CI = os.environ.get("CI") == "true"
-REDIS = "redis://127.0.0.1:6379"
-BROKERS = {"redis": f"{REDIS}/0", "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//"}
+#: The services under test, from the environment (README, "Running the tests"), so the suite can share a Redis or run
+#: beside another checkout: the Redis server, its databases for the broker, results and parameters, and RabbitMQ.
+REDIS = os.environ.get("AW_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+DB_BROKER, DB_RESULTS, DB_PARAMS = (int(db) for db in os.environ.get("AW_TEST_REDIS_DBS", "0,1,2").split(","))
+AMQP = os.environ.get("AW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+BROKERS = {"redis": f"{REDIS}/{DB_BROKER}", "rabbitmq": AMQP}
+PARAMS_URL = f"{REDIS}/{DB_PARAMS}"
 
 
 def tcp_answers(host: str, port: int) -> bool:
@@ -45,16 +51,25 @@ def need(ok: bool, what: str) -> None:
         pytest.skip(f"{what} is not reachable")
 
 
+def service_answers(url: str, default_port: int) -> tuple[bool, str]:
+    """Whether ``url``'s host answers on its port, and ``host:port`` for messages."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    return tcp_answers(host, port), f"{host}:{port}"
+
+
 @pytest.fixture(scope="session")
 def redis_up() -> None:
-    need(tcp_answers("127.0.0.1", 6379), "Redis on 127.0.0.1:6379")
+    ok, where = service_answers(REDIS, 6379)
+    need(ok, f"Redis on {where} (AW_TEST_REDIS_URL)")
 
 
 @pytest.fixture(scope="session", params=sorted(BROKERS))
 def broker(request: pytest.FixtureRequest, redis_up: None) -> str:
     """The broker under test: every integration test runs on Redis and on RabbitMQ."""
     if request.param == "rabbitmq":
-        need(tcp_answers("127.0.0.1", 5672), "RabbitMQ on 127.0.0.1:5672")
+        ok, where = service_answers(AMQP, 5672)
+        need(ok, f"RabbitMQ on {where} (AW_TEST_AMQP_URL)")
     return str(request.param)
 
 
@@ -63,8 +78,8 @@ def pool_env(broker: str, **overrides: object) -> dict[str, str]:
     ns = "t" + uuid.uuid4().hex[:10]
     env = {
         "AGENT_WORKERS_BROKER_URL": BROKERS[broker],
-        "AGENT_WORKERS_RESULT_BACKEND": f"{REDIS}/1",
-        "AGENT_WORKERS_PARAMS_URL": f"{REDIS}/2",
+        "AGENT_WORKERS_RESULT_BACKEND": f"{REDIS}/{DB_RESULTS}",
+        "AGENT_WORKERS_PARAMS_URL": PARAMS_URL,
         "AGENT_WORKERS_NAMESPACE": ns,
         "AGENT_WORKERS_INFERENCE_QUEUE": f"{ns}.inference",
         "AGENT_WORKERS_TRAINING_QUEUE": f"{ns}.training",

@@ -84,6 +84,19 @@ class Drowsy(Adder):
         time.sleep(max(0.0, float(x[:, 1].max())))  # noqa: sleep-ok - the model under test simulating long work
 
 
+class GilHog(Adder):
+    """Holds the GIL for as many seconds as the largest second feature of its batch: libc's ``usleep`` called
+    through ``ctypes.PyDLL``, which (unlike ``CDLL``) keeps the GIL, as a C extension that never releases it does.
+    Every thread of the worker stops meanwhile."""
+
+    def check(self, x: torch.Tensor) -> None:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.PyDLL(ctypes.util.find_library("c"))
+        libc.usleep(int(max(0.0, float(x[:, 1].max())) * 1_000_000))
+
+
 #: A row whose first feature is this makes :class:`Gated` wait for the test.
 GATE = 1000.0
 
@@ -112,6 +125,7 @@ for _name, _cls in {
     "slow": Slow,
     "sleepy": Sleepy,
     "drowsy": Drowsy,
+    "gil-hog": GilHog,
     "held": Gated,
 }.items():
     register_architecture(_name)(lambda *, in_features=2, _cls=_cls: _cls())  # noqa: B023 - bound by default

@@ -88,13 +88,20 @@ def models_show(name: str) -> None:
 
 @models.command("history")
 @click.argument("name")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest records to show.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most this many records [default: 20; with --all, every one].",
+)
 @click.option("--all", "show_all", is_flag=True, help="Also the commits whose versions are no longer kept.")
-def models_history(name: str, limit: int, show_all: bool) -> None:
+def models_history(name: str, limit: int | None, show_all: bool) -> None:
     """Show NAME's newest commits of versions still kept (times in UTC, ISO 8601)."""
     params = store()
     head = params.head(name)  # an unknown model is an error, not an empty history
     oldest = max(0, head.version - params.keep_versions + 1)
+    if limit is None:
+        limit = 0 if show_all else 20  # 0: the whole list
     for record in params.history(name, limit):
         if not show_all and int(record.get("version", head.version)) < oldest:
             continue

@@ -64,20 +64,19 @@ def plan(
     loglevel: str,
     devices: list[str],
     extra: list[str],
-    pid: int,
 ) -> list[Launch]:
     """The processes to start: one, or one per device (``N`` = GPU index, ``cpu`` = a CPU process).
 
-    Default node names are unique per process (``<namespace>-<roles>-<pid>@%h``, ``-<index>`` per device), so two
-    workers started the same way on one host never share a node name (RabbitMQ refuses a second consumer of the
-    node's pidbox queue). With several devices every process gets its own metrics port (base + index) and ready file
-    (``<file>.<index>``).
+    Default node names are unique per process (``<namespace>-<roles>-{unique}@%h``, ``-gpuN``/``-cpuN`` per device;
+    each worker fills ``{unique}`` in as it starts), so the same line, printed or run, run any number of times never
+    starts two workers of one node name (RabbitMQ refuses a second consumer of the node's pidbox queue). With
+    several devices every process gets its own metrics port (base + index) and ready file (``<file>.<index>``).
     """
-    from agent_workers.worker.launch import worker_command, worker_prefetch
+    from agent_workers.worker.launch import UNIQUE, worker_command, worker_prefetch
 
     roles = [role_of(settings, q) or q for q in queues]
     prefetch = worker_prefetch(settings, queues)
-    base = name or f"{settings.namespace}-{'-'.join(roles)}-{pid}@%h"
+    base = name or f"{settings.namespace}-{'-'.join(roles)}-{UNIQUE}@%h"
     node, _, host = base.partition("@")
     if len(devices) <= 1:
         cmd = worker_command(queues=queues, hostname=base, loglevel=loglevel, prefetch_multiplier=prefetch, extra=extra)
@@ -117,7 +116,11 @@ def plan(
     "queue names. Default: both configured queues.",
 )
 @click.option(
-    "--name", "-n", default=None, help="Node name (default: <namespace>-<roles>-<pid>@%h, -gpuN / -cpuN per device)."
+    "--name",
+    "-n",
+    default=None,
+    help="Node name (default: <namespace>-<roles>-{unique}@%h, -gpuN / -cpuN per device; each worker fills "
+    "{unique} in as it starts).",
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option(
@@ -155,9 +158,7 @@ def worker(
                 err=True,
             )
     chosen = [d.strip() for d in devices.split(",") if d.strip()] if devices else (visible_gpus() if gpus else [])
-    launches = plan(
-        settings, queues=wanted, name=name, loglevel=loglevel, devices=chosen, extra=list(celery_args), pid=os.getpid()
-    )
+    launches = plan(settings, queues=wanted, name=name, loglevel=loglevel, devices=chosen, extra=list(celery_args))
     if print_command:
         for launch in launches:
             click.echo(launch.line())

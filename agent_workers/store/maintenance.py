@@ -123,7 +123,7 @@ def gc(store: Store, name: str) -> int:
 
 
 def history(store: Store, name: str, limit: int = 20) -> list[dict[str, Any]]:
-    """The newest ``limit`` commit records of ``name``."""
+    """The newest ``limit`` commit records of ``name`` (every one with ``limit=0``)."""
     with unavailable():
         raw = store.client.lrange(store.keys.history(name), 0, limit - 1)
     return [json.loads(r) for r in raw]

@@ -1,6 +1,7 @@
 """What the tools need of a broker beyond publishing: a queue's backlog and its removal.
 
-On Redis, kombu keeps a queue as a list named like it, a binding key ``_kombu.binding.<queue>``, and one hash of
+On Redis, kombu keeps a queue as a list named like it, binding keys ``_kombu.binding.<queue>`` and
+``_kombu.binding_permanent.<exchange>``, and one hash of
 delivered, not yet acknowledged messages for all queues (the visibility-timeout bookkeeping). The key names come from
 :mod:`agent_workers.worker.kombu_redis`, the one module that knows kombu's Redis layout.
 """
@@ -11,7 +12,7 @@ from typing import Any
 
 import redis
 
-from agent_workers.worker.kombu_redis import UNACKED_KEY, binding_key
+from agent_workers.worker.kombu_redis import UNACKED_KEY, binding_key, permanent_binding_key
 
 
 def backlog(broker: Any, queue: str) -> int:
@@ -37,7 +38,7 @@ def delete_queue(broker: Any, queue: str) -> None:
     only where it still exists."""
     if isinstance(broker, redis.Redis):
         steps = (f"{queue}{REDIS_PRIORITY_SEP}{step}" for step in REDIS_PRIORITY_STEPS if step)
-        broker.delete(queue, *steps, binding_key(queue))
+        broker.delete(queue, *steps, binding_key(queue), permanent_binding_key(queue))
         return
     for call in (lambda: broker.queue_delete(queue), lambda: broker.exchange_delete(queue)):
         try:

@@ -4,6 +4,10 @@
 ``train_step`` jobs (MSE, SGD, mini-batches of 100, 10 epochs); the 1,000 held-out rows come back as queued
 ``predict`` requests, and the test MSE is printed beside the floor (the MSE of the true function) and the seed's
 reported 0.0118.
+
+The demo uses names of its own (model ``demo-linear``, a dataset named by a uuid, worker ``demo-<unique>``) and
+removes what it made when it is done: the model, the dataset, the worker's log (kept, and named, when it failed). So
+nothing it leaves collides with the README's next steps.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from agent_workers.models import make_spec
 from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.supervisor import WorkerProcess, ensure_redis
 from agent_workers.training.datasets import DatasetStore
+from agent_workers.worker.launch import UNIQUE
 
 SEED_REPORTED_MSE = 0.0118
 N_ROWS, N_FEATURES, N_TEST = 10_000, 10, 1_000
@@ -50,14 +55,15 @@ def seed_data(seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
 def run(
     settings: Settings,
     *,
-    model: str = "seed-linear",
+    model: str = "demo-linear",
     epochs: int = 10,
     batch_size: int = 100,
     hparams: dict[str, Any] | None = None,
     progress: bool = True,
     start_worker: bool = True,
 ) -> DemoResult:
-    """Train and evaluate through the queue; returns the figures (also printed)."""
+    """Train and evaluate through the queue; returns the figures (also printed). Removes ``model`` and its dataset
+    at the end."""
     hparams = hparams or {"loss": "mse", "optimizer": "sgd", "lr": 0.05}
     x, y = seed_data()
     x_train, y_train, x_test, y_test = x[:-N_TEST], y[:-N_TEST], x[-N_TEST:], y[-N_TEST:]
@@ -67,13 +73,16 @@ def run(
     worker = None
     if start_worker:
         worker = WorkerProcess(
-            queues=[settings.inference_queue, settings.training_queue], name="demo@%h", loglevel="WARNING"
+            queues=[settings.inference_queue, settings.training_queue], name=f"demo-{UNIQUE}@%h", loglevel="WARNING"
         )
         print(f"starting a worker (log: {worker.log_path}) ...")
         worker.start()
         print(f"worker {worker.ready_path.read_text() or worker.hostname} ready")  # the node name, %h expanded
+    datasets = DatasetStore.from_settings(settings)
+    dataset = None
+    finished = False
     try:
-        dataset = DatasetStore.from_settings(settings).upload(x_train, y_train.reshape(-1, 1))
+        dataset = datasets.upload(x_train, y_train.reshape(-1, 1))
         steps = epochs * -(-len(x_train) // batch_size)
         started = time.perf_counter()
         with tqdm(total=steps, desc="train (queued steps)", unit="step", disable=not progress, mininterval=1.0) as bar:
@@ -92,15 +101,24 @@ def run(
         ) as bar:
             results = client.predict_bulk(model, x_test.tolist(), on_result=lambda _: bar.update(1))
         predict_seconds = time.perf_counter() - started
+        finished = True
     finally:
+        if dataset is not None:
+            datasets.delete(dataset)
+        store.delete(model)
         if worker is not None:
             worker.stop()
+            if finished:
+                worker.remove_files()
+            else:
+                print(f"the worker's log is kept: {worker.log_path}")
     predictions = np.array([r["outputs"][0] for r in results], dtype=np.float64)
     test_mse = float(np.mean((predictions - y_test) ** 2))
     floor = float(np.mean((x_test[:, 0] - y_test) ** 2))
     version = max(r["version"] for r in results)
     result = DemoResult(test_mse, floor, version, train_seconds, predict_seconds)
     print_result(result)
+    print(f"  (removed what it made: model {model}, its dataset, the worker's log; task results expire on their own)")
     return result
 
 

@@ -16,7 +16,9 @@ from agent_workers.redis_clients import redis_client
 from agent_workers.tools.broker import delete_queue
 
 
-def bench(settings: Settings | None = None, *, n: int = 2000, width: int = 10) -> dict[str, float]:
+def bench(
+    settings: Settings | None = None, *, n: int = 2000, width: int = 10, queue: str | None = None
+) -> dict[str, float]:
     """Producer CPU per predict request: plain ``apply_async`` vs this client's single and bulk paths.
 
     Publishes ``n`` messages each way to a throw-away queue (no worker needed; the queue is deleted after), and
@@ -25,7 +27,7 @@ def bench(settings: Settings | None = None, *, n: int = 2000, width: int = 10) -
     request (``time.process_time``), so other load on the machine does not inflate them.
     """
     settings = settings or Settings.from_env()
-    queue = f"aw-bench-{uuid.uuid4().hex[:8]}"
+    queue = queue or f"aw-bench-{uuid.uuid4().hex[:8]}"
     settings = dataclasses.replace(settings, inference_queue=queue)
     rows = [[float(i % 7) + 0.5 * j for j in range(width)] for i in range(n)]
     plain = producer_app(settings)

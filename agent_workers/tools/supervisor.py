@@ -77,6 +77,7 @@ class WorkerProcess:
             pool=pool,
             extra=extra,
         )
+        self._own_log = log_path is None  # a temporary file of ours, removed by remove_files()
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="aw-worker-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -124,6 +125,13 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             return self.proc.wait(10)
+
+    def remove_files(self) -> None:
+        """Remove what this worker left in the temporary directory: its ready file's directory and, unless the
+        caller chose the path, its log."""
+        shutil.rmtree(self.ready_path.parent, ignore_errors=True)
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL the worker process (a crash, as far as the broker can tell)."""

@@ -390,10 +390,13 @@ class Batcher(Intake):
         return hit
 
 
-def batch_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., None]:
-    """The ``Task.Strategy`` of ``agent_workers.predict``: route its messages into a :class:`Batcher`."""
+def check_prefetch(app: Any, prefetch: int | None) -> None:
+    """Refuse a worker of the inference queue whose prefetch (messages) cannot hold one batch.
+
+    Raises:
+        ConfigError: naming the ``--prefetch-multiplier`` to use.
+    """
     settings = app.settings
-    prefetch = consumer.initial_prefetch_count
     # Every worker registers predict; only one that consumes the inference queue (-Q) ever batches, so a trainer
     # (-Q training, prefetch 1) must still start.
     serves_inference = settings.inference_queue in (app.amqp.queues.consume_from or {})
@@ -403,6 +406,12 @@ def batch_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callabl
             f"{settings.batch.max_batch_size}, so a batch can never fill; start it with "
             f"--prefetch-multiplier {2 * settings.batch.max_batch_size} (agent-workers worker does this)"
         )
+
+
+def batch_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., None]:
+    """The ``Task.Strategy`` of ``agent_workers.predict``: route its messages into a :class:`Batcher`."""
+    settings = app.settings
+    check_prefetch(app, consumer.initial_prefetch_count)  # already refused at start-up (StartupChecks), in one line
     batcher = Batcher(task=task, app=app, consumer=consumer, engine=app.engine, policy=BatchPolicy(settings.batch))
     # Read at scrape time: nothing on the hot path.
     metrics.OLDEST_REQUEST_AGE.labels(settings.inference_queue).set_function(batcher.oldest_age)

@@ -14,8 +14,10 @@ from agent_workers import metrics
 from agent_workers.contract import dead_letter_queue
 from agent_workers.errors import ConfigError
 from agent_workers.models import load_plugins
+from agent_workers.worker.batcher import check_prefetch
 from agent_workers.worker.intake import live_intakes
 from agent_workers.worker.kombu_redis import queue_depth
+from agent_workers.worker.launch import UNIQUE, unique_node_name
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ class StartupChecks(bootsteps.Step):
             return
         try:
             self._check(app)
+            # Here, not only in the batcher's strategy (consumer start), where Celery prints a long traceback.
+            check_prefetch(app, (worker.prefetch_multiplier or 0) * (worker.concurrency or 1))
         except ConfigError as exc:
             # Celery would print a long traceback around the one line that names the fix.
             print(f"agent-workers: ConfigError: {exc}", file=sys.stderr)
@@ -78,6 +82,15 @@ class DeadLetterQueues(bootsteps.StartStopStep):
             channel.close()
 
 
+@signals.celeryd_init.connect
+def _on_celeryd_init(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    # A node name with the {unique} mark gets its unique part here, at start: one printed command line can start
+    # any number of workers (RabbitMQ refuses a second consumer of one node name's pidbox queue).
+    hostname = getattr(instance, "hostname", None)
+    if isinstance(hostname, str) and UNIQUE in hostname:
+        instance.hostname = unique_node_name(hostname)
+
+
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
@@ -114,7 +127,8 @@ class BatcherStep(bootsteps.StartStopStep):
     mean the broker redelivers messages whose results already exist.
     """
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+    # After fast reclaim starts, so before it stops: a clean stop deregisters only once the batches are done.
+    requires = ("celery.worker.consumer.tasks:Tasks", "agent_workers.worker.reclaim:ReclaimStep")
 
     def start(self, c: Any) -> None:
         # Celery looks a message's strategy up by its 'task' header; an unhashable one (a JSON object or list)

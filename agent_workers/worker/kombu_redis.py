@@ -328,3 +328,9 @@ UNACKED_INDEX_KEY: str = kredis.Channel.unacked_index_key
 def binding_key(queue: str) -> str:
     """kombu's binding key of ``queue`` on a Redis broker (``_kombu.binding.<queue>``)."""
     return kredis.Channel.keyprefix_queue % queue
+
+
+def permanent_binding_key(exchange: str) -> str:
+    """kombu's set of the permanent bindings of ``exchange`` (``_kombu.binding_permanent.<exchange>``), written
+    when a queue is bound; our queues' exchange is named like the queue."""
+    return kredis.Channel.keyprefix_binding_permanent % exchange

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from agent_workers.config import Settings
+
+
+#: A node name's mark for a part unique to each worker process, filled in as the worker starts (bootsteps.py), so
+#: that one command line, run any number of times, never starts two workers of one name.
+UNIQUE = "{unique}"
+
+
+def unique_node_name(hostname: str) -> str:
+    """``hostname`` with :data:`UNIQUE` replaced by a random part (8 hex digits)."""
+    return hostname.replace(UNIQUE, uuid.uuid4().hex[:8])
 
 
 def worker_command(

@@ -18,12 +18,19 @@ heartbeats in a sorted set, a maintenance pass that requeues the messages of wor
 
 kombu's visibility sweep stays as the backstop (a consumer without a heartbeat, a held set lost with its Redis).
 
-**Why a heartbeat thread, not the event-loop timer.** The batcher computes on the event loop: a forward pass or a
-parameter load of many seconds would starve a timer, and a live worker's batch would be handed to another worker.
-A daemon thread with its own connection from the channel's (thread-safe) pool keeps beating while the loop
-computes (torch releases the GIL; Python switches threads every 5 ms). The sweep needs kombu's channel, so it stays
-on the loop: a busy loop only delays its own sweeps, never anyone's heartbeat. A process whose loop is wedged but
-whose thread beats keeps its messages until kombu's visibility timeout: the backstop, as before.
+**Why a heartbeat process, not the event-loop timer nor a thread.** The batcher computes on the event loop: a
+forward pass or a parameter load of many seconds would starve a timer, and a thread of the same process stops
+whenever a forward pass holds the GIL (pure-Python model code, a C extension that keeps it): a live worker's batch
+would be handed to another worker and computed twice. A child process (heartbeat.py) beats instead, for exactly as
+long as this process lives; only a Sentinel broker, whose pool the child cannot rebuild, keeps the thread. The sweep
+needs kombu's channel, so it stays on the loop: a busy loop only delays its own sweeps, never anyone's heartbeat. A
+process whose loop is wedged but whose heartbeat lives keeps its messages until kombu's visibility timeout: the
+backstop, as before.
+
+**A clean stop deregisters.** On a warm shutdown the batcher first finishes what it holds (``BatcherStep`` stops
+after this step starts, so before it stops); then :meth:`Reclaimer.stop` restores whatever this consumer still holds
+(eta-held or prefetched messages), deletes its held set and removes its heartbeat: no other worker reclaims it or
+warns. Only a worker that died without deregistering is logged as having "missed its heartbeats".
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from kombu.utils.encoding import bytes_to_str
 
 from agent_workers import lua
 from agent_workers.keys import Keys
+from agent_workers.worker.heartbeat import HeartbeatProcess, connection_of
 from agent_workers.worker.kombu_redis import UNACKED_INDEX_KEY
 
 log = logging.getLogger(__name__)
@@ -46,7 +54,7 @@ SWEEP_WORKERS = 16
 
 
 class Reclaimer:
-    """One consumer's heartbeat (a thread) and sweep (the event-loop timer) on a Redis broker channel.
+    """One consumer's heartbeat (a child process) and sweep (the event-loop timer) on a Redis broker channel.
 
     Args:
         channel: the consuming :class:`agent_workers.worker.kombu_redis.Channel`.
@@ -69,26 +77,81 @@ class Reclaimer:
         self._sweep_script = self._client.register_script(lua.source("reclaim"))
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._process: HeartbeatProcess | None = None
         self._tref: Any = None
 
     def start(self) -> None:
-        """Beat once, then record what this consumer pops, beat in a thread, and sweep on the timer."""
+        """Beat once, then record what this consumer pops, beat from a child process, and sweep on the timer."""
         self.beat()  # before the first pop records a holder: no held set without a heartbeat
         self.channel.reclaim_key = self.keys.held(self.worker_id)
+        self._start_heartbeat()
+        self._tref = self.timer.call_repeatedly(self.interval, self._tick)
+
+    def _start_heartbeat(self) -> None:
+        connection = connection_of(self.channel.pool)
+        if connection is None:
+            self._beat_from_thread("the heartbeat process cannot rebuild this broker's connection pool")
+            return
+        self._process = HeartbeatProcess(
+            connection=connection, key=self.keys.heartbeats(), worker_id=self.worker_id, interval=self.interval
+        )
+        self._process.start()
+
+    def _beat_from_thread(self, why: str) -> None:
+        log.warning(
+            "fast reclaim beats from a thread (%s): a forward pass holding the GIL for over %.0f s lets another "
+            "worker reclaim this worker's batch",
+            why,
+            self.reclaim_after,
+        )
         self._thread = threading.Thread(target=self._run, name="aw-heartbeat", daemon=True)
         self._thread.start()
-        self._tref = self.timer.call_repeatedly(self.interval, self.sweep)
 
-    def stop(self) -> None:
-        """Stop beating and sweeping. The heartbeat then expires: whatever this consumer still holds (a clean
-        shutdown restores it at once) is reclaimed by the others ``reclaim_after`` seconds later."""
+    def _tick(self) -> None:
+        code = None if self._process is None else self._process.exit_code()
+        if code is not None:
+            self.beat()
+            self._process = None
+            self._beat_from_thread(f"the heartbeat process exited with status {code}")
+        self.sweep()
+
+    def stop(self) -> int:
+        """Stop beating and sweeping, then deregister (a clean stop): restore what this consumer still holds, remove
+        its held set and heartbeat, so that no other worker reclaims it. Returns the messages restored.
+
+        When Redis cannot be reached the heartbeat expires instead: the others reclaim what is left
+        ``reclaim_after`` seconds later, as after a crash."""
         self._stopped.set()
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+        try:
+            return self._deregister()
+        except Exception as exc:  # noqa: BLE001 - the broker is gone: the others reclaim us after reclaim_after
+            log.warning(
+                "clean stop: could not deregister consumer %s (%s); the others reclaim what it held in %.0f s",
+                self.worker_id,
+                exc,
+                self.reclaim_after,
+            )
+            return 0
+
+    def _deregister(self) -> int:
+        held = self.keys.held(self.worker_id)
+        tags = [bytes_to_str(t) for t in self._client.smembers(held)]
+        for tag in tags:  # what the batcher did not finish: back to its queue now, not in reclaim_after seconds
+            self.channel.qos.restore_by_tag(tag, client=self._client)
+        self.channel.reclaim_key = None
+        self._client.delete(held)
+        self._client.zrem(self.keys.heartbeats(), self.worker_id)
+        log.info("clean stop: consumer %s deregistered (restored %d held messages)", self.worker_id, len(tags))
+        return len(tags)
 
     def beat(self) -> None:
         self._beat_script(keys=[self.keys.heartbeats()], args=[self.worker_id])
@@ -122,7 +185,10 @@ class Reclaimer:
             return []
         for worker in workers:
             log.warning(
-                "worker %s missed its heartbeats for %.0f s: reclaimed", bytes_to_str(worker), self.reclaim_after
+                "worker %s missed its heartbeats for %.0f s (it crashed or was killed: a clean stop deregisters): "
+                "reclaimed",
+                bytes_to_str(worker),
+                self.reclaim_after,
             )
         if tags:
             log.warning("reclaimed %d unacknowledged messages of dead workers", len(tags))

@@ -65,10 +65,15 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Worker processes a test started; each is stopped (SIGTERM, then SIGKILL) by pid afterwards."""
     started: list[subprocess.Popen[bytes]] = []
     yield started
-    for proc in started:
+    stop_all(started)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process (a warm shutdown), then SIGKILL any still running after 60 s; by pid."""
+    for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    for proc in started:
+    for proc in procs:
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -112,6 +117,29 @@ def test_one_process_per_fake_device_each_with_its_metrics_port_and_ready_file(
     assert (tmp_path / "ready.0").read_text() != (tmp_path / "ready.1").read_text()
     procs[0].send_signal(signal.SIGTERM)  # forwarded to both children: a warm shutdown
     assert procs[0].wait(60) == 0
+
+
+def test_the_printed_worker_command_run_twice_starts_two_workers(
+    broker: str, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    env = pool_env(broker)
+    out = cli("worker", "-Q", "inference", "--no-gpus", "--print-command", env=env)
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    assert str(os.getpid()) not in line and "{unique}@%h" in line  # no pid of the printing process baked in
+    ready = [tmp_path / "ready0", tmp_path / "ready1"]
+    for i, path in enumerate(ready):
+        with (tmp_path / f"worker{i}.log").open("ab") as log:
+            worker_env = settings_env({**env, "AGENT_WORKERS_READY_FILE": str(path)})
+            procs.append(
+                subprocess.Popen(["bash", "-c", f"exec {line}"], env=worker_env, cwd=ROOT, stdout=log, stderr=log)
+            )
+    for i, proc in enumerate(procs):
+        wait_for_files([ready[i]], proc, tmp_path / f"worker{i}.log")
+    names = {p.read_text() for p in ready}
+    assert len(names) == 2 and not any("{unique}" in n for n in names), names
+    out = cli("status", "--timeout", "3", env=env)
+    assert f"{env['AGENT_WORKERS_INFERENCE_QUEUE']}\t0 waiting\t2 consumers" in out.stdout
 
 
 def test_print_command_is_what_runs_and_resolves_queue_roles(redis_up: None) -> None:
@@ -273,3 +301,27 @@ def test_an_unimportable_plugin_is_one_line_naming_the_module(redis_up: None) ->
     out = cli("models", "list", env=env)
     assert out.returncode == 1
     assert "AGENT_WORKERS_PLUGINS names 'no_such_plugin_module'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_models_history_all_is_every_record_and_limit_still_caps_it(redis_up: None) -> None:
+    from agent_workers.config import Settings
+    from agent_workers.store.params import RedisParamStore
+
+    env = pool_env("redis", keep_versions=5)
+    store = RedisParamStore.from_settings(Settings.from_env(env))
+    model = unique("hist")
+    try:
+        store.create(model, make_spec("linear", in_features=1))
+        head = store.head(model)
+        tensors = store.read(model).parameters()
+        for v in range(30):
+            store.commit(model, expected=v, tensors=tensors, epoch=head.epoch)
+        records = store.history(model, 0)
+        out = cli("models", "history", model, "--all", env=env)
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.splitlines()) == len(records) > 20  # was capped at --limit's 20
+        kept = cli("models", "history", model, env=env).stdout.splitlines()
+        assert len(kept) == 5  # the versions still kept (keep_versions)
+        assert len(cli("models", "history", model, "--all", "--limit", "7", env=env).stdout.splitlines()) == 7
+    finally:
+        store.delete(model)

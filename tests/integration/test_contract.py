@@ -265,7 +265,11 @@ def test_inspect_models_names_each_loaded_model_with_version_and_device(pool: Po
 
 
 def test_bench_reports_producer_cpu_of_both_paths(pool: Pool) -> None:
-    figures = bench(pool.settings, n=30, width=4)  # a throw-away queue; no worker involved
+    queue = f"{pool.settings.namespace}-bench"
+    figures = bench(pool.settings, n=30, width=4, queue=queue)  # a throw-away queue; no worker involved
+    if pool.settings.broker_is_redis:  # nothing of the queue is left: its list, sub-lists, binding keys
+        broker = redis.Redis.from_url(pool.settings.broker_url)
+        assert [k for k in broker.scan_iter(match=f"*{queue}*", count=1000)] == []
     for key in (
         "publish_apply_async_us",
         "publish_client_single_us",

@@ -23,7 +23,7 @@ from agent_workers.store.params import (
     blob_metadata,
     chunk_keys,
 )
-from tests.conftest import REDIS
+from tests.conftest import PARAMS_URL
 
 pytestmark = pytest.mark.integration
 
@@ -34,10 +34,10 @@ COUNTER = make_spec("counter", in_features=1, size=4)
 def make_store(redis_up: None) -> Iterator[Callable[..., RedisParamStore]]:
     """Factory of stores on one fresh namespace (deleted afterwards); each call is a separate client/cache."""
     namespace = "tp" + uuid.uuid4().hex[:10]
-    client = redis.Redis.from_url(f"{REDIS}/2")
+    client = redis.Redis.from_url(PARAMS_URL)
 
     def make(**options: object) -> RedisParamStore:
-        return RedisParamStore(client=redis.Redis.from_url(f"{REDIS}/2"), keys=Keys(namespace), **options)
+        return RedisParamStore(client=redis.Redis.from_url(PARAMS_URL), keys=Keys(namespace), **options)
 
     yield make
     keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
@@ -301,7 +301,7 @@ def test_optimistic_mode_takes_no_lock(make_store: Callable[..., RedisParamStore
 
 
 def test_wait_aof_on_redis_older_than_7_2_is_a_config_error_naming_the_version(redis_up: None) -> None:
-    client = redis.Redis.from_url(f"{REDIS}/2")
+    client = redis.Redis.from_url(PARAMS_URL)
     version = client.info("server")["redis_version"]
     if tuple(int(p) for p in str(version).split(".")[:2]) >= (7, 2):
         pytest.skip(f"this Redis is {version}, which has WAITAOF")

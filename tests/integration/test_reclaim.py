@@ -9,10 +9,13 @@ would be published twice, since the result script publishes only the answer it s
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import redis
@@ -22,9 +25,11 @@ from agent_workers.client.results import ResultListener
 from agent_workers.keys import Keys
 from agent_workers.models import make_spec
 from agent_workers.tools.supervisor import WorkerProcess
+from agent_workers.worker.heartbeat import connection_of
 from agent_workers.worker.kombu_redis import UNACKED_KEY
+from agent_workers.worker.launch import settings_env
 from tests import plugins_batching  # noqa: F401 - registers the test architectures here too
-from tests.conftest import Pool, unique
+from tests.conftest import BROKERS, Pool, unique
 from tests.integration.test_faults import stored, wait_until
 
 pytestmark = pytest.mark.integration
@@ -46,6 +51,14 @@ def second_worker(pool: Pool, queues: list[str], tmp_path) -> WorkerProcess:
     """Another worker in ``pool``'s namespace (no metrics port of its own)."""
     env = dict(pool.env, AGENT_WORKERS_METRICS_PORT="0")
     return WorkerProcess(queues=queues, env=env, log_path=tmp_path / "second.log")
+
+
+def send_rows(pool: Pool, model: str, rows: list[list[float]], prefix: str) -> list[str]:
+    """Send one predict per row, task ids ``<prefix><index>``; returns the ids."""
+    return [
+        pool.client.app.send_task("agent_workers.predict", args=[model, row], task_id=f"{prefix}{i}").id
+        for i, row in enumerate(rows)
+    ]
 
 
 class Publications:
@@ -73,10 +86,7 @@ def test_sigkilled_workers_messages_come_back_within_seconds(redis_up, start_poo
     try:
         model = unique("slow")
         pool.store.create(model, make_spec("slow", in_features=2))
-        ids = [
-            pool.client.app.send_task("agent_workers.predict", args=[model, [float(i), 1.0]], task_id=f"{prefix}{i}").id
-            for i in range(400)
-        ]
+        ids = send_rows(pool, model, [[float(i), 1.0] for i in range(400)], prefix)
         victim = consumer_id(pool.worker)
         broker = redis.Redis.from_url(pool.settings.broker_url)
         held_key = Keys(pool.settings.namespace).held(victim)
@@ -125,3 +135,108 @@ def test_live_worker_holding_a_message_longer_than_the_reclaim_time_keeps_it(red
     finally:
         publications.listener.close()
         sweeper.stop()
+
+
+def test_live_worker_whose_forward_holds_the_gil_keeps_its_batch(redis_up, start_pool, tmp_path) -> None:
+    # A forward pass that holds the GIL for 8 s (every thread of the worker stops), over twice the reclaim time,
+    # while a second worker sweeps: the heartbeat comes from a child process, so the batch is never reclaimed.
+    pool: Pool = start_pool(
+        "redis", queues="inference", plugins="tests.plugins_batching", reclaim_after=3, max_wait_ms=200
+    )
+    sweeper = second_worker(pool, [pool.settings.training_queue], tmp_path).start()
+    prefix = f"gil-{uuid.uuid4().hex[:8]}-"
+    publications = Publications(pool, prefix)
+    try:
+        model = unique("hog")
+        pool.store.create(model, make_spec("gil-hog", in_features=2))
+        rows = [[float(i), 8.0 if i == 0 else 0.0] for i in range(8)]
+        ids = send_rows(pool, model, rows, prefix)
+        results = [AsyncResult(i, app=pool.client.app).get(timeout=120) for i in ids]
+        assert [r["outputs"] for r in results] == [[sum(row)] for row in rows]
+        wait_until(lambda: len(publications.counts) == len(ids), 30, "every publication")
+        assert max(publications.counts.values()) == 1, publications.counts.most_common(3)
+        assert reclaimed_workers(sweeper) == [] and reclaimed_workers(pool.worker) == []
+    finally:
+        publications.listener.close()
+        sweeper.stop()
+
+
+def test_clean_stop_deregisters_while_a_kill_is_still_reclaimed(broker: str, start_pool, tmp_path) -> None:
+    # Two workers on one queue, 20 ms a batch. A SIGTERM mid-load is a clean stop: the stopped worker finishes or
+    # restores what it held and removes its heartbeat, so nobody reclaims it or warns. A SIGKILL mid-load is a crash:
+    # the survivor reclaims (on RabbitMQ the broker redelivers) and every request is still answered.
+    pool: Pool = start_pool(
+        broker, queues="inference", max_wait_ms=20, max_batch_size=8, plugins="tests.plugins_batching", reclaim_after=2
+    )
+    other = second_worker(pool, [pool.settings.inference_queue], tmp_path).start()
+    model = unique("slow")
+    pool.store.create(model, make_spec("slow", in_features=2))
+
+    def send(tag: str, n: int) -> list[str]:
+        return send_rows(pool, model, [[float(i), 1.0] for i in range(n)], f"{tag}-")
+
+    def answered(ids: list[str]) -> None:
+        results = [AsyncResult(i, app=pool.client.app).get(timeout=120) for i in ids]
+        assert [r["outputs"] for r in results] == [[float(i) + 1.0] for i in range(len(ids))]
+
+    try:
+        ids = send(f"term-{uuid.uuid4().hex[:8]}", 200)
+        wait_until(lambda: stored(pool, ids) >= 20, 60, "a worker mid-load")
+        assert pool.worker.stop() == 0
+        answered(ids)
+        assert reclaimed_workers(other) == []
+        if pool.settings.broker_is_redis:
+            stopped = consumer_id(pool.worker)
+            keys = Keys(pool.settings.namespace)
+            broker_redis = redis.Redis.from_url(pool.settings.broker_url)
+            # Gone at once: nothing is left for a sweep to find, so no sweep can warn.
+            assert broker_redis.zscore(keys.heartbeats(), stopped) is None
+            assert not broker_redis.exists(keys.held(stopped))
+            assert f"clean stop: consumer {stopped} deregistered" in pool.worker.log()
+
+        pool.worker.start()
+        ids = send(f"kill-{uuid.uuid4().hex[:8]}", 200)
+        wait_until(lambda: stored(pool, ids) >= 20, 60, "a worker mid-load")
+        victim = consumer_id(other) if pool.settings.broker_is_redis else None
+        other.kill()
+        other.proc.wait(10)
+        answered(ids)
+        if victim is not None:
+            wait_until(lambda: reclaimed_workers(pool.worker), 60, "the survivor's log of the reclaim")
+            assert reclaimed_workers(pool.worker) == [victim]
+    finally:
+        other.stop()
+
+
+def _exited(pid: int) -> bool:
+    """Whether process ``pid`` is gone (or a zombie nobody reaped yet)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status
+
+
+def test_heartbeat_process_stops_beating_when_its_worker_is_sigkilled(redis_up, tmp_path) -> None:
+    # The worker alone is killed (an OOM kill, not its process group): its heartbeat process must not outlive it.
+    broker = redis.Redis.from_url(BROKERS["redis"])
+    key = Keys("t" + uuid.uuid4().hex[:10]).heartbeats()
+    connection = connection_of(broker.connection_pool)
+    code = (
+        "import time\n"
+        "from agent_workers.worker.heartbeat import HeartbeatProcess\n"
+        f"beat = HeartbeatProcess(connection={connection!r}, key={key!r}, worker_id='w', interval=0.2)\n"
+        "beat.start()\n"
+        "print(beat._proc.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=settings_env())
+    try:
+        child = int(worker.stdout.readline())
+        wait_until(lambda: broker.zscore(key, "w") is not None, 30, "the first beat")
+        worker.kill()
+        worker.wait(10)
+        wait_until(lambda: _exited(child), 30, "the heartbeat process to end with its worker")
+    finally:
+        worker.kill()
+        broker.delete(key)

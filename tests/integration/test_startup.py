@@ -30,6 +30,12 @@ def test_worker_refuses_a_prefetch_that_cannot_fill_a_batch(redis_up: None) -> N
     assert out.returncode != 0
     assert "a batch can never fill" in out.stdout + out.stderr
     assert "--prefetch-multiplier 128" in out.stdout + out.stderr
+    # One line that names the fix, not Celery's traceback around it.
+    assert "Traceback" not in out.stdout + out.stderr
+    assert [line for line in (out.stdout + out.stderr).splitlines() if "never fill" in line] == [
+        "agent-workers: ConfigError: this worker prefetches 8 messages but AGENT_WORKERS_MAX_BATCH_SIZE=64, so a batch "
+        "can never fill; start it with --prefetch-multiplier 128 (agent-workers worker does this)"
+    ]
 
 
 def test_worker_refuses_a_visibility_timeout_shorter_than_the_time_limit(redis_up: None) -> None:

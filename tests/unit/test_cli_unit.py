@@ -14,6 +14,7 @@ import pytest
 from agent_workers.cli.tables import read_rows, read_xy
 from agent_workers.cli.worker import plan, resolve_queues
 from agent_workers.config import Settings, unknown_variables
+from agent_workers.worker.launch import unique_node_name
 
 NAMESPACED = Settings(namespace="prod", inference_queue="prod.inference", training_queue="prod.training")
 
@@ -24,25 +25,23 @@ def test_queue_roles_mean_the_configured_queues() -> None:
     assert resolve_queues(NAMESPACED, None) == ["prod.inference", "prod.training"]
 
 
-def test_default_node_names_are_unique_per_process_and_prefetch_follows_the_role() -> None:
-    one, two = (
-        plan(NAMESPACED, queues=["prod.inference"], name=None, loglevel="INFO", devices=[], extra=[], pid=pid)[0]
-        for pid in (11, 12)
-    )
-    assert one.cmd[one.cmd.index("-n") + 1] == "prod-inference-11@%h"
-    assert one.cmd[one.cmd.index("-n") + 1] != two.cmd[two.cmd.index("-n") + 1]
+def test_default_node_names_get_their_unique_part_at_start_and_prefetch_follows_the_role() -> None:
+    one = plan(NAMESPACED, queues=["prod.inference"], name=None, loglevel="INFO", devices=[], extra=[])[0]
+    # No pid baked in: the printed line may run any number of times, each worker filling {unique} in as it starts.
+    assert one.cmd[one.cmd.index("-n") + 1] == "prod-inference-{unique}@%h"
+    assert unique_node_name("prod-inference-{unique}@%h") != unique_node_name("prod-inference-{unique}@%h")
     assert one.cmd[one.cmd.index("--prefetch-multiplier") + 1] == str(2 * NAMESPACED.batch.max_batch_size)
-    trainer = plan(NAMESPACED, queues=["prod.training"], name=None, loglevel="INFO", devices=[], extra=[], pid=1)[0]
+    trainer = plan(NAMESPACED, queues=["prod.training"], name=None, loglevel="INFO", devices=[], extra=[])[0]
     # A trainer prefetches a group's worth of train steps (group commit); with a group of 1, one job at a time.
     assert trainer.cmd[trainer.cmd.index("--prefetch-multiplier") + 1] == str(NAMESPACED.train_group)
     per_step = dataclasses.replace(NAMESPACED, train_group=1)
-    trainer = plan(per_step, queues=["prod.training"], name=None, loglevel="INFO", devices=[], extra=[], pid=1)[0]
+    trainer = plan(per_step, queues=["prod.training"], name=None, loglevel="INFO", devices=[], extra=[])[0]
     assert trainer.cmd[trainer.cmd.index("--prefetch-multiplier") + 1] == "1"
 
 
 def test_every_device_process_gets_its_own_port_and_ready_file() -> None:
     settings = Settings(metrics_port=9100, ready_file="/run/ready")
-    launches = plan(settings, queues=["inference"], name=None, loglevel="INFO", devices=["0", "1"], extra=[], pid=5)
+    launches = plan(settings, queues=["inference"], name=None, loglevel="INFO", devices=["0", "1"], extra=[])
     assert [launch.env["AGENT_WORKERS_METRICS_PORT"] for launch in launches] == ["9100", "9101"]
     assert [launch.env["AGENT_WORKERS_READY_FILE"] for launch in launches] == ["/run/ready.0", "/run/ready.1"]
     assert [launch.env["CUDA_VISIBLE_DEVICES"] for launch in launches] == ["0", "1"]
