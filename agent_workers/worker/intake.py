@@ -22,7 +22,7 @@ from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
 from agent_workers.errors import InputError
-from agent_workers.worker import idle, metrics, redelivery
+from agent_workers.worker import deadlines, idle, metrics, redelivery
 from agent_workers.worker.held import HeldMessages
 from agent_workers.worker.kombu_redis import ack_all
 from agent_workers.worker.pipeline import Job, Pipeline
@@ -121,14 +121,29 @@ class Intake:
         as unrecoverable and stops the worker, and the redelivered message would stop the next one.
         """
         self._idle = False
+        request = None
         try:
             request = self._receive(message, body)
-        except Exception:  # noqa: BLE001 - last resort: drop this message alone, loudly
-            log.exception("dropping a message that cannot be handled: %s", saferepr(message.headers, 300))
+            if request is not None:
+                self._hold_or_admit(request)
+        except Exception as exc:  # noqa: BLE001 - last resort: this message alone fails, loudly
+            self._last_resort(message, body, request, exc)
+
+    def _last_resort(self, message: Any, body: Any, request: Pending | None, exc: Exception) -> None:
+        """A message whose handling raised: a FAILURE result when it has an id, else dead-lettered (acknowledged,
+        logged); never an exception out of the consumer or a timer."""
+        log.error("cannot handle a message: %s", saferepr(getattr(message, "headers", None), 300), exc_info=exc)
+        if request is not None and any(p is request for p in self.pending):
+            return  # it was buffered or held before the fault: it is answered with its batch
+        try:
+            headers = getattr(message, "headers", None) if body is None else body
+            headers = headers if isinstance(headers, dict) else {}
+            task_id = request.id if request is not None else usable_id(headers.get("id"))
+            reason = InputError(f"this message cannot be served: {type(exc).__name__}: {str(exc)[:200]}")
+            self._refuse(message, task_id, headers, reason)
+        except Exception:  # noqa: BLE001 - not even a result could be stored: drop it alone
+            log.exception("dropping a message that cannot be handled")
             ack_all([message])
-            return
-        if request is not None:
-            self._hold_or_admit(request)
 
     def _receive(self, message: Any, body: Any) -> Pending | None:
         """The checked request of ``message``, or None when it was refused (failed alone or dead-lettered)."""
@@ -164,7 +179,9 @@ class Intake:
             headers=headers,
             received=time.monotonic(),
             expires=parse_time(headers.get("expires")),
-            redelivered=bool((message.delivery_info or {}).get("redelivered") or headers.get("redelivered")),
+            # The broker's word only (RabbitMQ's flag; on Redis the transport's, from its own restores): a producer's
+            # ``redelivered`` header would force solo serving and a poison count per request.
+            redelivered=(message.delivery_info or {}).get("redelivered") is True,
         )
 
     def _hold_or_admit(self, request: Pending) -> None:
@@ -184,10 +201,16 @@ class Intake:
         self.admit(request)
 
     def _release(self, request: Pending, qos: Any) -> None:
+        """The timer of a held request (eta/countdown): admit it now. Never raises (a timer's exception would reach
+        kombu's hub)."""
         if qos is not None and qos is getattr(self.consumer, "qos", None):
             qos.decrement_eventually()
         self.held.release(request)
-        self.admit(request)
+        try:
+            self.admit(request)
+        except Exception as exc:  # noqa: BLE001 - this request alone fails
+            self._last_resort(request.message, None, None, exc)
+            return
         if self._idle:  # nothing else is arriving: no reason to wait for company
             self.flush()
 
@@ -349,6 +372,7 @@ class Intake:
                 retries=req.retries + 1,
                 countdown=o.retry_countdown,
                 expires=req.headers.get("expires"),
+                priority=deadlines.priority_of(req.message, broker_is_redis=self.app.settings.broker_is_redis),
             )
         except Exception:  # noqa: BLE001 - not acknowledged: the broker redelivers the original instead
             log.warning("publishing the retry of %s failed; its message is not acknowledged", req.id, exc_info=True)
