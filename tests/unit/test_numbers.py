@@ -6,12 +6,15 @@ import math
 import types
 
 import pytest
+from celery import states
 
 from agent_workers import numbers
 from agent_workers.contract import bind_predict_call
 from agent_workers.errors import InputError
 from agent_workers.worker import deadlines
+from agent_workers.worker.intake import Intake
 from agent_workers.worker.requests import Pending
+from agent_workers.worker.results import Outcome
 
 HUGE = "1" + "0" * 400
 
@@ -97,3 +100,65 @@ def test_deadline_ms_in_seconds_is_named_in_the_revoke_reason() -> None:
     deadlines.stamp(ms, broker_is_redis=False)
     late = deadlines.too_late(ms, now, 0.0)
     assert late is not None and "seconds" not in str(late.result)
+
+
+# -- the intake's last resort and retries ---------------------------------------------------------------------------
+
+
+class _Probe(Intake):
+    """An intake without a consumer: records what it would store and publish."""
+
+    def __init__(self, *, broker_is_redis: bool = True, admit_raises: Exception | None = None) -> None:
+        self.pending: list[Pending] = []
+        self.finished: list[Outcome] = []
+        self.sent: list[dict[str, object]] = []
+        self._idle = False
+        self.max_message_bytes = 1 << 20
+        self.admit_raises = admit_raises
+        settings = types.SimpleNamespace(broker_is_redis=broker_is_redis)
+        self.app = types.SimpleNamespace(settings=settings, send_task=lambda *a, **kw: self.sent.append(kw))
+
+    def _hold_or_admit(self, request: Pending) -> None:
+        if self.admit_raises is not None:
+            raise self.admit_raises
+        self.pending.append(request)
+
+    def _finish(self, outcomes: list[Outcome]) -> None:
+        self.finished.extend(outcomes)
+
+
+def _message(task_id: str) -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        headers={"id": task_id, "task": "agent_workers.predict", "retries": 0},
+        body=b'[["m", [1.0]], {}, {}]',
+        content_type="application/json",
+        delivery_info={},
+        properties={"priority": 12},
+    )
+
+
+def test_a_fault_after_receiving_stores_a_failure_instead_of_raising_or_dropping() -> None:
+    probe = _Probe(admit_raises=OverflowError("int too large to convert to float"))
+    probe.on_message(_message("t1"), None, None, None, None)  # before: the OverflowError left the consumer
+    [outcome] = probe.finished
+    assert outcome.request.id == "t1" and outcome.state == states.FAILURE
+    assert isinstance(outcome.result, InputError) and "OverflowError" in str(outcome.result)
+
+
+def test_a_producer_redelivered_header_is_not_a_redelivery() -> None:
+    probe = _Probe()
+    message = _message("t2")
+    message.headers["redelivered"] = True
+    probe.on_message(message, None, None, None, None)
+    assert [r.redelivered for r in probe.pending] == [False]
+    message.delivery_info = {"redelivered": True}  # the broker's word
+    probe.on_message(message, None, None, None, None)
+    assert [r.redelivered for r in probe.pending] == [False, True]
+
+
+@pytest.mark.parametrize(("redis", "priority"), [(True, 9), (False, 12)])
+def test_a_retry_keeps_its_priority(redis: bool, priority: int) -> None:
+    probe = _Probe(broker_is_redis=redis)
+    probe.on_message(_message("t3"), None, None, None, None)
+    assert probe._publish_retry(Outcome(probe.pending[0], states.RETRY, RuntimeError("x"), retry_countdown=0.5))
+    assert probe.sent[0]["priority"] == priority and probe.sent[0]["task_id"] == "t3"
