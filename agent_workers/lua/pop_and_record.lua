@@ -14,7 +14,8 @@
 -- A recorded tag that our transport restored (KEYS[4]) is redelivered: the only redelivered flag the worker trusts on
 -- Redis (a producer can write any flag into an envelope, not into this set).
 -- Returns false (nothing to pop) or {the list each recorded payload came from, the recorded payloads, how many were
--- dead-lettered, how many messages are left in all the lists, '1' or '0' per recorded payload: restored by us}
+-- dead-lettered, how many messages are left in all the lists, '1' or '0' per recorded payload: restored by us, the
+-- recorded delivery tags}
 -- (the worker flushes its batch at once when nothing is left).
 local function restorable(msg)
   local headers = msg.headers
@@ -34,7 +35,7 @@ end
 local want = tonumber(ARGV[1])
 local lists = {}
 for i = 5, #KEYS do lists[#lists + 1] = KEYS[i] end
-local sources, recorded, restored, dropped = {}, {}, {}, 0
+local sources, recorded, restored, tags, dropped = {}, {}, {}, {}, 0
 while want > 0 do
   local cmd = {'LMPOP', #lists}
   for _, list in ipairs(lists) do cmd[#cmd + 1] = list end
@@ -60,6 +61,7 @@ while want > 0 do
       sources[#sources + 1] = key
       recorded[#recorded + 1] = raw
       restored[#restored + 1] = redis.call('ZREM', KEYS[4], tag) == 1 and '1' or '0'
+      tags[#tags + 1] = tag
     else
       redis.call('RPUSH', dead, raw)
       dropped = dropped + 1
@@ -72,4 +74,4 @@ local left = 0
 for _, list in ipairs(lists) do left = left + redis.call('LLEN', list) end
 -- Markers of restored messages that were never popped again (their queue deleted) go after a week.
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[2]) - 7 * 86400)
-return {sources, recorded, dropped, left, restored}
+return {sources, recorded, dropped, left, restored, tags}

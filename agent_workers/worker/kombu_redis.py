@@ -187,7 +187,7 @@ class Channel(kredis.Channel):
             drained = len(popped) < count or left == 0
             if not popped:
                 raise kredis.Empty()
-            for key, text, restored in popped:
+            for key, text, restored, recorded_tag in popped:
                 queue = key.rsplit(self.sep, 1)[0]
                 try:
                     payload = _envelope(text)
@@ -196,8 +196,11 @@ class Channel(kredis.Channel):
                         raise TypeError(f"delivery_tag {tag!r}")
                     # The transport's word, not the producer's (the script checked delivery_info is an object).
                     payload["properties"]["delivery_info"]["redelivered"] = restored
-                except Exception:  # noqa: BLE001 - the script records only what parses; never deliver the rest
-                    logger.error("not delivering an envelope the pop script recorded: %.200r", text)
+                except Exception:  # noqa: BLE001 - Lua's parser took it, ours did not (e.g. invalid UTF-8)
+                    logger.error(
+                        "cannot read an envelope from %s; moved to %s%s: %.200r", queue, queue, DEAD_LETTER_SUFFIX, text
+                    )
+                    self._dead_letter(queue, text, recorded_tag)
                     continue
                 self.qos._recorded.add(tag)
                 self._queue_cycle.rotate(queue)
@@ -227,14 +230,15 @@ class Channel(kredis.Channel):
             self.qos._remove_from_indices(tag, pipe)
             pipe.execute()
 
-    def _pop_and_record(self, count: int) -> tuple[list[tuple[str, bytes]], int]:
+    def _pop_and_record(self, count: int) -> tuple[list[tuple[str, bytes, bool, str]], int]:
         """Pop up to ``count`` messages AND record them as unacknowledged, atomically (a Lua script), so no popped
         message ever exists only in this process: a SIGKILL at any point leaves each message either in its queue or
         in the unacked hash, from which the visibility-timeout sweep restores it. Envelopes that cannot be recorded
         go to the queue's dead-letter list (``<queue>.dead``) instead.
 
         Returns:
-            The popped (list key, envelope, restored by us) triples, and how many messages are left in all the lists.
+            The popped (list key, envelope, restored by us, delivery tag) tuples, and how many messages are left in all
+            the lists.
         """
         held = self.reclaim_key  # fast reclaim: also record who holds each message
         reply = self._pop_script()(
@@ -243,7 +247,7 @@ class Channel(kredis.Channel):
         )
         if not reply:
             return [], 0
-        sources, items, dropped, left, restored = reply[0], reply[1], int(reply[2]), int(reply[3]), reply[4]
+        sources, items, dropped, left = reply[0], reply[1], int(reply[2]), int(reply[3])
         if dropped:
             logger.error(
                 "%d malformed envelope(s) moved to <queue>%s (no usable delivery tag, or not restorable)",
@@ -251,7 +255,8 @@ class Channel(kredis.Channel):
                 DEAD_LETTER_SUFFIX,
             )
         return [
-            (bytes_to_str(key), item, flag == b"1") for key, item, flag in zip(sources, items, restored, strict=True)
+            (bytes_to_str(key), item, flag == b"1", bytes_to_str(tag))
+            for key, item, flag, tag in zip(sources, items, reply[4], reply[5], strict=True)
         ], left
 
     def _pop_script(self) -> Any:

@@ -9,7 +9,7 @@ and checks the promises as properties:
 * every hostile message that carries a usable id reaches exactly one final state (SUCCESS, FAILURE or REVOKED);
 * every good batch-mate succeeds with the output torch computes locally from the stored parameters;
 * the worker never restarts (same pid);
-* on Redis, every message of ours it holds unacknowledged could be restored should it die;
+* on Redis, every pushed envelope the worker took (did not dead-letter) could have been restored had it died;
 and, once all examples ran: nothing stays unacknowledged (Redis: no unacked entry of ours; RabbitMQ: the queue is
 empty), no prefetch slot leaked and the worker still consumes (a burst of more requests than its prefetch window is
 answered), and no metrics series or Redis key grows with the number of bad messages (a forged ``redelivered`` would
@@ -34,6 +34,7 @@ from hypothesis import given, reject
 from hypothesis import strategies as st
 from kombu import Connection
 
+from agent_workers import numbers
 from agent_workers.models import make_spec
 from agent_workers.worker.kombu_redis import UNACKED_KEY, unrestorable
 from tests.conftest import Pool, unique
@@ -185,15 +186,28 @@ def envelope(
     return text
 
 
-def restorable_holds(broker: redis.Redis, prefix: str) -> list[str]:
-    """Why each unacknowledged message of ours could not be restored, should its worker die (empty: all can)."""
+def held_but_unrestorable(broker: redis.Redis, queue: str, pushed: list[str]) -> list[str]:
+    """Why each pushed envelope the worker took (it is not in ``<queue>.dead``) could not have been restored by
+    kombu had its worker died (empty: every one could). Waits until the worker has taken all of them."""
+    marks = [text.encode() for text in pushed]
+    wait_until(
+        lambda: not any(m in v for m in marks for v in broker.lrange(queue, 0, -1) + broker.hvals(UNACKED_KEY)),
+        20,
+        "the worker to take (and acknowledge) every pushed envelope",
+    )
+    dead = {raw.decode(errors="replace") for raw in broker.lrange(queue + ".dead", 0, -1)}
     problems = []
-    for raw in broker.hvals(UNACKED_KEY):
-        if prefix.encode() in raw:
-            payload, exchange, routing_key = json.loads(raw)
-            problem = unrestorable(payload, exchange, routing_key)
-            if problem:
-                problems.append(f"{problem}: {raw[:300]!r}")
+    for text in pushed:
+        if text in dead:
+            continue
+        payload = numbers.loads(text)
+        # Lua cannot tell an empty list from an empty object: ``headers: []`` is taken, and our restore moves it to
+        # the dead-letter list (kombu's would drop it); never lost, never able to stop a sweep.
+        if isinstance(payload, dict) and payload.get("headers") == []:
+            continue
+        problem = unrestorable(payload, "", queue)
+        if problem:
+            problems.append(f"{problem}: {text[:300]}")
     return problems
 
 
@@ -264,8 +278,12 @@ def test_no_message_can_hurt_another(pool: Pool) -> None:
             reject()  # not a message any worker can receive: the example says nothing about ours
             raise AssertionError("unreachable") from exc
         if broker is not None:
-            for i, (replace, remove, priority) in enumerate(raw):
-                broker.lpush(queue, envelope(queue, f"{prefix}{n}-raw-{i}", model, replace, remove, priority))
+            pushed = [
+                envelope(queue, f"{prefix}{n}-raw-{i}", model, replace, remove, priority)
+                for i, (replace, remove, priority) in enumerate(raw)
+            ]
+            for text in pushed:
+                broker.lpush(queue, text)
         seen["bad"] += len(bad) + len(raw)
         outputs = [pool.client.wait(task_id, 20) for task_id in good_ids]
         with torch.no_grad():
@@ -276,7 +294,8 @@ def test_no_message_can_hurt_another(pool: Pool) -> None:
                 assert final_state(pool, task_id) in FINAL, (kind, task_id)
         assert pool.worker.pid == pid and pool.worker.proc.poll() is None, "the worker restarted"
         if broker is not None:
-            assert not restorable_holds(broker, prefix), "a held message could not be restored if its worker died"
+            problems = held_but_unrestorable(broker, queue, pushed)
+            assert not problems, f"the worker held envelopes kombu could not have restored: {problems}"
         if seen["baseline"] is None:
             seen["baseline"] = (series(pool), namespace_keys(pool))
 
