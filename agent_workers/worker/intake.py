@@ -134,7 +134,7 @@ class Intake:
         logged); never an exception out of the consumer or a timer."""
         log.error("cannot handle a message: %s", saferepr(getattr(message, "headers", None), 300), exc_info=exc)
         if request is not None and any(p is request for p in self.pending):
-            return  # it was buffered or held before the fault: it is answered with its batch
+            return  # it was buffered before the fault: it is answered with its batch
         try:
             headers = getattr(message, "headers", None) if body is None else body
             headers = headers if isinstance(headers, dict) else {}

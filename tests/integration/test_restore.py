@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,7 @@ import redis
 from kombu import Connection, Exchange, Producer
 
 from agent_workers.contract import declare_queue
+from agent_workers.keys import Keys
 from agent_workers.models import make_spec
 from agent_workers.tools.supervisor import LocalRedis
 from agent_workers.worker import kombu_redis
@@ -106,31 +108,48 @@ def own_broker() -> Iterator[LocalRedis]:
     shutil.rmtree(server.dir, ignore_errors=True)
 
 
-def test_a_worker_starts_and_restores_innocent_messages_beside_unrestorable_ones(own_broker, start_pool) -> None:
-    pool: Pool = start_pool("redis", queues="inference", start=False, broker_url=own_broker.url)
-    model = unique("lin")
-    pool.store.create(model, make_spec("linear", in_features=2))
-    queue = pool.settings.inference_queue
-    broker = redis.Redis.from_url(own_broker.url)
-    # Held by a worker that died (index score 0: older than any visibility timeout), recorded as the old pop script
-    # recorded them: [envelope, exchange, routing key], null when the envelope had none.
+def plant_held(broker: redis.Redis, queue: str, model: str, score: float) -> tuple[list[str], dict[str, str]]:
+    """Unacknowledged entries of a worker that died: five innocent messages among the unrestorable ones, recorded as
+    the old pop script recorded them ([envelope, exchange, routing key], null when the envelope had none), with
+    index ``score``. Returns the innocent task ids and every entry by tag."""
     innocent = [f"innocent-{i}-{uuid.uuid4().hex[:8]}" for i in range(5)]
     entries = {}
     for i, (task_id, text) in enumerate(unrestorable(queue, model).items()):
         info = json.loads(text)["properties"].get("delivery_info") if "delivery-info" not in task_id else None
         route = [None, None] if not isinstance(info, dict) else [info.get("exchange"), info.get("routing_key")]
-        entries[f"bad-tag-{i}"] = "[" + text + ", " + json.dumps(route[0]) + ", " + json.dumps(route[1]) + "]"
+        entries[f"bad-tag-{i}-{uuid.uuid4().hex[:8]}"] = f"[{text}, {json.dumps(route[0])}, {json.dumps(route[1])}]"
     for task_id in innocent:
         env = envelope(queue, task_id, model)
         entries[env["properties"]["delivery_tag"]] = json.dumps([env, queue, queue])
     broker.hset(UNACKED_KEY, mapping=entries)
-    broker.zadd(UNACKED_INDEX_KEY, dict.fromkeys(entries, 0))
-    pool.worker.start()  # kombu's visibility sweep runs at start-up: before the fix, it raised and the worker died
+    broker.zadd(UNACKED_INDEX_KEY, dict.fromkeys(entries, score))
+    return innocent, entries
+
+
+def test_a_worker_starts_and_restores_innocent_messages_beside_unrestorable_ones(own_broker, start_pool) -> None:
+    pool: Pool = start_pool("redis", queues="inference", start=False, broker_url=own_broker.url, reclaim_after=2)
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=2))
+    queue = pool.settings.inference_queue
+    broker = redis.Redis.from_url(own_broker.url)
+    # Score 0 (older than any visibility timeout): kombu's visibility sweep restores them as the worker starts;
+    # before the fix it raised there and the worker died, and so did every worker started after it.
+    innocent, entries = plant_held(broker, queue, model, 0)
+    pool.worker.start()
     for task_id in innocent:
         assert pool.client.wait(task_id, 30)["version"] == 0
     wait_for_empty_index(broker)
+    # Held by a dead consumer (its heartbeat long gone), recent in the index: fast reclaim's sweep restores them.
+    keys = Keys(pool.settings.namespace)
+    again, more = plant_held(broker, queue, model, time.time())
+    broker.sadd(keys.held("dead-worker"), *more)
+    broker.zadd(keys.heartbeats(), {"dead-worker": 0})
+    for task_id in again:
+        assert pool.client.wait(task_id, 30)["version"] == 0
+    wait_for_empty_index(broker)
     dead = broker.lrange(f"{queue}.dead", 0, -1) + broker.lrange(f"{kombu_redis.UNROUTABLE}.dead", 0, -1)
-    assert len(dead) == len(entries) - len(innocent), "an unrestorable message was dropped instead of dead-lettered"
+    unrestorable_count = len(entries) - len(innocent) + len(more) - len(again)
+    assert len(dead) == unrestorable_count, "an unrestorable message was dropped instead of dead-lettered"
     assert pool.worker.proc is not None and pool.worker.proc.poll() is None
 
 
