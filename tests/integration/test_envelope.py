@@ -39,14 +39,14 @@ class Text(str):
     """A body published as this JSON text, byte for byte (numbers no encoder writes: ``1e400``)."""
 
 
-def publish_raw(pool: Pool, messages: list[tuple[dict[str, object], object]]) -> None:
+def publish_raw(pool: Pool, messages: list[tuple[dict[str, object], object]], queue: str | None = None) -> None:
     """Publish protocol-2 messages exactly as given (headers and body; a :class:`Text` body as its text), in order,
     on one channel.
 
     With publisher confirms on RabbitMQ: a message the broker itself refuses (a header table over its frame size)
     closes the channel, and without confirms the messages after it would vanish without a word.
     """
-    queue = pool.settings.inference_queue
+    queue = queue or pool.settings.inference_queue
     with Connection(pool.settings.broker_url, transport_options={"confirm_publish": True}) as conn:
         producer = Producer(conn.default_channel)
         for headers, body in messages:

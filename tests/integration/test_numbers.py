@@ -61,6 +61,34 @@ def test_numbers_past_every_range_fail_only_their_own_request(pool: Pool) -> Non
     assert pool.worker.pid == pid and pool.worker.proc is not None and pool.worker.proc.poll() is None
 
 
+#: train_step calls (``M`` the model) with a number past its range, and the words the error names it by.
+TRAIN_CASES = {
+    "y-1e400": ("x or y", '[["M"], {"x": [[1.0]], "y": [[1e400]]}, {}]'),
+    "x-10-pow-400": ("x or y", '[["M"], {"x": [[' + HUGE + ']], "y": [[1.0]]}, {}]'),
+    "lr-10-pow-400": ("lr", '[["M"], {"x": [[1.0]], "y": [[1.0]], "hparams": {"lr": ' + HUGE + "}}, {}]"),
+    "momentum-1e400": ("momentum", '[["M"], {"x": [[1.0]], "y": [[1.0]], "hparams": {"momentum": 1e400}}, {}]'),
+    "betas-1e400": ("betas", '[["M"], {"x": [[1.0]], "y": [[1.0]], "hparams": {"betas": [1e400, 0.9]}}, {}]'),
+}
+
+
+def test_train_step_numbers_past_every_range_fail_only_their_own_step(pool: Pool) -> None:
+    model = unique("ctr")
+    pool.store.create(model, make_spec("linear", in_features=1))
+    bad = {f"bad-{case}-{uuid.uuid4().hex[:8]}": TRAIN_CASES[case] for case in TRAIN_CASES}
+    good = f"good-{uuid.uuid4().hex}"
+    messages: list[tuple[dict[str, object], object]] = [
+        (_headers(task_id, task="agent_workers.train_step"), Text(text.replace('"M"', f'"{model}"')))
+        for task_id, (_, text) in bad.items()
+    ]
+    messages.append((_headers(good, task="agent_workers.train_step"), [[model], {"x": [[1.0]], "y": [[2.0]]}, {}]))
+    publish_raw(pool, messages, queue=pool.settings.training_queue)
+    for task_id, (field, _) in bad.items():
+        with pytest.raises(InputError, match=field):
+            pool.client.wait(task_id, 60)
+            pytest.fail(f"{task_id} was applied")
+    assert pool.client.wait(good, 60)["version"] == 1
+
+
 def test_unservable_messages_never_leak_a_prefetch_slot(broker: str, start_pool) -> None:
     # Prefetch 4: before the fix, each of these stopped a RabbitMQ worker, or on Redis held a slot for ever.
     pool: Pool = start_pool(broker, queues="inference", max_batch_size=2, max_wait_ms=20)

@@ -162,3 +162,15 @@ def test_a_retry_keeps_its_priority(redis: bool, priority: int) -> None:
     probe.on_message(_message("t3"), None, None, None, None)
     assert probe._publish_retry(Outcome(probe.pending[0], states.RETRY, RuntimeError("x"), retry_countdown=0.5))
     assert probe.sent[0]["priority"] == priority and probe.sent[0]["task_id"] == "t3"
+
+
+@pytest.mark.parametrize(("field", "epochs", "batch_size"), [("epochs", 10**400, 10), ("batch_size", 1, 2.0)])
+def test_fit_refuses_epochs_and_batch_sizes_past_their_range(field: str, epochs: object, batch_size: object) -> None:
+    import numpy as np
+
+    from agent_workers.optim import HyperParams
+    from agent_workers.training import fit
+
+    x, y = np.zeros((4, 1), np.float32), np.zeros((4, 1), np.float32)
+    with pytest.raises(InputError, match=f"^{field} must be an integer"):  # before any step: no store needed
+        fit(None, "m", x, y, HyperParams(), epochs=epochs, batch_size=batch_size, update_prefix="u")  # type: ignore[arg-type]
