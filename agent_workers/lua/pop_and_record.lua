@@ -15,7 +15,8 @@
 -- Redis (a producer can write any flag into an envelope, not into this set).
 -- Returns false (nothing to pop) or {the list each recorded payload came from, the recorded payloads, how many were
 -- dead-lettered, how many messages are left in all the lists, '1' or '0' per recorded payload: restored by us, the
--- recorded delivery tags}
+-- recorded delivery tags, the task ids and names of the dead-lettered envelopes that carry both (the worker stores
+-- a FAILURE for them)}
 -- (the worker flushes its batch at once when nothing is left).
 local function restorable(msg)
   local headers = msg.headers
@@ -32,10 +33,20 @@ local function restorable(msg)
   return true
 end
 
+local function identity(msg)
+  if type(msg) ~= 'table' or type(msg.headers) ~= 'table' then return nil end
+  local id, task = msg.headers.id, msg.headers.task
+  if type(id) == 'string' and #id > 0 and #id <= 255 and type(task) == 'string' and #task <= 255 then
+    return id, task
+  end
+  return nil
+end
+
 local want = tonumber(ARGV[1])
 local lists = {}
 for i = 5, #KEYS do lists[#lists + 1] = KEYS[i] end
 local sources, recorded, restored, tags, dropped = {}, {}, {}, {}, 0
+local refused_ids, refused_tasks = {}, {}
 while want > 0 do
   local cmd = {'LMPOP', #lists}
   for _, list in ipairs(lists) do cmd[#cmd + 1] = list end
@@ -65,6 +76,13 @@ while want > 0 do
     else
       redis.call('RPUSH', dead, raw)
       dropped = dropped + 1
+      if ok then
+        local id, task = identity(msg)
+        if id then
+          refused_ids[#refused_ids + 1] = id
+          refused_tasks[#refused_tasks + 1] = task
+        end
+      end
     end
   end
   want = want - #popped[2]
@@ -74,4 +92,4 @@ local left = 0
 for _, list in ipairs(lists) do left = left + redis.call('LLEN', list) end
 -- Markers of restored messages that were never popped again (their queue deleted) go after a week.
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[2]) - 7 * 86400)
-return {sources, recorded, dropped, left, restored, tags}
+return {sources, recorded, dropped, left, restored, tags, refused_ids, refused_tasks}

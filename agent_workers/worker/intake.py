@@ -22,7 +22,7 @@ from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
 from agent_workers.errors import InputError
-from agent_workers.worker import deadlines, idle, metrics, redelivery
+from agent_workers.worker import deadlines, idle, kombu_redis, metrics, redelivery
 from agent_workers.worker.held import HeldMessages
 from agent_workers.worker.kombu_redis import ack_all
 from agent_workers.worker.pipeline import Job, Pipeline
@@ -87,10 +87,12 @@ class Intake:
         )
         if policy.settings.flush_when_idle:
             idle.subscribe(self._connection, self.on_drained)
+        kombu_redis.subscribe_refused(self._connection, self._on_refused)
 
     def close(self) -> None:
         """Stop the wait timer (a replaced intake's buffered messages are redelivered by the broker)."""
         idle.unsubscribe(self._connection, self.on_drained)
+        kombu_redis.unsubscribe_refused(self._connection, self._on_refused)
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
@@ -257,6 +259,22 @@ class Intake:
         else:
             log.error("dead-lettering a message without a usable id (%s): %s", reason, saferepr(headers, 300))
             ack_all([message])
+
+    def _on_refused(self, refused: list[tuple[str, str]]) -> None:
+        """Store a FAILURE for the envelopes of this task the Redis pop script moved to a dead-letter list (kombu
+        could not have restored them); they are already out of the queue and never delivered."""
+        error = InputError(
+            "the Redis envelope of this request cannot be restored by kombu (properties.delivery_info, headers or "
+            "priority malformed); it was moved to the queue's dead-letter list"
+        )
+        now = time.monotonic()
+        outcomes = [
+            Outcome(Pending(task_id, task, None, [], {}, {}, now, None), states.FAILURE, error)
+            for task_id, task in refused
+            if task == self.task.name
+        ]
+        if outcomes:
+            self.writer.write(outcomes)
 
     def _on_timer(self) -> None:
         self._tref = None

@@ -29,6 +29,7 @@ for a Redis older than 7.0 or with a global key prefix.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from time import time
 from typing import Any
 
@@ -254,6 +255,9 @@ class Channel(kredis.Channel):
                 dropped,
                 DEAD_LETTER_SUFFIX,
             )
+            refused = [(bytes_to_str(i), bytes_to_str(t)) for i, t in zip(reply[6], reply[7], strict=True)]
+            if refused:
+                _tell_refused(self.connection.client, refused)
         return [
             (bytes_to_str(key), item, flag == b"1", bytes_to_str(tag))
             for key, item, flag, tag in zip(sources, items, reply[4], reply[5], strict=True)
@@ -264,6 +268,33 @@ class Channel(kredis.Channel):
         if script is None:
             script = self._pop_and_record_script = self.client.register_script(lua.source("pop_and_record"))
         return script
+
+
+#: id(kombu Connection) -> callbacks told the (task id, task name) of envelopes the pop script dead-lettered.
+_refused_listeners: dict[int, list[Callable[[list[tuple[str, str]]], None]]] = {}
+
+
+def subscribe_refused(connection: Any, callback: Callable[[list[tuple[str, str]]], None]) -> None:
+    """Call ``callback`` with the (task id, task name) of every envelope the pop script on ``connection`` moves to
+    a dead-letter list (an intake stores a FAILURE for the ids of its task)."""
+    if connection is not None:
+        _refused_listeners.setdefault(id(connection), []).append(callback)
+
+
+def unsubscribe_refused(connection: Any, callback: Callable[[list[tuple[str, str]]], None]) -> None:
+    callbacks = _refused_listeners.get(id(connection), [])
+    if callback in callbacks:
+        callbacks.remove(callback)
+    if not callbacks:
+        _refused_listeners.pop(id(connection), None)
+
+
+def _tell_refused(connection: Any, refused: list[tuple[str, str]]) -> None:
+    for callback in list(_refused_listeners.get(id(connection), ())):
+        try:
+            callback(refused)
+        except Exception:  # noqa: BLE001 - a result write must not stop the consumer
+            logger.exception("storing the failures of %d dead-lettered envelopes failed", len(refused))
 
 
 def unrestorable(payload: Any, exchange: Any, routing_key: Any) -> str | None:

@@ -21,6 +21,7 @@ import redis
 from kombu import Connection, Exchange, Producer
 
 from agent_workers.contract import declare_queue
+from agent_workers.errors import InputError
 from agent_workers.keys import Keys
 from agent_workers.models import make_spec
 from agent_workers.tools.supervisor import LocalRedis
@@ -82,7 +83,8 @@ def test_pop_refuses_envelopes_kombu_could_not_restore(start_pool) -> None:
     pool.store.create(model, make_spec("linear", in_features=2))
     queue = pool.settings.inference_queue
     broker = redis.Redis.from_url(pool.settings.broker_url)
-    bad = [text.encode() for text in unrestorable(queue, model).values()]
+    refused = unrestorable(queue, model)
+    bad = [text.encode() for text in refused.values()]
     # Lua's parser takes invalid UTF-8, ours does not: recorded by the script, then dead-lettered, not left held.
     bad.append(json.dumps(envelope(queue, str(uuid.uuid4()), model)).replace('"py"', '"\xff"').encode("latin-1"))
     try:
@@ -93,6 +95,10 @@ def test_pop_refuses_envelopes_kombu_could_not_restore(start_pool) -> None:
         dead = set(broker.lrange(f"{queue}.dead", 0, -1))
         assert dead == set(bad), "an envelope kombu cannot restore, or we cannot read, was recorded as unacknowledged"
         assert not any(raw in broker.hvals(UNACKED_KEY) for raw in bad)
+        for task_id in refused:  # those whose headers carry an id get a FAILURE that says why
+            if "headers" not in task_id:
+                with pytest.raises(InputError, match="cannot be restored"):
+                    pool.client.wait(task_id, 30)
     finally:
         broker.delete(f"{queue}.dead")
         broker.close()
