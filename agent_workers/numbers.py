@@ -22,7 +22,6 @@ import math
 from typing import Any
 
 import orjson
-from kombu.utils.json import loads as kombu_loads
 
 from agent_workers.errors import InputError
 
@@ -48,17 +47,19 @@ _stdlib_loads = functools.partial(json.loads, parse_int=_parse_int)
 
 def loads(data: bytes | str) -> Any:
     """Parse JSON from a message: orjson, else the standard library with orjson's number rule (see the module
-    docstring) and kombu's object hook, as kombu's own ``loads`` decodes (e.g. NaN/Infinity literals, lone
-    surrogate escapes, numbers past the float range).
+    docstring) for what orjson refuses (NaN/Infinity literals, lone surrogate escapes, numbers past the float
+    range). Objects stay plain dicts on both paths (no kombu ``__type__`` hook: the same text, the same value).
 
     Raises:
-        ValueError: not JSON.
+        ValueError: not JSON (invalid UTF-8 included).
     """
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         pass
-    return kombu_loads(data, _loads=_stdlib_loads)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data).decode("utf-8")
+    return _stdlib_loads(data)
 
 
 def integer(name: str, value: Any, *, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
