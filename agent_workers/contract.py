@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 from kombu import Exchange, Queue
 
+from agent_workers import numbers
 from agent_workers.config import Settings
 from agent_workers.errors import InputError
 
@@ -81,9 +82,12 @@ class PredictCall(NamedTuple):
     deadline_ms: int | None = None
 
 
-def _version_like(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise InputError(f"{name} must be a non-negative integer or null, got {value!r:.40}")
+#: The latest ``deadline_ms`` accepted: the end of year 9999 (a later one is a unit or arithmetic mistake).
+MAX_DEADLINE_MS = 253_402_300_800_000
+
+
+def _optional(name: str, value: Any, high: int) -> int | None:
+    return None if value is None else numbers.integer(name, value, low=0, high=high)
 
 
 def _bind_predict(
@@ -91,10 +95,9 @@ def _bind_predict(
 ) -> PredictCall:
     if not isinstance(model, str):
         raise InputError(f"model must be a model name (a string), got {type(model).__name__}")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise InputError(f"version must be an integer or null, got {version!r}")
-    _version_like("min_version", min_version)
-    _version_like("deadline_ms", deadline_ms)
+    version = _optional("version", version, numbers.INT64_MAX)
+    min_version = _optional("min_version", min_version, numbers.INT64_MAX)
+    deadline_ms = _optional("deadline_ms", deadline_ms, MAX_DEADLINE_MS)
     if version is not None and min_version is not None and version < min_version:
         raise InputError(f"version {version} is pinned below min_version {min_version}; drop one of them")
     return PredictCall(model, inputs, version, min_version, deadline_ms)

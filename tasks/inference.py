@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Task
 
+from agent_workers import numbers
 from agent_workers.contract import PREDICT, PREDICT_MANY, bind_predict_call
 from agent_workers.errors import InputError, StoreUnavailableError
 from agent_workers.worker.limits import LimitedTask
@@ -50,6 +51,6 @@ def predict_many(
     ``min_version`` when given: read-your-writes)."""
     if not isinstance(model, str):
         raise InputError(f"model must be a model name (a string), got {type(model).__name__}")
-    if min_version is not None and (isinstance(min_version, bool) or not isinstance(min_version, int)):
-        raise InputError(f"min_version must be a non-negative integer or null, got {min_version!r:.40}")
+    version = None if version is None else numbers.integer("version", version, low=0)
+    min_version = None if min_version is None else numbers.integer("min_version", min_version, low=0)
     return self.app.engine.predict_many(model, inputs, version, min_version)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agent_workers import numbers
 from agent_workers.errors import InputError
 from agent_workers.models import ModelSpec
 from agent_workers.store.blobs import PARAM_PREFIX, Snapshot
@@ -111,9 +112,7 @@ class HyperParams:
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise InputError(f"hyperparameter {name} must be a finite number, got {value!r}")
-    return float(value)
+    return numbers.finite(f"hyperparameter {name}", value)
 
 
 def _loss(

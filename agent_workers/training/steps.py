@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from agent_workers import metrics
+from agent_workers import metrics, numbers
 from agent_workers.errors import InputError, ModelError, VersionConflictError
 from agent_workers.store.params import CommitOutcome, RedisParamStore
 from agent_workers.training.datasets import epoch_batches, row_width
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ATTEMPTS = 64
 BACKOFF_BASE = 0.002
 BACKOFF_CAP = 0.05
+#: The most epochs one fit job may ask for (a larger number is a mistake, not a plan).
+MAX_EPOCHS = 1_000_000
 
 
 def check_deadline(deadline: float | None, what: str) -> None:
@@ -248,10 +250,8 @@ def fit(
             data that does not fit the model (checked before the first commit: nothing is half-trained).
         TimeLimitExceeded: the deadline passed; the steps committed so far stay committed (a redelivery skips them).
     """
-    if not (isinstance(epochs, int) and epochs > 0 and isinstance(batch_size, int) and batch_size > 0):
-        raise InputError("epochs and batch_size must be positive integers")
-    if isinstance(epochs, bool) or isinstance(batch_size, bool):
-        raise InputError("epochs and batch_size must be positive integers")
+    epochs = numbers.integer("epochs", epochs, low=1, high=MAX_EPOCHS)
+    batch_size = numbers.integer("batch_size", batch_size, low=1)
     width = max(row_width(x), row_width(y))
     if max_elements is not None and min(batch_size, len(x)) * width > max_elements:
         raise InputError(
@@ -356,9 +356,10 @@ def as_batch(x: Any, y: Any, *, max_elements: int | None = None) -> tuple[np.nda
     """Validate a mini-batch from JSON: x a non-empty 2-D list of finite numbers, y one target per row, neither
     holding more than ``max_elements`` numbers."""
     try:
-        xa = np.asarray(x, dtype=np.float32)
-        ya = np.asarray(y, dtype=np.float32)
-    except (ValueError, TypeError) as exc:
+        with np.errstate(over="ignore"):  # past float32's range becomes inf, refused below
+            xa = np.asarray(x, dtype=np.float32)
+            ya = np.asarray(y, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: an int past the float range
         raise InputError(f"x and y must be numbers: {exc}") from None
     if xa.ndim < 2 or xa.shape[0] == 0:
         raise InputError(f"x must be a non-empty list of rows, got shape {list(xa.shape)}")
@@ -370,5 +371,5 @@ def as_batch(x: Any, y: Any, *, max_elements: int | None = None) -> tuple[np.nda
             "(AGENT_WORKERS_MAX_INPUT_ELEMENTS): send smaller batches"
         )
     if not (np.isfinite(xa).all() and np.isfinite(ya).all()):
-        raise InputError("x or y contain NaN or infinity")
+        raise InputError("x or y contain NaN or infinity (or a number past float32's range, 3.4e38)")
     return xa, ya

@@ -22,10 +22,15 @@ from typing import Any
 
 from celery import states
 
+from agent_workers.contract import MAX_DEADLINE_MS
 from agent_workers.worker.requests import Pending, revoked_error
 from agent_workers.worker.results import Outcome
 
 _NO_DEADLINE = math.inf
+#: kombu's Redis transport knows priorities 0-9 (``Channel.max_priority``, ``priority_steps``).
+REDIS_MAX_PRIORITY = 9
+#: A ``deadline_ms`` below this (1973-03-03 in milliseconds) that is near now in seconds was given in seconds.
+_SECONDS_LOOK_BELOW = 10**11
 
 
 def deadline_ms_of(req: Pending) -> Any:
@@ -41,13 +46,33 @@ def stamp(req: Pending, *, broker_is_redis: bool) -> bool:
     """Fill in ``req.deadline`` and ``req.rank``; True when either matters (the flush must be ordered)."""
     due = req.expires.timestamp() if req.expires is not None else None
     raw = deadline_ms_of(req)
-    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:  # bad values fail later, in binding
+    # Bad values (a float, 10**400, past year 9999) fail later, in binding, naming deadline_ms.
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw <= MAX_DEADLINE_MS:
         due = raw / 1000.0 if due is None else min(due, raw / 1000.0)
     req.deadline = due
-    priority = (getattr(req.message, "properties", None) or {}).get("priority")
-    if isinstance(priority, int) and not isinstance(priority, bool):
+    priority = priority_of(req.message, broker_is_redis=broker_is_redis)
+    if priority is not None:
         req.rank = priority if broker_is_redis else -priority
     return due is not None or req.rank != 0
+
+
+def priority_of(message: Any, *, broker_is_redis: bool) -> int | None:
+    """The priority the broker gave ``message``, as the broker reads it; None when it has none.
+
+    AMQP: the ``priority`` property, an octet. Redis: kombu's reading (``Channel._get_message_priority``):
+    ``int(priority)`` clamped to 0-9, 0 when it does not convert, so the worker orders a flush exactly as kombu
+    chose the priority list (an unclamped 1000 or -5 would reorder what kombu ranks as 9 or 0).
+    """
+    raw = (getattr(message, "properties", None) or {}).get("priority")
+    if raw is None:
+        return None
+    if not broker_is_redis:
+        return raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+    try:
+        value = int(raw)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return max(min(value, REDIS_MAX_PRIORITY), 0)
 
 
 def urgency(req: Pending) -> tuple[int, float, float]:
@@ -76,9 +101,21 @@ def miss(req: Pending, now: float, done: float) -> Outcome | None:
     if req.expires is not None and req.expires.timestamp() <= now:
         return revoke(req, "expired")  # what Celery, and the check before compute, call it
     if req.deadline <= now:
-        return revoke(req, "deadline passed before compute")
+        return revoke(req, "deadline passed before compute" + unit_hint(req, now))
     due, eta = 1000 * (req.deadline - now), 1000 * (done - now)
     return revoke(req, f"deadline cannot be met: predicted done in {eta:.1f} ms, due in {due:.1f} ms")
+
+
+def unit_hint(req: Pending, now: float) -> str:
+    """A hint for a ``deadline_ms`` that was given in seconds (a common mistake: it then lies in January 1970 and
+    the request is revoked on arrival); empty otherwise."""
+    raw = deadline_ms_of(req)
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool) and 0 < raw < _SECONDS_LOOK_BELOW:
+        if abs(raw - now) < 366 * 24 * 3600:
+            return (
+                f"; deadline_ms {raw} looks like unix seconds: send unix milliseconds (now is about {int(now * 1000)})"
+            )
+    return ""
 
 
 def too_late(req: Pending, now: float, cost: float) -> Outcome | None:

@@ -64,8 +64,9 @@ def validate_input(spec: ModelSpec, inputs: Any, *, max_elements: int) -> np.nda
     if len(inputs) != spec.input_shape[0]:
         raise InputError(f"inputs must have shape {list(spec.input_shape)}, got length {len(inputs)}")
     try:
-        array = np.asarray(inputs, dtype=np.float32)
-    except (ValueError, TypeError) as exc:
+        with np.errstate(over="ignore"):  # past float32's range becomes inf, refused below
+            array = np.asarray(inputs, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: an int past the float range
         raise InputError(f"inputs must be numbers of shape {list(spec.input_shape)}: {exc}") from None
     if array.size > max_elements:
         raise InputError(f"inputs have {array.size} numbers; the limit is {max_elements}")
@@ -74,7 +75,7 @@ def validate_input(spec: ModelSpec, inputs: Any, *, max_elements: int) -> np.nda
     if not np.isfinite(array).all():
         if _has_null(inputs):  # numpy turns null (None) into NaN: name what was actually sent
             raise InputError("inputs contain null; every element must be a number")
-        raise InputError("inputs contain NaN or infinity")
+        raise InputError("inputs contain NaN or infinity (or a number past float32's range, 3.4e38)")
     return array
 
 

@@ -23,7 +23,7 @@ from celery.worker import state as worker_state
 
 from agent_workers import metrics
 from agent_workers.errors import InputError
-from agent_workers.worker import idle, redelivery
+from agent_workers.worker import deadlines, idle, kombu_redis, redelivery
 from agent_workers.worker.backlog import Backlog
 from agent_workers.worker.held import HeldMessages
 from agent_workers.worker.kombu_redis import ack_all
@@ -93,10 +93,12 @@ class Intake:
         )
         if policy.settings.flush_when_idle:
             idle.subscribe(self._connection, self.on_drained)
+        kombu_redis.subscribe_refused(self._connection, self._on_refused)
 
     def close(self) -> None:
         """Stop the wait timer (a replaced intake's buffered messages are redelivered by the broker)."""
         idle.unsubscribe(self._connection, self.on_drained)
+        kombu_redis.unsubscribe_refused(self._connection, self._on_refused)
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
@@ -128,14 +130,29 @@ class Intake:
         as unrecoverable and stops the worker, and the redelivered message would stop the next one.
         """
         self._idle = False
+        request = None
         try:
             request = self._receive(message, body)
-        except Exception:  # noqa: BLE001 - last resort: drop this message alone, loudly
-            log.exception("dropping a message that cannot be handled: %s", saferepr(message.headers, 300))
+            if request is not None:
+                self._hold_or_admit(request)
+        except Exception as exc:  # noqa: BLE001 - last resort: this message alone fails, loudly
+            self._last_resort(message, body, request, exc)
+
+    def _last_resort(self, message: Any, body: Any, request: Pending | None, exc: Exception) -> None:
+        """A message whose handling raised: a FAILURE result when it has an id, else dead-lettered (acknowledged,
+        logged); never an exception out of the consumer or a timer."""
+        log.error("cannot handle a message: %s", saferepr(getattr(message, "headers", None), 300), exc_info=exc)
+        if request is not None and any(p is request for p in self.pending):
+            return  # it was buffered before the fault: it is answered with its batch
+        try:
+            headers = getattr(message, "headers", None) if body is None else body
+            headers = headers if isinstance(headers, dict) else {}
+            task_id = request.id if request is not None else usable_id(headers.get("id"))
+            reason = InputError(f"this message cannot be served: {type(exc).__name__}: {str(exc)[:200]}")
+            self._refuse(message, task_id, headers, reason)
+        except Exception:  # noqa: BLE001 - not even a result could be stored: drop it alone
+            log.exception("dropping a message that cannot be handled")
             ack_all([message])
-            return
-        if request is not None:
-            self._hold_or_admit(request)
 
     def _receive(self, message: Any, body: Any) -> Pending | None:
         """The checked request of ``message``, or None when it was refused (failed alone or dead-lettered)."""
@@ -171,7 +188,9 @@ class Intake:
             headers=headers,
             received=time.monotonic(),
             expires=parse_time(headers.get("expires")),
-            redelivered=bool((message.delivery_info or {}).get("redelivered") or headers.get("redelivered")),
+            # The broker's word only (RabbitMQ's flag; on Redis the transport's, from its own restores): a producer's
+            # ``redelivered`` header would force solo serving and a poison count per request.
+            redelivered=(message.delivery_info or {}).get("redelivered") is True,
         )
 
     def _hold_or_admit(self, request: Pending) -> None:
@@ -208,10 +227,16 @@ class Intake:
         return None
 
     def _release(self, request: Pending, qos: Any) -> None:
+        """The timer of a held request (eta/countdown): admit it now. Never raises (a timer's exception would reach
+        kombu's hub)."""
         if qos is not None and qos is getattr(self.consumer, "qos", None):
             qos.decrement_eventually()
         self.held.release(request)
-        self.admit(request)
+        try:
+            self.admit(request)
+        except Exception as exc:  # noqa: BLE001 - this request alone fails
+            self._last_resort(request.message, None, None, exc)
+            return
         if self._idle:  # nothing else is arriving: no reason to wait for company
             self.flush()
 
@@ -258,6 +283,22 @@ class Intake:
         else:
             log.error("dead-lettering a message without a usable id (%s): %s", reason, saferepr(headers, 300))
             ack_all([message])
+
+    def _on_refused(self, refused: list[tuple[str, str]]) -> None:
+        """Store a FAILURE for the envelopes of this task the Redis pop script moved to a dead-letter list (kombu
+        could not have restored them); they are already out of the queue and never delivered."""
+        error = InputError(
+            "the Redis envelope of this request cannot be restored by kombu (properties.delivery_info, headers or "
+            "priority malformed); it was moved to the queue's dead-letter list"
+        )
+        now = time.monotonic()
+        outcomes = [
+            Outcome(Pending(task_id, task, None, [], {}, {}, now, None), states.FAILURE, error)
+            for task_id, task in refused
+            if task == self.task.name
+        ]
+        if outcomes:
+            self.writer.write(outcomes)
 
     def _on_timer(self) -> None:
         self._tref = None
@@ -373,6 +414,7 @@ class Intake:
                 retries=req.retries + 1,
                 countdown=o.retry_countdown,
                 expires=req.headers.get("expires"),
+                priority=deadlines.priority_of(req.message, broker_is_redis=self.app.settings.broker_is_redis),
             )
         except Exception:  # noqa: BLE001 - not acknowledged: tried again from the backlog, then requeued
             log.warning("publishing the retry of %s failed; trying again", req.id, exc_info=True)

@@ -13,8 +13,12 @@ message before any work happens, and a SIGKILL between the pop and the record lo
   with each quiet wake-up up to ``wake_interval`` (0.25 s), rotating the watched queue while quiet; every wake-up
   sweeps all its lists (a windowed producer's next message, due within milliseconds on any list, is not left
   waiting out a quarter second);
-* the script records only envelopes with a usable delivery tag; any other is moved to ``<queue>.dead`` and logged,
-  never delivered and never lost;
+* the script records only envelopes with a usable delivery tag that kombu could restore (headers, delivery_info,
+  priority); any other is moved to ``<queue>.dead`` and logged, never delivered and never lost. A restore checks
+  the same again (:meth:`Channel._do_restore_message`), and one tag that still cannot be restored is moved to the
+  dead-letter list alone (:meth:`QoS.restore_by_tag`): it never stops a sweep, or a worker's start-up;
+* ``redelivered`` is the transport's word: a message is redelivered when our restore put it back (the pop script
+  finds its tag in ``RESTORED_KEY``), whatever flag a producer wrote into the envelope;
 * when a pop comes back with fewer messages than it asked for, or leaves the lists empty, the broker has nothing
   more to hand over: once the burst is delivered, the intakes are told (:func:`agent_workers.worker.idle.drained`)
   and flush at once instead of waiting out ``max_wait_ms``.
@@ -27,16 +31,16 @@ for a Redis older than 7.0 or with a global key prefix.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from time import time
 from typing import Any
 
-import orjson
 from kombu.transport import redis as kredis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
-from agent_workers import lua
+from agent_workers import lua, numbers
 from agent_workers.worker import idle, kombu_amqp
 
 DEFAULT_POP_COUNT = 128
@@ -46,6 +50,10 @@ DEFAULT_WAKE_INTERVAL = 0.25
 MIN_WAKE_INTERVAL = 0.002
 #: A queue's dead-letter list, for envelopes the transport cannot record: ``<queue>.dead``.
 DEAD_LETTER_SUFFIX = ".dead"
+#: Where an unrestorable message goes when it names no queue: ``<UNROUTABLE><DEAD_LETTER_SUFFIX>``.
+UNROUTABLE = "agent_workers.unroutable"
+#: Delivery tags our restores put back (sorted set, scored by time): the pop script marks them redelivered.
+RESTORED_KEY = "agent_workers.restored"
 logger = logging.getLogger(__name__)
 
 
@@ -63,6 +71,34 @@ class QoS(kredis.QoS):
         else:
             super().append(message, delivery_tag)
 
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        """kombu's restore of one unacknowledged message, alone: one that cannot be restored (kombu's own restore
+        raised) is moved to its queue's dead-letter list and forgotten, instead of stopping the sweep (kombu's
+        visibility sweep and fast reclaim restore tag by tag through here) or the worker's start-up."""
+        try:
+            super().restore_by_tag(tag, client=client, leftmost=leftmost)
+        except self.channel.connection_errors:
+            raise
+        except Exception:  # noqa: BLE001 - this message alone
+            logger.exception("cannot restore message %s; moving it to the dead-letter list", bytes_to_str(tag))
+            self._dead_letter_tag(tag, client)
+
+    def _dead_letter_tag(self, tag: Any, client: Any = None) -> None:
+        with self.channel.conn_or_acquire(client) as client:
+            raw = client.hget(self.unacked_key, tag)
+            queue = UNROUTABLE
+            try:
+                routing_key = loads(bytes_to_str(raw))[2]
+                if isinstance(routing_key, str) and routing_key:
+                    queue = routing_key
+            except Exception:  # noqa: BLE001 - an entry we cannot read names no queue
+                pass
+            pipe = client.pipeline()
+            if raw is not None:
+                pipe.rpush(queue + DEAD_LETTER_SUFFIX, raw)
+            self._remove_from_indices(tag, pipe)
+            pipe.execute()
+
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         # Fast reclaim (agent_workers/worker/reclaim.py): an ack, reject or restore also drops the holder's record.
         with self.pipe_or_acquire(pipe) as pipe:
@@ -79,6 +115,29 @@ class Channel(kredis.Channel):
     _bulk_pop: bool | None = None
     #: Fast reclaim: this consumer's held set, set while its heartbeat runs (agent_workers/worker/reclaim.py).
     reclaim_key: str | None = None
+
+    def _do_restore_message(
+        self, payload: Any, exchange: Any, routing_key: Any, pipe: Any, leftmost: bool = False
+    ) -> None:
+        """kombu's restore of one message, for messages it can restore; any other goes to the dead-letter list
+        (kombu would raise, or log and drop it). A restored message's tag is marked in ``RESTORED_KEY``: the pop
+        script flags it redelivered when it comes back."""
+        problem = unrestorable(payload, exchange, routing_key)
+        if problem is None and exchange:
+            try:
+                if not self._lookup(exchange, routing_key):  # kombu would drop it: back by its routing key
+                    exchange = ""
+            except self.connection_errors:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                problem = f"cannot route it: {exc}"
+        if problem is not None:
+            dead = (routing_key if isinstance(routing_key, str) and routing_key else UNROUTABLE) + DEAD_LETTER_SUFFIX
+            logger.error("cannot restore a message (%s); moved to %s", problem, dead)
+            pipe.rpush(dead, dumps(payload))
+            return
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        pipe.zadd(RESTORED_KEY, {payload["properties"]["delivery_tag"]: time()})
 
     def _can_bulk_pop(self) -> bool:
         if self._bulk_pop is None:
@@ -132,15 +191,20 @@ class Channel(kredis.Channel):
             self._after_pop(popped)
             if not popped:
                 raise kredis.Empty()
-            for key, text in popped:
+            for key, text, restored, recorded_tag in popped:
                 queue = key.rsplit(self.sep, 1)[0]
                 try:
                     payload = _envelope(text)
                     tag = payload["properties"]["delivery_tag"]
                     if not isinstance(tag, str) or not tag:
                         raise TypeError(f"delivery_tag {tag!r}")
-                except Exception:  # noqa: BLE001 - the script records only what parses; never deliver the rest
-                    logger.error("not delivering an envelope the pop script recorded: %.200r", text)
+                    # The transport's word, not the producer's (the script checked delivery_info is an object).
+                    payload["properties"]["delivery_info"]["redelivered"] = restored
+                except Exception:  # noqa: BLE001 - Lua's parser took it, ours did not (e.g. invalid UTF-8)
+                    logger.error(
+                        "cannot read an envelope from %s; moved to %s%s: %.200r", queue, queue, DEAD_LETTER_SUFFIX, text
+                    )
+                    self._dead_letter(queue, text, recorded_tag)
                     continue
                 self.qos._recorded.add(tag)
                 self._queue_cycle.rotate(queue)
@@ -153,6 +217,8 @@ class Channel(kredis.Channel):
                     )
                     self.qos._recorded.discard(tag)
                     self._dead_letter(queue, text, tag)
+                    if tag in self.qos._delivered:  # kombu appended it before the fault: free its prefetch slot
+                        virtual.QoS.ack(self.qos, tag)
             return True
         finally:
             self._in_poll = None
@@ -177,7 +243,7 @@ class Channel(kredis.Channel):
         self._watch = (getattr(self, "_watch", -1) + 1) % len(queues)
         return queues[self._watch]
 
-    def _after_pop(self, popped: list[tuple[str, bytes]]) -> None:
+    def _after_pop(self, popped: list[tuple[Any, ...]]) -> None:
         if popped:
             self._quiet_wakes = 0
             self._last_queue = popped[-1][0].rsplit(self.sep, 1)[0]
@@ -192,18 +258,19 @@ class Channel(kredis.Channel):
             self.qos._remove_from_indices(tag, pipe)
             pipe.execute()
 
-    def _pop_and_record(self, count: int) -> tuple[list[tuple[str, bytes]], int]:
+    def _pop_and_record(self, count: int) -> tuple[list[tuple[str, bytes, bool, str]], int]:
         """Pop up to ``count`` messages AND record them as unacknowledged, atomically (a Lua script), so no popped
         message ever exists only in this process: a SIGKILL at any point leaves each message either in its queue or
         in the unacked hash, from which the visibility-timeout sweep restores it. Envelopes that cannot be recorded
         go to the queue's dead-letter list (``<queue>.dead``) instead.
 
         Returns:
-            The popped (list key, envelope) pairs, and how many messages are left in all the lists.
+            The popped (list key, envelope, restored by us, delivery tag) tuples, and how many messages are left in all
+            the lists.
         """
         held = self.reclaim_key  # fast reclaim: also record who holds each message
         reply = self._pop_script()(
-            keys=[self.unacked_index_key, self.unacked_key, held or self.unacked_key, *self._bulk_keys],
+            keys=[self.unacked_index_key, self.unacked_key, held or self.unacked_key, RESTORED_KEY, *self._bulk_keys],
             args=[count, time(), DEAD_LETTER_SUFFIX, "1" if held else ""],
         )
         if not reply:
@@ -211,9 +278,17 @@ class Channel(kredis.Channel):
         sources, items, dropped, left = reply[0], reply[1], int(reply[2]), int(reply[3])
         if dropped:
             logger.error(
-                "%d malformed envelope(s) moved to <queue>%s (no usable delivery tag)", dropped, DEAD_LETTER_SUFFIX
+                "%d malformed envelope(s) moved to <queue>%s (no usable delivery tag, or not restorable)",
+                dropped,
+                DEAD_LETTER_SUFFIX,
             )
-        return [(bytes_to_str(key), item) for key, item in zip(sources, items, strict=True)], left
+            refused = [(bytes_to_str(i), bytes_to_str(t)) for i, t in zip(reply[6], reply[7], strict=True)]
+            if refused:
+                _tell_refused(self.connection.client, refused)
+        return [
+            (bytes_to_str(key), item, flag == b"1", bytes_to_str(tag))
+            for key, item, flag, tag in zip(sources, items, reply[4], reply[5], strict=True)
+        ], left
 
     def _pop_script(self) -> Any:
         script = getattr(self, "_pop_and_record_script", None)
@@ -222,14 +297,62 @@ class Channel(kredis.Channel):
         return script
 
 
+#: id(kombu Connection) -> callbacks told the (task id, task name) of envelopes the pop script dead-lettered.
+_refused_listeners: dict[int, list[Callable[[list[tuple[str, str]]], None]]] = {}
+
+
+def subscribe_refused(connection: Any, callback: Callable[[list[tuple[str, str]]], None]) -> None:
+    """Call ``callback`` with the (task id, task name) of every envelope the pop script on ``connection`` moves to
+    a dead-letter list (an intake stores a FAILURE for the ids of its task)."""
+    if connection is not None:
+        _refused_listeners.setdefault(id(connection), []).append(callback)
+
+
+def unsubscribe_refused(connection: Any, callback: Callable[[list[tuple[str, str]]], None]) -> None:
+    callbacks = _refused_listeners.get(id(connection), [])
+    if callback in callbacks:
+        callbacks.remove(callback)
+    if not callbacks:
+        _refused_listeners.pop(id(connection), None)
+
+
+def _tell_refused(connection: Any, refused: list[tuple[str, str]]) -> None:
+    for callback in list(_refused_listeners.get(id(connection), ())):
+        try:
+            callback(refused)
+        except Exception:  # noqa: BLE001 - a result write must not stop the consumer
+            logger.exception("storing the failures of %d dead-lettered envelopes failed", len(refused))
+
+
+def unrestorable(payload: Any, exchange: Any, routing_key: Any) -> str | None:
+    """Why kombu's restore (``Channel._do_restore_message``) could not put ``payload`` back, or None: it sets
+    ``headers.redelivered`` and ``delivery_info.redelivered``, routes by exchange and routing key (the default
+    exchange by routing key alone), and reads the priority with ``int()``."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict):
+        return "no properties object"
+    if "headers" in payload and not isinstance(payload["headers"], dict):
+        return "headers is not an object"
+    properties = payload["properties"]
+    if not isinstance(properties.get("delivery_info"), dict):
+        return "properties.delivery_info is not an object"
+    if not isinstance(properties.get("delivery_tag"), str):
+        return "no delivery tag"
+    if not isinstance(exchange, str) or not isinstance(routing_key, str) or not (exchange or routing_key):
+        return f"no route (exchange {exchange!r:.40}, routing key {routing_key!r:.40})"
+    try:
+        int(properties.get("priority") or 0)
+    except OverflowError:
+        return f"priority {properties.get('priority')!r:.40}"
+    except (TypeError, ValueError):
+        pass  # kombu falls back to the default priority
+    return None
+
+
 def _envelope(raw: bytes) -> Any:
     """kombu's envelope of a message: parsed with orjson (the envelope carries the whole body, base64-encoded, so
-    this is most of a large message's parse), else with kombu's own ``loads`` (what orjson refuses, e.g. a lone
-    surrogate escape, kombu may still read)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return loads(bytes_to_str(raw))
+    this is most of a large message's parse), else as kombu's own ``loads`` does (what orjson refuses, e.g. a lone
+    surrogate escape, kombu may still read), numbers by one rule either way (:func:`agent_workers.numbers.loads`)."""
+    return numbers.loads(raw)
 
 
 class Transport(kredis.Transport):

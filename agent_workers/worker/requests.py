@@ -11,8 +11,7 @@ import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
+from agent_workers import numbers
 from agent_workers.errors import InputError
 
 MAX_ID_LENGTH = 255
@@ -91,17 +90,15 @@ def check_headers(headers: Any) -> None:
 
 
 def decode_body(message: Any) -> Any:
-    """The message body as Python objects: JSON only.
+    """The message body as Python objects: JSON only, numbers read by one rule (:func:`agent_workers.numbers.loads`).
 
-    Plain JSON is parsed with orjson (several times faster than ``json`` on large inputs); anything else (a
+    Plain JSON is parsed with orjson (several times faster than ``json`` on large inputs), else with the standard
+    library under orjson's number rule, so a message parses the same whatever else it holds; anything else (a
     compressed body, another content type) goes through kombu's ``Message.decode``, which enforces
     ``accept_content``, so a pickle message raises ``ContentDisallowed`` here and is never unpickled.
     """
     if message.content_type == "application/json" and not (message.headers or {}).get("compression"):
-        try:
-            return orjson.loads(message.body)
-        except orjson.JSONDecodeError:
-            pass  # e.g. NaN/Infinity literals, which Python producers emit: let json parse them, validation names them
+        return numbers.loads(message.body)  # NaN/Infinity literals parse: validation names them
     return message.decode()
 
 

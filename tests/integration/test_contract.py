@@ -200,8 +200,10 @@ def test_client_bulk_messages_are_served_like_celery_messages(pool: Pool) -> Non
     ]
     for result in bulk:
         check(f"{PREDICT}:result", result)
-    assert [r["outputs"] for r in bulk[:3]] == [r["outputs"] for r in celery]
-    assert single == bulk[0]
+    # The same row may round differently in a batch of 20 and alone (docs/tasks.md, "Numbers"): float32 tolerance.
+    np.testing.assert_allclose([r["outputs"] for r in celery], [r["outputs"] for r in bulk[:3]], rtol=1e-5, atol=1e-6)
+    assert single["model"] == bulk[0]["model"] and single["version"] == bulk[0]["version"]
+    np.testing.assert_allclose(single["outputs"], bulk[0]["outputs"], rtol=1e-5, atol=1e-6)
 
 
 def test_client_bulk_keeps_order_and_returns_errors_in_place(pool: Pool) -> None:
@@ -228,7 +230,9 @@ def test_client_asyncio_variants(pool: Pool) -> None:
         )
 
     one, bulk, many, bad = asyncio.run(main())
-    assert one == bulk[0] and [r["outputs"] for r in bulk] == many["outputs"]
+    assert one["version"] == bulk[0]["version"] and len(one["outputs"]) == len(bulk[0]["outputs"])
+    np.testing.assert_allclose(one["outputs"], bulk[0]["outputs"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([r["outputs"] for r in bulk], many["outputs"], rtol=1e-5, atol=1e-6)
     assert isinstance(bad, InputError)
 
 

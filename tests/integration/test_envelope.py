@@ -35,19 +35,27 @@ def _headers(task_id: object, **extra: object) -> dict[str, object]:
     return headers
 
 
-def publish_raw(pool: Pool, messages: list[tuple[dict[str, object], object]]) -> None:
-    """Publish protocol-2 messages exactly as given (headers and body), in order, on one channel.
+class Text(str):
+    """A body published as this JSON text, byte for byte (numbers no encoder writes: ``1e400``)."""
+
+
+def publish_raw(pool: Pool, messages: list[tuple[dict[str, object], object]], queue: str | None = None) -> None:
+    """Publish protocol-2 messages exactly as given (headers and body; a :class:`Text` body as its text), in order,
+    on one channel.
 
     With publisher confirms on RabbitMQ: a message the broker itself refuses (a header table over its frame size)
     closes the channel, and without confirms the messages after it would vanish without a word.
     """
-    queue = pool.settings.inference_queue
+    queue = queue or pool.settings.inference_queue
     with Connection(pool.settings.broker_url, transport_options={"confirm_publish": True}) as conn:
         producer = Producer(conn.default_channel)
         for headers, body in messages:
+            text = isinstance(body, Text)
             producer.publish(
-                body,
-                serializer="json",
+                body.encode() if text else body,
+                serializer=None if text else "json",
+                content_type="application/json" if text else None,
+                content_encoding="utf-8" if text else None,
                 exchange=Exchange(queue, type="direct"),
                 routing_key=queue,
                 headers=headers,

@@ -106,7 +106,7 @@ def test_poison_request_fails_alone_after_bounded_attempts(broker: str, start_po
             assert pool.worker.proc.returncode == 17
             restarts += 1
             assert restarts <= 3, "the poison request keeps crashing workers: a redelivery loop"
-            pool.worker.start()
+            pool.worker.start(wait=False)  # it may take the poison again before it is ready: the loop sees it
         time.sleep(0.05)  # noqa: sleep-ok - poll interval of a deadline-bounded wait
     with pytest.raises(ModelError, match="poison message"):
         pool.client.wait(handles[7], 5)

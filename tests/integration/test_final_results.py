@@ -13,7 +13,7 @@ from agent_workers.models import make_spec
 from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome, ResultWriter
 from tests.conftest import Pool, unique
-from tests.integration.test_envelope import publish_raw
+from tests.integration.test_restore import redeliver
 
 pytestmark = pytest.mark.integration
 
@@ -38,14 +38,20 @@ def test_a_final_result_is_never_replaced(pool: Pool) -> None:
     assert writer.final_states([task_id, str(uuid.uuid4())]) == {task_id: states.SUCCESS}
 
 
-def test_redelivered_request_with_a_stored_answer_is_acknowledged_not_recomputed(pool: Pool) -> None:
+def test_redelivered_request_with_a_stored_answer_is_acknowledged_not_recomputed(broker: str, start_pool) -> None:
+    pool: Pool = start_pool(broker, queues="inference", start=False, max_wait_ms=20)
     model = unique("lin")
     pool.store.create(model, make_spec("linear", in_features=2))
     task_id = str(uuid.uuid4())
     stored = {"model": model, "version": 0, "outputs": [42.0]}  # not what the model computes: recomputing shows
     ResultWriter(pool.client.app).write([_outcome(task_id, states.SUCCESS, stored)])
-    headers = {"lang": "py", "task": "agent_workers.predict", "id": task_id, "retries": 0, "redelivered": True}
-    publish_raw(pool, [(headers, [[model, [1.0, 2.0]], {}, {}])])
+    # A real redelivery (the broker's flag, or our Redis restore's marker): a producer's header is not trusted.
+    redeliver(
+        pool,
+        {"lang": "py", "task": "agent_workers.predict", "id": task_id, "retries": 0},
+        [[model, [1.0, 2.0]], {}, {}],
+    )
+    pool.worker.start()
     # Two requests after it: the batcher serves flushes one at a time in one thread, so once the second is
     # answered, the flush that held the redelivered message has finished.
     for _ in range(2):

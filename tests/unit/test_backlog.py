@@ -112,7 +112,7 @@ class FakeWriter:
 def _intake(writer: FakeWriter, send_task: Any, timer: FakeTimer) -> Intake:
     intake = Intake.__new__(Intake)  # only what settling outcomes touches
     intake.writer = writer
-    intake.app = SimpleNamespace(send_task=send_task)
+    intake.app = SimpleNamespace(send_task=send_task, settings=SimpleNamespace(broker_is_redis=True))
     intake.reporter = SimpleNamespace(report=lambda done: None)
     intake.backlog = Backlog(timer=timer, settle=intake._settle, requeue=lambda o: None, give_up_after=30.0)
     return intake

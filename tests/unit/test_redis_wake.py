@@ -23,7 +23,9 @@ def channel(**options: Any) -> Any:
 
 def test_a_worker_on_two_queues_watches_the_queue_that_last_delivered_and_waits_briefly() -> None:
     ch = channel()
-    Channel._after_pop(ch, [("t.inference", b"a"), ("t.training\x06\x163", b"b")])  # a priority sub-list
+    Channel._after_pop(
+        ch, [("t.inference", b"a", False, "1"), ("t.training\x06\x163", b"b", False, "2")]
+    )  # a priority sub-list
     assert [Channel._watched(ch, QUEUES) for _ in range(3)] == ["t.training"] * 3
     assert Channel._wake.fget(ch) == MIN_WAKE_INTERVAL
 
