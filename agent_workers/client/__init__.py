@@ -174,6 +174,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         on_result: Callable[[int], None] | None = None,
         return_exceptions: bool = False,
+        expires: float | None = None,
     ) -> list[Any]:
         """Score many examples, one message each (the workers batch them), published and collected together.
 
@@ -181,6 +182,8 @@ class Client:
             timeout: seconds for the whole call (publish and wait).
             on_result: called with a row's index as its result arrives.
             return_exceptions: put a failed row's error in its place instead of raising the first one.
+            expires: seconds from now after which workers drop a row unserved (``timeout`` is a good value: a row
+                nobody waits for any more is then not computed).
         Returns:
             One result per row, in row order (``[]`` for no rows).
         Raises:
@@ -189,7 +192,7 @@ class Client:
             ResultTimeout: not every result came within ``timeout``; it carries the ids to collect later.
         """
         dl = Deadline(timeout)
-        ids = self._send_rows(model, rows, version, None, dl)
+        ids = self._send_rows(model, rows, version, expires, dl)
         return self._collect(ids, dl, on_result=on_result, return_exceptions=return_exceptions)
 
     def predict_many(
@@ -313,14 +316,19 @@ class Client:
         if on_progress is None:
             return self._collect([handle.id], dl)[0]
         try:
-            last = self._follow(handle, dl, on_progress)
-        except Exception as exc:
-            exc.task_id = handle.id  # type: ignore[attr-defined]
+            return self._fit_progress(handle, dl, on_progress, int(kwargs.get("epochs", 10)))
+        except BaseException as exc:  # a callback that raised (even ^C): the caller still holds the job's id
+            if not hasattr(exc, "task_id"):
+                exc.task_id = handle.id  # type: ignore[attr-defined]
             raise
+
+    def _fit_progress(
+        self, handle: AsyncResult, dl: Deadline, on_progress: Callable[[dict[str, Any]], None], epochs: int
+    ) -> dict[str, Any]:
+        last = self._follow(handle, dl, on_progress)
         result = self._collect([handle.id], dl)[0]
         if last is None or last.get("step") != result["steps"]:
             # A short job can finish between two polls: report its end, so a progress bar always completes.
-            epochs = int(kwargs.get("epochs", 10))
             history = result.get("history") or [{}]
             on_progress(
                 {

@@ -130,9 +130,9 @@ class Publisher:
             with dl.guard(client.connection_pool.disconnect):
                 replies = pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - the reply was lost (or cut): ask the markers
-            queued = self._markers(client, markers, dl)
-            self._redis_failed(envelope, items, queued, exc)
-            return
+            if _never_connected(exc):
+                self._redis_failed(envelope, items, [False] * len(markers), exc)
+            self._redis_failed(envelope, items, self._markers(client, markers, dl), exc)
         failed = [r for r in replies if isinstance(r, Exception)]
         if failed:
             self._redis_failed(envelope, items, [not isinstance(r, Exception) for r in replies], failed[0])
@@ -304,6 +304,12 @@ class Publisher:
         """Give a graceful close at most ``seconds``: a stalled link would never send close-ok."""
         sock = conn.connection.transport.sock
         sock.settimeout(seconds)
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """True when redis-py failed to connect at all, so nothing of the pipeline was sent (its connect errors read
+    "Error N connecting to host:port" and "Timeout connecting to server")."""
+    return isinstance(exc, redis.ConnectionError) and "connecting to" in str(exc)
 
 
 def _error(
