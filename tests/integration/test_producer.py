@@ -11,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
+from celery.exceptions import TaskRevokedError
 
 from agent_workers.client import Client, ResultTimeout
 from agent_workers.models import make_spec
 from tests.conftest import Pool, unique
 from tests.integration.test_cli import cli
+from tests.plugins_batching import GATE, gate_keys
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +111,29 @@ def test_every_producer_path_works_with_priority_queues(start_pool, tmp_path: Pa
     done = cli("predict", model, str(rows), "--timeout", "60", env=pool.env)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 2
+
+
+def test_cli_predict_prints_what_it_has_at_the_timeout_and_the_rest_expires(
+    broker: str, start_pool, tmp_path: Path
+) -> None:
+    pool: Pool = start_pool(broker, queues="inference", max_batch_size=1, plugins="tests.plugins_batching")
+    model = unique("held")
+    pool.store.create(model, make_spec("held", in_features=2))
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([[1.0, 0.0], [2.0, 0.0], [GATE, 0.0], [3.0, 0.0]]))  # row 2 holds the worker
+    entered, go = gate_keys(pool.settings.namespace)
+    gate = redis.Redis.from_url(pool.settings.params_url)
+    try:
+        done = cli("predict", model, str(rows), "--timeout", "4", env=pool.env)
+        assert gate.llen(entered) == 1  # rows 0 and 1 were served before the held one
+    finally:
+        gate.rpush(go, 1)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 1 and len(lines) == 4, done.stderr
+    assert [line["outputs"] for line in lines[:2]] == [[1.0], [2.0]]
+    assert all(line["error"].startswith("ResultTimeout") and line["task_id"] for line in lines[2:])
+    assert "2 of 4 rows: no result within 4s" in done.stderr
+    # The abandoned rows expired with the timeout: the worker drops the one still queued instead of computing it.
+    with pytest.raises(TaskRevokedError):
+        pool.client.wait(lines[3]["task_id"], 60)
+    gate.delete(entered, go)
