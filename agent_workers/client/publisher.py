@@ -120,15 +120,15 @@ class Publisher:
         ttl = int(dl.timeout) + SENT_MARKER_EXTRA
         starts = range(0, len(items), LPUSH_CHUNK)
         markers = [self._keys.sent(items[start][0]) for start in starts]
-        pipe = client.pipeline(transaction=False)
+        calls = []
         for start, marker in zip(starts, markers, strict=True):
             # LPUSH of several values keeps their order for the consumer's pop (first in, first out).
             part = items[start : start + LPUSH_CHUNK]
             chunk = [envelope.redis(i, body, "()", kwrepr, expires) for i, body, kwrepr in part]
-            self._local.push(keys=[envelope.queue, marker], args=[ttl, *chunk], client=pipe)
+            calls.append({"keys": [envelope.queue, marker], "args": [ttl, *chunk]})
         try:
             with dl.guard(client.connection_pool.disconnect):
-                replies = pipe.execute(raise_on_error=False)
+                replies = self._push(client, calls)
         except Exception as exc:  # noqa: BLE001 - the reply was lost (or cut): ask the markers
             if _never_connected(exc):
                 self._redis_failed(envelope, items, [False] * len(markers), exc)
@@ -137,17 +137,29 @@ class Publisher:
         if failed:
             self._redis_failed(envelope, items, [not isinstance(r, Exception) for r in replies], failed[0])
 
+    def _push(self, client: Any, calls: list[dict[str, Any]]) -> list[Any]:
+        """Run the push script for every chunk: one EVALSHA, or one pipeline of them; a reply per chunk (an error
+        reply in place, a lost connection raised)."""
+        if len(calls) == 1:  # no pipeline: it would ask SCRIPT EXISTS first, one more round trip per predict
+            try:
+                return [self._local.push(**calls[0], client=client)]
+            except redis.ResponseError as exc:  # the server answered: the script did not run or wrote nothing
+                return [exc]
+        pipe = client.pipeline(transaction=False)
+        for call in calls:
+            self._local.push(**call, client=pipe)
+        return list(pipe.execute(raise_on_error=False))
+
     def _markers(self, client: Any, markers: list[str], dl: Deadline) -> list[bool | None]:
         """Which chunks went in, by their markers, retried until the deadline; None for a chunk not learned."""
-        while True:
+        while not dl.passed:
             try:
                 with dl.guard(client.connection_pool.disconnect):
                     found = client.mget(markers)
                 return [value is not None for value in found]
             except (redis.RedisError, OSError):
-                if dl.left() <= MARKER_RETRY_INTERVAL:
-                    return [None] * len(markers)
-                time.sleep(MARKER_RETRY_INTERVAL)  # noqa: sleep-ok - a pause between tries of a deadline-bounded retry
+                time.sleep(min(MARKER_RETRY_INTERVAL, dl.left()))  # noqa: sleep-ok - between tries of a bounded retry
+        return [None] * len(markers)
 
     def _redis_failed(
         self, envelope: Envelope, items: Sequence[Item], chunks: Sequence[bool | None], cause: BaseException
