@@ -236,10 +236,11 @@ class Publisher:
         """A live channel in confirm mode on which ``queue`` is declared; one new connection if the kept one died."""
         if self._pid != os.getpid():  # a forked child must not share its parent's socket
             self._conn, self._channel, self._pid = None, None, os.getpid()
+        kept = self._conn is not None
         try:
             return self._amqp_channel(queue, dl)
         except Exception:  # noqa: BLE001 - a stale connection found before anything was sent: one fresh try is safe
-            if self._conn is None:
+            if not kept:
                 raise
             self._reset()
             return self._amqp_channel(queue, dl)
@@ -302,7 +303,8 @@ class Publisher:
 
     def close(self) -> None:
         with self._lock:
-            conn = self._conn
+            conn = self._conn if self._pid == os.getpid() else None  # never close a parent's link from a child
+            self._conn = conn
             if conn is not None:
                 with contextlib.suppress(Exception):
                     self._cut_after(conn, 2.0)
