@@ -348,6 +348,8 @@ def test_the_wait_survives_a_backend_restart_and_a_frozen_backend_is_a_result_ti
     try:
         error = within_deadline(lambda: client.predict(model, [2.0, 1.0], timeout=TIMEOUT))
         assert isinstance(error, ResultTimeout) and len(error.ids) == 1
+        late = within_deadline(lambda: asyncio.run(client.predict_async(model, [3.0, 1.0], timeout=TIMEOUT)))
+        assert isinstance(late, ResultTimeout) and len(late.ids) == 1  # the asyncio wait keeps the deadline too
     finally:
         os.kill(backend.proc.pid, signal.SIGCONT)
     assert client.collect(error.ids, timeout=60)[0]["model"] == model  # the ids it carried still answer
