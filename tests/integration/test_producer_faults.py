@@ -50,8 +50,9 @@ class StallableProxy:
         self.upstream = (host, port)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
-        self.flowing = threading.Event()
-        self.flowing.set()
+        self.flowing = {"up": threading.Event(), "down": threading.Event()}  # to the server, back to the client
+        for event in self.flowing.values():
+            event.set()
         self.closed = False
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -64,13 +65,13 @@ class StallableProxy:
             except OSError:
                 return
             self.sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, way in ((client, upstream, "up"), (upstream, client, "down")):
+                threading.Thread(target=self._pump, args=(src, dst, self.flowing[way]), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, flowing: threading.Event) -> None:
         try:
             while data := src.recv(65536):
-                self.flowing.wait()
+                flowing.wait()
                 if self.closed:
                     return
                 dst.sendall(data)
@@ -83,12 +84,15 @@ class StallableProxy:
                 except OSError:
                     pass
 
-    def stall(self) -> None:
-        self.flowing.clear()
+    def stall(self, *ways: str) -> None:
+        """Stop forwarding ``ways`` (``"up"``, ``"down"``; both when none is named)."""
+        for way in ways or tuple(self.flowing):
+            self.flowing[way].clear()
 
     def close(self) -> None:
         self.closed = True
-        self.flowing.set()
+        for event in self.flowing.values():
+            event.set()
         self.server.close()
         for s in self.sockets:
             try:
@@ -235,6 +239,29 @@ def test_a_stalled_rabbitmq_link_never_outlives_the_deadline(broker: str, reques
         listener.close()
         proxy.close()
         client.close()
+
+
+def test_lost_confirms_make_rows_unknown_never_not_sent(start_pool) -> None:
+    # The messages reach RabbitMQ but its confirms never come back: the rows are "unknown", not "not sent", so a
+    # caller that sends the not-sent rows again never queues one twice.
+    pool: Pool = start_pool("rabbitmq", queues="inference", start=False)
+    proxy = StallableProxy("127.0.0.1", 5672)
+    client = Client(dataclasses.replace(pool.settings, broker_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}//"))
+    try:
+        client.send_predict_bulk("m", rows(1), timeout=10)  # connected and declared
+        proxy.stall("down")
+        error = within_deadline(lambda: client.send_predict_bulk("m", rows(300, 1), timeout=TIMEOUT))
+        assert isinstance(error, PublishError)
+        check_partition(error, 300)
+        assert error.unknown and not error.queued
+    finally:
+        proxy.close()
+        client.close()
+    with Client(pool.settings) as healed:
+        healed.send_predict_bulk("m", [rows(300, 1)[i] for i in error.not_sent], timeout=10)
+    with Connection(pool.settings.broker_url) as conn:
+        waiting = conn.default_channel.queue_declare(pool.settings.inference_queue, passive=True).message_count
+    assert waiting == 1 + 300  # every row once: the unknown ones were in fact queued, and were not sent again
 
 
 def test_a_frozen_redis_broker_never_outlives_the_deadline_and_the_report_matches_the_queue(own_redis) -> None:
