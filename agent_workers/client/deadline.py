@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+#: Seconds a client call may take when its caller gives no ``timeout``.
+DEFAULT_TIMEOUT = 60.0
 #: Seconds past the deadline before a blocked socket is cut (a reply arriving right on time still counts).
 CUT_GRACE = 0.1
 #: Seconds between two cuts of a block that is still running (it may have opened a new connection since).
