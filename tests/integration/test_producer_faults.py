@@ -212,9 +212,14 @@ def test_a_stalled_rabbitmq_link_never_outlives_the_deadline(broker: str, reques
     client = Client(dataclasses.replace(pool.settings, broker_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}//"))
     heard: collections.Counter[str] = collections.Counter()
     listener = ResultListener(pool.settings.result_backend, lambda task_id, _r: heard.update([task_id]))
+    closing = Client(client.settings)
     try:
         assert client.predict(model, [1.0, 1.0], timeout=30)["model"] == model  # a warm, declared connection
+        closing.send_predict_bulk(model, rows(1), timeout=30)
         proxy.stall()
+        started = time.monotonic()
+        closing.close()  # the close handshake's close-ok never comes: bounded all the same
+        assert time.monotonic() - started < TIMEOUT + SLACK
         within_deadline(lambda: client.predict(model, [1.0, 1.0], timeout=TIMEOUT))
         error = within_deadline(lambda: client.predict_bulk(model, rows(500), timeout=TIMEOUT))
         assert isinstance(error, PublishError)
