@@ -50,6 +50,16 @@ def declare_queue(name: str, queue_type: str = "classic", max_priority: int = 0)
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
+def queues(settings: Settings) -> dict[str, Queue]:
+    """The inference and training queues by name, declared as every producer (the CLI, :class:`Client`, its
+    publisher) and the worker declare them: one declaration, so a setting that changes a queue argument
+    (``AGENT_WORKERS_QUEUE_TYPE``, ``AGENT_WORKERS_QUEUE_MAX_PRIORITY``) changes it everywhere at once."""
+    return {
+        name: declare_queue(name, settings.queue_type, settings.queue_max_priority)
+        for name in (settings.inference_queue, settings.training_queue)
+    }
+
+
 def quorum_arguments(name: str) -> dict[str, Any]:
     """The queue arguments of quorum queue ``name``."""
     return {

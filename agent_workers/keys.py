@@ -15,6 +15,7 @@ may touch them together::
     aw:model:{linear}:lock             the commit lock (lock mode only)
     aw:deliveries:<task id>            how often a redelivered predict request was tried alone (poison detection)
     aw:data:{<id>}:x / :y              a dataset uploaded for training
+    aw:sent:<task id>                  (broker Redis) a chunk of a client's bulk publish was queued (short-lived)
     aw:reclaim:heartbeats              (broker Redis) sorted set: worker id -> its last heartbeat, Redis time
     aw:reclaim:held:<worker id>        (broker Redis) set of the delivery tags that worker holds unacknowledged
 """
@@ -90,6 +91,10 @@ class Keys:
 
     def dataset(self, dataset_id: str, part: str) -> str:
         return f"{self.namespace}:data:{{{dataset_id}}}:{part}"
+
+    def sent(self, task_id: str) -> str:
+        """Broker Redis: set with the chunk of a bulk publish whose first message is ``task_id``."""
+        return f"{self.namespace}:sent:{task_id}"
 
     def heartbeats(self) -> str:
         """Broker Redis: every live consumer's last heartbeat (fast reclaim, agent_workers/worker/reclaim.py)."""

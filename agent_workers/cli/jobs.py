@@ -50,10 +50,11 @@ def predict(model: str, path: Path, many: bool, timeout: float) -> None:
     """Score the rows of PATH (.json, .csv, .npy or .parquet) with MODEL; prints one JSON result per row.
 
     A row the workers refuse prints {"row": i, "error": ...} in its place; the others still print, and the exit code
-    is 1.
+    is 1. Rows not answered within --timeout print {"row": i, "error": "ResultTimeout ...", "task_id": ...} (they
+    expire at the timeout, so workers drop them unserved), after every row that was answered.
     """
     from agent_workers.cli.tables import read_rows
-    from agent_workers.client import Client, ResultTimeout
+    from agent_workers.client import Client, PublishError, ResultTimeout
 
     settings = read_settings()
     rows = read_rows(path)
@@ -64,23 +65,47 @@ def predict(model: str, path: Path, many: bool, timeout: float) -> None:
             if many:
                 click.echo(json.dumps(client.predict_many(model, rows, timeout=timeout)))
                 return
-            results = client.predict_bulk(model, rows, timeout=timeout, return_exceptions=True)
-        except ResultTimeout:
-            raise click.ClickException(
-                f"no result within {timeout:g}s from the inference queue {settings.inference_queue!r}; see "
-                "agent-workers status (are its workers busy or stopped?)"
-            ) from None
+            results = client.predict_bulk(model, rows, timeout=timeout, return_exceptions=True, expires=timeout)
+        except ResultTimeout as exc:
+            if many:
+                raise click.ClickException(_no_result(timeout, settings.inference_queue)) from None
+            results = [exc.partial.get(i, _Unanswered(task_id)) for i, task_id in enumerate(exc.ids)]
+        except PublishError as exc:
+            raise click.ClickException(f"{exc}; nothing was printed, run the command again") from None
     failed = []
     for i, result in enumerate(results):
-        if isinstance(result, BaseException):
+        if isinstance(result, _Unanswered):
+            failed.append(i)
+            text = f"ResultTimeout: no result within {timeout:g}s"
+            click.echo(json.dumps({"row": i, "error": text, "task_id": result.task_id}))
+        elif isinstance(result, BaseException):
             failed.append(i)
             click.echo(json.dumps({"row": i, "error": f"{type(result).__name__}: {result}"}))
         else:
             click.echo(json.dumps(result))
+    unanswered = sum(isinstance(r, _Unanswered) for r in results)
+    if unanswered:
+        click.echo(
+            f"error: {unanswered} of {len(results)} rows: {_no_result(timeout, settings.inference_queue)}", err=True
+        )
     if failed:
         shown = ", ".join(map(str, failed[:10])) + (", ..." if len(failed) > 10 else "")
         click.echo(f"error: {len(failed)} of {len(results)} rows failed (rows {shown}); see their lines", err=True)
         sys.exit(1)
+
+
+class _Unanswered:
+    """A row with no result by the deadline (its place in the output)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+
+
+def _no_result(timeout: float, queue: str) -> str:
+    return (
+        f"no result within {timeout:g}s from the inference queue {queue!r}; see agent-workers status (are its "
+        "workers busy or stopped?)"
+    )
 
 
 @click.command()

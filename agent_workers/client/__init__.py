@@ -13,7 +13,9 @@ kombu puts on the wire, see :mod:`agent_workers.wire`) and publishes it without 
 and repr work; a bulk of them goes out in one pipelined Redis round trip (or one confirmed burst on one AMQP
 channel). Results are read straight from the Redis result backend (:mod:`agent_workers.client.results`): one pub/sub
 subscription for a whole bulk plus one MGET for those already stored. ``agent-workers bench-producer`` measures the
-producer CPU this saves.
+producer CPU this saves. Every call has one deadline, enforced on every socket (:mod:`agent_workers.client.deadline`),
+and a publish that fails says exactly which rows went out (:class:`PublishError`; the guarantees are in
+docs/tasks.md). Training jobs are in :mod:`agent_workers.client.training`.
 
 A producer that does not want this package sends the same messages with any Celery client:
 ``send_task("agent_workers.predict", args=[model, inputs], queue="inference")`` (the contract is docs/tasks.md).
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -31,27 +32,24 @@ from typing import Any
 from urllib.parse import urlparse
 
 from celery import Celery
-from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 
+from agent_workers.client.deadline import DEFAULT_TIMEOUT, Deadline
 from agent_workers.client.failures import error_from, outcome, unwrap_celery
-from agent_workers.client.messages import plain, predict_parts, producer_app
-from agent_workers.client.publisher import Publisher, PublishError
-from agent_workers.client.results import ResultReader
+from agent_workers.client.messages import kwargs_parts, plain, predict_parts, producer_app
+from agent_workers.client.publisher import Publisher
+from agent_workers.client.results import REDIS_BACKEND_SCHEMES, ResultReader
+from agent_workers.client.training import Training
 from agent_workers.config import Settings
 from agent_workers.contract import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP
-from agent_workers.training.datasets import DEFAULT_TTL, DatasetStore, epoch_batches
+from agent_workers.errors import PublishError, ResultTimeout
+from agent_workers.training.datasets import DatasetStore
 from agent_workers.wire import Envelope
-
-DEFAULT_TIMEOUT = 60.0
-#: Seconds between two looks at a running fit's ``PROGRESS`` meta.
-PROGRESS_POLL_INTERVAL = 0.25
-_REDIS_URL_SCHEMES = {"redis", "rediss", "unix"}
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "PublishError", "ResultTimeout", "producer_app"]
 
 
-class Client:
+class Client(Training):
     """Send inference and training jobs and wait for their results.
 
     Args:
@@ -60,8 +58,10 @@ class Client:
 
     Every ``wait``-ing method raises our typed errors for a task that failed on our side (:class:`InputError`,
     :class:`ModelError`, :class:`StoreError` and its subclasses), Celery's exception otherwise (e.g.
-    ``TaskRevokedError``), and :data:`ResultTimeout` (``celery.exceptions.TimeoutError``) when no result came within
-    ``timeout`` seconds.
+    ``TaskRevokedError``), and :class:`ResultTimeout` (also ``celery.exceptions.TimeoutError``; it carries the task
+    ids) when no result came within ``timeout`` seconds. ``timeout`` is one deadline for the whole call: publish,
+    confirm and wait all fit in it, whatever the network does. A publish that fails raises :class:`PublishError`,
+    which says exactly which rows were queued, which were not and which are unknown (docs/tasks.md).
     """
 
     def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
@@ -69,11 +69,16 @@ class Client:
         self.app = app or producer_app(self.settings)
         self.id = str(uuid.uuid4())
         self._datasets: DatasetStore | None = None
-        self._predict = Envelope(task=PREDICT, queue=self.settings.inference_queue, reply_to=self.id)
+        inference, training = self.settings.inference_queue, self.settings.training_queue
+        self._predict = Envelope(task=PREDICT, queue=inference, reply_to=self.id)
+        self._envelopes = {
+            task: Envelope(task=task, queue=queue, reply_to=self.id)
+            for task, queue in ((PREDICT_MANY, inference), (TRAIN_STEP, training), (FIT, training))
+        }
         self._publisher = Publisher(self.app, self.settings)
         self._results = (
-            ResultReader(self.app, self.settings.result_backend)
-            if urlparse(self.settings.result_backend).scheme in _REDIS_URL_SCHEMES
+            ResultReader(self.app, self.settings.result_backend, sentinel_master=self.settings.sentinel_master)
+            if urlparse(self.settings.result_backend).scheme in REDIS_BACKEND_SCHEMES
             else None
         )
 
@@ -96,31 +101,54 @@ class Client:
     # -- predict --------------------------------------------------------------------------------------------------
 
     def send_predict(
-        self, model: str, inputs: Sequence[float], *, version: int | None = None, expires: float | None = None
+        self,
+        model: str,
+        inputs: Sequence[float],
+        *,
+        version: int | None = None,
+        expires: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> AsyncResult:
         """Enqueue one prediction (the cheap path: no ``apply_async``); returns its result handle at once."""
-        task_id = self.send_predict_bulk(model, [inputs], version=version, expires=expires)[0]
+        task_id = self.send_predict_bulk(model, [inputs], version=version, expires=expires, timeout=timeout)[0]
         return AsyncResult(task_id, app=self.app)
 
     def send_predict_bulk(
-        self, model: str, rows: Iterable[Sequence[float]], *, version: int | None = None, expires: float | None = None
+        self,
+        model: str,
+        rows: Iterable[Sequence[float]],
+        *,
+        version: int | None = None,
+        expires: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> list[str]:
         """Enqueue one ``agent_workers.predict`` message per row in one round trip; returns their task ids.
 
         Args:
             version: pin a parameter version (default: the newest when the request is served).
             expires: seconds from now after which workers drop a request unserved (state REVOKED).
+            timeout: seconds the publish (and RabbitMQ's confirms) may take.
+        Raises:
+            PublishError: not every row is known queued; ``queued``, ``not_sent`` and ``unknown`` say which rows.
         """
+        return self._send_rows(model, rows, version, expires, Deadline(timeout))
+
+    def _send_rows(
+        self, model: str, rows: Iterable[Sequence[float]], version: int | None, expires: float | None, dl: Deadline
+    ) -> list[str]:
         model_json = json.dumps(model)
         items = []
         for row in rows:
             body, kwrepr = predict_parts(model_json, model, row, version)
             items.append((str(uuid.uuid4()), body, kwrepr))
-        when = None
-        if expires is not None:
-            when = (datetime.now(UTC) + timedelta(seconds=expires)).isoformat()
-        self._publisher.publish(self._predict, items, when)
+        self._publisher.publish(self._predict, items, _expires_at(expires), dl)
         return [task_id for task_id, _, _ in items]
+
+    def _send(self, task: str, kwargs: dict[str, Any], dl: Deadline) -> AsyncResult:
+        """Publish one message of ``task`` (kwargs only) through the confirmed, deadline-bound publisher."""
+        task_id = str(uuid.uuid4())
+        self._publisher.publish(self._envelopes[task], [(task_id, *kwargs_parts(kwargs))], None, dl)
+        return AsyncResult(task_id, app=self.app)
 
     def predict(
         self, model: str, inputs: Sequence[float], *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
@@ -131,8 +159,9 @@ class Client:
             InputError / ModelError / StoreError: the worker refused the request (message says why).
             ResultTimeout: no result within ``timeout`` seconds.
         """
-        ids = self.send_predict_bulk(model, [inputs], version=version)
-        return self.collect(ids, timeout)[0]
+        dl = Deadline(timeout)
+        ids = self._send_rows(model, [inputs], version, None, dl)
+        return self._collect(ids, dl)[0]
 
     def predict_bulk(
         self,
@@ -143,17 +172,26 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         on_result: Callable[[int], None] | None = None,
         return_exceptions: bool = False,
+        expires: float | None = None,
     ) -> list[Any]:
         """Score many examples, one message each (the workers batch them), published and collected together.
 
         Args:
+            timeout: seconds for the whole call (publish and wait).
             on_result: called with a row's index as its result arrives.
             return_exceptions: put a failed row's error in its place instead of raising the first one.
+            expires: seconds from now after which workers drop a row unserved (``timeout`` is a good value: a row
+                nobody waits for any more is then not computed).
         Returns:
-            One result per row, in row order.
+            One result per row, in row order (``[]`` for no rows).
+        Raises:
+            PublishError: not every row is known queued (it says which were); collect ``ids[i]`` of its ``queued``
+                rows, send only its ``not_sent`` rows again.
+            ResultTimeout: not every result came within ``timeout``; it carries the ids to collect later.
         """
-        ids = self.send_predict_bulk(model, rows, version=version)
-        return self.collect(ids, timeout, on_result=on_result, return_exceptions=return_exceptions)
+        dl = Deadline(timeout)
+        ids = self._send_rows(model, rows, version, expires, dl)
+        return self._collect(ids, dl, on_result=on_result, return_exceptions=return_exceptions)
 
     def predict_many(
         self,
@@ -164,190 +202,25 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> dict[str, Any]:
         """Score many examples carried by one message (offline scoring)."""
-        return self.wait(self.send_predict_many(model, rows, version=version), timeout)
+        dl = Deadline(timeout)
+        return self._collect([self._send_many(model, rows, version, dl).id], dl)[0]
 
     def send_predict_many(
-        self, model: str, rows: Sequence[Sequence[float]], *, version: int | None = None
+        self,
+        model: str,
+        rows: Sequence[Sequence[float]],
+        *,
+        version: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> AsyncResult:
+        """Enqueue one ``agent_workers.predict_many`` message carrying every row."""
+        return self._send_many(model, rows, version, Deadline(timeout))
+
+    def _send_many(self, model: str, rows: Sequence[Sequence[float]], version: int | None, dl: Deadline) -> AsyncResult:
         kwargs: dict[str, Any] = {"model": model, "inputs": [plain(r) for r in rows]}
         if version is not None:
             kwargs["version"] = version
-        return self.app.send_task(PREDICT_MANY, kwargs=kwargs)
-
-    # -- training -------------------------------------------------------------------------------------------------
-
-    def upload_dataset(self, name: str | None, x: Any, y: Any, *, ttl: int = DEFAULT_TTL) -> str:
-        """Upload a training dataset to the parameter store's Redis; returns its name (a uuid when ``name`` is None).
-
-        Args:
-            x: rows × features (a numpy array or nested lists).
-            y: one target per row.
-            ttl: seconds until it expires (default 7 days); 0 keeps it until ``agent-workers datasets delete``.
-        Raises:
-            InputError: x and y disagree on the rows, or are not numeric.
-        """
-        if self._datasets is None:
-            self._datasets = DatasetStore.from_settings(self.settings)
-        return self._datasets.upload(x, y, dataset_id=name, ttl=ttl)
-
-    def send_train_step(
-        self,
-        model: str,
-        *,
-        x: Any = None,
-        y: Any = None,
-        dataset: str | None = None,
-        rows: Sequence[int] | None = None,
-        hparams: dict[str, Any] | None = None,
-        update_id: str | None = None,
-    ) -> AsyncResult:
-        """Enqueue one training step (inline ``x``/``y`` or ``rows`` of an uploaded dataset)."""
-        kwargs: dict[str, Any] = {"model": model, "hparams": hparams or {}}
-        if dataset is not None:
-            kwargs.update(dataset=dataset, rows=[int(r) for r in rows or ()])
-        else:
-            kwargs.update(x=plain(x), y=plain(y))
-        if update_id is not None:
-            kwargs["update_id"] = update_id
-        return self.app.send_task(TRAIN_STEP, kwargs=kwargs)
-
-    def train_step(self, model: str, *, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> dict[str, Any]:
-        """One training step, waited for (arguments as :meth:`send_train_step`)."""
-        return self.wait(self.send_train_step(model, **kwargs), timeout)
-
-    def send_fit(
-        self,
-        model: str,
-        dataset: str,
-        *,
-        epochs: int = 10,
-        batch_size: int = 100,
-        hparams: dict[str, Any] | None = None,
-        seed: int = 0,
-    ) -> AsyncResult:
-        """Enqueue a whole training job that one worker runs (progress in the task's ``PROGRESS`` meta)."""
-        return self.app.send_task(
-            FIT,
-            kwargs={
-                "model": model,
-                "dataset": dataset,
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "hparams": hparams or {},
-                "seed": seed,
-            },
-        )
-
-    def fit(
-        self,
-        model: str,
-        dataset: str,
-        *,
-        timeout: float = 600.0,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """Run a whole training job and wait for it: ``{"model", "version", "steps", "history"}``.
-
-        Args:
-            on_progress: called with each new ``PROGRESS`` meta the worker reports (``epoch`` (1-based), ``epochs``,
-                ``step``, ``steps``, ``loss``, ``version``; every 10 steps and after the last), polled every
-                ``PROGRESS_POLL_INTERVAL`` seconds while the job runs.
-            kwargs: as :meth:`send_fit` (``epochs``, ``batch_size``, ``hparams``, ``seed``).
-        """
-        handle = self.send_fit(model, dataset, **kwargs)
-        if on_progress is None:
-            return self.wait(handle, timeout)
-        last = self._follow(handle, timeout, on_progress)
-        result = self.wait(handle, timeout)
-        if last is None or last.get("step") != result["steps"]:
-            # A short job can finish between two polls: report its end, so a progress bar always completes.
-            epochs = int(kwargs.get("epochs", 10))
-            history = result.get("history") or [{}]
-            on_progress(
-                {
-                    "epoch": epochs,
-                    "epochs": epochs,
-                    "step": result["steps"],
-                    "steps": result["steps"],
-                    "loss": history[-1].get("loss"),
-                    "version": result["version"],
-                }
-            )
-        return result
-
-    def _follow(
-        self, handle: AsyncResult, timeout: float, on_progress: Callable[[dict[str, Any]], None]
-    ) -> dict[str, Any] | None:
-        """Report ``PROGRESS`` metas until the task is done (or ``timeout`` passes; :meth:`wait` then decides).
-
-        Returns the last meta reported, if any.
-        """
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            meta = self.app.backend.get_task_meta(handle.id)
-            if meta.get("status") == "PROGRESS" and meta.get("result") != last:
-                last = meta.get("result")
-                on_progress(dict(last))
-            elif meta.get("status") in {"SUCCESS", "FAILURE", "REVOKED"}:
-                break
-            time.sleep(PROGRESS_POLL_INTERVAL)
-        return last
-
-    def train(
-        self,
-        model: str,
-        dataset: str,
-        n_rows: int,
-        *,
-        epochs: int,
-        batch_size: int,
-        hparams: dict[str, Any] | None = None,
-        seed: int = 0,
-        window: int = 8,
-        timeout: float = DEFAULT_TIMEOUT,
-        on_step: Callable[[dict[str, Any]], None] | None = None,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Data-parallel training through the queue: every mini-batch is its own ``train_step`` message.
-
-        At most ``window`` steps are in flight, which bounds how stale a gradient can get with many workers.
-        Returns the step results in completion order.
-
-        Args:
-            on_step: called with each step's result (``loss``, ``version``, ...).
-            on_progress: called after each step with the same fields as :meth:`fit`'s progress: ``epoch``
-                (1-based), ``epochs``, ``step`` (steps done so far), ``steps`` (in all), ``loss``, ``version``.
-        """
-        total = epochs * -(-n_rows // batch_size)
-        in_flight: list[AsyncResult] = []
-        results: list[dict[str, Any]] = []
-
-        def drain(keep: int) -> None:
-            while len(in_flight) > keep:
-                result = self.wait(in_flight.pop(0), timeout)
-                results.append(result)
-                if on_step is not None:
-                    on_step(result)
-                if on_progress is not None:
-                    done = len(results)
-                    on_progress(
-                        {
-                            "epoch": (done - 1) * epochs // total + 1,
-                            "epochs": epochs,
-                            "step": done,
-                            "steps": total,
-                            "loss": result.get("loss"),
-                            "version": result.get("version"),
-                        }
-                    )
-
-        for _epoch, _step, rows in epoch_batches(n_rows, epochs=epochs, batch_size=batch_size, seed=seed):
-            in_flight.append(self.send_train_step(model, dataset=dataset, rows=rows.tolist(), hparams=hparams))
-            drain(window - 1)
-        drain(0)
-        return results
+        return self._send(PREDICT_MANY, kwargs, dl)
 
     # -- waiting --------------------------------------------------------------------------------------------------
 
@@ -364,14 +237,31 @@ class Client:
         on_result: Callable[[int], None] | None = None,
         return_exceptions: bool = False,
     ) -> list[Any]:
-        """Wait for the results of many task ids together; results in id order.
+        """Wait for the results of many task ids together (an id may appear more than once); results in id order.
+
+        Transient backend errors (a restart, a lost connection) are retried until the deadline.
 
         Raises:
-            the first failed task's error (unless ``return_exceptions``), or ResultTimeout.
+            the first failed task's error (unless ``return_exceptions``), or ResultTimeout (with ``ids``,
+            ``pending`` and the ``partial`` outcomes).
         """
+        return self._collect(ids, Deadline(timeout), on_result=on_result, return_exceptions=return_exceptions)
+
+    def _collect(
+        self,
+        ids: Sequence[str],
+        dl: Deadline,
+        *,
+        on_result: Callable[[int], None] | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
         if self._results is None:  # not a Redis backend: Celery's own, one by one
-            return [self._unwrap_celery(AsyncResult(i, app=self.app), timeout, return_exceptions) for i in ids]
-        metas = self._results.collect(ids, timeout, None if on_result is None else lambda i, _m: on_result(i))
+            return [self._unwrap_celery(AsyncResult(i, app=self.app), dl.left(), return_exceptions) for i in ids]
+        try:
+            metas = self._results.collect(ids, dl, None if on_result is None else lambda i, _m: on_result(i))
+        except ResultTimeout as exc:
+            exc.partial = {i: self._outcome(meta, ids[i], True) for i, meta in enumerate(exc.metas) if meta is not None}
+            raise
         return [self._outcome(meta, task_id, return_exceptions) for meta, task_id in zip(metas, ids, strict=True)]
 
     def _outcome(self, meta: dict[str, Any], task_id: str, return_exceptions: bool) -> Any:
@@ -390,17 +280,22 @@ class Client:
         self, ids: Sequence[str], timeout: float = DEFAULT_TIMEOUT, *, return_exceptions: bool = False
     ) -> list[Any]:
         """asyncio variant of :meth:`collect`."""
-        if self._results is None:
-            return await asyncio.to_thread(self.collect, ids, timeout, return_exceptions=return_exceptions)
-        metas = await self._results.collect_async(ids, timeout)
+        return await self._collect_async(ids, Deadline(timeout), return_exceptions)
+
+    async def _collect_async(self, ids: Sequence[str], dl: Deadline, return_exceptions: bool = False) -> list[Any]:
+        if self._results is None or not self._results.has_async:
+            return await asyncio.to_thread(self._collect, ids, dl, return_exceptions=return_exceptions)
+        metas = await self._results.collect_async(ids, dl)
         return [self._outcome(meta, task_id, return_exceptions) for meta, task_id in zip(metas, ids, strict=True)]
 
     async def predict_async(
         self, model: str, inputs: Sequence[float], *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> dict[str, Any]:
-        """asyncio variant of :meth:`predict` (publishing is one cheap call; the wait never blocks the loop)."""
-        ids = self.send_predict_bulk(model, [inputs], version=version)
-        return (await self.collect_async(ids, timeout))[0]
+        """asyncio variant of :meth:`predict` (the publish runs in a thread: a stalled broker never blocks the
+        loop; the wait is native asyncio)."""
+        dl = Deadline(timeout)
+        ids = await asyncio.to_thread(self._send_rows, model, [inputs], version, None, dl)
+        return (await self._collect_async(ids, dl))[0]
 
     async def predict_bulk_async(
         self,
@@ -411,9 +306,10 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         return_exceptions: bool = False,
     ) -> list[Any]:
-        """asyncio variant of :meth:`predict_bulk`."""
-        ids = self.send_predict_bulk(model, rows, version=version)
-        return await self.collect_async(ids, timeout, return_exceptions=return_exceptions)
+        """asyncio variant of :meth:`predict_bulk` (the publish runs in a thread)."""
+        dl = Deadline(timeout)
+        ids = await asyncio.to_thread(self._send_rows, model, list(rows), version, None, dl)
+        return await self._collect_async(ids, dl, return_exceptions)
 
     async def predict_many_async(
         self,
@@ -424,10 +320,17 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> dict[str, Any]:
         """asyncio variant of :meth:`predict_many`."""
-        handle = await asyncio.to_thread(self.send_predict_many, model, rows, version=version)
-        return (await self.collect_async([handle.id], timeout))[0]
+        dl = Deadline(timeout)
+        handle = await asyncio.to_thread(self._send_many, model, rows, version, dl)
+        return (await self._collect_async([handle.id], dl))[0]
 
     async def fit_async(self, model: str, dataset: str, *, timeout: float = 600.0, **kwargs: Any) -> dict[str, Any]:
-        """asyncio variant of :meth:`fit`."""
-        handle = await asyncio.to_thread(self.send_fit, model, dataset, **kwargs)
-        return (await self.collect_async([handle.id], timeout))[0]
+        """asyncio variant of :meth:`fit` (one deadline for publish and wait)."""
+        dl = Deadline(timeout)
+        handle = await asyncio.to_thread(self.send_fit, model, dataset, timeout=timeout, **kwargs)
+        return (await self._collect_async([handle.id], dl))[0]
+
+
+def _expires_at(expires: float | None) -> str | None:
+    """``expires`` seconds from now, as the ISO 8601 time a message's ``expires`` header takes."""
+    return None if expires is None else (datetime.now(UTC) + timedelta(seconds=expires)).isoformat()

@@ -10,7 +10,7 @@ from celery import Celery
 
 from agent_workers import wire
 from agent_workers.config import Settings
-from agent_workers.contract import declare_queue, task_routes
+from agent_workers.contract import queues, task_routes
 
 KWARGSREPR_LIMIT = 120
 
@@ -26,10 +26,7 @@ def producer_app(settings: Settings) -> Celery:
         accept_content=["json"],
         result_accept_content=["json"],
         task_routes=task_routes(settings),
-        task_queues=[
-            declare_queue(settings.inference_queue, settings.queue_type, settings.queue_max_priority),
-            declare_queue(settings.training_queue, settings.queue_type, settings.queue_max_priority),
-        ],
+        task_queues=list(queues(settings).values()),
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
     )
@@ -44,17 +41,30 @@ def predict_parts(model_json: str, model: str, inputs: Any, version: int | None)
     """Body and kwargs repr of one ``agent_workers.predict`` message (kwargs: model, inputs[, version])."""
     if hasattr(inputs, "tolist"):  # numpy arrays and scalars
         inputs = inputs.tolist()
-    inputs_json = json.dumps(inputs)
+    try:
+        inputs_json = json.dumps(inputs)
+    except TypeError:  # a list of numpy scalars: the slower walk, only when needed
+        inputs_json = json.dumps(plain(inputs))
     extra = "" if version is None else f', "version": {int(version)}'
     body = wire.body("[]", f'{{"model": {model_json}, "inputs": {inputs_json}{extra}}}')
     shown = inputs_json if len(inputs_json) <= KWARGSREPR_LIMIT else inputs_json[: KWARGSREPR_LIMIT - 3] + "..."
     return body, f"{{'model': {model!r}, 'inputs': {shown}{extra.replace(chr(34), chr(39))}}}"
 
 
+def kwargs_parts(kwargs: dict[str, Any]) -> tuple[bytes, str]:
+    """Body and kwargs repr of a message that takes keyword arguments only (predict_many, train_step, fit)."""
+    shown = repr(kwargs)
+    if len(shown) > KWARGSREPR_LIMIT:
+        shown = shown[: KWARGSREPR_LIMIT - 3] + "..."
+    return wire.body("[]", json.dumps(plain(kwargs))), shown
+
+
 def plain(value: Any) -> Any:
-    """numpy arrays to lists, so the JSON serializer takes them."""
+    """numpy arrays and scalars to lists and numbers, so the JSON serializer takes them (also inside dicts)."""
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
     return value

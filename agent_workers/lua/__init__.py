@@ -5,6 +5,8 @@
   (agent_workers/worker/kombu_redis.py);
 * ``heartbeat.lua`` and ``reclaim.lua``: fast reclaim's heartbeat and its sweep of dead workers' messages
   (agent_workers/worker/reclaim.py);
+* ``push.lua``: the client's all-or-nothing chunk of a bulk publish, with its sent marker
+  (agent_workers/client/publisher.py);
 * ``store_result.lua``: the result writer's store-unless-final (agent_workers/worker/results.py).
 """
 

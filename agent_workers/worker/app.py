@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlparse
 from celery import Celery
 
 from agent_workers.config import Settings
-from agent_workers.contract import declare_queue, task_routes
+from agent_workers.contract import queues, task_routes
 from agent_workers.store.params import RedisParamStore
 from agent_workers.training.datasets import DatasetStore
 from agent_workers.worker.bootsteps import BatcherStep, DeadLetterQueues, QueueDepthStep, StartupChecks
@@ -75,10 +75,7 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
         task_reject_on_worker_lost=True,
         task_retry_on_worker_lost=True,
         task_acks_on_failure=True,
-        task_queues=[
-            declare_queue(settings.inference_queue, settings.queue_type, settings.queue_max_priority),
-            declare_queue(settings.training_queue, settings.queue_type, settings.queue_max_priority),
-        ],
+        task_queues=list(queues(settings).values()),
         task_default_queue=settings.inference_queue,
         task_routes=task_routes(settings),
         task_time_limit=settings.task_time_limit,

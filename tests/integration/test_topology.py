@@ -359,6 +359,10 @@ def test_sentinel_urls_for_broker_backend_and_params_follow_a_failover(
         worker.start()
         first = served(backend, [producer.send_task(PREDICT, args=[model, r]).id for r in rows], worker)
         assert_outputs(first, linear_outputs(store, model, rows))
+        with Client(settings) as client:  # the client's own publish and wait, through Sentinel like redis://
+            seen: list[int] = []
+            assert client.predict_bulk(model, rows, timeout=60, on_result=seen.append) == first
+            assert sorted(seen) == list(range(len(rows)))
         assert g.master_port() == g.master.port
 
         g.master.client().wait(1, 5000)  # the replica has every write (replication is asynchronous)

@@ -82,3 +82,21 @@ def test_producers_do_not_import_torch() -> None:
 def test_lazy_names_resolve() -> None:
     for name in agent_workers.__all__:
         assert getattr(agent_workers, name) is not None
+
+
+def test_the_client_errors_keep_their_rows_and_ids_through_pickle() -> None:
+    exc = errors.PublishError("2 of 3 queued", ["a", "b", "c"], [0, 2], [1], [])
+    back = pickle.loads(pickle.dumps(exc))
+    assert (back.ids, back.queued, back.not_sent, back.unknown, str(back)) == (
+        ["a", "b", "c"],
+        [0, 2],
+        [1],
+        [],
+        str(exc),
+    )
+    assert isinstance(back, errors.StoreUnavailableError)
+    timeout = pickle.loads(pickle.dumps(errors.ResultTimeout("1 of 2 not ready", ["a", "b"], ["b"])))
+    assert (timeout.ids, timeout.pending, timeout.partial) == (["a", "b"], ["b"], {})
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    assert isinstance(timeout, CeleryTimeout) and isinstance(timeout, errors.AgentWorkersError)

@@ -26,6 +26,7 @@ CLIENT_MAY_IMPORT = {
     "agent_workers.config",
     "agent_workers.errors",
     "agent_workers.keys",
+    "agent_workers.lua",  # server-side script text (the publisher's all-or-nothing push)
     "agent_workers.contract",
     "agent_workers.wire",
     "agent_workers.redis_clients",
