@@ -183,7 +183,7 @@ def test_documented_defaults_are_the_code_defaults() -> None:
 
     (applied,) = [line for line in page("docs/training.md").splitlines() if "`…:applied`" in line]
     assert f"{DEFAULT_DEDUP_WINDOW:,}" in applied and "DEDUP_WINDOW" in applied
-    # The trainer's prefetch is AGENT_WORKERS_TRAIN_GROUP (5 by default), 1 only with TRAIN_GROUP=1.
+    # The trainer's prefetch is AGENT_WORKERS_TRAIN_GROUP (8 by default), 1 only with TRAIN_GROUP=1.
     train_group = Settings().train_group
     for name in ("docs/operations.md", "docs/scaling.md", "README.md"):
         for para in page(name).split("\n\n"):
