@@ -1,7 +1,8 @@
 """Fuzz the real worker (Hypothesis) on both brokers: generated header values, bodies, argument values, numbers past
-every range written as JSON literals (``1e400``, ``10**400``) in every numeric field, a producer-set ``redelivered``
-and, on Redis, raw kombu envelopes pushed past the producer (``LPUSH``, through the Lua pop) with their fields
-replaced, nulled or missing (``properties``, ``delivery_info``, ``headers``, ``priority``).
+every range written as JSON literals (``1e400``, ``10**400``) in every numeric field, a producer-set ``redelivered``,
+an ``eta`` past the eta horizon (days ahead up to year 9999) and, on Redis, raw kombu envelopes pushed past the
+producer (``LPUSH``, through the Lua pop) with their fields replaced, nulled or missing (``properties``,
+``delivery_info``, ``headers``, ``priority``).
 
 Each example publishes a few hostile messages among three good ones in one go (one worker round trip per example)
 and checks the promises as properties:
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -129,6 +131,12 @@ def hostile(model: str, *, amqp: bool) -> st.SearchStrategy[tuple[str, dict[str,
         st.sampled_from(LITERALS),
     )
     forged = st.just(("forged", {"redelivered": True}, [[model, [1.0, 2.0]], {}, {}], True))
+    # An eta past AGENT_WORKERS_MAX_ETA_S (24 h by default): refused at once, never held without bound.
+    far_eta = st.builds(
+        lambda eta: ("eta", {"eta": eta}, [[model, [1.0, 2.0]], {}, {}], True),
+        st.sampled_from(["9999-12-31T23:59:59+00:00", "9999-12-31T23:59:59.999999", "3000-01-01T00:00:00Z"])
+        | st.integers(2, 10_000).map(lambda days: (datetime.now(UTC) + timedelta(days=days)).isoformat()),
+    )
     body = st.builds(lambda b: ("body", {}, b, True), values)
     args = st.builds(
         lambda name, row, kw: ("args", {}, [[name, row], kw, {}], True),
@@ -136,7 +144,7 @@ def hostile(model: str, *, amqp: bool) -> st.SearchStrategy[tuple[str, dict[str,
         rows(),
         st.just({}) | st.dictionaries(st.text(max_size=8), values, max_size=2),
     )
-    return st.one_of(header, bad_id, bad_task, body, args, number, forged)
+    return st.one_of(header, bad_id, bad_task, body, args, number, forged, far_eta)
 
 
 ENVELOPE_PARTS = (
