@@ -90,7 +90,10 @@ class ResultCache:
         """
         if isinstance(value, Exception):
             return  # failures are never cached: the next request retries
-        self._entries[key] = np.array(value, copy=True)
+        if isinstance(value, dict):  # several named outputs
+            self._entries[key] = {k: np.array(v, copy=True) for k, v in value.items()}  # type: ignore[assignment]
+        else:
+            self._entries[key] = np.array(value, copy=True)
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
