@@ -56,7 +56,7 @@ class TwoInput(torch.nn.Module):
 
 
 @register_architecture("two_input", signature=TWO_INPUT_SIGNATURE)
-def build_two_input(*, vocab: int = 100, width: int = 4) -> torch.nn.Module:
+def build_two_input(*, vocab: int = 30522, width: int = 4) -> torch.nn.Module:
     return TwoInput(vocab, width)
 
 
