@@ -42,6 +42,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
 #: Dtypes a nested JSON list may carry; float16 and bfloat16 travel as base64 only.
 LIST_DTYPES = frozenset({"bool", "uint8", "int32", "int64", "float32"})
 LEGACY_INPUT = "x"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,21 +230,34 @@ def _from_list(spec: TensorSpec, value: list[Any] | tuple[Any, ...], max_element
         raise InputError(f"input {name!r} has {array.size} elements; the limit is {max_elements}")
     if target.kind == "f":
         return array
-    return _to_integers(spec, array)
+    return _to_integers(spec, array, value)
 
 
-def _to_integers(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+def _to_integers(spec: TensorSpec, array: np.ndarray, value: Any) -> np.ndarray:
     """A list parsed by numpy, as ``spec``'s bool or integer dtype: every element in that dtype's range."""
     target = DTYPES[spec.dtype]
-    if array.dtype.kind == "O":  # numpy keeps ints past 64 bits (or mixed types) as Python objects
-        raise InputError(f"input {spec.name!r} takes {spec.dtype}: an element is not an integer within int64")
-    if array.dtype.kind not in "biu":
-        raise InputError(f"input {spec.name!r} takes {spec.dtype}: got {array.dtype.name} elements")
+    if array.dtype.kind not in "biu" and array.size:  # floats, or ints past int64 (numpy makes them float64 or objects)
+        past = _past_int64(value)
+        if past is not None:
+            raise InputError(f"input {spec.name!r} takes {spec.dtype}: {past} is past int64")
+        raise InputError(
+            f"input {spec.name!r} takes {spec.dtype}: every element must be an integer, got {array.dtype.name} "
+            "(JSON integers past 64 bits arrive as floats)"
+        )
     if array.size:
         low, high = (0, 1) if target.kind == "b" else (np.iinfo(target).min, np.iinfo(target).max)
         if array.min() < low or array.max() > high:
             raise InputError(f"input {spec.name!r} takes {spec.dtype}: elements must be from {low} to {high}")
     return array.astype(target)
+
+
+def _past_int64(value: Any) -> int | None:
+    """The first integer past int64 in a nested list (walked on the error path only), or None."""
+    if isinstance(value, (list, tuple)):
+        return next((p for p in map(_past_int64, value) if p is not None), None)
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        return value
+    return None
 
 
 def _check_dims(spec: TensorSpec, shape: tuple[int, ...]) -> None:

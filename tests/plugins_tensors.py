@@ -3,6 +3,7 @@
 * ``tiny_cnn``: uint8 ``pixels`` [3, 8, 8] -> float32 ``logits`` [4] (a small CNN scaling its bytes to [0, 1]).
 * ``two_input``: int64 ``ids`` [-1] and bool ``mask`` [-1] -> float32 ``pooled`` [4] (the masked mean of the ids'
   embeddings) and int64 ``count`` [1] (tokens the mask keeps): a tuple of two outputs, named by the signature.
+* ``weighted``: int64 ``ids`` and float32 ``w`` of one shape -> float32 ``score`` [1], ``sum(ids * w) * scale``.
 * ``total``: any one input (give its dtype and shape with ``--signature``) -> float32 ``total`` [1], the sum of its
   elements times ``scale`` (1): an exact check that every dtype arrives with its values.
 """
@@ -72,3 +73,18 @@ class Total(torch.nn.Module):
 @register_architecture("total")
 def build_total() -> torch.nn.Module:
     return Total()
+
+
+class Weighted(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        assert ids.dtype == torch.int64 and w.dtype == torch.float32, (ids.dtype, w.dtype)
+        return (ids.float() * w).sum(dim=1, keepdim=True) * self.scale
+
+
+@register_architecture("weighted")
+def build_weighted() -> torch.nn.Module:
+    return Weighted()
