@@ -148,3 +148,39 @@ def test_the_client_encoding_is_compact() -> None:
     encoded = encode_tensor(image)
     assert len(encoded["b64"]) <= 1.34 * image.nbytes  # base64: 4/3 of the raw bytes
     assert encode_tensor(np.ones(2))["dtype"] == "float32"  # float64 has no signature dtype
+
+
+class _Counting(torch.nn.Module):
+    """Two inputs, two outputs (a tuple); counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        return (ids * mask).sum(dim=1, keepdim=True).float(), mask.sum(dim=1, keepdim=True)
+
+
+def test_a_batch_of_variable_lengths_runs_once_per_shape_with_named_outputs() -> None:
+    from agent_workers.config import Settings
+    from agent_workers.worker.inference import InferenceEngine, LoadedModel
+
+    signature = {
+        "inputs": [{"name": "ids", "dtype": "int64", "shape": [-1]}, {"name": "mask", "dtype": "bool", "shape": [-1]}],
+        "outputs": [
+            {"name": "total", "dtype": "float32", "shape": [1]},
+            {"name": "count", "dtype": "int64", "shape": [1]},
+        ],
+    }
+    spec_ = ModelSpec(arch="x", config={}, input_shape=(-1,), signature=Signature.from_json(signature))
+    module = _Counting()
+    engine = InferenceEngine(store=None, settings=Settings.from_env({}))  # type: ignore[arg-type]
+    loaded = LoadedModel("m", 1, "e", spec_, module, torch.device("cpu"))
+    rows = [
+        engine.validate(loaded, {"ids": ids, "mask": mask})
+        for ids, mask in [([1, 2, 3], [1, 1, 0]), ([4, 5], [1, 1]), ([6, 7, 8], [1, 1, 1])]
+    ]
+    out = engine.run_batch(loaded, rows)
+    assert out == [{"total": [3.0], "count": [2]}, {"total": [9.0], "count": [2]}, {"total": [21.0], "count": [3]}]
+    assert module.calls == 2  # one batch per length, no bisection
