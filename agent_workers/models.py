@@ -19,6 +19,7 @@ and shapes; the weights themselves always come from the parameter store.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 from collections.abc import Callable, Iterable
@@ -93,7 +94,7 @@ class ModelSpec:
         if self.signature is None:
             object.__setattr__(self, "signature", Signature.legacy(self.input_shape))
 
-    @property
+    @functools.cached_property  # read per request: computed once (cached_property writes __dict__, frozen or not)
     def legacy(self) -> bool:
         """True for a spec of one float32 input ``x`` (what every model was before signatures)."""
         return self.signature == Signature.legacy(self.input_shape)
