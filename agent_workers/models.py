@@ -19,6 +19,7 @@ and shapes; the weights themselves always come from the parameter store.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 from collections.abc import Callable, Iterable
@@ -26,19 +27,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_workers.errors import ConfigError, ModelError
+from agent_workers.tensors import Signature
 
 if TYPE_CHECKING:  # torch is imported where a module is built, so reading specs (the CLI) stays fast
     import torch
 
 Builder = Callable[..., "torch.nn.Module"]
 _ARCHITECTURES: dict[str, Builder] = {}
+_SIGNATURES: dict[str, Signature] = {}
 
 
-def register_architecture(name: str) -> Callable[[Builder], Builder]:
-    """Register ``builder(**config) -> nn.Module`` under ``name``; usable as a decorator."""
+def register_architecture(
+    name: str, *, signature: Signature | dict[str, Any] | None = None
+) -> Callable[[Builder], Builder]:
+    """Register ``builder(**config) -> nn.Module`` under ``name``; usable as a decorator.
+
+    Args:
+        signature: the architecture's typed inputs and outputs (agent_workers/tensors.py), given to every model of
+            it unless ``models create --signature`` overrides it, e.g.
+            ``{"inputs": [{"name": "pixels", "dtype": "uint8", "shape": [3, 64, 64]}], "outputs": [...]}``.
+    """
+    declared = None if signature is None else Signature.from_json(signature)
 
     def decorate(builder: Builder) -> Builder:
         _ARCHITECTURES[name] = builder
+        if declared is not None:
+            _SIGNATURES[name] = declared
         return builder
 
     return decorate
@@ -67,18 +81,36 @@ def architectures() -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """What a model is: its architecture name, the builder's config, and its input shape per example."""
+    """What a model is: its architecture name, the builder's config, its first input's shape per example, and its
+    signature (named, typed inputs and outputs; a spec without one takes one float32 input ``x`` of
+    ``input_shape``)."""
 
     arch: str
     config: dict[str, Any]
     input_shape: tuple[int, ...]
+    signature: Signature = None  # type: ignore[assignment]  # filled in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.signature is None:
+            object.__setattr__(self, "signature", Signature.legacy(self.input_shape))
+
+    @functools.cached_property  # read per request: computed once (cached_property writes __dict__, frozen or not)
+    def legacy(self) -> bool:
+        """True for a spec of one float32 input ``x`` (what every model was before signatures)."""
+        return self.signature == Signature.legacy(self.input_shape)
 
     def to_json(self) -> dict[str, Any]:
-        return {"arch": self.arch, "config": self.config, "input_shape": list(self.input_shape)}
+        data = {"arch": self.arch, "config": self.config, "input_shape": list(self.input_shape)}
+        if not self.legacy:  # old specs are stored as they always were
+            data["signature"] = self.signature.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(arch=data["arch"], config=dict(data["config"]), input_shape=tuple(data["input_shape"]))
+        signature = Signature.from_json(data["signature"]) if data.get("signature") else None
+        return cls(
+            arch=data["arch"], config=dict(data["config"]), input_shape=tuple(data["input_shape"]), signature=signature
+        )
 
     def build(self) -> torch.nn.Module:
         """Instantiate the architecture (random weights; load the stored ones over them)."""
@@ -95,14 +127,23 @@ class ModelSpec:
             raise ModelError(f"architecture {self.arch!r} rejected config {self.config!r}: {exc}") from exc
 
 
-def make_spec(arch: str, **config: Any) -> ModelSpec:
-    """Build and check a spec; the input shape is read from the config (``in_features``) or ``input_shape``."""
+def make_spec(arch: str, *, signature: Signature | dict[str, Any] | None = None, **config: Any) -> ModelSpec:
+    """Build and check a spec. The signature is ``signature``, else the one the architecture registered, else one
+    float32 input of the config's ``input_shape`` or ``(in_features,)``.
+
+    Raises:
+        ModelError: an unknown architecture, a config it rejects, a bad signature, or no way to know the input.
+    """
+    chosen = Signature.from_json(signature) if signature is not None else _SIGNATURES.get(arch)
     input_shape = config.pop("input_shape", None)
     if input_shape is None:
-        if "in_features" not in config:
-            raise ModelError(f"architecture {arch!r} needs in_features or input_shape in its config")
-        input_shape = (int(config["in_features"]),)
-    spec = ModelSpec(arch=arch, config=config, input_shape=tuple(int(d) for d in input_shape))
+        if chosen is not None:
+            input_shape = chosen.inputs[0].shape
+        elif "in_features" not in config:
+            raise ModelError(f"architecture {arch!r} needs in_features, input_shape or a signature")
+        else:
+            input_shape = (int(config["in_features"]),)
+    spec = ModelSpec(arch=arch, config=config, input_shape=tuple(int(d) for d in input_shape), signature=chosen)
     spec.build()  # fail now, not in a worker
     return spec
 

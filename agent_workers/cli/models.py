@@ -41,19 +41,34 @@ def models() -> None:
     default=None,
     help="Initial weights from a .safetensors file (pickle checkpoints are refused).",
 )
-def models_create(name: str, arch: str, config_json: str, seed: int, replace: bool, weights: Path | None) -> None:
+@click.option(
+    "--signature",
+    "signature_json",
+    default=None,
+    help='Named, typed inputs and outputs as JSON (overrides the architecture\'s), e.g. \'{"inputs": [{"name": '
+    '"pixels", "dtype": "uint8", "shape": [3, 64, 64]}], "outputs": [{"name": "logits", "dtype": "float32", '
+    '"shape": [10]}]}\'.',
+)
+def models_create(
+    name: str, arch: str, config_json: str, seed: int, replace: bool, weights: Path | None, signature_json: str | None
+) -> None:
     """Create NAME at version 0 (seeded random weights, or --weights)."""
     from agent_workers.models import load_weights, make_spec
 
-    try:
-        config = json.loads(config_json)
-    except json.JSONDecodeError as exc:
-        raise click.ClickException(f"--config is not valid JSON: {exc}") from None
+    config = _json_option("--config", config_json)
+    signature = None if signature_json is None else _json_option("--signature", signature_json)
     params = store()  # imports AGENT_WORKERS_PLUGINS first, so their architectures are known here too
-    spec = make_spec(arch, **config)
+    spec = make_spec(arch, signature=signature, **config)
     module = load_weights(spec, weights) if weights is not None else None
     params.create(name, spec, seed=seed, module=module, replace=replace)
     click.echo(f"created {shown(name)} ({arch}) at version 0" + (f" from {weights}" if weights else ""))
+
+
+def _json_option(option: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"{option} is not valid JSON: {exc}") from None
 
 
 @models.command("list")
@@ -79,6 +94,7 @@ def models_show(name: str) -> None:
                 "model": name,
                 "version": snap.version,
                 **spec.to_json(),
+                "signature": spec.signature.to_json(),
                 "parameters": {k: list(v.shape) for k, v in snap.parameters().items()},
             },
             indent=2,

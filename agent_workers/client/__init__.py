@@ -103,7 +103,7 @@ class Client(Training):
     def send_predict(
         self,
         model: str,
-        inputs: Sequence[float],
+        inputs: Any,
         *,
         version: int | None = None,
         expires: float | None = None,
@@ -151,9 +151,13 @@ class Client(Training):
         return AsyncResult(task_id, app=self.app)
 
     def predict(
-        self, model: str, inputs: Sequence[float], *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
+        self, model: str, inputs: Any, *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> dict[str, Any]:
         """Score one example and wait for it: ``{"model", "version", "outputs"}``.
+
+        ``inputs`` is a nested list, a numpy array (sent as ``{"dtype", "shape", "b64"}``, the compact encoding of
+        contract 1.2: uint8 / int / bool / float16 arrays keep their dtype, float64 becomes float32), or for a
+        model of several inputs a mapping name -> list or array. :meth:`predict_bulk` takes rows of the same kinds.
 
         Raises:
             InputError / ModelError / StoreError: the worker refused the request (message says why).
@@ -289,7 +293,7 @@ class Client(Training):
         return [self._outcome(meta, task_id, return_exceptions) for meta, task_id in zip(metas, ids, strict=True)]
 
     async def predict_async(
-        self, model: str, inputs: Sequence[float], *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
+        self, model: str, inputs: Any, *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> dict[str, Any]:
         """asyncio variant of :meth:`predict` (the publish runs in a thread: a stalled broker never blocks the
         loop; the wait is native asyncio)."""

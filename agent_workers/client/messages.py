@@ -11,6 +11,7 @@ from celery import Celery
 from agent_workers import wire
 from agent_workers.config import Settings
 from agent_workers.contract import queues, task_routes
+from agent_workers.tensors import encode_tensor
 
 KWARGSREPR_LIMIT = 120
 
@@ -38,9 +39,12 @@ def producer_app(settings: Settings) -> Celery:
 
 
 def predict_parts(model_json: str, model: str, inputs: Any, version: int | None) -> tuple[bytes, str]:
-    """Body and kwargs repr of one ``agent_workers.predict`` message (kwargs: model, inputs[, version])."""
-    if hasattr(inputs, "tolist"):  # numpy arrays and scalars
-        inputs = inputs.tolist()
+    """Body and kwargs repr of one ``agent_workers.predict`` message (kwargs: model, inputs[, version]).
+
+    numpy arrays travel in the compact encoding ``{"dtype", "shape", "b64"}`` (contract 1.2), also as the values
+    of a mapping of named inputs; lists travel as they are.
+    """
+    inputs = compact(inputs)
     try:
         inputs_json = json.dumps(inputs)
     except TypeError:  # a list of numpy scalars: the slower walk, only when needed
@@ -49,6 +53,15 @@ def predict_parts(model_json: str, model: str, inputs: Any, version: int | None)
     body = wire.body("[]", f'{{"model": {model_json}, "inputs": {inputs_json}{extra}}}')
     shown = inputs_json if len(inputs_json) <= KWARGSREPR_LIMIT else inputs_json[: KWARGSREPR_LIMIT - 3] + "..."
     return body, f"{{'model': {model!r}, 'inputs': {shown}{extra.replace(chr(34), chr(39))}}}"
+
+
+def compact(inputs: Any) -> Any:
+    """numpy arrays (also in a mapping name -> tensor) in the compact encoding; numpy scalars as numbers."""
+    if isinstance(inputs, dict):
+        return {k: compact(v) for k, v in inputs.items()}
+    if getattr(inputs, "ndim", 0) > 0 and hasattr(inputs, "tobytes"):  # a numpy array
+        return encode_tensor(inputs)
+    return inputs.tolist() if hasattr(inputs, "tolist") else inputs
 
 
 def kwargs_parts(kwargs: dict[str, Any]) -> tuple[bytes, str]:

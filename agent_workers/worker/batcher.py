@@ -28,7 +28,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 from celery import states
 
 from agent_workers import metrics
@@ -36,7 +35,7 @@ from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
 from agent_workers.worker import deadlines, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
-from agent_workers.worker.inference import InferenceEngine
+from agent_workers.worker.inference import InferenceEngine, result_output
 from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, register
 from agent_workers.worker.policy import BatchPolicy
 from agent_workers.worker.requests import Pending
@@ -305,7 +304,7 @@ class Batcher(Intake):
             return Outcome(req, states.FAILURE, value, elapsed)
         # float64 prints exactly as json prints float(float32): the same digits as every other path (predict_many)
         return Outcome(
-            req, states.SUCCESS, {"model": model, "version": version, "outputs": value.astype(np.float64)}, elapsed
+            req, states.SUCCESS, {"model": model, "version": version, "outputs": result_output(value)}, elapsed
         )
 
     def _from_cache(

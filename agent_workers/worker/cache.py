@@ -21,11 +21,21 @@ from agent_workers.worker.requests import Pending
 CacheKey = tuple[str, str, int, bytes]
 
 
-def digest(array: np.ndarray) -> bytes:
-    """A 128-bit digest of an input's shape and float32 bytes."""
-    h = hashlib.blake2b(array.tobytes(), digest_size=16)
-    h.update(str(array.shape).encode())
+def digest(array: np.ndarray | dict[str, np.ndarray]) -> bytes:
+    """A 128-bit digest of an input's bytes, shape and dtype (of every named input, for several)."""
+    parts = sorted(array.items()) if isinstance(array, dict) else [("", array)]
+    h = hashlib.blake2b(digest_size=16)
+    for name, part in parts:
+        h.update(part.tobytes())
+        h.update(f"{name}:{part.shape}:{part.dtype.str};".encode())
     return h.digest()
+
+
+def _raw_key(array: np.ndarray | dict[str, np.ndarray]) -> Any:
+    """Equal exactly for equal inputs (shape and dtype included: variable dims and integer inputs share bytes)."""
+    if isinstance(array, dict):
+        return digest(array)
+    return (array.shape, array.dtype.str, array.tobytes())
 
 
 class Row:
@@ -33,7 +43,7 @@ class Row:
 
     __slots__ = ("array", "key", "requests")
 
-    def __init__(self, array: np.ndarray, key: bytes) -> None:
+    def __init__(self, array: Any, key: Any) -> None:
         self.array = array
         self.key = key
         self.requests: list[Pending] = []
@@ -42,9 +52,9 @@ class Row:
 def distinct(valid: list[tuple[Pending, np.ndarray]], *, keyed: bool) -> list[Row]:
     """Group identical inputs, in order of first appearance. ``keyed``: use digests (the cache needs them);
     otherwise the raw bytes serve as the dict key."""
-    rows: dict[bytes, Row] = {}
+    rows: dict[Any, Row] = {}
     for req, array in valid:
-        key = digest(array) if keyed else array.tobytes()
+        key = digest(array) if keyed else _raw_key(array)
         row = rows.get(key)
         if row is None:
             row = rows[key] = Row(array, key)
@@ -80,7 +90,10 @@ class ResultCache:
         """
         if isinstance(value, Exception):
             return  # failures are never cached: the next request retries
-        self._entries[key] = np.array(value, copy=True)
+        if isinstance(value, dict):  # several named outputs
+            self._entries[key] = {k: np.array(v, copy=True) for k, v in value.items()}  # type: ignore[assignment]
+        else:
+            self._entries[key] = np.array(value, copy=True)
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)

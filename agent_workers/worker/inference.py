@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,10 @@ from agent_workers.config import Settings
 from agent_workers.errors import InputError, ModelError
 from agent_workers.models import ModelSpec
 from agent_workers.store.params import RedisParamStore
+from agent_workers.tensors import decode_inputs
+
+#: One decoded example (an array, or name -> array for a model of several inputs), or a stacked batch of them.
+Tensors = np.ndarray | dict[str, np.ndarray]
 
 log = logging.getLogger(__name__)
 
@@ -204,22 +210,34 @@ class InferenceEngine:
             device=self.device,
             nbytes=nbytes,
         )
-        self.forward(loaded, np.zeros((1, *spec.input_shape), dtype=np.float32))  # warm before serving
+        self.forward(loaded, stack([spec.signature.zeros()]))  # warm before serving
         log.info("loaded %s v%d on %s", name, snapshot.version, self.device)
         return loaded
 
-    def validate(self, loaded: LoadedModel, inputs: Any) -> np.ndarray:
-        """See :func:`validate_input`."""
-        return validate_input(loaded.spec, inputs, max_elements=self.settings.max_input_elements)
+    def validate(self, loaded: LoadedModel, inputs: Any) -> Tensors:
+        """One request's inputs, checked alone against the model's signature and decoded (agent_workers/tensors.py;
+        a float32 list to an ``input_shape`` model goes through :func:`validate_input`, as before signatures)."""
+        limit = self.settings.max_input_elements
+        if loaded.spec.legacy and not isinstance(inputs, Mapping):
+            return validate_input(loaded.spec, inputs, max_elements=limit)
+        return decode_inputs(loaded.spec.signature, inputs, max_elements=limit)
 
-    def forward(self, loaded: LoadedModel, batch: np.ndarray) -> np.ndarray:
-        """One forward pass over a stacked batch; returns float32 outputs on the host."""
-        x = torch.from_numpy(batch)
-        if loaded.device.type == "cuda":
-            x = x.pin_memory().to(loaded.device, non_blocking=True)
+    def forward(self, loaded: LoadedModel, batch: Tensors) -> Tensors:
+        """One forward pass over a stacked batch (:func:`stack`): ``module(x)`` for one input, ``module(**inputs)``
+        for several, each in its signature's dtype. Returns the output on the host (floats as float32), or name ->
+        output for a model that returns several (a dict or a tuple, named by the signature's outputs)."""
+        signature = loaded.spec.signature
+        tensors = {}
+        for spec in signature.inputs:
+            x = torch.from_numpy(batch[spec.name] if isinstance(batch, dict) else batch)
+            if spec.dtype == "bfloat16":
+                x = x.view(torch.bfloat16)  # numpy holds bfloat16 as its raw uint16 bits
+            if loaded.device.type == "cuda":
+                x = x.pin_memory().to(loaded.device, non_blocking=True)
+            tensors[spec.name] = x
         with torch.inference_mode(), self._autocast(loaded.device):
-            y = loaded.module(x)
-        return y.float().cpu().numpy()
+            y = loaded.module(*tensors.values()) if len(tensors) == 1 else loaded.module(**tensors)
+        return _host_outputs(loaded, y)
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         if device.type != "cuda" or self.settings.amp == "off":
@@ -227,26 +245,39 @@ class InferenceEngine:
         dtype = torch.bfloat16 if self.settings.amp == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
-    def run_batch(self, loaded: LoadedModel, arrays: list[np.ndarray]) -> list[list[Any] | Exception]:
-        """Forward ``arrays`` together; one output (a list of floats) or one error per input, in order."""
-        return [r if isinstance(r, Exception) else r.tolist() for r in self.run_batch_arrays(loaded, arrays)]
+    def run_batch(self, loaded: LoadedModel, arrays: list[Tensors]) -> list[Any]:
+        """Forward ``arrays`` together; one output (lists of numbers) or one error per input, in order."""
+        return [r if isinstance(r, Exception) else plain_output(r) for r in self.run_batch_arrays(loaded, arrays)]
 
-    def run_batch_arrays(self, loaded: LoadedModel, arrays: list[np.ndarray]) -> list[np.ndarray | Exception]:
+    def run_batch_arrays(self, loaded: LoadedModel, arrays: list[Tensors]) -> list[Tensors | Exception]:
         """Forward ``arrays`` together; if the model raises, bisect so only the culprits fail.
 
-        Returns one float32 row per input (the batcher serializes them without a Python-list detour).
+        Examples whose variable dimensions differ are run as one batch per shape (padding them together is the
+        extension point of variable-length batching, issue 19 item 3). Returns one row per input: an array
+        (floats as float32), or name -> array for several outputs; the batcher serializes them without a
+        Python-list detour.
         """
+        by_shape: dict[Any, list[int]] = {}
+        for i, row in enumerate(arrays):
+            by_shape.setdefault(_shape_key(row), []).append(i)
+        if len(by_shape) > 1:
+            results: list[Tensors | Exception] = [None] * len(arrays)  # type: ignore[list-item]
+            for indexes in by_shape.values():
+                for i, r in zip(indexes, self.run_batch_arrays(loaded, [arrays[i] for i in indexes]), strict=True):
+                    results[i] = r
+            return results
         try:
-            out = self.forward(loaded, np.stack(arrays))
+            out = self.forward(loaded, stack(arrays))
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated below
             if len(arrays) == 1:
                 return [ModelError(f"model {loaded.name!r} v{loaded.version} failed on this input: {exc}")]
             mid = len(arrays) // 2
             return self.run_batch_arrays(loaded, arrays[:mid]) + self.run_batch_arrays(loaded, arrays[mid:])
-        if len(out) != len(arrays):
-            error = ModelError(f"model {loaded.name!r} returned {len(out)} outputs for {len(arrays)} inputs")
+        rows = _split(out)
+        if len(rows) != len(arrays):
+            error = ModelError(f"model {loaded.name!r} returned {len(rows)} outputs for {len(arrays)} inputs")
             return [error] * len(arrays)
-        return list(out)
+        return rows
 
     def current_at_least(self, name: str, min_version: int, wait: float) -> LoadedModel:
         """The newest version of ``name``, once it is ``min_version`` or newer (read-your-writes).
@@ -288,7 +319,7 @@ class InferenceEngine:
         else:
             loaded = self.current(name)
         limit = self.settings.max_input_elements
-        width = int(np.prod(loaded.spec.input_shape))
+        width = sum(math.prod(abs(d) for d in t.shape) for t in loaded.spec.signature.inputs)
         if len(inputs) * width > limit:
             # Checked before any example is parsed: the whole message, not one example, is what must fit.
             raise InputError(
@@ -307,12 +338,76 @@ class InferenceEngine:
         for start in range(0, len(arrays), size):
             if not arrays[start : start + size]:
                 break
-            batch = self.forward(loaded, np.stack(arrays[start : start + size]))
-            produced += batch.size
-            if produced > limit:
-                raise InputError(
-                    f"the outputs of this predict_many exceed AGENT_WORKERS_MAX_INPUT_ELEMENTS={limit} numbers; "
-                    "send fewer examples per message"
-                )
-            outputs.extend(batch.tolist())
+            for row in self.run_batch_arrays(loaded, arrays[start : start + size]):
+                if isinstance(row, Exception):
+                    raise row
+                produced += sum(v.size for v in row.values()) if isinstance(row, dict) else row.size
+                if produced > limit:
+                    raise InputError(
+                        f"the outputs of this predict_many exceed AGENT_WORKERS_MAX_INPUT_ELEMENTS={limit} numbers; "
+                        "send fewer examples per message"
+                    )
+                outputs.append(plain_output(row))
         return {"model": name, "version": loaded.version, "outputs": outputs}
+
+
+def stack(rows: list[Tensors]) -> Tensors:
+    """Decoded examples of equal shapes as one batch (per input name for a model of several inputs)."""
+    if isinstance(rows[0], dict):
+        return {name: np.stack([r[name] for r in rows]) for name in rows[0]}  # type: ignore[index]
+    return np.stack(rows)  # type: ignore[arg-type]
+
+
+def plain_output(row: Tensors) -> Any:
+    """One output row as JSON-ready lists (floats as float64 print exactly as float32 does through json)."""
+    if isinstance(row, dict):
+        return {k: v.tolist() for k, v in row.items()}
+    return row.tolist()
+
+
+def result_output(row: Tensors) -> Tensors:
+    """One output row for the result record, serialized by orjson: float32 widened so it prints the same digits
+    as every other path (``json`` of ``float(float32)``); ints and bools as they are."""
+    if isinstance(row, dict):
+        return {k: _widened(v) for k, v in row.items()}
+    return _widened(row)
+
+
+def _widened(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float64) if array.dtype.kind == "f" else array
+
+
+def _shape_key(row: Tensors) -> Any:
+    return tuple((k, v.shape) for k, v in row.items()) if isinstance(row, dict) else row.shape
+
+
+def _split(out: Tensors) -> list[Tensors]:
+    if not isinstance(out, dict):
+        return list(out)
+    lengths = {len(v) for v in out.values()}
+    if len(lengths) != 1:
+        return []  # outputs of different batch sizes: reported as a count mismatch
+    return [{k: v[i] for k, v in out.items()} for i in range(lengths.pop())]
+
+
+def _host_outputs(loaded: LoadedModel, y: Any) -> Tensors:
+    """A model's output(s) on the host: a tensor, or a dict / tuple named by the signature's outputs."""
+    names = [t.name for t in loaded.spec.signature.outputs]
+    if isinstance(y, torch.Tensor):
+        return _host(y)
+    if isinstance(y, Mapping):
+        missing = [n for n in names if n not in y]
+        if missing:
+            raise ModelError(f"model {loaded.name!r} returned {sorted(y)}, lacking its signature's outputs {missing}")
+        return {n: _host(y[n]) for n in (names or list(y))}
+    if isinstance(y, (tuple, list)):
+        if len(y) != len(names):
+            raise ModelError(
+                f"model {loaded.name!r} returned {len(y)} outputs; its signature names {len(names)}: {names}"
+            )
+        return {n: _host(t) for n, t in zip(names, y, strict=True)}
+    raise ModelError(f"model {loaded.name!r} returned {type(y).__name__}, not a tensor, a dict or a tuple")
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    return (t.float() if t.is_floating_point() else t).cpu().numpy()

@@ -64,13 +64,21 @@ def test_redis_envelope_has_exactly_the_fields_and_types_kombu_writes() -> None:
 
 
 def test_predict_parts_encode_numpy_versions_and_a_short_kwargs_repr() -> None:
-    body, kwrepr = predict_parts(json.dumps("m"), "m", np.arange(3, dtype=np.float32), 7)
+    body, kwrepr = predict_parts(json.dumps("m"), "m", [0.0, 1.0, 2.0], 7)
     assert json.loads(body) == [
         [],
         {"model": "m", "inputs": [0.0, 1.0, 2.0], "version": 7},
         {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
     ]
     assert kwrepr == "{'model': 'm', 'inputs': [0.0, 1.0, 2.0], 'version': 7}"
+    # numpy arrays travel compactly since contract 1.2: raw little-endian bytes in base64
+    body, _ = predict_parts(json.dumps("m"), "m", np.arange(3, dtype=np.float32), None)
+    assert json.loads(body)[1]["inputs"] == {"dtype": "float32", "shape": [3], "b64": "AAAAAAAAgD8AAABA"}
+    body, _ = predict_parts(json.dumps("m"), "m", {"ids": np.array([7], dtype=np.int64), "mask": [True]}, None)
+    assert json.loads(body)[1]["inputs"] == {
+        "ids": {"dtype": "int64", "shape": [1], "b64": "BwAAAAAAAAA="},
+        "mask": [True],
+    }
     _, long_repr = predict_parts(json.dumps("m"), "m", [0.123456789] * 1000, None)
     assert len(long_repr) < 160 and long_repr.endswith("...}")
 

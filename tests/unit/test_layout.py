@@ -30,6 +30,7 @@ CLIENT_MAY_IMPORT = {
     "agent_workers.contract",
     "agent_workers.wire",
     "agent_workers.redis_clients",
+    "agent_workers.tensors",  # the tensor codec (numpy only): the client sends arrays compactly
     "agent_workers.training.datasets",
 }
 KOMBU_INTERNALS = (
