@@ -79,6 +79,7 @@ class Batcher(Intake):
         self._metric_cache: dict[str, _ModelMetrics] = {}
         settings = app.settings
         self.broker_is_redis = settings.broker_is_redis
+        self._pushed = not settings.broker_is_redis  # drain batches stay whole on RabbitMQ (see Intake._on_timer)
         self.max_queue_size = settings.max_queue_size
         self.min_version_wait = settings.min_version_wait_ms / 1000.0
         self.costs = deadlines.CostModels()

@@ -23,7 +23,7 @@ from celery.worker import state as worker_state
 
 from agent_workers import metrics
 from agent_workers.errors import InputError
-from agent_workers.worker import deadlines, idle, kombu_redis, redelivery
+from agent_workers.worker import deadlines, idle, kombu_amqp, kombu_redis, redelivery
 from agent_workers.worker.backlog import Backlog
 from agent_workers.worker.held import HeldMessages
 from agent_workers.worker.kombu_redis import ack_all
@@ -81,6 +81,10 @@ class Intake:
         self._connection = getattr(consumer, "connection", None)
         self._idle = False
         self._deferred = False  # a flush found the pipeline full: flush when a batch is done
+        # RabbitMQ pushes deliveries one frame per loop callback up to the prefetch window: a subclass that wants
+        # whole batches from a drain sets this there (_on_timer, _short_on_amqp); a trainer's groups are unchanged
+        self._pushed = False
+        self._joined = 0  # requests buffered when the wait timer last fired
         setting = getattr(policy.settings, "pipeline_depth", 1)
         # auto (0): a cheap batch computes on the loop, where handing it to the thread would cost more than it saves
         self._adaptive = setting == 0
@@ -301,7 +305,16 @@ class Intake:
             self.writer.write(outcomes)
 
     def _on_timer(self) -> None:
+        """``max_wait_ms`` is up: flush. On RabbitMQ, not while deliveries the broker already sent are still being
+        read and company joined since the last tick: the reader hands over one frame per loop callback, so the
+        timer would cut a batch whose members are already on the socket; the idle signal flushes once it runs dry.
+        Each extension takes a newly buffered request, so the wait stays bounded."""
         self._tref = None
+        grew, self._joined = len(self.pending) > self._joined, len(self.pending)
+        if self._pushed and grew and 0 < len(self.pending) < self.policy.max_batch_size:
+            if kombu_amqp.delivering(self._connection):
+                self._tref = self.timer.call_after(self.policy.max_wait, self._on_timer)
+                return
         self.flush()
 
     # -- flush ----------------------------------------------------------------------------------------------------
@@ -312,11 +325,12 @@ class Intake:
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
+        self._joined = 0
         if not self.pending:
             return
         # Keep buffering (up to the prefetch window) until the compute thread is free, or, when the buffered requests
         # carry priorities or deadlines, until it has nothing queued: a batch formed later serves the urgent first.
-        if self.pipeline.full or (self.pipeline.in_flight and self._form_late()):
+        if self.pipeline.full or (self.pipeline.in_flight and (self._form_late() or self._short_on_amqp())):
             self._deferred = True
             return
         self._deferred = False
@@ -355,8 +369,13 @@ class Intake:
             yield outcomes, i < len(later) - 1
 
     def _on_free(self) -> None:
-        """A batch in flight is done: the flush it held back goes now."""
+        """A batch in flight is done: the flush it held back goes now (on RabbitMQ, a short one only once the
+        deliveries on the socket are read: the idle signal, a full batch or the wait timer flushes it then)."""
         if self._deferred and self.pending:
+            if self._short_on_amqp() and kombu_amqp.delivering(self._connection):
+                if self._tref is None:
+                    self._tref = self.timer.call_after(self.policy.max_wait, self._on_timer)
+                return
             self.flush()
 
     @staticmethod
@@ -377,6 +396,13 @@ class Intake:
             self.writer.write(started)
         except Exception:  # noqa: BLE001 - STARTED is informative; the final write decides the acks
             log.warning("storing STARTED for %d requests failed", len(started), exc_info=True)
+
+    def _short_on_amqp(self) -> bool:
+        """RabbitMQ: a batch short of ``max_batch_size`` waits for the batch in flight (the compute thread could not
+        start it sooner). The socket runs dry whenever the prefetch window is full of unacknowledged deliveries, and
+        again while the broker refills it after an ack, so neither the idle signal nor the held count says that no
+        company is coming; the batch in flight, once acknowledged, frees the window (no deadlock)."""
+        return self._pushed and len(self.pending) < self.policy.max_batch_size
 
     def _form_late(self) -> bool:
         """True when the next batch should be formed only once the compute thread is idle (priorities, deadlines)."""

@@ -44,6 +44,14 @@ def nothing_pending(connection: Any) -> bool:
     return not readable
 
 
+def delivering(connection: Any) -> bool:
+    """Whether the kombu ``Connection`` of a py-amqp consumer still holds bytes of a further frame: deliveries the
+    broker already sent (within the prefetch window) that the reader has not handed over yet. False for any other
+    transport, or when not connected (kombu's ``Connection.connection`` would connect: its private one is read)."""
+    conn = getattr(connection, "_connection", None)
+    return getattr(conn, "transport", None) is not None and not nothing_pending(conn)
+
+
 @contextlib.contextmanager
 def corked(channel: Any) -> Iterator[None]:
     """Frames written on ``channel``'s connection inside this block go out in one ``sendall`` when it ends (a batch

@@ -49,3 +49,27 @@ def test_burst_still_fills_batches_when_flushing_on_idle(broker: str, start_pool
     served = pool.metric("agent_workers_batch_size_sum", {"model": model})
     assert served == 80
     assert served / batches > 1, f"{batches:.0f} batches for 80 requests: flushing on idle broke batching"
+
+
+@pytest.mark.parametrize("depth", [0, 2], ids=["auto", "thread"])
+def test_drain_batches_are_full_but_the_last_ones(broker: str, start_pool, depth: int) -> None:
+    """A backlog drained through a prefetch window of two batches, with a wait shorter than it takes to read one
+    batch's deliveries: every batch but the last ones is full, whether batches compute on the event loop (auto, a
+    cheap model) or in the compute thread. On RabbitMQ the reader hands over one frame per loop callback, so the
+    timer fired mid-delivery, and a short batch went to the compute thread behind the one in flight while the socket
+    was dry only because the broker waited for acks (the prefetch window was full) or was refilling it."""
+    size, n = 16, 960
+    pool: Pool = start_pool(
+        broker, queues="inference", start=False, max_wait_ms=0.5, max_batch_size=size, pipeline_depth=depth
+    )
+    model = unique("fill")
+    pool.store.create(model, make_spec("mlp", in_features=64, hidden=[256, 256], out_features=10))
+    rows = np.random.default_rng(13).standard_normal((n, 64)).astype(np.float32)
+    handles = pool.client.send_predict_bulk(model, rows)
+    pool.worker.start()
+    pool.client.collect(handles, timeout=60)
+    served = pool.metric("agent_workers_batch_size_sum", {"model": model})
+    batches = pool.metric("agent_workers_batch_size_count", {"model": model})
+    assert served == n
+    # full batches but for the last ones (the window holds two): n / size, plus two short at most
+    assert batches <= n // size + 2, f"{batches:.0f} batches of {size} for {n} requests: short batches formed"
