@@ -30,8 +30,9 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
-from agent_workers.config import DEFAULT_SENTINEL_MASTER, sentinel_url_problem
+from agent_workers.config import DEFAULT_SENTINEL_MASTER
 from agent_workers.errors import ConfigError, StoreUnavailableError
+from agent_workers.urls import sentinel_url_problem
 
 SENTINEL_SCHEMES = frozenset({"sentinel"})
 CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})

@@ -264,3 +264,29 @@ class SnapshotCache:
     def forget(self, name: str) -> None:
         with self._lock:
             self._snapshots.pop(name, None)
+
+
+def joined(parts: list[bytes]) -> bytes:
+    """One blob from its chunks (no copy for a single chunk)."""
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def blob_owner(meta: dict[str, Any]) -> str:
+    """Whose blob a header says it is, for an error message."""
+    return f"model {meta.get('model')!r} version {meta.get('version')} (incarnation {meta.get('epoch') or '?'})"
+
+
+def snapshot_of(
+    parts: list[bytes], param_chunks: int, *, name: str, version: int, epoch: str, barrier: int, complete: bool
+) -> Snapshot | str:
+    """The snapshot a version's chunks hold (parameters in the first ``param_chunks``, optimizer state in any after
+    them; ``complete``: the state was read, or there is none), or, when the header names another model, version or
+    incarnation, whose blob it is (:func:`blob_owner`)."""
+    data = joined(parts[:param_chunks])
+    meta = blob_metadata(data)
+    if meta.get("model") != name or meta.get("version") != str(version) or meta.get("epoch", "") not in ("", epoch):
+        return blob_owner(meta)
+    tensors = decode_blob(data)
+    if len(parts) > param_chunks:
+        tensors.update(decode_blob(joined(parts[param_chunks:])))
+    return Snapshot(name, version, epoch, tensors, barrier, meta, complete=complete)

@@ -44,13 +44,11 @@ from agent_workers.store.blobs import (
     SnapshotCache,
     blob_metadata,
     chunk_keys,
-    decode_blob,
-    encode_blob,
-    split_chunks,
+    snapshot_of,
 )
 from agent_workers.store.locks import DEFAULT_LOCK_WAIT, CommitLock
 from agent_workers.store.maintenance import STAGING_TTL, staging_ttl  # noqa: F401 - STAGING_TTL re-exported
-from agent_workers.store.versions import HEAD_FIELDS, CommitOutcome, CommitResult, Head
+from agent_workers.store.versions import HEAD_FIELDS, CommitOutcome, CommitResult, Head, first_head
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so listing models (the CLI) stays fast
     import torch
@@ -167,8 +165,7 @@ class RedisParamStore:
             module = spec.build()
         epoch = uuid.uuid4().hex
         tensors = {PARAM_PREFIX + k: v for k, v in module.state_dict().items()}
-        blob = encode_blob(tensors, model=name, version=0, epoch=epoch)
-        chunks = split_chunks(blob, self.chunk_bytes)
+        chunks = EncodedVersion.of(tensors, model=name, version=0, epoch=epoch, chunk_bytes=self.chunk_bytes).chunks
         targets = chunk_keys(self.keys.blob(name, 0), len(chunks))
         with unavailable():
             if not replace and self.client.exists(self.keys.head(name)):
@@ -178,17 +175,7 @@ class RedisParamStore:
             pipe.set(self.keys.spec(name), json.dumps(spec.to_json()))
             for key, chunk in zip(targets, chunks, strict=True):
                 pipe.set(key, chunk)
-            head: dict[str, Any] = {
-                "version": 0,
-                "blob": targets[0],
-                "epoch": epoch,
-                "barrier": 0,
-                "chunks": len(chunks),
-                "pchunks": len(chunks),
-            }
-            if len(chunks) > 1:
-                head["chunks:0"] = len(chunks)
-            pipe.hset(self.keys.head(name), mapping=head)
+            pipe.hset(self.keys.head(name), mapping=first_head(targets[0], epoch, len(chunks)))
             pipe.lpush(self.keys.history(name), json.dumps({"version": 0, "kind": "create", "at": time.time()}))
             pipe.execute()
             # The index of models is not in the model's hash slot, so it is written outside its transaction (a
@@ -290,22 +277,21 @@ class RedisParamStore:
                 first, p = self.keys.blob(name, wanted), int(raw[7] or n)
             parts = self._fetch(first, n if state else p)
             if parts is not None:
-                data = _joined(parts[:p])
-                meta = blob_metadata(data)
-                if (
-                    meta.get("model") == name
-                    and meta.get("version") == str(wanted)
-                    and meta.get("epoch", "") in ("", head.epoch)
-                ):
-                    tensors = decode_blob(data)
-                    if state and n > p:
-                        tensors.update(decode_blob(_joined(parts[p:])))
-                    snap = Snapshot(name, wanted, head.epoch, tensors, head.barrier, meta, complete=state or n == p)
-                    self._cache.remember(snap)
-                    return snap
+                found = snapshot_of(
+                    parts,
+                    p,
+                    name=name,
+                    version=wanted,
+                    epoch=head.epoch,
+                    barrier=head.barrier,
+                    complete=state or n == p,
+                )
+                if isinstance(found, Snapshot):
+                    self._cache.remember(found)
+                    return found
                 # The model was recreated between our two round trips and the key now holds another
                 # incarnation's blob (keys are per version, incarnations reuse them): start over.
-                last = (raw, f"the blob at {first} belongs to {blob_owner(meta)}, not to version {wanted}")
+                last = (raw, f"the blob at {first} belongs to {found}, not to version {wanted}")
             elif version is not None:
                 raise ModelError(
                     f"version {wanted} of model {name!r} is no longer kept (the last {self.keep_versions} are)"
@@ -457,13 +443,3 @@ class RedisParamStore:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _joined(parts: list[bytes]) -> bytes:
-    """One blob from its chunks (no copy for a single chunk)."""
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def blob_owner(meta: dict[str, Any]) -> str:
-    """Whose blob a header says it is, for an error message."""
-    return f"model {meta.get('model')!r} version {meta.get('version')} (incarnation {meta.get('epoch') or '?'})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Any
 
 from agent_workers.errors import ModelError
 
@@ -30,6 +31,21 @@ class CommitResult:
     outcome: CommitOutcome
     version: int
     applied: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def first_head(blob: str, epoch: str, chunks: int) -> dict[str, Any]:
+    """The head hash of a model just created: version 0 at ``blob`` (its first chunk's key) in ``chunks`` chunks."""
+    head: dict[str, Any] = {
+        "version": 0,
+        "blob": blob,
+        "epoch": epoch,
+        "barrier": 0,
+        "chunks": chunks,
+        "pchunks": chunks,
+    }
+    if chunks > 1:
+        head["chunks:0"] = chunks
+    return head
 
 
 @dataclasses.dataclass(frozen=True)

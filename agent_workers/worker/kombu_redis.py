@@ -10,9 +10,8 @@ message before any work happens, and a SIGKILL between the pop and the record lo
   popped message is never only in flight to this process, so a SIGKILL at any moment loses nothing (the
   visibility-timeout sweep restores what it had recorded). BLMOVE watches one list; a worker with several lists
   (several queues, priority sub-lists) watches the queue that last delivered and waits 2 ms after traffic, doubling
-  with each quiet wake-up up to ``wake_interval`` (0.25 s), rotating the watched queue while quiet; every wake-up
-  sweeps all its lists (a windowed producer's next message, due within milliseconds on any list, is not left
-  waiting out a quarter second);
+  with each quiet wake-up up to ``wake_interval`` (0.25 s) (:mod:`~agent_workers.worker.redis_wait`); every wake-up
+  sweeps all its lists;
 * the script records only envelopes with a usable delivery tag that kombu could restore (headers, delivery_info,
   priority); any other is moved to ``<queue>.dead`` and logged, never delivered and never lost. A restore checks
   the same again (:meth:`Channel._do_restore_message`), and one tag that still cannot be restored is moved to the
@@ -42,12 +41,9 @@ from kombu.utils.json import dumps, loads
 
 from agent_workers import lua, numbers
 from agent_workers.worker import idle, kombu_amqp
+from agent_workers.worker.redis_wait import DEFAULT_WAKE_INTERVAL, WakePolicy
 
 DEFAULT_POP_COUNT = 128
-#: With several lists to watch (queues, priority sub-lists), the longest one not watched waits for a sweep (seconds).
-DEFAULT_WAKE_INTERVAL = 0.25
-#: The shortest wait after traffic; it doubles with each quiet wake-up up to ``wake_interval``.
-MIN_WAKE_INTERVAL = 0.002
 #: A queue's dead-letter list, for envelopes the transport cannot record: ``<queue>.dead``.
 DEAD_LETTER_SUFFIX = ".dead"
 #: Where an unrestorable message goes when it names no queue: ``<UNROUTABLE><DEAD_LETTER_SUFFIX>``.
@@ -168,9 +164,9 @@ class Channel(kredis.Channel):
         # then pops and records atomically, so no message is ever only in flight to this process. BLMOVE watches
         # one list; every wake-up (or time-out) sweeps ALL of them (every queue, every priority sub-list), so with
         # more than one list the wait is short (``wake_interval``) and the watched queue rotates.
-        base = self._watched(queues)
+        base = self._waits.watched(queues)
         if len(self._bulk_keys) > 1:
-            timeout = min(timeout or self._wake, self._wake)
+            timeout = min(timeout or self._waits.wait, self._waits.wait)
         self.client.connection.send_command("BLMOVE", base, base, "RIGHT", "RIGHT", timeout or 0)
         return None
 
@@ -188,7 +184,7 @@ class Channel(kredis.Channel):
             count = self._pop_count()
             popped, left = self._pop_and_record(count)
             drained = len(popped) < count or left == 0
-            self._after_pop(popped)
+            self._waits.after_pop(popped)
             if not popped:
                 raise kredis.Empty()
             for key, text, restored, recorded_tag in popped:
@@ -227,28 +223,12 @@ class Channel(kredis.Channel):
                 idle.drained(self.connection.client)
 
     @property
-    def _wake(self) -> float:
-        """How long the next ``BLMOVE`` may wait when this worker has more lists than the one it watches: short
-        right after traffic (the next message of a windowed producer is due within milliseconds, maybe on another
-        list), doubling with each quiet wake-up up to ``wake_interval``, so an idle worker still sweeps rarely."""
-        ceiling = float(self.connection.client.transport_options.get("wake_interval", DEFAULT_WAKE_INTERVAL))
-        return min(ceiling, MIN_WAKE_INTERVAL * 2 ** getattr(self, "_quiet_wakes", 0))
-
-    def _watched(self, queues: list[str]) -> str:
-        """The list ``BLMOVE`` watches: the queue that last delivered (traffic tends to stay where it is: a training
-        burst on a worker that consumes both queues), else the next one in turn."""
-        last = getattr(self, "_last_queue", None)
-        if last in queues and getattr(self, "_quiet_wakes", 0) == 0:
-            return last
-        self._watch = (getattr(self, "_watch", -1) + 1) % len(queues)
-        return queues[self._watch]
-
-    def _after_pop(self, popped: list[tuple[Any, ...]]) -> None:
-        if popped:
-            self._quiet_wakes = 0
-            self._last_queue = popped[-1][0].rsplit(self.sep, 1)[0]
-        else:
-            self._quiet_wakes = min(getattr(self, "_quiet_wakes", 0) + 1, 16)
+    def _waits(self) -> WakePolicy:
+        policy = getattr(self, "_wake_policy", None)
+        if policy is None:
+            ceiling = float(self.connection.client.transport_options.get("wake_interval", DEFAULT_WAKE_INTERVAL))
+            policy = self._wake_policy = WakePolicy(self.sep, ceiling)
+        return policy
 
     def _dead_letter(self, queue: str, text: bytes, tag: str) -> None:
         """Move a recorded envelope that cannot be delivered to ``<queue>.dead`` and forget it as unacknowledged (so

@@ -6,45 +6,34 @@ windowed trainer (``Client.train``, the demo) waiting ~250 ms every few groups (
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any
-
-from agent_workers.worker.kombu_redis import DEFAULT_WAKE_INTERVAL, MIN_WAKE_INTERVAL, Channel
+from agent_workers.worker.redis_wait import DEFAULT_WAKE_INTERVAL, MIN_WAKE_INTERVAL, WakePolicy
 
 QUEUES = ["t.inference", "t.training"]
-
-
-def channel(**options: Any) -> Any:
-    """The attributes the wait policy reads off a kombu channel."""
-    return SimpleNamespace(
-        sep="\x06\x16", connection=SimpleNamespace(client=SimpleNamespace(transport_options=options))
-    )
+SEP = "\x06\x16"  # kombu's priority separator
 
 
 def test_a_worker_on_two_queues_watches_the_queue_that_last_delivered_and_waits_briefly() -> None:
-    ch = channel()
-    Channel._after_pop(
-        ch, [("t.inference", b"a", False, "1"), ("t.training\x06\x163", b"b", False, "2")]
-    )  # a priority sub-list
-    assert [Channel._watched(ch, QUEUES) for _ in range(3)] == ["t.training"] * 3
-    assert Channel._wake.fget(ch) == MIN_WAKE_INTERVAL
+    ch = WakePolicy(SEP)
+    ch.after_pop([("t.inference", b"a", False, "1"), ("t.training\x06\x163", b"b", False, "2")])  # a priority sub-list
+    assert [ch.watched(QUEUES) for _ in range(3)] == ["t.training"] * 3
+    assert ch.wait == MIN_WAKE_INTERVAL
 
 
 def test_quiet_wake_ups_back_off_to_the_wake_interval_and_rotate_the_watched_queue() -> None:
-    ch = channel()
-    Channel._after_pop(ch, [("t.training", b"a")])
+    ch = WakePolicy(SEP)
+    ch.after_pop([("t.training", b"a")])
     waits = []
     for _ in range(12):
-        Channel._after_pop(ch, [])
-        waits.append(Channel._wake.fget(ch))
+        ch.after_pop([])
+        waits.append(ch.wait)
     assert waits == sorted(waits) and waits[0] == 2 * MIN_WAKE_INTERVAL and waits[-1] == DEFAULT_WAKE_INTERVAL
-    assert {Channel._watched(ch, QUEUES) for _ in range(2)} == set(QUEUES)
-    Channel._after_pop(ch, [("t.inference", b"c")])  # traffic again: brief waits on the queue it came from
-    assert (Channel._watched(ch, QUEUES), Channel._wake.fget(ch)) == ("t.inference", MIN_WAKE_INTERVAL)
+    assert {ch.watched(QUEUES) for _ in range(2)} == set(QUEUES)
+    ch.after_pop([("t.inference", b"c")])  # traffic again: brief waits on the queue it came from
+    assert (ch.watched(QUEUES), ch.wait) == ("t.inference", MIN_WAKE_INTERVAL)
 
 
 def test_the_wake_interval_option_still_caps_every_wait() -> None:
-    ch = channel(wake_interval=0.01)
+    ch = WakePolicy(SEP, ceiling=0.01)
     for _ in range(10):
-        Channel._after_pop(ch, [])
-    assert Channel._wake.fget(ch) == 0.01
+        ch.after_pop([])
+    assert ch.wait == 0.01
