@@ -100,3 +100,16 @@ def test_shares_split_compute_by_real_tokens() -> None:
     used = forming.shares([(2,), (6,)], elapsed=0.008)
     assert [u["compute_ms"] for u in used] == [2.0, 6.0]
     assert {u["padded_tokens"] for u in used} == {6} and {u["size"] for u in used} == {2}
+
+
+def test_length_aware_cuts_pad_far_less_than_fifo_on_a_long_tailed_draw() -> None:
+    rng = np.random.default_rng(0)
+    lengths = np.clip(np.round(np.exp(rng.normal(np.log(40), 0.9, 128))), 8, 512).astype(int).tolist()
+
+    def padding_share(batches: list[list[int]]) -> float:
+        padded = sum(len(b) * max(b) for b in batches)
+        return 1 - sum(map(sum, batches)) / padded
+
+    by_length = forming.plan(lengths, max_batch_size=64, length=int, max_tokens=16384)
+    fifo = forming.plan(lengths, max_batch_size=64, length=int, max_tokens=16384, by_length=False)
+    assert padding_share(by_length) < 0.15 < 0.5 < padding_share(fifo)
