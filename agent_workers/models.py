@@ -1,8 +1,9 @@
 """Model specs and the architecture registry: name -> builder -> ``torch.nn.Module``.
 
-Two architectures are built in: ``linear`` (a linear regression) and ``mlp`` (a ReLU classifier of configurable
-widths). Register your own with :func:`register_architecture`; a worker imports the modules listed in
-``AGENT_WORKERS_PLUGINS`` at start-up so your registration runs there too::
+Three architectures are built in: ``linear`` (a linear regression), ``mlp`` (a ReLU classifier of configurable
+widths) and ``text_classifier`` (a small transformer encoder over variable-length token ids). Register your own
+with :func:`register_architecture`; a worker imports the modules listed in ``AGENT_WORKERS_PLUGINS`` at start-up
+so your registration runs there too::
 
     # my_models.py   (start workers with AGENT_WORKERS_PLUGINS=my_models)
     import torch

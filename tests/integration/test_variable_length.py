@@ -19,6 +19,7 @@ from agent_workers.models import make_spec
 from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.supervisor import WorkerProcess, free_port
 from tests.conftest import Pool, _cleanup, pool_env, unique
+from tests.integration.test_contract import check
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +74,7 @@ def test_different_lengths_in_one_batch_answer_as_each_served_alone(padded_pool:
     assert batched, "no two requests shared a batch: nothing was padded"
     assert any(r["batch"]["padded_tokens"] > r["batch"]["tokens"] for r in batched)
     for row, result in zip(rows, results, strict=True):
+        check("agent_workers.predict:result", result)  # contract 1.3: the batch metadata is in the schema
         assert result["batch"]["tokens"] == len(row)
         np.testing.assert_allclose(result["outputs"], alone(padded_pool, model, row), rtol=1e-4, atol=1e-5)
 
