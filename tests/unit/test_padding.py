@@ -113,3 +113,16 @@ def test_length_aware_cuts_pad_far_less_than_fifo_on_a_long_tailed_draw() -> Non
     by_length = forming.plan(lengths, max_batch_size=64, length=int, max_tokens=16384)
     fifo = forming.plan(lengths, max_batch_size=64, length=int, max_tokens=16384, by_length=False)
     assert padding_share(by_length) < 0.15 < 0.5 < padding_share(fifo)
+
+
+def test_the_token_budget_and_the_switch_are_settings_with_documented_defaults() -> None:
+    from pathlib import Path
+
+    from agent_workers.config import Settings
+
+    assert (Settings().batch.max_batch_tokens, Settings().batch.length_batching) == (16384, True)
+    batch = Settings.from_env({"AGENT_WORKERS_MAX_BATCH_TOKENS": "512", "AGENT_WORKERS_LENGTH_BATCHING": "0"}).batch
+    assert (batch.max_batch_tokens, batch.length_batching) == (512, False)
+    operations = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    assert "| `AGENT_WORKERS_MAX_BATCH_TOKENS` | `16384` |" in operations
+    assert "| `AGENT_WORKERS_LENGTH_BATCHING` | `true` |" in operations
