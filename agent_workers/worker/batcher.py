@@ -87,6 +87,7 @@ class Batcher(Intake):
         self._late: list[Outcome] = []  # revoked on arrival, answered at the end of the burst (_revoke_soon)
         self._on_loop = deadlines.CostModels()  # forward passes timed on the loop, all models as one
         self._since_probe = 0
+        self._padded: set[str] = set()  # models with a variable-length input: their batches cost by tokens, not size
         self._probes: set[str] = set()  # ids admitted as cost probes despite their prediction (see admit)
         self.versions = VersionWaits(
             timer=self.timer,
@@ -172,6 +173,8 @@ class Batcher(Intake):
         """Whether to compute ``batch`` on the loop: from forward passes timed on the loop alone (a forward pass in
         the compute thread waits for the GIL behind the busy loop, so its time says nothing about its cost); with
         none timed yet, and every ``PROBE_EVERY`` batches otherwise, it is computed on the loop to find out."""
+        if self._padded and any(deadlines.model_of(r) in self._padded for r in batch):
+            return False  # one long request makes a small batch slow: never block the loop on a guess by size
         if self._on_loop.predicted("", len(batch)) < INLINE_BELOW_S:  # 0 until a second pass was timed
             return True
         self._since_probe += 1
@@ -275,6 +278,8 @@ class Batcher(Intake):
             metrics.DEDUPLICATED.labels(model).inc(len(valid) - len(rows))
         batching = self.policy.settings
         spec = padding.length_input(loaded.spec.signature)  # None: fixed shapes, sliced by size alone as ever
+        if spec is not None:
+            self._padded.add(model)
         chunks = forming.plan(
             rows,
             max_batch_size=size,
@@ -289,7 +294,7 @@ class Batcher(Intake):
                     self.reporter.event("task-started", req)
             results = self.engine.run_batch_arrays(loaded, [row.array for row in chunk])
             elapsed = time.monotonic() - started
-            if not self.pipeline.in_compute_thread():
+            if spec is None and not self.pipeline.in_compute_thread():
                 self._on_loop.observe("", len(chunk), elapsed)
             self.policy.observe(len(chunk), elapsed)
             self.costs.observe(model, len(chunk), elapsed)
