@@ -150,10 +150,9 @@ def _stack_padded(spec: TensorSpec, parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _pad_value(spec: TensorSpec) -> Any:
-    pad_value = getattr(spec, "pad", 0)
     if spec.dtype == "bfloat16":  # held as raw bits: 0.0 is 0x0000, other values take their upper 16 bits
-        return int(np.array(pad_value, dtype="<f4").view("<u4") >> 16)
-    return pad_value
+        return int(np.array(spec.pad, dtype="<f4").view("<u4") >> 16)
+    return spec.pad
 
 
 def _spec(specs: list[TensorSpec], name: str) -> TensorSpec | None:
