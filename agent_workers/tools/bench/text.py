@@ -8,8 +8,9 @@
   ``AGENT_WORKERS_LENGTH_BATCHING=0`` (FIFO pad-to-longest under the same ``max_batch_tokens``) in JSON. Each
   reports throughput (first to last stored result) and the padding share of computed tokens, read from every
   result's ``batch`` metadata;
-* **open loops** (Poisson arrivals at ``open_share`` of the FIFO drain rate) with formation on and off: p50/p99
-  latency from each request's intended send time to its stored result;
+* **open loops** (Poisson arrivals at ``open_share`` of the FIFO drain rate), formation off, on, on, off (ABBA, so
+  a drift of a shared machine's load falls on both alike): p50/p99 latency from each request's intended send time
+  to its stored result;
 * the **raw forward pass** of the same model, in this process, over the same requests in windows of the worker's
   prefetch (2 × ``max_batch_size``), batched as the worker forms them (both formations): the ceiling.
 
@@ -269,14 +270,18 @@ def run(
                 bench.drain(rows, encoding="json", length_batching=False),
             ]
             fifo_rate = drains[2]["rate"]
+            # ABBA: a drift of the shared machine's load over the four runs falls on both formations alike
             opens = [
-                bench.open_loop(rows, open_share * fifo_rate, duration, length_batching=on) for on in (True, False)
+                bench.open_loop(rows, open_share * fifo_rate, duration, length_batching=on)
+                for on in (False, True, True, False)
             ]
         finally:
             store.delete(MODEL)
         runs = drains + opens
+        p99 = {f: [r["p99_ms"] for r in opens if r["formation"] == f and "p99_ms" in r] for f in ("length", "fifo")}
         ratios = {
             "length_over_fifo": drains[0]["rate"] / fifo_rate if fifo_rate else None,
+            "p99_length_over_fifo": float(np.mean(p99["length"]) / np.mean(p99["fifo"])) if all(p99.values()) else None,
             "length_over_raw": drains[0]["rate"] / raw["length"],
             "b64_over_json": drains[1]["rate"] / drains[0]["rate"] if drains[0]["rate"] else None,
         }
@@ -284,7 +289,8 @@ def run(
         say(
             f"{broker}: length-aware / FIFO {ratios['length_over_fifo']:.2f}x, end to end / raw "
             f"{ratios['length_over_raw']:.0%}, padding {drains[0]['padding_share']:.1%} (FIFO "
-            f"{drains[2]['padding_share']:.1%})"
+            f"{drains[2]['padding_share']:.1%}), open-loop p99 length-aware / FIFO "
+            f"{ratios['p99_length_over_fifo'] or 0:.2f}"
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / f"text{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -308,8 +314,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 names.append(f"{broker}\n{r['formation']} {r['encoding']}")
                 rates.append(r["rate"])
                 pads.append(100 * r["padding_share"])
-            else:
-                p99_names.append(f"{broker}\n{r['formation']}")
+            else:  # each formation runs twice (ABBA): number the bars
+                label = f"{broker}\n{r['formation']}"
+                p99_names.append(f"{label} #{1 + sum(n.startswith(label) for n in p99_names)}")
                 p99s.append(r.get("p99_ms", 0.0))
     colors = ["#2a7" if "length" in n else "#c44" for n in names]
     left.bar(names, rates, color=colors)
