@@ -166,6 +166,29 @@ def _walk(
     return tensors, applied
 
 
+class BuiltOnce:
+    """A model spec whose ``build()`` returns the same module for a whole walk.
+
+    ``compute_gradient`` loads each step's parameters (the full state dict, buffers included) into the module it is
+    given, so building it once per group instead of once per step changes no result; it saves the construction and
+    the random initialisation torch runs in every constructor, about a third of a small model's step (0.19 of
+    0.56 ms profiled for the seed's linear model).
+    """
+
+    def __init__(self, spec: Any) -> None:
+        self._spec = spec
+        self._module: Any = None
+
+    def build(self) -> Any:
+        """The walk's one module, built on first use."""
+        if self._module is None:
+            self._module = self._spec.build()
+        return self._module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spec, name)  # input_shape, name, ...: the spec's own
+
+
 def optimizer_steps(snapshot: Snapshot, hp: HyperParams) -> int:
     """How many optimizer steps the parameters of ``snapshot`` have taken (its ``o.<optimizer>.step``; 0 before
     the first), so the staleness of a gradient is counted in steps exactly, whatever size other trainers' groups
@@ -197,7 +220,7 @@ def _commit(
     group onto the new head within τ (or recompute it); raises what fails the whole group."""
     snapshot = store.read(model)
     epoch = snapshot.epoch  # the incarnation the gradients belong to: every commit is fenced by it
-    spec = store.spec(model, epoch)
+    spec = BuiltOnce(store.spec(model, epoch))
     grads: dict[int, Any] = {}
     losses: dict[int, float] = {}
     walk_started = time.perf_counter()

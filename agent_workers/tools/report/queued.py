@@ -73,25 +73,27 @@ def sequential_reference(
 def walk_ms_per_step(
     initial: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray, hp: dict[str, Any], *, epochs: int
 ) -> float:
-    """Milliseconds per step of a group's walk alone (gradient, optimizer step, finiteness check), in this process
-    with one torch thread: the part of a step that trainers of one model must take in turn to train sequentially."""
+    """CPU milliseconds per step of a group's walk alone (gradient, optimizer step, finiteness check, one module per
+    walk as groups.py builds it), in this process with one torch thread: the part of a step that trainers of one
+    model take in turn to train sequentially. CPU time, not wall time, so that a busy machine does not inflate it."""
     from agent_workers.store.blobs import PARAM_PREFIX, Snapshot
+    from agent_workers.training.groups import BuiltOnce
     from agent_workers.training.optim import HyperParams, apply_update, check_finite, compute_gradient
 
-    spec = make_spec("linear", in_features=x.shape[1], out_features=1)
+    spec = BuiltOnce(make_spec("linear", in_features=x.shape[1], out_features=1))
     params = HyperParams.from_json(hp)
     snapshot = Snapshot("walk", 0, "", {PARAM_PREFIX + k: v for k, v in initial.items()})
     batches = [rows for _, _, rows in epoch_batches(len(x), epochs=epochs, batch_size=QUEUED_BATCH, seed=0)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        started = time.perf_counter()
+        started = time.process_time()
         for rows in batches:
             grads, loss = compute_gradient(spec, snapshot, x[rows], y[rows], params)
             tensors = apply_update(snapshot, grads, params)
             check_finite(grads, tensors, params, loss=loss)
             snapshot = Snapshot("walk", 0, "", tensors)
-        return 1000 * (time.perf_counter() - started) / len(batches)
+        return 1000 * (time.process_time() - started) / len(batches)
     finally:
         torch.set_num_threads(threads)
 
@@ -326,7 +328,7 @@ def render_queued(report: dict[str, Any]) -> str:
         for c in ceiling(rows, cpus=report["environment"]["cpus"])
     )
     model = (
-        f"\n**The ceiling, from this run** (CPU per step counted from /proc and Redis's INFO):{bounds}\n"
+        f"\n\n**The ceiling, from this run** (CPU per step counted from /proc and Redis's INFO):{bounds}\n"
         if bounds
         else ""
     )
