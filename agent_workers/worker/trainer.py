@@ -15,8 +15,9 @@ The receiving half (check, decode, hold, buffer, one pipelined result write, bul
 Redelivered requests are served alone after the rest of the flush, with the batcher's poison count. Like the
 predict batcher, the work runs in the worker's event loop: a training message is small and a group of small-model
 steps takes milliseconds, and while it runs the worker consumes nothing else; in lock mode, where a group may wait
-for another process's commit lock, groups always run in the compute thread instead. ``fit`` is not batched (it runs
-many steps itself, in the pool).
+for another process's commit lock, groups always run in the compute thread instead. An optimistic group's turn
+(``AGENT_WORKERS_TRAIN_TURNS``) is waited for on the event loop: usually another trainer's walk, at most a lease.
+``fit`` is not batched (it runs many steps itself, in the pool).
 """
 
 from __future__ import annotations
