@@ -33,7 +33,7 @@ from celery import states
 from agent_workers import metrics
 from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
-from agent_workers.worker import deadlines, redelivery
+from agent_workers.worker import deadlines, forming, padding, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
 from agent_workers.worker.inference import InferenceEngine, result_output
 from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, register
@@ -87,6 +87,7 @@ class Batcher(Intake):
         self._late: list[Outcome] = []  # revoked on arrival, answered at the end of the burst (_revoke_soon)
         self._on_loop = deadlines.CostModels()  # forward passes timed on the loop, all models as one
         self._since_probe = 0
+        self._padded: set[str] = set()  # models with a variable-length input: their batches cost by tokens, not size
         self._probes: set[str] = set()  # ids admitted as cost probes despite their prediction (see admit)
         self.versions = VersionWaits(
             timer=self.timer,
@@ -172,6 +173,8 @@ class Batcher(Intake):
         """Whether to compute ``batch`` on the loop: from forward passes timed on the loop alone (a forward pass in
         the compute thread waits for the GIL behind the busy loop, so its time says nothing about its cost); with
         none timed yet, and every ``PROBE_EVERY`` batches otherwise, it is computed on the loop to find out."""
+        if self._padded and any(deadlines.model_of(r) in self._padded for r in batch):
+            return False  # one long request makes a small batch slow: never block the loop on a guess by size
         if self._on_loop.predicted("", len(batch)) < INLINE_BELOW_S:  # 0 until a second pass was timed
             return True
         self._since_probe += 1
@@ -273,15 +276,25 @@ class Batcher(Intake):
         m = self._metrics(model)
         if len(rows) < len(valid):
             metrics.DEDUPLICATED.labels(model).inc(len(valid) - len(rows))
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
+        batching = self.policy.settings
+        spec = padding.length_input(loaded.spec.signature)  # None: fixed shapes, sliced by size alone as ever
+        if spec is not None:
+            self._padded.add(model)
+        chunks = forming.plan(
+            rows,
+            max_batch_size=size,
+            length=None if spec is None else (lambda row: padding.tokens(spec, row.array)),
+            max_tokens=batching.max_batch_tokens,
+            by_length=batching.length_batching,
+        )
+        for chunk in chunks:
             started = time.monotonic()
             for row in chunk:  # Flower shows received / started / succeeded times per request
                 for req in row.requests:
                     self.reporter.event("task-started", req)
             results = self.engine.run_batch_arrays(loaded, [row.array for row in chunk])
             elapsed = time.monotonic() - started
-            if not self.pipeline.in_compute_thread():
+            if spec is None and not self.pipeline.in_compute_thread():
                 self._on_loop.observe("", len(chunk), elapsed)
             self.policy.observe(len(chunk), elapsed)
             self.costs.observe(model, len(chunk), elapsed)
@@ -291,22 +304,36 @@ class Batcher(Intake):
             m.fill.observe(len(chunk) / size)
             m.per_request.observe(elapsed / answered)
             m.version.set(loaded.version)
-            for row, value in zip(chunk, results, strict=True):
+            usage = self._usage(model, spec, chunk, elapsed) if spec is not None else [None] * len(chunk)
+            for row, value, used in zip(chunk, results, usage, strict=True):
                 if cache.enabled:
                     cache.put((model, loaded.epoch, loaded.version, row.key), value)
                 for req in row.requests:
                     m.queue_wait.observe(started - req.received)
-                    outcomes.append(self._answer(req, model, loaded.version, value, elapsed))
+                    outcomes.append(self._answer(req, model, loaded.version, value, elapsed, used))
         return outcomes
 
     @staticmethod
-    def _answer(req: Pending, model: str, version: int, value: Any, elapsed: float) -> Outcome:
+    def _usage(model: str, spec: Any, chunk: list[Any], elapsed: float) -> list[dict[str, Any]]:
+        """Each row's ``batch`` metadata (real and padded tokens, its share of the forward pass), and the padding
+        waste metric, for a padded batch of a variable-length model (contract 1.3)."""
+        used = forming.shares([padding.sizes(spec, row.array) for row in chunk], elapsed)
+        real = sum(u["tokens"] for u in used)
+        metrics.BATCH_TOKENS.labels(model, "real").inc(real)
+        metrics.BATCH_TOKENS.labels(model, "padding").inc(used[0]["padded_tokens"] * len(used) - real)
+        return used
+
+    @staticmethod
+    def _answer(
+        req: Pending, model: str, version: int, value: Any, elapsed: float, usage: dict[str, Any] | None = None
+    ) -> Outcome:
         if isinstance(value, Exception):
             return Outcome(req, states.FAILURE, value, elapsed)
         # float64 prints exactly as json prints float(float32): the same digits as every other path (predict_many)
-        return Outcome(
-            req, states.SUCCESS, {"model": model, "version": version, "outputs": result_output(value)}, elapsed
-        )
+        result = {"model": model, "version": version, "outputs": result_output(value)}
+        if usage is not None:
+            result["batch"] = usage
+        return Outcome(req, states.SUCCESS, result, elapsed)
 
     def _from_cache(
         self, model: str, loaded: Any, valid: list[tuple[Pending, Any]], outcomes: list[Outcome]
