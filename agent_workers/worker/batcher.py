@@ -33,11 +33,12 @@ from celery import states
 from agent_workers import metrics
 from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
-from agent_workers.worker import deadlines, redelivery
+from agent_workers.worker import answers, deadlines, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
-from agent_workers.worker.inference import InferenceEngine, result_output
+from agent_workers.worker.inference import InferenceEngine
 from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, register
 from agent_workers.worker.policy import BatchPolicy
+from agent_workers.worker.preprocessing import Preprocessing
 from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome
 from agent_workers.worker.version_waits import VersionWaits
@@ -95,9 +96,21 @@ class Batcher(Intake):
             fail=self._version_not_reached,
             wait_s=self.min_version_wait,
         )
+        self.preprocessing = Preprocessing(
+            engine=engine,
+            threads=settings.preprocess_threads,
+            hub=getattr(consumer, "hub", None),
+            admit=self._version_reached,
+            fail=lambda request, exc: self._finish([Outcome(request, states.FAILURE, exc)]),
+            min_version_wait=self.min_version_wait,
+        )
 
     def admit(self, request: Pending) -> None:
-        """Stamp the request's deadline and rank (only when it has one), cap the buffer, then buffer it."""
+        """Preprocess raw inputs off the loop first (worker/preprocessing.py); stamp the request's deadline and rank
+        (only when it has one), cap the buffer, then buffer it."""
+        if self.preprocessing.wants(request):
+            self.preprocessing.submit(request)
+            return
         if (
             request.expires is not None
             or len(request.args) > 4
@@ -160,6 +173,7 @@ class Batcher(Intake):
                 hub.call_soon(self._finish_late)
 
     def drain(self) -> None:
+        self.preprocessing.drain()
         self._finish_late()
         super().drain()
 
@@ -208,8 +222,10 @@ class Batcher(Intake):
                 continue
             try:
                 call = bind_predict_call(req.args, req.kwargs)
-                req.min_version = call.min_version
-                groups.setdefault((call.model, call.version), []).append((req, call.inputs))
+                req.min_version, req.options = call.min_version, call.options
+                # a preprocessed request is served by the version whose artifacts made its tensors
+                version = call.version if req.prepared is None or req.prepared.version is None else req.prepared.version
+                groups.setdefault((call.model, version), []).append((req, call.inputs))
             except Exception as exc:  # noqa: BLE001 - InputError, or arguments no one expected: this request alone
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         solo = redelivery.split_redelivered(groups)
@@ -255,7 +271,8 @@ class Batcher(Intake):
         valid: list[tuple[Pending, Any]] = []
         for req, inputs in members:
             try:
-                valid.append((req, self.engine.validate(loaded, inputs)))
+                made = None if req.prepared is None else req.prepared.tensors
+                valid.append((req, self.engine.validate(loaded, inputs) if made is None else made))
             except InputError as exc:
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         size = max(1, self.policy.max_batch_size)
@@ -291,22 +308,15 @@ class Batcher(Intake):
             m.fill.observe(len(chunk) / size)
             m.per_request.observe(elapsed / answered)
             m.version.set(loaded.version)
+            pairs = []
             for row, value in zip(chunk, results, strict=True):
                 if cache.enabled:
                     cache.put((model, loaded.epoch, loaded.version, row.key), value)
                 for req in row.requests:
                     m.queue_wait.observe(started - req.received)
-                    outcomes.append(self._answer(req, model, loaded.version, value, elapsed))
+                    pairs.append((req, value))
+            outcomes.extend(answers.outcomes(loaded, pairs, elapsed))
         return outcomes
-
-    @staticmethod
-    def _answer(req: Pending, model: str, version: int, value: Any, elapsed: float) -> Outcome:
-        if isinstance(value, Exception):
-            return Outcome(req, states.FAILURE, value, elapsed)
-        # float64 prints exactly as json prints float(float32): the same digits as every other path (predict_many)
-        return Outcome(
-            req, states.SUCCESS, {"model": model, "version": version, "outputs": result_output(value)}, elapsed
-        )
 
     def _from_cache(
         self, model: str, loaded: Any, valid: list[tuple[Pending, Any]], outcomes: list[Outcome]
@@ -320,7 +330,7 @@ class Batcher(Intake):
                 misses.append((req, array))
             else:
                 hits += 1
-                outcomes.append(self._answer(req, model, loaded.version, value, 0.0))
+                outcomes.extend(answers.outcomes(loaded, [(req, value)], 0.0))
         if hits:
             metrics.CACHE_LOOKUPS.labels(model, "hit").inc(hits)
         if misses:
@@ -374,6 +384,7 @@ class Batcher(Intake):
     def close(self) -> None:
         super().close()
         self.versions.close()
+        self.preprocessing.close()
 
     def _metrics(self, model: str) -> _ModelMetrics:
         hit = self._metric_cache.get(model)

@@ -21,7 +21,9 @@ import torch
 
 from agent_workers.config import Settings
 from agent_workers.errors import InputError, ModelError
+from agent_workers.hooks import NO_HOOKS, Hooks, hooks_of
 from agent_workers.models import ModelSpec
+from agent_workers.store.artifacts import Artifacts
 from agent_workers.store.params import RedisParamStore
 from agent_workers.tensors import decode_inputs
 
@@ -44,6 +46,9 @@ class LoadedModel:
     module: torch.nn.Module
     device: torch.device
     nbytes: int = 0
+    #: the version's artifacts (labels, tokenizer, ...) and the architecture's hooks (agent_workers/hooks.py)
+    artifacts: Artifacts = dataclasses.field(default_factory=Artifacts)
+    hooks: Hooks = NO_HOOKS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,6 +111,8 @@ class InferenceEngine:
         self._current: OrderedDict[str, LoadedModel] = OrderedDict()
         self._pinned: OrderedDict[tuple[str, str, int], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()  # the batcher and a pool thread (predict_many) may load at once
+        #: model name -> whether its architecture preprocesses raw inputs (learnt when a version loads)
+        self.hooked: dict[str, bool] = {}
 
     @property
     def device(self) -> torch.device:
@@ -209,7 +216,10 @@ class InferenceEngine:
             module=module,
             device=self.device,
             nbytes=nbytes,
+            artifacts=self.store.artifacts.get(name, snapshot.version),
+            hooks=hooks_of(spec.arch),
         )
+        self.hooked[name] = loaded.hooks.preprocess is not None
         self.forward(loaded, stack([spec.signature.zeros()]))  # warm before serving
         log.info("loaded %s v%d on %s", name, snapshot.version, self.device)
         return loaded
@@ -260,14 +270,15 @@ class InferenceEngine:
         by_shape: dict[Any, list[int]] = {}
         for i, row in enumerate(arrays):
             by_shape.setdefault(_shape_key(row), []).append(i)
-        if len(by_shape) > 1:
+        collate = loaded.hooks.collate
+        if len(by_shape) > 1 and collate is None:  # a collate hook takes examples of any shapes together
             results: list[Tensors | Exception] = [None] * len(arrays)  # type: ignore[list-item]
             for indexes in by_shape.values():
                 for i, r in zip(indexes, self.run_batch_arrays(loaded, [arrays[i] for i in indexes]), strict=True):
                     results[i] = r
             return results
         try:
-            out = self.forward(loaded, stack(arrays))
+            out = self.forward(loaded, stack(arrays) if collate is None else collate(arrays))
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated below
             if len(arrays) == 1:
                 return [ModelError(f"model {loaded.name!r} v{loaded.version} failed on this input: {exc}")]
