@@ -137,7 +137,7 @@ def answers(
     """The answer fields of each example of a batch (``{"outputs": ...}`` or ``{"top_k": ...}``), or its error.
 
     A row that is already an error stays one. A postprocess hook gets the batch's rows together; if it raises, the
-    rows are tried one by one so only the culprits fail.
+    rows are bisected so only the culprits fail.
     """
     result: list[dict[str, Any] | Exception] = list(rows)
     live = [i for i, r in enumerate(rows) if not isinstance(r, Exception)]
@@ -148,25 +148,30 @@ def answers(
             except AgentWorkersError as exc:
                 result[i] = exc
         return result
-    for part in [live] if len(live) > 1 else [[i] for i in live]:
-        try:
-            made = hooks.postprocess([rows[i] for i in part], artifacts, [options[i] for i in part])
-            if not isinstance(made, list) or len(made) != len(part):
-                raise ModelError(f"postprocess must return a list of {len(part)} answers, got {_shown(made)}")
-        except Exception as exc:  # noqa: BLE001 - isolate below
-            if len(part) > 1:
-                for i, one in zip(
-                    part,
-                    answers(hooks, signature, artifacts, [rows[i] for i in part], [options[i] for i in part]),
-                    strict=True,
-                ):
-                    result[i] = one
-                continue
-            result[part[0]] = exc if isinstance(exc, AgentWorkersError) else ModelError(f"postprocess failed: {exc}")
-            continue
-        for i, answer in zip(part, made, strict=True):
-            result[i] = {"outputs": answer}
+    if live:
+        made = _postprocess(hooks, artifacts, [rows[i] for i in live], [options[i] for i in live])
+        for i, answer in zip(live, made, strict=True):
+            result[i] = answer
     return result
+
+
+def _postprocess(
+    hooks: Hooks, artifacts: Artifacts, rows: list[Any], options: list[outputs.OutputOptions | None]
+) -> list[dict[str, Any] | Exception]:
+    """The postprocess hook over ``rows`` together; if it raises, over each half, down to the culprits."""
+    assert hooks.postprocess is not None
+    try:
+        made = hooks.postprocess(rows, artifacts, options)
+        if not isinstance(made, list) or len(made) != len(rows):
+            raise ModelError(f"postprocess must return a list of {len(rows)} answers, got {_shown(made)}")
+        return [{"outputs": answer} for answer in made]
+    except Exception as exc:  # noqa: BLE001 - isolated by bisection, like a failing forward pass
+        if len(rows) == 1:
+            return [exc if isinstance(exc, AgentWorkersError) else ModelError(f"postprocess failed: {exc}")]
+        mid = len(rows) // 2
+        return _postprocess(hooks, artifacts, rows[:mid], options[:mid]) + _postprocess(
+            hooks, artifacts, rows[mid:], options[mid:]
+        )
 
 
 def _conform(spec: TensorSpec, value: Any) -> np.ndarray:
