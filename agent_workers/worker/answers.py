@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from celery import states
 
 from agent_workers import hooks
-from agent_workers.worker.inference import LoadedModel, result_output
+from agent_workers.contract import PredictCall
+from agent_workers.worker.inference import InferenceEngine, LoadedModel, result_output
 from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome
 
@@ -38,3 +40,38 @@ def answer(req: Pending, model: str, version: int, value: Any, elapsed: float) -
         return Outcome(req, states.FAILURE, value, elapsed)
     # float64 prints exactly as json prints float(float32): the same digits as every other path (predict_many)
     return Outcome(req, states.SUCCESS, {"model": model, "version": version, "outputs": result_output(value)}, elapsed)
+
+
+def predict_one(engine: InferenceEngine, call: PredictCall) -> dict[str, Any]:
+    """One predict call served on its own (the task body: eager and direct calls), hooks and options included.
+
+    Raises:
+        InputError / ModelError: as the batcher would answer the request.
+    """
+    if call.version is not None:
+        loaded = engine.pinned(call.model, call.version)
+    elif call.min_version is not None:
+        loaded = engine.current_at_least(call.model, call.min_version, engine.settings.min_version_wait_ms / 1000.0)
+    else:
+        loaded = engine.current(call.model)
+    if loaded.hooks.preprocess is not None:
+        limit = engine.settings.max_input_elements
+        example = hooks.prepare(loaded.hooks, loaded.spec.signature, call.inputs, loaded.artifacts, max_elements=limit)
+    else:
+        example = engine.validate(loaded, call.inputs)
+    row = engine.run_batch_arrays(loaded, [example])[0]
+    (fields,) = hooks.answers(loaded.hooks, loaded.spec.signature, loaded.artifacts, [row], [call.options])
+    if isinstance(fields, Exception):
+        raise fields
+    return {"model": call.model, "version": loaded.version, **_plain(fields)}
+
+
+def _plain(value: Any) -> Any:
+    """Arrays as lists, in dicts and lists too: what Celery's JSON serializer takes."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from agent_workers.config import Settings
 from agent_workers.errors import InputError, StoreError
 from agent_workers.models import make_spec
+from agent_workers.worker.launch import settings_env
 from tests.conftest import Pool, _cleanup, pool_env, serving_pool, unique
 from tests.integration.test_cli import cli
 from tests.plugins_hooks import decode_png, pad
@@ -213,3 +216,29 @@ def test_models_create_takes_artifacts_and_models_show_lists_them(redis_up: None
         assert bad.returncode == 1 and "must be a JSON list of strings" in bad.stderr
     finally:
         _cleanup(Settings.from_env(env))
+
+
+def test_a_direct_call_of_predict_preprocesses_and_answers_its_options(hooks_pool: Pool) -> None:
+    """The task body (eager and direct calls; a worker's batcher bypasses it) serves hooks and options alike."""
+    model = unique("png")
+    hooks_pool.store.create(model, make_spec("png_classifier"), seed=5, artifacts={"labels": json.dumps(LABELS)})
+    data = png(3)
+    code = (
+        "import json, sys\n"
+        "from tasks.inference import predict\n"
+        "print(json.dumps(predict(*json.loads(sys.argv[1]), **json.loads(sys.argv[2]))))\n"
+    )
+    args = json.dumps([model, image_input(data)])
+    out = subprocess.run(
+        [sys.executable, "-c", code, args, json.dumps({"options": {"top_k": 2}})],
+        env=settings_env(hooks_pool.env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    answer = json.loads(out.stdout.splitlines()[-1])
+    logits = local_logits(hooks_pool, model, data)
+    best = np.argsort(-logits)[:2]
+    assert [t["label"] for t in answer["top_k"]] == [LABELS[i] for i in best]
+    np.testing.assert_allclose([t["score"] for t in answer["top_k"]], logits[best], rtol=1e-5)
