@@ -48,12 +48,7 @@ def predict_one(engine: InferenceEngine, call: PredictCall) -> dict[str, Any]:
     Raises:
         InputError / ModelError: as the batcher would answer the request.
     """
-    if call.version is not None:
-        loaded = engine.pinned(call.model, call.version)
-    elif call.min_version is not None:
-        loaded = engine.current_at_least(call.model, call.min_version, engine.settings.min_version_wait_ms / 1000.0)
-    else:
-        loaded = engine.current(call.model)
+    loaded = engine.resolve(call.model, call.version, call.min_version)
     if loaded.hooks.preprocess is not None:
         limit = engine.settings.max_input_elements
         example = hooks.prepare(loaded.hooks, loaded.spec.signature, call.inputs, loaded.artifacts, max_elements=limit)

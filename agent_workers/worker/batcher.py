@@ -102,7 +102,6 @@ class Batcher(Intake):
             hub=getattr(consumer, "hub", None),
             admit=self._version_reached,
             fail=lambda request, exc: self._finish([Outcome(request, states.FAILURE, exc)]),
-            min_version_wait=self.min_version_wait,
         )
 
     def admit(self, request: Pending) -> None:

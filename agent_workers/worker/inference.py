@@ -310,6 +310,15 @@ class InferenceEngine:
                 )
             time.sleep(0.02)  # noqa: sleep-ok - a bounded poll of the store's head, in a pool thread
 
+    def resolve(self, name: str, version: int | None = None, min_version: int | None = None) -> LoadedModel:
+        """The version a call asks for: ``version`` pinned, else the newest once at least ``min_version`` (waiting
+        up to ``AGENT_WORKERS_MIN_VERSION_WAIT_MS``: blocking, for pool threads), else the newest."""
+        if version is not None:
+            return self.pinned(name, version)
+        if min_version is not None:
+            return self.current_at_least(name, min_version, self.settings.min_version_wait_ms / 1000.0)
+        return self.current(name)
+
     def predict_many(
         self, name: str, inputs: Any, version: int | None = None, min_version: int | None = None
     ) -> dict[str, Any]:

@@ -66,14 +66,12 @@ class Preprocessing:
         hub: Any,
         admit: Callable[[Pending], None],
         fail: Callable[[Pending, Exception], None],
-        min_version_wait: float,
     ) -> None:
         self.engine = engine
         self.in_flight = 0
         self._hub = hub
         self._admit = admit
         self._fail = fail
-        self._min_version_wait = min_version_wait
         self._limit = engine.settings.max_input_elements
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
@@ -142,13 +140,7 @@ class Preprocessing:
         except Exception:  # noqa: BLE001 - refused with its arguments' error when its batch is served
             return None
         try:
-            engine = self.engine
-            if call.version is not None:
-                loaded = engine.pinned(call.model, call.version)
-            elif call.min_version is not None:
-                loaded = engine.current_at_least(call.model, call.min_version, self._min_version_wait)
-            else:
-                loaded = engine.current(call.model)
+            loaded = self.engine.resolve(call.model, call.version, call.min_version)
         except Exception:  # noqa: BLE001 - unknown model, store outage: the batch path answers (and retries) it
             return None
         if loaded.hooks.preprocess is None:
