@@ -32,7 +32,7 @@ from agent_workers.models import ModelSpec, load_plugins
 from agent_workers.redis_clients import CLUSTER_SCHEMES, bulk_packer, glob_escape, redis_client, unavailable
 from agent_workers.store import blobs, maintenance
 from agent_workers.store.artifacts import RedisArtifactStore, check_artifacts
-from agent_workers.store.blobs import PARAM_PREFIX, EncodedVersion, Snapshot, chunk_keys, snapshot_of
+from agent_workers.store.blobs import PARAM_PREFIX, EncodedVersion, Snapshot, blob_metadata, chunk_keys, snapshot_of
 from agent_workers.store.locks import DEFAULT_LOCK_WAIT, CommitLock
 from agent_workers.store.maintenance import STAGING_TTL, staging_ttl  # noqa: F401 - STAGING_TTL re-exported
 from agent_workers.store.versions import HEAD_FIELDS, CommitOutcome, CommitResult, Head, first_head
@@ -400,9 +400,7 @@ class RedisParamStore:
             # sent (not keeping ``tensors``) means later in-place changes by the caller cannot leak in.
             hint = self._cache.get(name)
             barrier_at = new if barrier else (hint.barrier if hint else 0)
-            self._cache.remember(
-                Snapshot(name, new, epoch, encoded.tensors(), barrier_at, blobs.blob_metadata(encoded.blob))
-            )
+            self._cache.remember(Snapshot(name, new, epoch, encoded.tensors(), barrier_at, blob_metadata(encoded.blob)))
         if self.wait_aof and result.outcome is not CommitOutcome.CONFLICT:
             # A duplicate too: the first delivery may have died between its commit and its fsync.
             self._wait_aof(name, result.version)

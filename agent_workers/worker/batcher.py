@@ -100,8 +100,11 @@ class Batcher(Intake):
             engine=engine,
             threads=settings.preprocess_threads,
             hub=getattr(consumer, "hub", None),
-            admit=self._version_reached,
+            admit=self.admit,
             fail=lambda request, exc: self._finish([Outcome(request, states.FAILURE, exc)]),
+            # nothing more arriving and nothing left decoding: no reason to wait for company (one flush, not one
+            # per request the pool hands back)
+            settled=lambda: self.flush() if self._idle and not self.preprocessing.in_flight else None,
         )
 
     def admit(self, request: Pending) -> None:

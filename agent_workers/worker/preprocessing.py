@@ -56,6 +56,7 @@ class Preprocessing:
         hub: the consumer's kombu hub (None: inline, as a consumer without a hub cannot be woken).
         admit: event loop: a prepared request joins the buffer.
         fail: event loop: a request whose preprocessing failed gets its error as its result.
+        settled: event loop: called after requests came back from the pool (a flush may be due).
     """
 
     def __init__(
@@ -66,12 +67,14 @@ class Preprocessing:
         hub: Any,
         admit: Callable[[Pending], None],
         fail: Callable[[Pending, Exception], None],
+        settled: Callable[[], None],
     ) -> None:
         self.engine = engine
         self.in_flight = 0
         self._hub = hub
         self._admit = admit
         self._fail = fail
+        self._settled = settled
         self._limit = engine.settings.max_input_elements
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="preprocess")
@@ -96,17 +99,24 @@ class Preprocessing:
         self._pool.submit(self._run, request)
 
     def pump(self) -> None:
-        """Event loop: admit or fail every request the pool finished. Never raises."""
+        """Event loop: admit or fail every request the pool finished, then say so once. Never raises."""
+        handled = 0
         while True:
             try:
                 request, error = self._back.get_nowait()
             except queue.Empty:
-                return
+                break
             self.in_flight -= 1
+            handled += 1
             try:
                 self._settle(request, error)
             except Exception:  # noqa: BLE001 - a fault here must not stop the event loop
                 log.exception("admitting preprocessed request %s failed", request.id)
+        if handled:
+            try:
+                self._settled()
+            except Exception:  # noqa: BLE001 - as above
+                log.exception("flushing after preprocessing failed")
 
     def drain(self) -> None:
         """Event loop, blocking (warm shutdown): finish preprocessing and admit what was made."""
