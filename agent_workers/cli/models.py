@@ -81,6 +81,24 @@ def models_create(
     click.echo(f"created {shown(name)} ({arch}) at version 0" + (f" from {weights}" if weights else "") + carried)
 
 
+@models.command("artifacts")
+@click.argument("name")
+@click.option("--artifact", "artifacts", multiple=True, required=True, metavar="NAME=FILE", help="As for create.")
+@click.option(
+    "--version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The version they hold from [default: the next one committed]; never one already committed.",
+)
+def models_artifacts(name: str, artifacts: tuple[str, ...], version: int | None) -> None:
+    """Set NAME's artifacts for a version not yet committed (a train_step or rollback makes it current)."""
+    target = store().artifacts.put(name, _artifact_files(artifacts), version=version)
+    click.echo(
+        f"{shown(name)}: artifacts {', '.join(sorted(a.partition('=')[0] for a in artifacts))} hold from "
+        f"version {target}"
+    )
+
+
 def _artifact_files(options: tuple[str, ...]) -> dict[str, bytes]:
     files = {}
     for option in options:

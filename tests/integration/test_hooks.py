@@ -214,6 +214,10 @@ def test_models_create_takes_artifacts_and_models_show_lists_them(redis_up: None
             "--artifact", f"labels={tmp_path / 'bad.json'}", env=env,
         )  # fmt: skip
         assert bad.returncode == 1 and "must be a JSON list of strings" in bad.stderr
+        later = cli("models", "artifacts", model, "--artifact", f"labels={tmp_path / 'labels.json'}", env=env)
+        assert later.returncode == 0 and "hold from version 1" in later.stdout, later.stderr
+        again = cli("models", "artifacts", model, "--artifact", "labels=x", "--version", "1", env=env)
+        assert again.returncode != 0 and "cannot read x" in again.stderr
     finally:
         _cleanup(Settings.from_env(env))
 
