@@ -42,13 +42,11 @@ DEFAULT_LOCK_TIMEOUT = 5.0  # renewed by its holder: how long a dead holder bloc
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_CHUNK_BYTES = 512 * 1024 * 1024  # Redis's proto-max-bulk-len default
 DEFAULT_SENTINEL_MASTER = "mymaster"
-#: The longest duration any setting may name (ten years): Redis refuses larger expiries (``EX``) and Celery's time
-#: limits overflow its timers.
+#: The longest duration a setting may name (ten years): Redis refuses longer ``EX`` and Celery's time limits overflow.
 MAX_SECONDS = 10 * 365 * 24 * 3600
 #: The longest wait in milliseconds (an hour): a batch, version or latency wait beyond it is a typo.
 MAX_WAIT_MS = 3600 * 1000.0
-#: AMQP's ``prefetch_count`` is an unsigned short, and a worker prefetches twice its batch size (a trainer: its
-#: group size).
+#: AMQP's ``prefetch_count`` is an unsigned short, and a worker prefetches twice its batch (a trainer: its group).
 MAX_BATCH_SIZE = 65535 // 2
 #: The commit lock's expiry stays below the longest wait for it (agent_workers/store/locks.py DEFAULT_LOCK_WAIT).
 MAX_LOCK_TIMEOUT = 60.0
@@ -132,6 +130,7 @@ class Settings:
         plugins: modules imported at worker start-up and wherever a spec is built (the store, the CLI), so they
             can register architectures and losses.
         metrics_port: port of the worker's Prometheus endpoint; 0 disables it.
+        preprocess_threads: threads that run preprocess hooks off the event loop (0: on the loop; hooks.py).
         inference_queue: queue of the inference tasks (predict, predict_many).
         training_queue: queue of the training tasks (train_step, fit).
         ready_file: a path the worker writes its node name to once it consumes (a readiness probe); removed
@@ -191,6 +190,7 @@ class Settings:
     compile: bool = False
     plugins: tuple[str, ...] = ()
     metrics_port: int = 0
+    preprocess_threads: int = 2
     inference_queue: str = "inference"
     training_queue: str = "training"
     ready_file: str = ""
@@ -251,6 +251,7 @@ class Settings:
             compile=r.bool("COMPILE", False),
             plugins=tuple(p.strip() for p in r.str("PLUGINS", "", allow_empty=True).split(",") if p.strip()),
             metrics_port=r.int("METRICS_PORT", 0, minimum=0),
+            preprocess_threads=r.int("PREPROCESS_THREADS", 2, minimum=0, maximum=256),
             inference_queue=r.str("INFERENCE_QUEUE", "inference"),
             training_queue=r.str("TRAINING_QUEUE", "training"),
             ready_file=r.str("READY_FILE", "", allow_empty=True),

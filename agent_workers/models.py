@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent_workers import hooks
 from agent_workers.errors import ConfigError, ModelError
 from agent_workers.tensors import Signature
 
@@ -39,14 +40,21 @@ _SIGNATURES: dict[str, Signature] = {}
 
 
 def register_architecture(
-    name: str, *, signature: Signature | dict[str, Any] | None = None
+    name: str,
+    *,
+    signature: Signature | dict[str, Any] | None = None,
+    preprocess: hooks.Preprocess | None = None,
+    collate: hooks.Collate | None = None,
+    postprocess: hooks.Postprocess | None = None,
 ) -> Callable[[Builder], Builder]:
-    """Register ``builder(**config) -> nn.Module`` under ``name``; usable as a decorator.
+    """Register ``builder(**config) -> nn.Module`` under ``name``, with its hooks; usable as a decorator.
 
     Args:
         signature: the architecture's typed inputs and outputs (agent_workers/tensors.py), given to every model of
             it unless ``models create --signature`` overrides it, e.g.
             ``{"inputs": [{"name": "pixels", "dtype": "uint8", "shape": [3, 64, 64]}], "outputs": [...]}``.
+        preprocess, collate, postprocess: the hooks of agent_workers/hooks.py (raw inputs to tensors, examples to
+            a batch, outputs to answers); None keeps the default.
     """
     declared = None if signature is None else Signature.from_json(signature)
 
@@ -54,6 +62,7 @@ def register_architecture(
         _ARCHITECTURES[name] = builder
         if declared is not None:
             _SIGNATURES[name] = declared
+        hooks.register(name, hooks.Hooks(preprocess, collate, postprocess))
         return builder
 
     return decorate

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from agent_workers import metrics
+
 T = TypeVar("T")
 
 #: What one more forward pass costs, in padded tokens: the price that splits a batch rather than pad its short members
@@ -127,3 +129,13 @@ def shares(sizes: Sequence[tuple[int, ...]], elapsed: float) -> list[dict[str, A
         {"size": len(tokens), "tokens": n, "padded_tokens": padded, "compute_ms": round(ms * n / total, 3)}
         for n in tokens
     ]
+
+
+def usage(model: str, sizes: Sequence[tuple[int, ...]], elapsed: float) -> list[dict[str, Any]]:
+    """:func:`shares` of one computed padded batch, counted into the padding-waste metric
+    (``agent_workers_batch_tokens_total{kind=real|padding}``)."""
+    used = shares(sizes, elapsed)
+    real = sum(u["tokens"] for u in used)
+    metrics.BATCH_TOKENS.labels(model, "real").inc(real)
+    metrics.BATCH_TOKENS.labels(model, "padding").inc(used[0]["padded_tokens"] * len(used) - real)
+    return used

@@ -21,7 +21,9 @@ import torch
 
 from agent_workers.config import Settings
 from agent_workers.errors import InputError, ModelError
+from agent_workers.hooks import NO_HOOKS, Hooks, hooks_of
 from agent_workers.models import ModelSpec
+from agent_workers.store.artifacts import Artifacts
 from agent_workers.store.params import RedisParamStore
 from agent_workers.tensors import decode_inputs
 from agent_workers.worker import padding
@@ -45,6 +47,9 @@ class LoadedModel:
     module: torch.nn.Module
     device: torch.device
     nbytes: int = 0
+    #: the version's artifacts (labels, tokenizer, ...) and the architecture's hooks (agent_workers/hooks.py)
+    artifacts: Artifacts = dataclasses.field(default_factory=Artifacts)
+    hooks: Hooks = NO_HOOKS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,6 +112,8 @@ class InferenceEngine:
         self._current: OrderedDict[str, LoadedModel] = OrderedDict()
         self._pinned: OrderedDict[tuple[str, str, int], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()  # the batcher and a pool thread (predict_many) may load at once
+        #: model name -> whether its architecture preprocesses raw inputs (learnt when a version loads)
+        self.hooked: dict[str, bool] = {}
 
     @property
     def device(self) -> torch.device:
@@ -210,7 +217,10 @@ class InferenceEngine:
             module=module,
             device=self.device,
             nbytes=nbytes,
+            artifacts=self.store.artifacts.get(name, snapshot.version),
+            hooks=hooks_of(spec.arch),
         )
+        self.hooked[name] = loaded.hooks.preprocess is not None
         self._run(loaded, [spec.signature.zeros()])  # warm before serving
         log.info("loaded %s v%d on %s", name, snapshot.version, self.device)
         return loaded
@@ -244,7 +254,10 @@ class InferenceEngine:
         return _host_outputs(loaded, y)
 
     def _run(self, loaded: LoadedModel, arrays: list[Tensors]) -> tuple[Tensors, padding.Padded | None]:
-        """Stack ``arrays`` (padded, with the mask, for a variable-length signature) and forward them."""
+        """Stack ``arrays`` (padded, with the mask, for a variable-length signature; or the architecture's
+        ``collate`` hook, which takes examples of any shapes together) and forward them."""
+        if loaded.hooks.collate is not None:
+            return self.forward(loaded, loaded.hooks.collate(arrays)), None
         signature = loaded.spec.signature
         if padding.length_input(signature) is None:
             return self.forward(loaded, stack(arrays)), None
@@ -300,6 +313,15 @@ class InferenceEngine:
                     f"within {wait:g} s (AGENT_WORKERS_MIN_VERSION_WAIT_MS)"
                 )
             time.sleep(0.02)  # noqa: sleep-ok - a bounded poll of the store's head, in a pool thread
+
+    def resolve(self, name: str, version: int | None = None, min_version: int | None = None) -> LoadedModel:
+        """The version a call asks for: ``version`` pinned, else the newest once at least ``min_version`` (waiting
+        up to ``AGENT_WORKERS_MIN_VERSION_WAIT_MS``: blocking, for pool threads), else the newest."""
+        if version is not None:
+            return self.pinned(name, version)
+        if min_version is not None:
+            return self.current_at_least(name, min_version, self.settings.min_version_wait_ms / 1000.0)
+        return self.current(name)
 
     def predict_many(
         self, name: str, inputs: Any, version: int | None = None, min_version: int | None = None
