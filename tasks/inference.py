@@ -7,8 +7,9 @@ from typing import Any
 from celery import Task
 
 from agent_workers import numbers
-from agent_workers.contract import PREDICT, PREDICT_MANY, bind_predict_call
+from agent_workers.contract import PREDICT, PREDICT_MANY, bind_predict_call, check_output_encoding
 from agent_workers.errors import InputError, StoreUnavailableError
+from agent_workers.worker.inference import encoded_output, plain_output
 from agent_workers.worker.limits import LimitedTask
 from tasks import app
 
@@ -22,7 +23,7 @@ class BatchedTask(Task):
 @app.task(name=PREDICT, base=BatchedTask, bind=True)
 def predict(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Score one example. In a worker this body is bypassed by the batcher; it serves direct and eager calls."""
-    model, inputs, version, min_version, _deadline_ms = bind_predict_call(list(args), kwargs)
+    model, inputs, version, min_version, _deadline_ms, encoding = bind_predict_call(list(args), kwargs)
     engine = self.app.engine
     if version is not None:
         loaded = engine.pinned(model, version)
@@ -30,10 +31,11 @@ def predict(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         loaded = engine.current_at_least(model, min_version, engine.settings.min_version_wait_ms / 1000.0)
     else:
         loaded = engine.current(model)
-    result = engine.run_batch(loaded, [engine.validate(loaded, inputs)])[0]
+    result = engine.run_batch_arrays(loaded, [engine.validate(loaded, inputs)])[0]
     if isinstance(result, Exception):
         raise result
-    return {"model": model, "version": loaded.version, "outputs": result}
+    outputs = plain_output(result) if encoding == "json" else encoded_output(result, encoding)
+    return {"model": model, "version": loaded.version, "outputs": outputs}
 
 
 @app.task(
@@ -45,12 +47,18 @@ def predict(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     retry_backoff=True,
 )
 def predict_many(
-    self: Task, model: str, inputs: Any, version: int | None = None, min_version: int | None = None
+    self: Task,
+    model: str,
+    inputs: Any,
+    version: int | None = None,
+    min_version: int | None = None,
+    output_encoding: str | None = None,
 ) -> dict[str, Any]:
     """Score many examples in one message, in GPU-sized batches; outputs in input order (from a version at least
-    ``min_version`` when given: read-your-writes)."""
+    ``min_version`` when given: read-your-writes), encoded as ``output_encoding`` asks (contract 1.3)."""
     if not isinstance(model, str):
         raise InputError(f"model must be a model name (a string), got {type(model).__name__}")
     version = None if version is None else numbers.integer("version", version, low=0)
     min_version = None if min_version is None else numbers.integer("min_version", min_version, low=0)
-    return self.app.engine.predict_many(model, inputs, version, min_version)
+    encoding = check_output_encoding(output_encoding)
+    return self.app.engine.predict_many(model, inputs, version, min_version, encoding)

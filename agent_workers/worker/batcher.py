@@ -35,7 +35,7 @@ from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
 from agent_workers.worker import deadlines, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
-from agent_workers.worker.inference import InferenceEngine, result_output
+from agent_workers.worker.inference import InferenceEngine, encoded_output
 from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, register
 from agent_workers.worker.policy import BatchPolicy
 from agent_workers.worker.requests import Pending
@@ -209,6 +209,7 @@ class Batcher(Intake):
             try:
                 call = bind_predict_call(req.args, req.kwargs)
                 req.min_version = call.min_version
+                req.output_encoding = call.output_encoding
                 groups.setdefault((call.model, call.version), []).append((req, call.inputs))
             except Exception as exc:  # noqa: BLE001 - InputError, or arguments no one expected: this request alone
                 outcomes.append(Outcome(req, states.FAILURE, exc))
@@ -304,9 +305,8 @@ class Batcher(Intake):
         if isinstance(value, Exception):
             return Outcome(req, states.FAILURE, value, elapsed)
         # float64 prints exactly as json prints float(float32): the same digits as every other path (predict_many)
-        return Outcome(
-            req, states.SUCCESS, {"model": model, "version": version, "outputs": result_output(value)}, elapsed
-        )
+        outputs = encoded_output(value, req.output_encoding)
+        return Outcome(req, states.SUCCESS, {"model": model, "version": version, "outputs": outputs}, elapsed)
 
     def _from_cache(
         self, model: str, loaded: Any, valid: list[tuple[Pending, Any]], outcomes: list[Outcome]
