@@ -35,6 +35,7 @@ from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
 from agent_workers.worker import deadlines, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
+from agent_workers.worker.decoding import Decoder, decoded_for
 from agent_workers.worker.inference import InferenceEngine, encoded_output
 from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, register
 from agent_workers.worker.policy import BatchPolicy
@@ -84,6 +85,7 @@ class Batcher(Intake):
         self.min_version_wait = settings.min_version_wait_ms / 1000.0
         self.costs = deadlines.CostModels()
         self.results = ResultCache(settings.result_cache_size)
+        self.decoder = Decoder(engine)
         self._late: list[Outcome] = []  # revoked on arrival, answered at the end of the burst (_revoke_soon)
         self._on_loop = deadlines.CostModels()  # forward passes timed on the loop, all models as one
         self._since_probe = 0
@@ -187,6 +189,10 @@ class Batcher(Intake):
         if self._ordered:  # on the event loop, where the flag is set: the next request's stamp cannot be missed
             self._ordered = False
             batch = deadlines.order(batch)
+        if self.pipeline.in_flight and self.pipeline.depth > 1:  # it waits for the compute thread: decode meanwhile
+            decoding = self.decoder.submit(batch)
+            for req in batch:
+                req.decoding = decoding
         super()._flush(batch)
 
     def oldest_age(self) -> float:
@@ -200,6 +206,8 @@ class Batcher(Intake):
     def _serve(self, batch: list[Pending]) -> tuple[list[Outcome], list[tuple[str, int | None, tuple[Pending, Any]]]]:
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]] = {}
+        if batch and batch[0].decoding is not None:
+            batch[0].decoding.result()  # decoded beside the batch before; never raises (see Decoder._decode)
         now_utc = datetime.now(UTC)
         for req in batch:
             dropped = self._revoked_or_expired(req, now_utc)
@@ -255,8 +263,14 @@ class Batcher(Intake):
             members = self._behind(model, loaded.version, members, outcomes)
         valid: list[tuple[Pending, Any]] = []
         for req, inputs in members:
+            ahead = decoded_for(req, loaded.spec)
             try:
-                valid.append((req, self.engine.validate(loaded, inputs)))
+                if ahead is None:
+                    valid.append((req, self.engine.validate(loaded, inputs)))
+                elif ahead.error is None:
+                    valid.append((req, ahead.value))
+                else:
+                    raise ahead.error
             except InputError as exc:
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         size = max(1, self.policy.max_batch_size)
@@ -374,6 +388,7 @@ class Batcher(Intake):
     def close(self) -> None:
         super().close()
         self.versions.close()
+        self.decoder.close()
 
     def _metrics(self, model: str) -> _ModelMetrics:
         hit = self._metric_cache.get(model)

@@ -114,6 +114,10 @@ class InferenceEngine:
             log.info("inference device: %s", self._device)
         return self._device
 
+    def cached(self, name: str) -> LoadedModel | None:
+        """The newest version of ``name`` loaded here, without asking the store whether it is still the newest."""
+        return self._current.get(name)
+
     def loaded(self) -> list[LoadedModel]:
         """Models currently serving, for the inspect command and metrics."""
         return list(self._current.values())

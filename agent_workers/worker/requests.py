@@ -45,6 +45,9 @@ class Pending:
     behind_since: float | None = None
     #: how the result carries its outputs (the ``output_encoding`` argument, contract 1.3), once bound
     output_encoding: str = "json"
+    #: its batch's decode ahead (worker/decoding.py), running beside the batch computing before it, and its result
+    decoding: Any = None
+    decoded: Any = None
 
     @property
     def retries(self) -> int:
