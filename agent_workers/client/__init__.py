@@ -354,13 +354,19 @@ class Client(Training):
         return [self._outcome(meta, task_id, return_exceptions) for meta, task_id in zip(metas, ids, strict=True)]
 
     async def predict_async(
-        self, model: str, inputs: Any, *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        model: str,
+        inputs: Any,
+        *,
+        version: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        output_encoding: str = "json",
     ) -> dict[str, Any]:
         """asyncio variant of :meth:`predict` (the publish runs in a thread: a stalled broker never blocks the
         loop; the wait is native asyncio)."""
         dl = Deadline(timeout)
-        ids = await asyncio.to_thread(self._send_rows, model, [inputs], version, None, dl)
-        return (await self._collect_async(ids, dl))[0]
+        ids = await asyncio.to_thread(self._send_rows, model, [inputs], version, None, dl, output_encoding)
+        return _arrays(await self._collect_async(ids, dl), output_encoding)[0]
 
     async def predict_bulk_async(
         self,
@@ -370,11 +376,12 @@ class Client(Training):
         version: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         return_exceptions: bool = False,
+        output_encoding: str = "json",
     ) -> list[Any]:
         """asyncio variant of :meth:`predict_bulk` (the publish runs in a thread)."""
         dl = Deadline(timeout)
-        ids = await asyncio.to_thread(self._send_rows, model, list(rows), version, None, dl)
-        return await self._collect_async(ids, dl, return_exceptions)
+        ids = await asyncio.to_thread(self._send_rows, model, list(rows), version, None, dl, output_encoding)
+        return _arrays(await self._collect_async(ids, dl, return_exceptions), output_encoding)
 
     async def predict_many_async(
         self,

@@ -4,6 +4,7 @@ errors that fail their own request alone while batch-mates published in the same
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -146,3 +147,21 @@ def test_msgpack_decode_errors_fail_alone_among_good_batch_mates(
     assert "takes dtype uint8" in str(reasons["dtype-not-taken"])
     assert "uint8" in str(reasons["past-int64"])
     assert "output_encoding" in str(reasons["bad-output-encoding"])
+
+
+def test_the_asyncio_forms_take_output_encoding_too(
+    typed_pool: Pool,  # noqa: F811
+    msgpack_client: Client,
+    cnn: str,
+) -> None:
+    batch = images(3, seed=13)
+
+    async def both() -> tuple[Any, Any]:
+        one = await msgpack_client.predict_async(cnn, batch[0], output_encoding="b64")
+        bulk = await msgpack_client.predict_bulk_async(cnn, batch, output_encoding="b64")
+        return one, bulk
+
+    one, bulk = asyncio.run(both())
+    for image, result in zip([batch[0], *batch], [one, *bulk], strict=True):
+        assert isinstance(result["outputs"], np.ndarray)
+        close(result["outputs"].tolist(), local(typed_pool, cnn, image.tolist()))
