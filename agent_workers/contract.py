@@ -84,7 +84,8 @@ def dead_letter_queue(name: str) -> Queue:
 
 
 class PredictCall(NamedTuple):
-    """A checked ``predict(model, inputs, version=None, min_version=None, deadline_ms=None, options=None)`` call."""
+    """A checked ``predict(model, inputs, version=None, min_version=None, deadline_ms=None, options=None,
+    output_encoding="json")`` call."""
 
     model: str
     inputs: Any
@@ -92,6 +93,24 @@ class PredictCall(NamedTuple):
     min_version: int | None = None
     deadline_ms: int | None = None
     options: OutputOptions | None = None
+    output_encoding: str = "json"
+
+
+#: How a result carries its outputs (contract 1.3): nested lists, or ``{"dtype", "shape", "b64"}`` per output.
+OUTPUT_ENCODINGS = ("json", "b64")
+
+
+def check_output_encoding(value: Any) -> str:
+    """The checked ``output_encoding`` argument (None: ``"json"``).
+
+    Raises:
+        InputError: it is not one of :data:`OUTPUT_ENCODINGS`.
+    """
+    if value is None:
+        return "json"
+    if value not in OUTPUT_ENCODINGS:
+        raise InputError(f"output_encoding must be one of {list(OUTPUT_ENCODINGS)}, got {value!r:.40}")
+    return str(value)
 
 
 #: The latest ``deadline_ms`` accepted: the end of year 9999 (a later one is a unit or arithmetic mistake).
@@ -103,7 +122,13 @@ def _optional(name: str, value: Any, high: int) -> int | None:
 
 
 def _bind_predict(
-    model: Any, inputs: Any, version: Any = None, min_version: Any = None, deadline_ms: Any = None, options: Any = None
+    model: Any,
+    inputs: Any,
+    version: Any = None,
+    min_version: Any = None,
+    deadline_ms: Any = None,
+    options: Any = None,
+    output_encoding: Any = None,
 ) -> PredictCall:
     if not isinstance(model, str):
         raise InputError(f"model must be a model name (a string), got {type(model).__name__}")
@@ -112,12 +137,15 @@ def _bind_predict(
     deadline_ms = _optional("deadline_ms", deadline_ms, MAX_DEADLINE_MS)
     if version is not None and min_version is not None and version < min_version:
         raise InputError(f"version {version} is pinned below min_version {min_version}; drop one of them")
-    return PredictCall(model, inputs, version, min_version, deadline_ms, parse_options(options))
+    return PredictCall(
+        model, inputs, version, min_version, deadline_ms, parse_options(options), check_output_encoding(output_encoding)
+    )
 
 
 def bind_predict_call(args: list[Any], kwargs: dict[str, Any]) -> PredictCall:
     """Check a predict call's arguments against ``predict(model, inputs, version=None, min_version=None,
-    deadline_ms=None, options=None)`` (contract 1.1 added min_version and deadline_ms, 1.3 options; docs/tasks.md).
+    deadline_ms=None, options=None, output_encoding="json")`` (contract 1.1 added min_version and deadline_ms, 1.3
+    options and output_encoding; docs/tasks.md).
 
     Raises:
         InputError: naming the argument that does not fit.
@@ -127,7 +155,7 @@ def bind_predict_call(args: list[Any], kwargs: dict[str, Any]) -> PredictCall:
     except TypeError as exc:
         raise InputError(
             "agent_workers.predict takes (model, inputs, version=None) and, since contract 1.1, the optional "
-            f"min_version and deadline_ms, since 1.3 options: {exc}"
+            f"min_version and deadline_ms, since 1.3 options and output_encoding: {exc}"
         ) from None
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -90,3 +94,28 @@ class ModelLabels:
     def label(self, model: object) -> str:
         """The label to count a request for ``model`` under."""
         return model if isinstance(model, str) and model in self._known else UNKNOWN_MODEL
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMetrics:
+    """Labelled batch metric children of one model, looked up once (``labels()`` is costly per call)."""
+
+    batch_size: Any
+    compute: Any
+    queue_wait: Any
+    version: Any
+    fill: Any
+    per_request: Any
+
+
+@functools.lru_cache(maxsize=4096)  # bounded: made-up model names share UNKNOWN_MODEL before they get here
+def of_model(model: str) -> ModelMetrics:
+    """The batcher's metric children of ``model``."""
+    return ModelMetrics(
+        BATCH_SIZE.labels(model),
+        COMPUTE.labels(model),
+        QUEUE_WAIT.labels(model),
+        PARAM_VERSION.labels(model),
+        FILL_RATIO.labels(model),
+        COMPUTE_PER_REQUEST.labels(model),
+    )

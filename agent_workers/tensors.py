@@ -6,11 +6,12 @@ implied; ``-1`` is a variable dimension). Its JSON form, as ``models create --si
     {"inputs": [{"name": "pixels", "dtype": "uint8", "shape": [3, 64, 64]}],
      "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}]}
 
-A request carries each input tensor in one of two encodings (contract 1.2, docs/tasks.md): a nested JSON list, or
-``{"dtype": ..., "shape": [...], "b64": ...}``, the base64 of the raw little-endian row-major bytes (the only way
-to send float16 and bfloat16). A single-input model takes its tensor as ``inputs`` directly; a model of several
-inputs takes a mapping name -> tensor. :func:`decode_inputs` checks one request alone, before any batch forms, and
-decodes with ``numpy.frombuffer`` (sizes are checked against the limit before anything is decoded).
+A request carries each input tensor in one of these encodings (contracts 1.2 and 1.3, docs/tasks.md): a nested JSON
+list, or ``{"dtype": ..., "shape": [...], "b64": ...}``, the base64 of the raw little-endian row-major bytes (the
+only way to send float16 and bfloat16 in JSON), or, in a msgpack message only, ``{"dtype", "shape", "data"}`` with
+those bytes as msgpack ``bin`` (no base64 at all). A single-input model takes its tensor as ``inputs`` directly; a
+model of several inputs takes a mapping name -> tensor. :func:`decode_inputs` checks one request alone, before any
+batch forms, and decodes with ``numpy.frombuffer`` (sizes are checked against the limit before anything is decoded).
 
 numpy has no bfloat16: a bfloat16 tensor is held as its raw ``uint16`` bits and viewed as ``torch.bfloat16`` where
 the model is called. This module never imports torch (producers import it through :func:`encode_tensor`).
@@ -154,7 +155,7 @@ def decode_tensor(spec: TensorSpec, value: Any, *, max_elements: int) -> np.ndar
         InputError: naming ``spec.name`` and what is wrong.
     """
     if isinstance(value, Mapping):
-        array = _from_b64(spec, value, max_elements)
+        array = _from_bytes(spec, value, max_elements)
     elif isinstance(value, (list, tuple)):
         array = _from_list(spec, value, max_elements)
     else:
@@ -170,8 +171,9 @@ def decode_tensor(spec: TensorSpec, value: Any, *, max_elements: int) -> np.ndar
     return array
 
 
-def encode_tensor(array: Any) -> dict[str, Any]:
-    """A numpy array (or anything ``numpy.asarray`` takes) in the compact encoding ``{"dtype", "shape", "b64"}``.
+def encode_tensor(array: Any, *, raw: bool = False) -> dict[str, Any]:
+    """A numpy array (or anything ``numpy.asarray`` takes) in the compact encoding ``{"dtype", "shape", "b64"}``,
+    or with ``raw`` as ``{"dtype", "shape", "data"}`` holding the bytes themselves (for a msgpack message).
 
     float64 becomes float32 (no signature takes float64) and int types other than uint8/int32 become int64.
     """
@@ -182,15 +184,39 @@ def encode_tensor(array: Any) -> dict[str, Any]:
         array = array.astype("<i8")
     array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     dtype = next(name for name, dt in DTYPES.items() if dt == array.dtype and name != "bfloat16")
+    if raw:
+        return {"dtype": dtype, "shape": list(array.shape), "data": array.tobytes()}
     return {"dtype": dtype, "shape": list(array.shape), "b64": base64.b64encode(array.tobytes()).decode("ascii")}
 
 
-def _from_b64(spec: TensorSpec, value: Mapping[str, Any], max_elements: int) -> np.ndarray:
+def decode_tensor_object(value: Mapping[str, Any]) -> np.ndarray:
+    """A ``{dtype, shape, b64}`` (or ``data``) object as a numpy array, with no signature to check it against: for
+    producers reading outputs the worker encoded (``output_encoding="b64"``). bfloat16 stays its uint16 bits.
+
+    Raises:
+        InputError: the object is not a well-formed binary tensor.
+    """
+    if not isinstance(value, Mapping) or set(value) not in BINARY_KEYS or value.get("dtype") not in DTYPES:
+        raise InputError(f"not a binary tensor {{dtype, shape, b64}}: {value!r:.80}")
+    shape = value["shape"]
+    spec = TensorSpec("output", value["dtype"], tuple(-1 for _ in shape) if isinstance(shape, list) else ())
+    return _from_bytes(spec, value, max_elements=2**62)
+
+
+#: The keys of a binary tensor: base64 text (JSON or msgpack) or raw bytes (msgpack ``bin`` only).
+BINARY_KEYS = (frozenset({"dtype", "shape", "b64"}), frozenset({"dtype", "shape", "data"}))
+
+
+def _from_bytes(spec: TensorSpec, value: Mapping[str, Any], max_elements: int) -> np.ndarray:
+    """A ``{dtype, shape, b64}`` or ``{dtype, shape, data}`` tensor: every size is checked against the limit and
+    the shape before a byte is decoded, then the bytes are viewed in place (``numpy.frombuffer``)."""
     name = spec.name
-    if set(value) != {"dtype", "shape", "b64"}:
+    if set(value) not in BINARY_KEYS:
         keys = sorted(map(str, value))
-        raise InputError(f"input {name!r}: a binary tensor is {{dtype, shape, b64}}, got keys {keys}")
-    dtype, shape, text = value["dtype"], value["shape"], value["b64"]
+        raise InputError(
+            f"input {name!r}: a binary tensor is {{dtype, shape, b64}} or {{dtype, shape, data}}, got keys {keys}"
+        )
+    dtype, shape = value["dtype"], value["shape"]
     if dtype != spec.dtype:
         raise InputError(f"input {name!r} takes dtype {spec.dtype}, got {dtype!r:.20}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
@@ -200,20 +226,34 @@ def _from_b64(spec: TensorSpec, value: Mapping[str, Any], max_elements: int) -> 
     count = math.prod(shape)
     if count > max_elements:
         raise InputError(f"input {name!r} has {count} elements; the limit is {max_elements}")
+    want = count * DTYPES[dtype].itemsize
+    raw = _raw(name, value["data"], want) if "data" in value else _unbase64(name, value["b64"], dtype, shape, want)
+    return np.frombuffer(raw, dtype=DTYPES[dtype]).reshape(shape)
+
+
+def _raw(name: str, data: Any, want: int) -> bytes:
+    if not isinstance(data, bytes):
+        raise InputError(
+            f"input {name!r}: data must be raw bytes (msgpack bin; a JSON message sends b64), got {_kind(data)}"
+        )
+    if len(data) != want:
+        raise InputError(f"input {name!r}: its shape and dtype take {want} bytes; data carries {len(data)}")
+    return data
+
+
+def _unbase64(name: str, text: Any, dtype: str, shape: list[int], want: int) -> bytes:
     if not isinstance(text, str):
         raise InputError(f"input {name!r}: b64 must be a base64 string, got {_kind(text)}")
-    itemsize = DTYPES[dtype].itemsize
     size = len(text) // 4 * 3 - text[-2:].count("=") if len(text) % 4 == 0 else -1
-    if size != count * itemsize:  # before decoding: the length alone says whether the bytes can fit the shape
+    if size != want:  # before decoding: the length alone says whether the bytes can fit the shape
         raise InputError(
-            f"input {name!r}: shape {shape} of {dtype} takes {count * itemsize} bytes; b64 carries "
+            f"input {name!r}: shape {shape} of {dtype} takes {want} bytes; b64 carries "
             + (f"{size}" if size >= 0 else "an invalid length of base64")
         )
     try:
-        raw = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"input {name!r}: b64 is not valid base64: {exc}") from None
-    return np.frombuffer(raw, dtype=DTYPES[dtype]).reshape(shape)
 
 
 def _from_list(spec: TensorSpec, value: list[Any] | tuple[Any, ...], max_elements: int) -> np.ndarray:

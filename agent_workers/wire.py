@@ -24,7 +24,13 @@ from typing import Any
 
 #: The ``embed`` part of a body: no callbacks, errbacks, chain or chord.
 EMBED_JSON = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
+EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 DEFAULT_EXCHANGE = ""
+#: (content type, content encoding) of a body, as kombu's serializers name them.
+JSON = ("application/json", "utf-8")
+MSGPACK = ("application/x-msgpack", "binary")
+#: The ``serializer`` names a producer may pick (kombu's) -> content type and encoding.
+SERIALIZERS = {"json": JSON, "msgpack": MSGPACK}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +48,19 @@ def body(args_json: str, kwargs_json: str) -> bytes:
     return f"[{args_json}, {kwargs_json}, {EMBED_JSON}]".encode()
 
 
-def redis_envelope(message: TaskMessage, queue: str, *, delivery_tag: str | None = None) -> str:
-    """The JSON kombu's Redis transport LPUSHes onto ``queue``'s list for ``message``."""
+def msgpack_body(kwargs: dict[str, Any]) -> bytes:
+    """The msgpack body ``[args, kwargs, embed]`` of a call with keyword arguments, ``bytes`` packed as msgpack
+    ``bin`` (what kombu's msgpack serializer writes: ``packb(..., use_bin_type=True)``)."""
+    import msgpack  # only producers that pick msgpack pay for the import
+
+    return msgpack.packb([[], kwargs, EMBED], use_bin_type=True)
+
+
+def redis_envelope(
+    message: TaskMessage, queue: str, *, delivery_tag: str | None = None, content: tuple[str, str] = JSON
+) -> str:
+    """The JSON kombu's Redis transport LPUSHes onto ``queue``'s list for ``message`` (whose body is of
+    ``content``: content type and encoding, JSON by default)."""
     properties = {
         **message.properties,
         "delivery_mode": 2,
@@ -55,8 +72,8 @@ def redis_envelope(message: TaskMessage, queue: str, *, delivery_tag: str | None
     return json.dumps(
         {
             "body": base64.b64encode(message.body).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
+            "content-encoding": content[1],
+            "content-type": content[0],
             "headers": message.headers,
             "properties": properties,
         }
@@ -73,14 +90,16 @@ class Envelope:
         task: task name, e.g. ``agent_workers.predict``.
         queue: the queue (also the routing key).
         reply_to: the producer's id (Celery's ``app.thread_oid``); only the ``rpc://`` backend reads it.
+        content: the bodies' content type and encoding (:data:`JSON` or :data:`MSGPACK`).
     """
 
     _MARK = "\x00{}\x00"
 
-    def __init__(self, *, task: str, queue: str, reply_to: str) -> None:
+    def __init__(self, *, task: str, queue: str, reply_to: str, content: tuple[str, str] = JSON) -> None:
         self.task = task
         self.queue = queue
         self.reply_to = reply_to
+        self.content = content
         self.origin = f"{os.getpid()}@{socket.gethostname()}"
         mark = {name: self._MARK.format(name) for name in ("id", "argsrepr", "kwargsrepr", "body", "tag", "expires")}
         template = redis_envelope(
@@ -92,6 +111,7 @@ class Envelope:
             ),
             queue,
             delivery_tag=mark["tag"],
+            content=content,
         )
         template = template.replace('"body": ""', f'"body": {json.dumps(mark["body"])}').replace("%", "%%")
         for name, value in mark.items():

@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 
 from agent_workers import numbers
-from agent_workers.contract import PREDICT, PREDICT_MANY, bind_predict_call
+from agent_workers.contract import PREDICT, PREDICT_MANY, bind_predict_call, check_output_encoding
 from agent_workers.errors import InputError, StoreUnavailableError
 from agent_workers.worker import answers
 from agent_workers.worker.limits import LimitedTask
@@ -35,12 +35,18 @@ def predict(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     retry_backoff=True,
 )
 def predict_many(
-    self: Task, model: str, inputs: Any, version: int | None = None, min_version: int | None = None
+    self: Task,
+    model: str,
+    inputs: Any,
+    version: int | None = None,
+    min_version: int | None = None,
+    output_encoding: str | None = None,
 ) -> dict[str, Any]:
     """Score many examples in one message, in GPU-sized batches; outputs in input order (from a version at least
-    ``min_version`` when given: read-your-writes)."""
+    ``min_version`` when given: read-your-writes), encoded as ``output_encoding`` asks (contract 1.3)."""
     if not isinstance(model, str):
         raise InputError(f"model must be a model name (a string), got {type(model).__name__}")
     version = None if version is None else numbers.integer("version", version, low=0)
     min_version = None if min_version is None else numbers.integer("min_version", min_version, low=0)
-    return self.app.engine.predict_many(model, inputs, version, min_version)
+    encoding = check_output_encoding(output_encoding)
+    return self.app.engine.predict_many(model, inputs, version, min_version, encoding)

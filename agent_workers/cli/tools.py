@@ -23,11 +23,16 @@ def demo() -> None:
 @click.option("--broker", type=click.Choice(["redis", "rabbitmq", "both"]), default="both", show_default=True)
 @click.option(
     "--workload",
-    type=click.Choice(["mlp", "heavy", "both", "text"]),
+    type=click.Choice(["mlp", "heavy", "both", "text", "image"]),
     default="both",
     show_default=True,
     help="mlp: 64-256-256-10; heavy: 1024-4096-4096-1024 (25M parameters, weight-bound); text: token ids of "
-    "8-512 to a transformer encoder, length-aware against FIFO batching (its own runs: --n, 3,000 by default).",
+    "8-512 to a transformer encoder, length-aware against FIFO batching (its own runs: --n, 3,000 by default); "
+    "image: uint8 3x64x64 images to a small CNN in each encoding (json, b64, msgpack), against its forward pass "
+    "(run alone).",
+)
+@click.option(
+    "--image-n", type=int, default=3_000, show_default=True, help="Images per drain (image; a fifth for json)."
 )
 @click.option("--n", "n", type=int, default=20_000, show_default=True, help="Requests pre-filled for our drain (mlp).")
 @click.option(
@@ -92,6 +97,7 @@ def demo() -> None:
 def bench(
     broker: str,
     workload: str,
+    image_n: int,
     n: int,
     baseline_n: int | None,
     sweep_n: int,
@@ -118,6 +124,22 @@ def bench(
     from agent_workers.tools import bench as bench_module
 
     settings = _settings()
+    if workload == "image":
+        from agent_workers.tools.bench import image
+
+        image_n = 600 if quick and image_n == 3_000 else image_n
+        urls = {"redis": redis_url, "rabbitmq": amqp_url}
+        brokers = {b: urls[b] for b in (("redis", "rabbitmq") if broker == "both" else (broker,))}
+        image.run(
+            settings,
+            out=out,
+            tag="-quick" if quick else "",
+            brokers=brokers,
+            n=image_n,
+            json_n=max(image_n // 5, 8 * max_batch_size),  # at least 8 batches, for a rate between them
+            max_batch_size=max_batch_size,
+        )
+        return
     ctx = click.get_current_context()
     if workload == "text":
         from agent_workers.tools.bench import text

@@ -36,15 +36,23 @@ from celery.result import AsyncResult
 
 from agent_workers.client.deadline import DEFAULT_TIMEOUT, Deadline
 from agent_workers.client.failures import error_from, outcome, unwrap_celery
-from agent_workers.client.messages import kwargs_parts, plain, predict_parts, producer_app
+from agent_workers.client.messages import (
+    compact,
+    kwargs_parts,
+    plain,
+    predict_parts,
+    predict_parts_msgpack,
+    producer_app,
+)
 from agent_workers.client.publisher import Publisher
 from agent_workers.client.results import REDIS_BACKEND_SCHEMES, ResultReader
 from agent_workers.client.training import Training
 from agent_workers.config import Settings
-from agent_workers.contract import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP
-from agent_workers.errors import PublishError, ResultTimeout
+from agent_workers.contract import FIT, PREDICT, PREDICT_MANY, TRAIN_STEP, check_output_encoding
+from agent_workers.errors import ConfigError, PublishError, ResultTimeout
+from agent_workers.tensors import decode_tensor_object
 from agent_workers.training.datasets import DatasetStore
-from agent_workers.wire import Envelope
+from agent_workers.wire import JSON, SERIALIZERS, Envelope
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "PublishError", "ResultTimeout", "producer_app"]
 
@@ -55,6 +63,9 @@ class Client(Training):
     Args:
         settings: broker, backend and queue names (``Settings.from_env()`` when omitted).
         app: an existing Celery app to send training jobs with, instead of a new producer app.
+        serializer: ``"json"`` (the default: what every producer, Node included, sends, and what a worker of
+            contract 1.2 reads) or ``"msgpack"`` (contract 1.3: numpy arrays travel as raw bytes, no base64), for
+            predict and predict_many messages; training messages stay JSON.
 
     Every ``wait``-ing method raises our typed errors for a task that failed on our side (:class:`InputError`,
     :class:`ModelError`, :class:`StoreError` and its subclasses), Celery's exception otherwise (e.g.
@@ -64,15 +75,21 @@ class Client(Training):
     which says exactly which rows were queued, which were not and which are unknown (docs/tasks.md).
     """
 
-    def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, *, app: Celery | None = None, serializer: str = "json"
+    ) -> None:
+        if serializer not in SERIALIZERS:
+            raise ConfigError(f"serializer must be one of {sorted(SERIALIZERS)}, got {serializer!r}")
         self.settings = settings or Settings.from_env()
         self.app = app or producer_app(self.settings)
         self.id = str(uuid.uuid4())
+        self.serializer = serializer
         self._datasets: DatasetStore | None = None
         inference, training = self.settings.inference_queue, self.settings.training_queue
-        self._predict = Envelope(task=PREDICT, queue=inference, reply_to=self.id)
+        content = SERIALIZERS[serializer]
+        self._predict = Envelope(task=PREDICT, queue=inference, reply_to=self.id, content=content)
         self._envelopes = {
-            task: Envelope(task=task, queue=queue, reply_to=self.id)
+            task: Envelope(task=task, queue=queue, reply_to=self.id, content=content if queue == inference else JSON)
             for task, queue in ((PREDICT_MANY, inference), (TRAIN_STEP, training), (FIT, training))
         }
         self._publisher = Publisher(self.app, self.settings)
@@ -109,9 +126,12 @@ class Client(Training):
         expires: float | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         options: dict[str, Any] | None = None,
+        output_encoding: str = "json",
     ) -> AsyncResult:
-        """Enqueue one prediction (the cheap path: no ``apply_async``); returns its result handle at once."""
-        task_id = self._send_rows(model, [inputs], version, expires, Deadline(timeout), options)[0]
+        """Enqueue one prediction (the cheap path: no ``apply_async``); returns its result handle at once (its
+        ``get()`` returns the record as stored: with ``output_encoding="b64"``, outputs as ``{dtype, shape, b64}``,
+        which :func:`agent_workers.tensors.decode_tensor_object` turns into arrays)."""
+        task_id = self._send_rows(model, [inputs], version, expires, Deadline(timeout), options, output_encoding)[0]
         return AsyncResult(task_id, app=self.app)
 
     def send_predict_bulk(
@@ -122,6 +142,7 @@ class Client(Training):
         version: int | None = None,
         expires: float | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        output_encoding: str = "json",
     ) -> list[str]:
         """Enqueue one ``agent_workers.predict`` message per row in one round trip; returns their task ids.
 
@@ -129,10 +150,11 @@ class Client(Training):
             version: pin a parameter version (default: the newest when the request is served).
             expires: seconds from now after which workers drop a request unserved (state REVOKED).
             timeout: seconds the publish (and RabbitMQ's confirms) may take.
+            output_encoding: ``"json"`` (lists) or ``"b64"`` (``{dtype, shape, b64}`` per output; contract 1.3).
         Raises:
             PublishError: not every row is known queued; ``queued``, ``not_sent`` and ``unknown`` say which rows.
         """
-        return self._send_rows(model, rows, version, expires, Deadline(timeout))
+        return self._send_rows(model, rows, version, expires, Deadline(timeout), output_encoding=output_encoding)
 
     def _send_rows(
         self,
@@ -142,11 +164,16 @@ class Client(Training):
         expires: float | None,
         dl: Deadline,
         options: dict[str, Any] | None = None,
+        output_encoding: str = "json",
     ) -> list[str]:
+        output_encoding = check_output_encoding(output_encoding)
         model_json = json.dumps(model)
         items = []
         for row in rows:
-            body, kwrepr = predict_parts(model_json, model, row, version, options)
+            if self.serializer == "msgpack":
+                body, kwrepr = predict_parts_msgpack(model, row, version, output_encoding, options)
+            else:
+                body, kwrepr = predict_parts(model_json, model, row, version, output_encoding, options)
             items.append((str(uuid.uuid4()), body, kwrepr))
         self._publisher.publish(self._predict, items, _expires_at(expires), dl)
         return [task_id for task_id, _, _ in items]
@@ -154,7 +181,9 @@ class Client(Training):
     def _send(self, task: str, kwargs: dict[str, Any], dl: Deadline) -> AsyncResult:
         """Publish one message of ``task`` (kwargs only) through the confirmed, deadline-bound publisher."""
         task_id = str(uuid.uuid4())
-        self._publisher.publish(self._envelopes[task], [(task_id, *kwargs_parts(kwargs))], None, dl)
+        envelope = self._envelopes[task]
+        serializer = "msgpack" if envelope.content != JSON else "json"
+        self._publisher.publish(envelope, [(task_id, *kwargs_parts(kwargs, serializer))], None, dl)
         return AsyncResult(task_id, app=self.app)
 
     def predict(
@@ -165,21 +194,24 @@ class Client(Training):
         version: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         options: dict[str, Any] | None = None,
+        output_encoding: str = "json",
     ) -> dict[str, Any]:
         """Score one example and wait for it: ``{"model", "version", "outputs"}`` (``"top_k"`` in place of
         ``"outputs"`` when ``options`` asks for it: contract 1.3's built-in outputs, docs/tasks.md).
 
         ``inputs`` is a nested list, a numpy array (sent as ``{"dtype", "shape", "b64"}``, the compact encoding of
-        contract 1.2: uint8 / int / bool / float16 arrays keep their dtype, float64 becomes float32), or for a
-        model of several inputs a mapping name -> list or array. :meth:`predict_bulk` takes rows of the same kinds.
+        contract 1.2: uint8 / int / bool / float16 arrays keep their dtype, float64 becomes float32; with
+        ``serializer="msgpack"`` as raw bytes), or for a model of several inputs a mapping name -> list or array.
+        :meth:`predict_bulk` takes rows of the same kinds. ``output_encoding="b64"`` has the worker send the outputs
+        as base64 of their bytes (contract 1.3); they come back here as numpy arrays.
 
         Raises:
             InputError / ModelError / StoreError: the worker refused the request (message says why).
             ResultTimeout: no result within ``timeout`` seconds.
         """
         dl = Deadline(timeout)
-        ids = self._send_rows(model, [inputs], version, None, dl, options)
-        return self._collect(ids, dl)[0]
+        ids = self._send_rows(model, [inputs], version, None, dl, options, output_encoding)
+        return _arrays(self._collect(ids, dl), output_encoding)[0]
 
     def predict_bulk(
         self,
@@ -191,6 +223,7 @@ class Client(Training):
         on_result: Callable[[int], None] | None = None,
         return_exceptions: bool = False,
         expires: float | None = None,
+        output_encoding: str = "json",
     ) -> list[Any]:
         """Score many examples, one message each (the workers batch them), published and collected together.
 
@@ -200,6 +233,7 @@ class Client(Training):
             return_exceptions: put a failed row's error in its place instead of raising the first one.
             expires: seconds from now after which workers drop a row unserved (``timeout`` is a good value: a row
                 nobody waits for any more is then not computed).
+            output_encoding: ``"b64"``: outputs travel as base64 of their bytes and come back as numpy arrays.
         Returns:
             One result per row, in row order (``[]`` for no rows).
         Raises:
@@ -208,8 +242,9 @@ class Client(Training):
             ResultTimeout: not every result came within ``timeout``; it carries the ids to collect later.
         """
         dl = Deadline(timeout)
-        ids = self._send_rows(model, rows, version, expires, dl)
-        return self._collect(ids, dl, on_result=on_result, return_exceptions=return_exceptions)
+        ids = self._send_rows(model, rows, version, expires, dl, output_encoding=output_encoding)
+        results = self._collect(ids, dl, on_result=on_result, return_exceptions=return_exceptions)
+        return _arrays(results, output_encoding)
 
     def predict_many(
         self,
@@ -218,10 +253,13 @@ class Client(Training):
         *,
         version: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        output_encoding: str = "json",
     ) -> dict[str, Any]:
-        """Score many examples carried by one message (offline scoring)."""
+        """Score many examples carried by one message (offline scoring); ``output_encoding="b64"``: each output
+        comes back as a numpy array."""
         dl = Deadline(timeout)
-        return self._collect([self._send_many(model, rows, version, dl).id], dl)[0]
+        result = self._collect([self._send_many(model, rows, version, dl, output_encoding).id], dl)[0]
+        return _arrays([result], output_encoding, many=True)[0]
 
     def send_predict_many(
         self,
@@ -234,10 +272,21 @@ class Client(Training):
         """Enqueue one ``agent_workers.predict_many`` message carrying every row."""
         return self._send_many(model, rows, version, Deadline(timeout))
 
-    def _send_many(self, model: str, rows: Sequence[Sequence[float]], version: int | None, dl: Deadline) -> AsyncResult:
-        kwargs: dict[str, Any] = {"model": model, "inputs": [plain(r) for r in rows]}
+    def _send_many(
+        self,
+        model: str,
+        rows: Sequence[Sequence[float]],
+        version: int | None,
+        dl: Deadline,
+        output_encoding: str = "json",
+    ) -> AsyncResult:
+        # msgpack: numpy rows as raw bytes; JSON: as lists, as before contract 1.3
+        rows = [compact(r, raw=True) for r in rows] if self.serializer == "msgpack" else [plain(r) for r in rows]
+        kwargs: dict[str, Any] = {"model": model, "inputs": rows}
         if version is not None:
             kwargs["version"] = version
+        if check_output_encoding(output_encoding) != "json":
+            kwargs["output_encoding"] = output_encoding
         return self._send(PREDICT_MANY, kwargs, dl)
 
     # -- waiting --------------------------------------------------------------------------------------------------
@@ -307,13 +356,19 @@ class Client(Training):
         return [self._outcome(meta, task_id, return_exceptions) for meta, task_id in zip(metas, ids, strict=True)]
 
     async def predict_async(
-        self, model: str, inputs: Any, *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        model: str,
+        inputs: Any,
+        *,
+        version: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        output_encoding: str = "json",
     ) -> dict[str, Any]:
         """asyncio variant of :meth:`predict` (the publish runs in a thread: a stalled broker never blocks the
         loop; the wait is native asyncio)."""
         dl = Deadline(timeout)
-        ids = await asyncio.to_thread(self._send_rows, model, [inputs], version, None, dl)
-        return (await self._collect_async(ids, dl))[0]
+        ids = await asyncio.to_thread(self._send_rows, model, [inputs], version, None, dl, output_encoding)
+        return _arrays(await self._collect_async(ids, dl), output_encoding)[0]
 
     async def predict_bulk_async(
         self,
@@ -323,11 +378,12 @@ class Client(Training):
         version: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         return_exceptions: bool = False,
+        output_encoding: str = "json",
     ) -> list[Any]:
         """asyncio variant of :meth:`predict_bulk` (the publish runs in a thread)."""
         dl = Deadline(timeout)
-        ids = await asyncio.to_thread(self._send_rows, model, list(rows), version, None, dl)
-        return await self._collect_async(ids, dl, return_exceptions)
+        ids = await asyncio.to_thread(self._send_rows, model, list(rows), version, None, dl, output_encoding)
+        return _arrays(await self._collect_async(ids, dl, return_exceptions), output_encoding)
 
     async def predict_many_async(
         self,
@@ -347,6 +403,24 @@ class Client(Training):
         dl = Deadline(timeout)
         handle = await asyncio.to_thread(self.send_fit, model, dataset, timeout=timeout, **kwargs)
         return (await self._collect_async([handle.id], dl))[0]
+
+
+def _arrays(results: list[Any], output_encoding: str, *, many: bool = False) -> list[Any]:
+    """Results whose outputs came as ``{dtype, shape, b64}`` (``output_encoding="b64"``) with numpy arrays in their
+    place (a failure returned in place, ``return_exceptions``, stays as it is)."""
+    if output_encoding == "json":
+        return results
+
+    def arrays(output: Any) -> Any:
+        if isinstance(output, dict) and "b64" not in output:  # named outputs
+            return {k: decode_tensor_object(v) for k, v in output.items()}
+        return decode_tensor_object(output)
+
+    for result in results:
+        if isinstance(result, dict) and "outputs" in result:
+            outputs = result["outputs"]
+            result["outputs"] = [arrays(o) for o in outputs] if many else arrays(outputs)
+    return results
 
 
 def _expires_at(expires: float | None) -> str | None:

@@ -39,9 +39,15 @@ def producer_app(settings: Settings) -> Celery:
 
 
 def predict_parts(
-    model_json: str, model: str, inputs: Any, version: int | None, options: dict[str, Any] | None = None
+    model_json: str,
+    model: str,
+    inputs: Any,
+    version: int | None,
+    output_encoding: str = "json",
+    options: dict[str, Any] | None = None,
 ) -> tuple[bytes, str]:
-    """Body and kwargs repr of one ``agent_workers.predict`` message (kwargs: model, inputs[, version][, options]).
+    """Body and kwargs repr of one ``agent_workers.predict`` message in JSON (kwargs: model, inputs[, version]
+    [, output_encoding][, options]).
 
     numpy arrays travel in the compact encoding ``{"dtype", "shape", "b64"}`` (contract 1.2), also as the values
     of a mapping of named inputs; lists travel as they are.
@@ -52,6 +58,8 @@ def predict_parts(
     except TypeError:  # a list of numpy scalars: the slower walk, only when needed
         inputs_json = json.dumps(plain(inputs))
     extra = "" if version is None else f', "version": {int(version)}'
+    if output_encoding != "json":
+        extra += f', "output_encoding": {json.dumps(output_encoding)}'
     if options is not None:  # contract 1.3: built-in outputs (top_k, softmax, normalize, outputs)
         extra += f', "options": {json.dumps(options)}'
     body = wire.body("[]", f'{{"model": {model_json}, "inputs": {inputs_json}{extra}}}')
@@ -59,25 +67,58 @@ def predict_parts(
     return body, f"{{'model': {model!r}, 'inputs': {shown}{extra.replace(chr(34), chr(39))}}}"
 
 
-def compact(inputs: Any) -> Any:
-    """numpy arrays (also in a mapping name -> tensor) in the compact encoding; numpy scalars as numbers."""
+def predict_parts_msgpack(
+    model: str, inputs: Any, version: int | None, output_encoding: str = "json", options: dict[str, Any] | None = None
+) -> tuple[bytes, str]:
+    """Body and kwargs repr of one ``agent_workers.predict`` message in msgpack (contract 1.3): numpy arrays as
+    ``{"dtype", "shape", "data"}`` with their raw bytes, no base64."""
+    kwargs: dict[str, Any] = {"model": model, "inputs": compact(inputs, raw=True)}
+    if version is not None:
+        kwargs["version"] = int(version)
+    if output_encoding != "json":
+        kwargs["output_encoding"] = output_encoding
+    if options is not None:
+        kwargs["options"] = options
+    return wire.msgpack_body(plain(kwargs)), short_repr(_bytes_counted(kwargs))
+
+
+def _bytes_counted(value: Any) -> Any:
+    """``value`` with each ``bytes`` shown as its length: the repr of a 12 KB image's bytes alone is 48 KB of text,
+    built only to be cut to :data:`KWARGSREPR_LIMIT` characters."""
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, dict):
+        return {k: _bytes_counted(v) for k, v in value.items()}
+    return value
+
+
+def short_repr(kwargs: dict[str, Any]) -> str:
+    """The ``kwargsrepr`` header: the call's repr, cut to :data:`KWARGSREPR_LIMIT` characters."""
+    shown = repr(kwargs)
+    return shown if len(shown) <= KWARGSREPR_LIMIT else shown[: KWARGSREPR_LIMIT - 3] + "..."
+
+
+def compact(inputs: Any, *, raw: bool = False) -> Any:
+    """numpy arrays (also in a mapping name -> tensor) in the compact encoding (``raw``: bytes, for msgpack);
+    numpy scalars as numbers."""
     if isinstance(inputs, dict):
-        return {k: compact(v) for k, v in inputs.items()}
+        return {k: compact(v, raw=raw) for k, v in inputs.items()}
     if getattr(inputs, "ndim", 0) > 0 and hasattr(inputs, "tobytes"):  # a numpy array
-        return encode_tensor(inputs)
+        return encode_tensor(inputs, raw=raw)
     return inputs.tolist() if hasattr(inputs, "tolist") else inputs
 
 
-def kwargs_parts(kwargs: dict[str, Any]) -> tuple[bytes, str]:
-    """Body and kwargs repr of a message that takes keyword arguments only (predict_many, train_step, fit)."""
-    shown = repr(kwargs)
-    if len(shown) > KWARGSREPR_LIMIT:
-        shown = shown[: KWARGSREPR_LIMIT - 3] + "..."
-    return wire.body("[]", json.dumps(plain(kwargs))), shown
+def kwargs_parts(kwargs: dict[str, Any], serializer: str = "json") -> tuple[bytes, str]:
+    """Body and kwargs repr of a message that takes keyword arguments only (predict_many, train_step, fit), in
+    JSON or msgpack."""
+    if serializer == "msgpack":
+        return wire.msgpack_body(plain(kwargs)), short_repr(kwargs)
+    return wire.body("[]", json.dumps(plain(kwargs))), short_repr(kwargs)
 
 
 def plain(value: Any) -> Any:
-    """numpy arrays and scalars to lists and numbers, so the JSON serializer takes them (also inside dicts)."""
+    """numpy arrays and scalars to lists and numbers, so the JSON serializer takes them (also inside dicts); bytes
+    stay bytes (msgpack bin)."""
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (list, tuple)):

@@ -54,7 +54,7 @@ REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "sentinel"})
 
 _SETTLED = {True: "queued", False: "not_sent"}
 
-#: One prepared message: task id, JSON body, kwargs repr.
+#: One prepared message: task id, body (JSON or msgpack, as its envelope says), kwargs repr.
 Item = tuple[str, bytes, str]
 
 __all__ = ["LPUSH_CHUNK", "Item", "PublishError", "Publisher"]
@@ -187,8 +187,8 @@ class Publisher:
                         m = envelope.message(task_id, body, "()", kwrepr, expires)
                         message = amqp.Message(
                             m.body,
-                            content_type="application/json",
-                            content_encoding="utf-8",
+                            content_type=envelope.content[0],
+                            content_encoding=envelope.content[1],
                             application_headers=m.headers,
                             **m.properties,
                         )

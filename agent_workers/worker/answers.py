@@ -11,7 +11,7 @@ from celery import states
 
 from agent_workers import hooks
 from agent_workers.contract import PredictCall
-from agent_workers.worker.inference import InferenceEngine, LoadedModel, result_output
+from agent_workers.worker.inference import InferenceEngine, LoadedModel, encoded_output
 from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome
 
@@ -41,7 +41,7 @@ def outcomes(
     return [
         Outcome(req, states.FAILURE, f, elapsed)
         if isinstance(f, Exception)
-        else Outcome(req, states.SUCCESS, _with_usage({**head, **f}, used), elapsed)
+        else Outcome(req, states.SUCCESS, _with_usage({**head, **_encoded(f, req.output_encoding)}, used), elapsed)
         for (req, _), f, used in zip(pairs, fields, usage, strict=True)
     ]
 
@@ -53,7 +53,7 @@ def answer(
     if isinstance(value, Exception):
         return Outcome(req, states.FAILURE, value, elapsed)
     # float64 prints exactly as json prints float(float32): the same digits as every other path (predict_many)
-    result = {"model": model, "version": version, "outputs": result_output(value)}
+    result = {"model": model, "version": version, "outputs": encoded_output(value, req.output_encoding)}
     return Outcome(req, states.SUCCESS, _with_usage(result, usage), elapsed)
 
 
@@ -79,7 +79,31 @@ def predict_one(engine: InferenceEngine, call: PredictCall) -> dict[str, Any]:
     (fields,) = hooks.answers(loaded.hooks, loaded.spec.signature, loaded.artifacts, [row], [call.options])
     if isinstance(fields, Exception):
         raise fields
-    return {"model": call.model, "version": loaded.version, **_plain(fields)}
+    return {"model": call.model, "version": loaded.version, **_plain(_encoded(fields, call.output_encoding))}
+
+
+def _encoded(fields: dict[str, Any], encoding: str) -> dict[str, Any]:
+    """Answer fields with tensor ``outputs`` in the request's ``output_encoding`` (contract 1.3); what a postprocess
+    hook or ``top_k`` answers (JSON of its own) is left as it is."""
+    out = fields.get("outputs")
+    if encoding == "json" or not _is_tensor(out):
+        return fields
+    # the built-in outputs widen float32 for JSON (agent_workers/outputs.py); the binary form keeps float32
+    if isinstance(out, dict):
+        out = {k: _narrowed(v) for k, v in out.items()}
+    else:
+        out = _narrowed(out)
+    return {**fields, "outputs": encoded_output(out, encoding)}
+
+
+def _narrowed(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) if array.dtype == np.float64 else array
+
+
+def _is_tensor(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(value) and all(isinstance(v, np.ndarray) for v in value.values())
+    return isinstance(value, np.ndarray)
 
 
 def _plain(value: Any) -> Any:

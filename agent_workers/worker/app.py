@@ -69,7 +69,9 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
     conf: dict[str, Any] = dict(
         task_serializer="json",
         result_serializer="json",
-        accept_content=["json"],
+        # msgpack (contract 1.3): tensors as raw bytes; kombu's serializer packs bytes as msgpack bin, never pickle.
+        # Results stay JSON, the one format every producer (and AsyncResult.get()) reads.
+        accept_content=["json", "msgpack"],
         result_accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -21,7 +21,6 @@ events make each request visible in Flower, and revoke/expires are honoured befo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
 from agent_workers.worker import answers, deadlines, forming, padding, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
+from agent_workers.worker.decoding import Decoder, example_of
 from agent_workers.worker.inference import InferenceEngine
 from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, register
 from agent_workers.worker.policy import BatchPolicy
@@ -47,18 +47,6 @@ log = logging.getLogger(__name__)
 
 #: at most this many cost-probe ids are remembered (a probe shed before compute leaves its id behind)
 PROBES_KEPT = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class _ModelMetrics:
-    """Labelled metric children of one model, looked up once (``labels()`` is costly per call)."""
-
-    batch_size: Any
-    compute: Any
-    queue_wait: Any
-    version: Any
-    fill: Any
-    per_request: Any
 
 
 class Batcher(Intake):
@@ -77,7 +65,6 @@ class Batcher(Intake):
     def __init__(self, *, task: Any, app: Any, consumer: Any, engine: InferenceEngine, policy: BatchPolicy) -> None:
         super().__init__(task=task, app=app, consumer=consumer, policy=policy)
         self.engine = engine
-        self._metric_cache: dict[str, _ModelMetrics] = {}
         settings = app.settings
         self.broker_is_redis = settings.broker_is_redis
         self._pushed = not settings.broker_is_redis  # drain batches stay whole on RabbitMQ (see Intake._on_timer)
@@ -85,6 +72,7 @@ class Batcher(Intake):
         self.min_version_wait = settings.min_version_wait_ms / 1000.0
         self.costs = deadlines.CostModels()
         self.results = ResultCache(settings.result_cache_size)
+        self.decoder = Decoder(engine)
         self._late: list[Outcome] = []  # revoked on arrival, answered at the end of the burst (_revoke_soon)
         self._on_loop = deadlines.CostModels()  # forward passes timed on the loop, all models as one
         self._since_probe = 0
@@ -206,6 +194,10 @@ class Batcher(Intake):
         if self._ordered:  # on the event loop, where the flag is set: the next request's stamp cannot be missed
             self._ordered = False
             batch = deadlines.order(batch)
+        if self.pipeline.in_flight and self.pipeline.depth > 1:  # it waits for the compute thread: decode meanwhile
+            decoding = self.decoder.submit(batch)
+            for req in batch:
+                req.decoding = decoding
         super()._flush(batch)
 
     def oldest_age(self) -> float:
@@ -219,6 +211,8 @@ class Batcher(Intake):
     def _serve(self, batch: list[Pending]) -> tuple[list[Outcome], list[tuple[str, int | None, tuple[Pending, Any]]]]:
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]] = {}
+        if batch and batch[0].decoding is not None:
+            batch[0].decoding.result()  # decoded beside the batch before; never raises (see Decoder._decode)
         now_utc = datetime.now(UTC)
         for req in batch:
             dropped = self._revoked_or_expired(req, now_utc)
@@ -228,6 +222,7 @@ class Batcher(Intake):
             try:
                 call = bind_predict_call(req.args, req.kwargs)
                 req.min_version, req.options = call.min_version, call.options
+                req.output_encoding = call.output_encoding
                 # a preprocessed request is served by the version whose artifacts made its tensors
                 version = call.version if req.prepared is None or req.prepared.version is None else req.prepared.version
                 groups.setdefault((call.model, version), []).append((req, call.inputs))
@@ -276,8 +271,7 @@ class Batcher(Intake):
         valid: list[tuple[Pending, Any]] = []
         for req, inputs in members:
             try:
-                made = None if req.prepared is None else req.prepared.tensors
-                valid.append((req, self.engine.validate(loaded, inputs) if made is None else made))
+                valid.append((req, example_of(self.engine, loaded, req, inputs)))
             except InputError as exc:
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         size = max(1, self.policy.max_batch_size)
@@ -292,7 +286,7 @@ class Batcher(Intake):
         if cache.enabled:
             valid = self._from_cache(model, loaded, valid, outcomes)
         rows = distinct(valid, keyed=cache.enabled)
-        m = self._metrics(model)
+        m = metrics.of_model(model)
         if len(rows) < len(valid):
             metrics.DEDUPLICATED.labels(model).inc(len(valid) - len(rows))
         batching = self.policy.settings
@@ -404,20 +398,7 @@ class Batcher(Intake):
         super().close()
         self.versions.close()
         self.preprocessing.close()
-
-    def _metrics(self, model: str) -> _ModelMetrics:
-        hit = self._metric_cache.get(model)
-        if hit is None:
-            hit = _ModelMetrics(
-                metrics.BATCH_SIZE.labels(model),
-                metrics.COMPUTE.labels(model),
-                metrics.QUEUE_WAIT.labels(model),
-                metrics.PARAM_VERSION.labels(model),
-                metrics.FILL_RATIO.labels(model),
-                metrics.COMPUTE_PER_REQUEST.labels(model),
-            )
-            self._metric_cache[model] = hit
-        return hit
+        self.decoder.close()
 
 
 def check_prefetch(app: Any, prefetch: int | None) -> None:

@@ -25,7 +25,7 @@ from agent_workers.hooks import NO_HOOKS, Hooks, hooks_of
 from agent_workers.models import ModelSpec
 from agent_workers.store.artifacts import Artifacts
 from agent_workers.store.params import RedisParamStore
-from agent_workers.tensors import decode_inputs
+from agent_workers.tensors import decode_inputs, encode_tensor
 from agent_workers.worker import padding
 
 #: One decoded example (an array, or name -> array for a model of several inputs), or a stacked batch of them.
@@ -121,6 +121,10 @@ class InferenceEngine:
             self._device = resolve_device(self.settings.device)
             log.info("inference device: %s", self._device)
         return self._device
+
+    def cached(self, name: str) -> LoadedModel | None:
+        """The newest version of ``name`` loaded here, without asking the store whether it is still the newest."""
+        return self._current.get(name)
 
     def loaded(self) -> list[LoadedModel]:
         """Models currently serving, for the inspect command and metrics."""
@@ -324,9 +328,15 @@ class InferenceEngine:
         return self.current(name)
 
     def predict_many(
-        self, name: str, inputs: Any, version: int | None = None, min_version: int | None = None
+        self,
+        name: str,
+        inputs: Any,
+        version: int | None = None,
+        min_version: int | None = None,
+        output_encoding: str = "json",
     ) -> dict[str, Any]:
-        """Score many examples of one model in GPU-sized batches; outputs in input order.
+        """Score many examples of one model in GPU-sized batches; outputs in input order, each as
+        :func:`encoded_output` writes it for ``output_encoding``.
 
         Raises:
             InputError: ``inputs`` is not a list, holds more than ``max_input_elements`` numbers in all, or one
@@ -371,7 +381,7 @@ class InferenceEngine:
                         f"the outputs of this predict_many exceed AGENT_WORKERS_MAX_INPUT_ELEMENTS={limit} numbers; "
                         "send fewer examples per message"
                     )
-                outputs.append(plain_output(row))
+                outputs.append(plain_output(row) if output_encoding == "json" else encoded_output(row, output_encoding))
         return {"model": name, "version": loaded.version, "outputs": outputs}
 
 
@@ -395,6 +405,17 @@ def result_output(row: Tensors) -> Tensors:
     if isinstance(row, dict):
         return {k: _widened(v) for k, v in row.items()}
     return _widened(row)
+
+
+def encoded_output(row: Tensors, encoding: str) -> Any:
+    """One output row as the request's ``output_encoding`` asks (contract 1.3): ``"json"`` as
+    :func:`result_output`, ``"b64"`` as ``{"dtype", "shape", "b64"}`` per output (float32 stays float32: 4 bytes a
+    number in 5.3 characters of base64, where JSON prints up to 24)."""
+    if encoding == "json":
+        return result_output(row)
+    if isinstance(row, dict):
+        return {k: encode_tensor(v) for k, v in row.items()}
+    return encode_tensor(row)
 
 
 def _widened(array: np.ndarray) -> np.ndarray:

@@ -265,7 +265,7 @@ class Intake(Settling):
             if isinstance(exc, InputError)
             else InputError(
                 f"cannot decode message (content type {content_type!r}): {type(exc).__name__}: {exc}; "
-                "send JSON (pickle is never accepted)"
+                "send JSON or msgpack (pickle is never accepted)"
             )
         )
         if task_id:

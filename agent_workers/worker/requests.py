@@ -47,6 +47,11 @@ class Pending:
     options: Any = None
     #: what the preprocessing threads made of raw inputs (worker/preprocessing.py); None until they saw it
     prepared: Any = None
+    #: how the result carries its outputs (the ``output_encoding`` argument, contract 1.3), once bound
+    output_encoding: str = "json"
+    #: its batch's decode ahead (worker/decoding.py), running beside the batch computing before it, and its result
+    decoding: Any = None
+    decoded: Any = None
 
     @property
     def retries(self) -> int:
@@ -94,12 +99,15 @@ def check_headers(headers: Any) -> None:
 
 
 def decode_body(message: Any) -> Any:
-    """The message body as Python objects: JSON only, numbers read by one rule (:func:`agent_workers.numbers.loads`).
+    """The message body as Python objects: JSON or msgpack, numbers read by one rule
+    (:func:`agent_workers.numbers.loads`).
 
     Plain JSON is parsed with orjson (several times faster than ``json`` on large inputs), else with the standard
-    library under orjson's number rule, so a message parses the same whatever else it holds; anything else (a
-    compressed body, another content type) goes through kombu's ``Message.decode``, which enforces
-    ``accept_content``, so a pickle message raises ``ContentDisallowed`` here and is never unpickled.
+    library under orjson's number rule, so a message parses the same whatever else it holds; anything else (msgpack,
+    a compressed body, another content type) goes through kombu's ``Message.decode``, which enforces
+    ``accept_content`` (json and msgpack), so a pickle message raises ``ContentDisallowed`` here and is never
+    unpickled. kombu unpacks msgpack with ``raw=False``: strings as ``str``, ``bin`` as ``bytes`` (the raw tensors
+    of contract 1.3), map keys only ``str`` or ``bytes``.
     """
     if message.content_type == "application/json" and not (message.headers or {}).get("compression"):
         return numbers.loads(message.body)  # NaN/Infinity literals parse: validation names them

@@ -42,3 +42,22 @@ def test_overload_and_cache_parts_answer_everything_and_write_their_verdicts(bro
     assert any("cache on / off" in what for what in verdicts)
     for name in ("overload-quick.png", "cache-zipf-quick.png", "summary-quick.md"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_image_part_drains_every_encoding_and_writes_its_figures(broker: str, tmp_path: Path) -> None:
+    from agent_workers.config import Settings
+    from agent_workers.tools.bench import image
+    from tests.conftest import BROKERS, pool_env
+
+    settings = Settings.from_env(pool_env(broker))
+    report = image.run(
+        settings, out=tmp_path, tag="-t", brokers={broker: BROKERS[broker]}, n=96, json_n=96, max_batch_size=16
+    )
+    assert [r["encoding"] for r in report["runs"]] == list(image.ENCODINGS)
+    for run in report["runs"]:  # every image answered (collect raises otherwise), a rate between batches
+        # CPU is sampled every 50 ms at /proc's 10 ms ticks: a drain this small may read as 0
+        assert run["counted"] >= 16 and run["rate"] > 0 and run["cpu_ms_per_image"] >= 0, run
+    ratios = {r["encoding"]: r["message_ratio"] for r in report["runs"]}
+    assert ratios["msgpack"] < ratios["b64"] < 1.5 < ratios["json"] < ratios["json-float"]
+    assert json.loads((tmp_path / "image-t.json").read_text())["runs"] == report["runs"]
+    assert (tmp_path / "image-t.png").stat().st_size > 0

@@ -119,7 +119,7 @@ def test_a_step_whose_loss_overflows_fails_alone_and_its_group_commits(pool: Poo
         ([1.0, float("nan"), 3.0], None, "NaN"),
         ([1.0, float("-inf"), 3.0], None, "NaN or infinity"),
         ([], None, "got length 0"),
-        ({"a": [1, 2, 3]}, None, "a binary tensor is {dtype, shape, b64}, got keys ['a']"),
+        ({"a": [1, 2, 3]}, None, "a binary tensor is {dtype, shape, b64} or {dtype, shape, data}, got keys ['a']"),
         ([[1.0], [2.0], [3.0]], None, "got [3, 1]"),
         ([1.0, None, 3.0], None, "inputs contain null"),
         ([1.0, 2.0, 3.0], "no-such-model", "unknown model 'no-such-model'"),

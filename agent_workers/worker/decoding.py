@@ -1,0 +1,97 @@
+"""Decoding ahead: the next batch's inputs are checked and decoded in a thread of their own while the compute thread
+runs the current batch's forward pass.
+
+Without it the compute thread decodes a batch (nested lists to arrays, base64 to bytes, range and NaN checks) and
+only then runs its forward pass, so the model idles through every decode. With the pipeline busy, a flushed batch
+waits for the compute thread anyway: :class:`Decoder` uses that wait. It decodes each request against the model
+version loaded now (no Redis read: the engine's cached one) and leaves the result on the request; the compute thread
+waits for the batch's decode to end (usually long over), then uses each result only if the version it serves has
+that very spec (a new version of a new spec is decoded again, as before). A request whose decode failed keeps its
+``InputError`` and fails alone, as it would have in the compute thread.
+
+The forward pass releases the GIL, so on CPU the decode runs beside it on the other core; on a GPU it runs beside
+the kernels. A batch computed at once (nothing in flight, or inline on the loop) is decoded where it computes: there
+is nothing to overlap and a hand-over would only add a wait.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from typing import Any
+
+from agent_workers.contract import bind_predict_call
+from agent_workers.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+class Decoded:
+    """One request's decoded inputs (or the ``InputError`` they raised), valid for the spec they were decoded for."""
+
+    __slots__ = ("error", "spec", "value")
+
+    def __init__(self, spec: Any, value: Any = None, error: InputError | None = None) -> None:
+        self.spec, self.value, self.error = spec, value, error
+
+
+class Decoder:
+    """Decodes batches in one thread of its own, ahead of their forward passes.
+
+    Args:
+        engine: the worker's :class:`~agent_workers.worker.inference.InferenceEngine` (its cached versions and
+            ``validate``).
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(self, batch: list[Any]) -> concurrent.futures.Future[None]:
+        """Start decoding ``batch`` (event loop); each request gets ``req.decoded`` once the future is done."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        return self._pool.submit(self._decode, batch)
+
+    def _decode(self, batch: list[Any]) -> None:
+        for req in batch:
+            try:
+                call = bind_predict_call(req.args, req.kwargs)
+                loaded = self.engine.cached(call.model) if call.version is None else None
+                if loaded is None or loaded.hooks.preprocess is not None:
+                    continue  # not loaded yet, a pinned version (decoded in the compute thread), or raw inputs
+                try:
+                    req.decoded = Decoded(loaded.spec, self.engine.validate(loaded, call.inputs))
+                except InputError as exc:
+                    req.decoded = Decoded(loaded.spec, error=exc)
+            except Exception:  # noqa: BLE001 - the compute thread decodes it again and reports what it finds
+                log.debug("decoding %s ahead failed", getattr(req, "id", "?"), exc_info=True)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def example_of(engine: Any, loaded: Any, req: Any, inputs: Any) -> Any:
+    """The decoded example ``req`` is served with by ``loaded``: what its model's preprocess hook made of it
+    (worker/preprocessing.py), else its decode ahead when made for this version's spec, else decoded now.
+
+    Raises:
+        InputError: the inputs do not fit the model's signature (this request alone fails).
+    """
+    made = None if req.prepared is None else req.prepared.tensors
+    if made is not None:
+        return made
+    ahead = decoded_for(req, loaded.spec)
+    if ahead is None:
+        return engine.validate(loaded, inputs)
+    if ahead.error is not None:
+        raise ahead.error
+    return ahead.value
+
+
+def decoded_for(req: Any, spec: Any) -> Decoded | None:
+    """``req``'s decode ahead if it was made for ``spec`` (the spec of the version about to serve it), else None."""
+    decoded = getattr(req, "decoded", None)
+    return decoded if decoded is not None and decoded.spec is spec else None

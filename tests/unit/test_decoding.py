@@ -1,0 +1,55 @@
+"""Decoding ahead (agent_workers/worker/decoding.py) without a worker: a batch decoded in the decode thread against
+the loaded version's spec, used only for that spec, faults kept for their own request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from agent_workers.config import Settings
+from agent_workers.errors import InputError
+from agent_workers.models import make_spec
+from agent_workers.worker.decoding import Decoder, decoded_for
+from agent_workers.worker.inference import InferenceEngine, LoadedModel
+from agent_workers.worker.requests import Pending
+
+
+class _Store:
+    """No store is read: decoding ahead must use only what the engine has loaded."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the decoder read the store ({name})")
+
+
+def engine_with(name: str) -> tuple[InferenceEngine, LoadedModel]:
+    engine = InferenceEngine(store=_Store(), settings=Settings())  # type: ignore[arg-type]
+    spec = make_spec("linear", in_features=3)
+    loaded = LoadedModel(name, 1, "e", spec, spec.build(), engine.device)
+    engine._current[name] = loaded
+    return engine, loaded
+
+
+def request(args: list[Any], kwargs: dict[str, Any] | None = None) -> Pending:
+    return Pending("id", "agent_workers.predict", None, args, kwargs or {}, {}, 0.0, None)
+
+
+def test_a_batch_is_decoded_ahead_for_the_loaded_spec_and_faults_stay_with_their_request() -> None:
+    engine, loaded = engine_with("m")
+    good = request(["m", [1.0, 2.0, 3.0]])
+    bad = request(["m", [1.0, "x", 3.0]])
+    pinned = request(["m", [1.0, 2.0, 3.0], 1])  # a pinned version may not be the loaded one
+    unknown = request(["other", [1.0, 2.0, 3.0]])  # not loaded: decoded in the compute thread
+    unbound = request([], {"model": "m"})  # no inputs: the compute thread binds it again and names the fault
+    decoder = Decoder(engine)
+    try:
+        decoder.submit([good, bad, pinned, unknown, unbound]).result(timeout=10)
+    finally:
+        decoder.close()
+    ahead = decoded_for(good, loaded.spec)
+    assert ahead is not None and ahead.error is None
+    np.testing.assert_array_equal(ahead.value, np.array([1.0, 2.0, 3.0], dtype=np.float32))
+    fault = decoded_for(bad, loaded.spec)
+    assert fault is not None and isinstance(fault.error, InputError)
+    assert all(r.decoded is None for r in (pinned, unknown, unbound))
+    assert decoded_for(good, make_spec("linear", in_features=3)) is None  # another spec: decoded again
