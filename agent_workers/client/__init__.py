@@ -362,12 +362,13 @@ class Client(Training):
         *,
         version: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        options: dict[str, Any] | None = None,
         output_encoding: str = "json",
     ) -> dict[str, Any]:
         """asyncio variant of :meth:`predict` (the publish runs in a thread: a stalled broker never blocks the
         loop; the wait is native asyncio)."""
         dl = Deadline(timeout)
-        ids = await asyncio.to_thread(self._send_rows, model, [inputs], version, None, dl, output_encoding)
+        ids = await asyncio.to_thread(self._send_rows, model, [inputs], version, None, dl, options, output_encoding)
         return _arrays(await self._collect_async(ids, dl), output_encoding)[0]
 
     async def predict_bulk_async(
@@ -382,7 +383,7 @@ class Client(Training):
     ) -> list[Any]:
         """asyncio variant of :meth:`predict_bulk` (the publish runs in a thread)."""
         dl = Deadline(timeout)
-        ids = await asyncio.to_thread(self._send_rows, model, list(rows), version, None, dl, output_encoding)
+        ids = await asyncio.to_thread(self._send_rows, model, list(rows), version, None, dl, None, output_encoding)
         return _arrays(await self._collect_async(ids, dl, return_exceptions), output_encoding)
 
     async def predict_many_async(
