@@ -1,0 +1,379 @@
+"""Typed training inputs: a mini-batch's ``x`` and ``y`` decoded against the model's signature and collated.
+
+A train step's ``x`` uses the tensor encodings of inference (contract 1.3, docs/tasks.md; agent_workers/tensors.py):
+
+* for a model of one input: a **list of rows**, each row a tensor (a nested JSON list, or ``{"dtype", "shape",
+  "b64"}``), or ONE binary tensor holding the whole batch (its first dimension is the rows);
+* for a model of several inputs: an object name -> (a list of rows, or one binary tensor of the batch).
+
+Rows of a variable-length input (``-1`` in the signature) may differ in length: the batch is padded to its longest
+row and carries an ``attention_mask`` (agent_workers/padding.py). ``y`` is a nested list or a binary tensor: integer
+class indices stay int64 (cross-entropy), floats are float32 targets (mse).
+
+An uploaded dataset holds the same thing as **columns** (:data:`Column`): a numpy array of all rows (fixed shape),
+or :class:`Ragged` (values + offsets) for rows of different lengths; a model of several inputs has one column per
+name. A model of before signatures (one float32 input ``x``) keeps its exact float32 path
+(:func:`agent_workers.training.steps.as_batch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from agent_workers.errors import InputError
+from agent_workers.models import ModelSpec
+from agent_workers.padding import MASK, Batch, mask_of, pad_rows
+from agent_workers.tensors import DTYPES, TensorSpec, decode_tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Ragged:
+    """Rows of different lengths along their first dimension: row i is ``values[offsets[i]:offsets[i + 1]]``.
+
+    Attributes:
+        values: every row's elements, concatenated along the first dimension.
+        offsets: int64 [rows + 1], starting at 0 and non-decreasing.
+    """
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[np.ndarray]) -> Ragged:
+        """Concatenate ``rows`` (arrays of one rank and one dtype, at least 1-D)."""
+        lengths = np.asarray([len(r) for r in rows], dtype=np.int64)
+        offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
+        return cls(np.concatenate(list(rows)), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes + self.offsets.nbytes)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self.values.dtype
+
+    def take(self, index: np.ndarray) -> list[np.ndarray]:
+        """The rows at ``index`` (views into ``values``)."""
+        return [self.values[self.offsets[i] : self.offsets[i + 1]] for i in index]
+
+    def widest(self) -> int:
+        """Elements in the longest row."""
+        lengths = np.diff(self.offsets)
+        rest = math.prod(self.values.shape[1:])
+        return int(lengths.max(initial=0)) * rest
+
+
+#: All rows of one input: a fixed-shape array [rows, ...] or ragged rows.
+Column = np.ndarray | Ragged
+#: A dataset's (or a message's) x: one column (a model of one input) or name -> column.
+Columns = Column | dict[str, Column]
+#: Selected rows of x: per input an array [n, ...] or a list of row arrays.
+Part = np.ndarray | list[np.ndarray]
+
+
+def n_rows(x: Columns) -> int:
+    """Rows of ``x``."""
+    if isinstance(x, dict):
+        return len(next(iter(x.values())))
+    return len(x)
+
+
+def row_width(x: Columns) -> int:
+    """The most elements one row of ``x`` holds (all inputs together): what a batch is checked against the limit."""
+    columns = x.values() if isinstance(x, dict) else [x]
+    return sum(c.widest() if isinstance(c, Ragged) else math.prod(c.shape[1:]) for c in columns)
+
+
+def take(x: Columns, index: np.ndarray) -> Part | dict[str, Part]:
+    """The rows of ``x`` at ``index``."""
+    if isinstance(x, dict):
+        return {name: take(c, index) for name, c in x.items()}  # type: ignore[misc]
+    return x.take(index) if isinstance(x, Ragged) else x[index]
+
+
+def decode_x(spec: ModelSpec, x: Any, *, max_elements: int) -> Part | dict[str, Part]:
+    """A message's ``x`` decoded per the model's signature (see the module doc), each row checked alone.
+
+    Raises:
+        InputError: naming the input (and the row) and what is wrong.
+    """
+    inputs = spec.signature.inputs
+    if len(inputs) == 1:
+        return _decode_part(inputs[0], x, max_elements)
+    names = [t.name for t in inputs]
+    if not isinstance(x, Mapping) or set(x) != set(names):
+        got = sorted(map(str, x)) if isinstance(x, Mapping) else type(x).__name__
+        raise InputError(f"this model takes several inputs: x must be an object naming exactly {names}, got {got}")
+    parts: dict[str, Part] = {}
+    budget = max_elements
+    for t in inputs:
+        parts[t.name] = _decode_part(t, x[t.name], budget)
+        budget -= sum(p.size for p in parts[t.name]) if isinstance(parts[t.name], list) else parts[t.name].size
+    return parts
+
+
+def _decode_part(spec: TensorSpec, value: Any, budget: int) -> Part:
+    if isinstance(value, Mapping):  # one binary tensor of the whole batch
+        batch = TensorSpec(spec.name, spec.dtype, (-1, *spec.shape))
+        return decode_tensor(batch, value, max_elements=budget)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InputError(
+            f"x for input {spec.name!r} must be a non-empty list of rows or one {{dtype, shape, b64}} tensor of the "
+            f"batch, got {type(value).__name__}"
+        )
+    rows = []
+    for i, row in enumerate(value):
+        try:
+            rows.append(decode_tensor(spec, row, max_elements=budget))
+        except InputError as exc:
+            raise InputError(f"x row {i}: {exc}") from None
+        budget -= rows[-1].size
+    return rows
+
+
+def decode_y(y: Any, rows: int, *, max_elements: int | None) -> np.ndarray:
+    """A message's (or a dataset's) ``y``: integer class indices as int64, numbers as float32; one per row.
+
+    Raises:
+        InputError: not numbers, not finite, too many, or not one target (row) per row of x.
+    """
+    if isinstance(y, Mapping):
+        dtype = y.get("dtype")
+        shape = y.get("shape")
+        if dtype not in DTYPES or dtype == "bfloat16" or not isinstance(shape, list) or len(shape) not in (1, 2):
+            raise InputError(f"y as a binary tensor takes a dtype of {sorted(set(DTYPES) - {'bfloat16'})} and 1-2 dims")
+        array = decode_tensor(TensorSpec("y", dtype, (-1,) * len(shape)), y, max_elements=max_elements or 2**62)
+    else:
+        try:
+            array = np.asarray(y)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InputError(f"y must be numbers: {exc}") from None
+    if array.dtype.kind in "biu":
+        array = array.astype(np.int64)
+    elif array.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise InputError("y contains NaN or infinity (or a number past float32's range, 3.4e38)")
+    else:
+        raise InputError(f"y must be numbers (class indices or targets), got {array.dtype.name} values")
+    if array.ndim not in (1, 2) or len(array) != rows:
+        raise InputError(f"y must hold one target (or row of targets) per row of x: {rows} rows, y {list(array.shape)}")
+    if max_elements is not None and array.size > max_elements:
+        raise InputError(
+            f"y holds {array.size} numbers; the limit is {max_elements} (AGENT_WORKERS_MAX_INPUT_ELEMENTS)"
+        )
+    return array
+
+
+def collate(spec: ModelSpec, part: Part | dict[str, Part]) -> tuple[Batch, int]:
+    """Selected rows as the batch the model takes: name -> array in the signature's dtypes, rows of a variable
+    input padded to the longest, and ``attention_mask`` when an input has a variable dimension.
+
+    Returns:
+        ``(batch, rows)``.
+
+    Raises:
+        InputError: names, dtypes or shapes that do not fit the signature.
+    """
+    inputs = spec.signature.inputs
+    if not isinstance(part, dict):
+        part = {inputs[0].name: part}
+    names = [t.name for t in inputs]
+    if set(part) != set(names):
+        raise InputError(f"the data names inputs {sorted(part)}; the model takes {names}")
+    batch: dict[str, np.ndarray] = {}
+    counts = set()
+    for t in inputs:
+        rows = part[t.name]
+        counts.add(len(rows))
+        variable = [d for d, size in enumerate(t.shape) if size == -1]
+        if isinstance(rows, list):
+            for i, row in enumerate(rows):
+                _check_shape(t, row.shape, f"row {i} of ")
+            array = pad_rows([_cast(t, r) for r in rows], DTYPES[t.dtype])
+            if variable and MASK not in batch:
+                lengths = np.asarray([r.shape[variable[0]] for r in rows])
+                batch[MASK] = mask_of(lengths, array.shape[1 + variable[0]])
+        else:
+            _check_shape(t, rows.shape[1:], "")
+            array = _cast(t, rows)
+            if variable and MASK not in batch:
+                batch[MASK] = np.ones((len(rows), rows.shape[1 + variable[0]]), dtype=bool)
+        batch[t.name] = array
+    if len(counts) != 1:
+        raise InputError(f"every input must hold the same number of rows, got {sorted(counts)}")
+    return batch, counts.pop()
+
+
+def check_columns(spec: ModelSpec, x: Columns) -> None:
+    """A whole dataset's columns against the signature before a job's first commit: names, per-row shapes and
+    dtypes (every value within the input's dtype), without padding anything.
+
+    Raises:
+        InputError: naming the input and what does not fit.
+    """
+    inputs = spec.signature.inputs
+    columns = x if isinstance(x, dict) else {inputs[0].name: x}
+    names = [t.name for t in inputs]
+    if set(columns) != set(names):
+        raise InputError(f"the dataset names inputs {sorted(columns)}; the model takes {names}")
+    for t in inputs:
+        column = columns[t.name]
+        if isinstance(column, Ragged):
+            if t.shape[:1] != (-1,):
+                raise InputError(f"input {t.name!r} has shape {list(t.shape)}: its rows cannot differ in length")
+            _check_shape(t, (-1, *column.values.shape[1:]), "rows of ")
+            _cast(t, column.values)
+        else:
+            _check_shape(t, column.shape[1:], "rows of ")
+            _cast(t, column)
+
+
+def _check_shape(t: TensorSpec, shape: tuple[int, ...], where: str) -> None:
+    if len(shape) != len(t.shape) or any(d not in (-1, s) for d, s in zip(t.shape, shape, strict=True)):
+        raise InputError(f"{where}input {t.name!r} must have shape {list(t.shape)}, got {list(shape)}")
+    if 0 in shape:
+        raise InputError(f"{where}input {t.name!r} is empty (shape {list(shape)})")
+
+
+def _cast(t: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """``array`` in input ``t``'s dtype: safe casts (uint8 pixels to float32), and integral floats to an integer
+    dtype within its range (a dataset of token ids uploaded as float32 lists); anything else is refused."""
+    target = DTYPES[t.dtype]
+    if array.dtype == target or np.can_cast(array.dtype, target, "safe"):
+        return array.astype(target, copy=False)
+    if target.kind in "iu" and array.dtype.kind in "iuf" and array.size:
+        info = np.iinfo(target)
+        if (array.dtype.kind in "iu" or bool((array == np.round(array)).all())) and (
+            array.min() >= info.min and array.max() <= info.max
+        ):
+            return array.astype(target)
+    raise InputError(f"input {t.name!r} takes {t.dtype}; the data holds {array.dtype.name} that does not fit it")
+
+
+def typed_columns(x: Any) -> Columns | None:
+    """An upload's ``x`` as typed columns, or None for the legacy form (float rows × features, as before 1.3).
+
+    Typed forms: a dict name -> column (a model of several inputs); a list of rows of different lengths (ragged);
+    a numpy array whose dtype is not floating (uint8 pixels, int64 ids, bool) or of more than 2 dims or float16.
+
+    Raises:
+        InputError: a column that cannot be read, rows that disagree in rank or dtype, or a NaN/infinity.
+    """
+    if isinstance(x, Mapping):
+        if not x:
+            raise InputError("x as an object names at least one input")
+        columns = {str(name): _column(str(name), value) for name, value in x.items()}
+        counts = {len(c) for c in columns.values()}
+        if len(counts) != 1:
+            raise InputError(f"every input of x must hold the same number of rows, got {sorted(counts)}")
+        return columns
+    if isinstance(x, Ragged):
+        return _column("x", x)
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind in "biu" or x.dtype == np.float16 or x.ndim > 2:
+            return _column("x", x)
+        return None
+    if isinstance(x, (list, tuple)) and x and _ragged_rows(x):
+        return _column("x", list(x))
+    return None
+
+
+def _ragged_rows(rows: Sequence[Any]) -> bool:
+    """Rows given as arrays (or lists) whose lengths differ: the only lists read as ragged."""
+    if not all(isinstance(r, (np.ndarray, list, tuple)) for r in rows):
+        return False
+    return len({len(r) for r in rows}) > 1
+
+
+def _column(name: str, value: Any) -> Column:
+    if isinstance(value, Ragged):
+        column: Column = value
+    elif isinstance(value, (list, tuple)) and value and _ragged_rows(value):
+        try:
+            arrays = [_exact(np.asarray(r)) for r in value]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InputError(f"x input {name!r}: every row must be numbers: {exc}") from None
+        if len({a.ndim for a in arrays}) != 1 or len({a.dtype for a in arrays}) != 1 or arrays[0].ndim == 0:
+            raise InputError(f"x input {name!r}: rows must share one rank (at least 1) and one dtype")
+        if any(len(a) == 0 for a in arrays):
+            raise InputError(f"x input {name!r}: row {next(i for i, a in enumerate(arrays) if len(a) == 0)} is empty")
+        column = Ragged.from_rows(arrays)
+    else:
+        try:
+            column = _exact(np.asarray(value))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InputError(f"x input {name!r} must be numbers of one shape per row (or ragged rows): {exc}") from None
+        if column.ndim < 1 or len(column) == 0:
+            raise InputError(f"x input {name!r} must hold at least one row, got shape {list(column.shape)}")
+        if column.ndim == 1:
+            column = column.reshape(-1, 1)
+    values = column.values if isinstance(column, Ragged) else column
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise InputError(f"x input {name!r} holds NaN or infinity (or a number too large for float32)")
+    return column
+
+
+def _exact(array: np.ndarray) -> np.ndarray:
+    """A stored dtype for ``array``: float64 as float32, integers other than uint8/int32 as int64, bool as is."""
+    if array.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            return array.astype(np.float16 if array.dtype == np.float16 else np.float32)
+    if array.dtype.kind in "iu":
+        return array if array.dtype in (np.uint8, np.int32) else array.astype(np.int64)
+    if array.dtype.kind == "b":
+        return array
+    raise InputError(f"x must hold numbers or booleans, got {array.dtype.name} values")
+
+
+def to_bytes(x: Columns) -> bytes:
+    """Typed columns as one safetensors blob (raw bytes plus a JSON header; never pickle): ``values`` and
+    ``offsets`` for one input, ``<name>/values`` and ``<name>/offsets`` for several."""
+    from safetensors.numpy import save
+
+    tensors: dict[str, np.ndarray] = {}
+    for name, column in x.items() if isinstance(x, dict) else [("", x)]:
+        prefix = f"{name}/" if name else ""
+        if isinstance(column, Ragged):
+            tensors[prefix + "values"] = np.ascontiguousarray(column.values)
+            tensors[prefix + "offsets"] = np.ascontiguousarray(column.offsets)
+        else:
+            tensors[prefix + "values"] = np.ascontiguousarray(column)
+    return save(tensors)
+
+
+def from_bytes(data: bytes) -> Columns:
+    """Typed columns from :func:`to_bytes`."""
+    from safetensors.numpy import load
+
+    tensors = load(data)
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, array in tensors.items():
+        name, _, part = key.rpartition("/")
+        grouped.setdefault(name, {})[part] = array
+    columns = {
+        name: Ragged(parts["values"], parts["offsets"]) if "offsets" in parts else parts["values"]
+        for name, parts in grouped.items()
+    }
+    return columns[""] if set(columns) == {""} else columns
+
+
+def describe(x: Columns) -> dict[str, Any]:
+    """name -> {dtype, shape per row (-1: ragged)} of typed columns (``""``: the one unnamed input)."""
+    out = {}
+    for name, column in x.items() if isinstance(x, dict) else [("", x)]:
+        if isinstance(column, Ragged):
+            out[name] = {"dtype": column.dtype.name, "shape": [-1, *column.values.shape[1:]]}
+        else:
+            out[name] = {"dtype": column.dtype.name, "shape": list(column.shape[1:])}
+    return out
