@@ -298,7 +298,7 @@ def _ragged_rows(rows: Sequence[Any]) -> bool:
 
 def _column(name: str, value: Any) -> Column:
     if isinstance(value, Ragged):
-        column: Column = value
+        column: Column = _checked(name, value)
     elif isinstance(value, (list, tuple)) and value and _ragged_rows(value):
         try:
             arrays = [_exact(np.asarray(r)) for r in value]
@@ -322,6 +322,19 @@ def _column(name: str, value: Any) -> Column:
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise InputError(f"x input {name!r} holds NaN or infinity (or a number too large for float32)")
     return column
+
+
+def _checked(name: str, ragged: Ragged) -> Ragged:
+    """A Ragged from outside (a .npz): offsets int64 from 0 to len(values), each row non-empty."""
+    offsets = np.asarray(ragged.offsets)
+    values = _exact(np.asarray(ragged.values))
+    if offsets.ndim != 1 or len(offsets) < 2 or offsets.dtype.kind not in "iu":
+        raise InputError(f"x input {name!r}: offsets must be a 1-D integer array of rows + 1 entries")
+    if offsets[0] != 0 or offsets[-1] != len(values) or values.ndim < 1 or (np.diff(offsets) <= 0).any():
+        raise InputError(
+            f"x input {name!r}: offsets must rise strictly from 0 to len(values) = {len(values)} (no empty row)"
+        )
+    return Ragged(values, offsets.astype(np.int64))
 
 
 def _exact(array: np.ndarray) -> np.ndarray:
