@@ -111,7 +111,7 @@ def read_xy(path: Path) -> tuple[Any, Any]:
 def _typed_x(arrays: dict[str, Any]) -> Any:
     """x of a .npz: ``x``; ragged ``x_values`` + ``x_offsets``; or ``x.NAME`` / ``x.NAME.values`` +
     ``x.NAME.offsets`` per input (docs/training.md, "Typed inputs")."""
-    from agent_workers.training.inputs import Ragged
+    from agent_workers.training.columns import Ragged
 
     if "x" in arrays:
         return arrays["x"]

@@ -2,7 +2,7 @@
 
 A dataset has a name (a uuid when none is given), ``x`` (rows × features, float32; or typed columns, stored as one
 safetensors blob: uint8 pixels, int64 token ids of different lengths as values + offsets, several named inputs; see
-agent_workers/training/inputs.py), ``y`` (one target per row) and
+agent_workers/training/columns.py), ``y`` (one target per row) and
 a small ``meta`` record (rows, features, upload time, upload id); all three keys are written together and expire
 together, after ``DEFAULT_TTL`` (7 days) unless the upload says otherwise (``ttl=0``: never). Each upload gets an
 id in ``meta``; a reader checks it on every read, so a re-upload or a delete is seen at once by every worker.
@@ -27,8 +27,8 @@ from agent_workers.config import Settings
 from agent_workers.errors import InputError
 from agent_workers.keys import Keys, name_problem
 from agent_workers.redis_clients import redis_client
-from agent_workers.training import inputs
-from agent_workers.training.inputs import Columns
+from agent_workers.training import columns
+from agent_workers.training.columns import Columns
 
 DEFAULT_TTL = 7 * 24 * 3600
 DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024  # config.DEFAULT_DATASET_CACHE_BYTES
@@ -51,8 +51,8 @@ class Dataset:
     Attributes:
         name: the dataset's name.
         upload: the id of this upload (a fresh uuid per upload): a re-upload under the same name has another.
-        x: rows × features, float32; or typed columns (agent_workers/training/inputs.py: an array of any signature
-            dtype and shape per row, :class:`~agent_workers.training.inputs.Ragged` rows, or name -> column).
+        x: rows × features, float32; or typed columns (agent_workers/training/columns.py: an array of any signature
+            dtype and shape per row, :class:`~agent_workers.training.columns.Ragged` rows, or name -> column).
         y: one target per row (1-D, or rows × outputs).
     """
 
@@ -63,8 +63,8 @@ class Dataset:
 
     @property
     def nbytes(self) -> int:
-        columns = self.x.values() if isinstance(self.x, dict) else [self.x]
-        return int(sum(c.nbytes for c in columns) + self.y.nbytes)
+        parts = self.x.values() if isinstance(self.x, dict) else [self.x]
+        return int(sum(c.nbytes for c in parts) + self.y.nbytes)
 
 
 def check_arrays(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -150,12 +150,12 @@ class DatasetStore:
                 raise InputError(problem)
         if ttl < 0:
             raise InputError("ttl must be >= 0 seconds (0: never expires)")
-        columns = inputs.typed_columns(x)
-        if columns is None:
+        typed = columns.typed_columns(x)
+        if typed is None:
             xa, ya = check_arrays(x, y)
             rows, features, x_bytes = int(xa.shape[0]), int(xa.shape[1]), _to_bytes(xa)
         else:
-            rows, features, x_bytes = inputs.n_rows(columns), None, inputs.to_bytes(columns)
+            rows, features, x_bytes = columns.n_rows(typed), None, columns.to_bytes(typed)
             _, ya = check_arrays(np.zeros((rows, 1), dtype=np.float32), y)
         dataset_id = dataset_id or uuid.uuid4().hex
         meta: dict[str, Any] = {
@@ -165,8 +165,8 @@ class DatasetStore:
             "at": time.time(),
             "upload": uuid.uuid4().hex,
         }
-        if columns is not None:
-            meta["inputs"] = inputs.describe(columns)  # its presence marks x as typed columns (safetensors)
+        if typed is not None:
+            meta["inputs"] = columns.describe(typed)  # its presence marks x as typed columns (safetensors)
         ex = ttl or None
         pipe = self.client.pipeline(transaction=True)  # the three keys change together: a reader sees one upload
         pipe.set(self.keys.dataset(dataset_id, "x"), x_bytes, ex=ex)
@@ -253,7 +253,7 @@ class DatasetStore:
             raise InputError(f"dataset {dataset_id!r} does not exist (deleted or expired); upload it again")
         typed = raw_meta is not None and "inputs" in json.loads(raw_meta)
         data = Dataset(
-            dataset_id, _upload_of(raw_meta) or "", inputs.from_bytes(x) if typed else _from_bytes(x), _from_bytes(y)
+            dataset_id, _upload_of(raw_meta) or "", columns.from_bytes(x) if typed else _from_bytes(x), _from_bytes(y)
         )
         self._remember(data)
         return data
@@ -282,7 +282,7 @@ class DatasetStore:
 
     def rows(self, dataset_id: str, rows: Any, *, max_elements: int | None = None) -> tuple[Any, np.ndarray]:
         """The rows ``rows`` (a list of indices) of a dataset's current upload (of typed columns: per input an array
-        or a list of ragged rows, as :func:`agent_workers.training.inputs.take` selects them).
+        or a list of ragged rows, as :func:`agent_workers.training.columns.take` selects them).
 
         Args:
             max_elements: the most numbers the selected ``x`` (and ``y``) may hold
@@ -294,7 +294,7 @@ class DatasetStore:
         if not isinstance(rows, (list, tuple, np.ndarray)) or len(rows) == 0:
             raise InputError("rows must be a non-empty list of integer row indices")
         data = self.get(dataset_id)
-        width = max(inputs.row_width(data.x), row_width(data.y))
+        width = max(columns.row_width(data.x), row_width(data.y))
         if max_elements is not None and len(rows) * width > max_elements:
             raise InputError(
                 f"{len(rows)} rows × {width} numbers each exceed AGENT_WORKERS_MAX_INPUT_ELEMENTS={max_elements}; "
@@ -306,10 +306,10 @@ class DatasetStore:
             index = np.asarray([None])
         if index.dtype.kind not in "iu":  # floats, booleans, strings, huge ints (object): never cast silently
             raise InputError("rows must be a list of integer row indices")
-        n = inputs.n_rows(data.x)
+        n = columns.n_rows(data.x)
         if index.ndim != 1 or index.min() < 0 or index.max() >= n:
             raise InputError(f"rows must be a non-empty list of indices in [0, {n})")
-        return inputs.take(data.x, index), data.y[index]
+        return columns.take(data.x, index), data.y[index]
 
 
 def row_width(array: np.ndarray) -> int:

@@ -30,7 +30,7 @@ from agent_workers.errors import InputError, ModelError, VersionConflictError
 from agent_workers.models import ModelSpec
 from agent_workers.padding import MASK, Batch, call_module
 from agent_workers.store.params import CommitOutcome, RedisParamStore
-from agent_workers.training import inputs
+from agent_workers.training import columns, inputs
 from agent_workers.training.datasets import epoch_batches, row_width
 from agent_workers.training.optim import HyperParams, apply_update, check_finite, compute_gradient, compute_loss
 
@@ -254,27 +254,27 @@ def fit(
     """
     epochs = numbers.integer("epochs", epochs, low=1, high=MAX_EPOCHS)
     batch_size = numbers.integer("batch_size", batch_size, low=1)
-    width = max(inputs.row_width(x), row_width(y))
-    if max_elements is not None and min(batch_size, inputs.n_rows(x)) * width > max_elements:
+    width = max(columns.row_width(x), row_width(y))
+    if max_elements is not None and min(batch_size, columns.n_rows(x)) * width > max_elements:
         raise InputError(
             f"batch_size {batch_size} × {width} numbers per row exceeds AGENT_WORKERS_MAX_INPUT_ELEMENTS="
             f"{max_elements}; use a smaller batch_size"
         )
     check_job(store, model, x, y, hp)
-    steps_per_epoch = (inputs.n_rows(x) + batch_size - 1) // batch_size
+    steps_per_epoch = (columns.n_rows(x) + batch_size - 1) // batch_size
     total = epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
     losses: list[float] = []
     version = -1
     cost = {"conflicts": 0, "recomputed": 0, "duplicates": 0, "max_staleness_seen": 0}
     for done, (epoch, step, rows) in enumerate(
-        epoch_batches(inputs.n_rows(x), epochs=epochs, batch_size=batch_size, seed=seed), start=1
+        epoch_batches(columns.n_rows(x), epochs=epochs, batch_size=batch_size, seed=seed), start=1
     ):
         check_deadline(deadline, f"fit {update_prefix} (step {done} of {total})")
         result = train_step(
             store,
             model,
-            inputs.take(x, rows),
+            columns.take(x, rows),
             y[rows],
             hp,
             update_id=f"{update_prefix}:{epoch}:{step}",
@@ -306,7 +306,7 @@ def fit(
     return {"model": model, "version": version, "steps": total, "history": history, **cost}
 
 
-def check_job(store: RedisParamStore, model: str, x: inputs.Columns, y: np.ndarray, hp: HyperParams) -> None:
+def check_job(store: RedisParamStore, model: str, x: columns.Columns, y: np.ndarray, hp: HyperParams) -> None:
     """Check a whole job's data against the model before its first commit: x's rows against the model's input
     shape, y's rows against the loss and the model's output (for ``cross_entropy``: one class index per row, in
     range; for ``mse``: as many targets per row as outputs; any loss: the loss of the first row computes).
@@ -327,7 +327,7 @@ def check_job(store: RedisParamStore, model: str, x: inputs.Columns, y: np.ndarr
     else:
         inputs.check_columns(spec, x)
         finite = np.ones(len(y), dtype=bool)  # float columns were checked finite at upload
-        first, _ = inputs.collate(spec, inputs.take(x, np.arange(1)))
+        first, _ = inputs.collate(spec, columns.take(x, np.arange(1)))
     finite &= np.isfinite(y).reshape(len(y), -1).all(axis=1)
     if not finite.all():
         raise InputError(f"row {int(np.flatnonzero(~finite)[0])} of the dataset holds NaN or infinity")

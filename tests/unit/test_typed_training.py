@@ -13,9 +13,9 @@ from agent_workers.errors import InputError
 from agent_workers.models import make_spec
 from agent_workers.padding import MASK, call_module, mask_of, pad_rows
 from agent_workers.tensors import encode_tensor
-from agent_workers.training import inputs
+from agent_workers.training import columns, inputs
+from agent_workers.training.columns import Ragged
 from agent_workers.training.groups import Step, group_step
-from agent_workers.training.inputs import Ragged
 from agent_workers.training.steps import HyperParams, StepResult, as_batch, batch_of, train_step
 from tests.plugins_tensors import TWO_INPUT_SIGNATURE
 from tests.unit.test_training import MemoryStore
@@ -126,15 +126,15 @@ def test_typed_train_steps_and_a_group_commit_lower_the_loss_of_the_order_task()
 
 def test_ragged_and_typed_columns_round_trip_through_safetensors_bytes() -> None:
     rows, _ = zoo.order_data(5, seed=2)
-    columns = inputs.typed_columns(rows)
-    assert isinstance(columns, Ragged) and len(columns) == 5
-    back = inputs.from_bytes(inputs.to_bytes(columns))
+    ragged = columns.typed_columns(rows)
+    assert isinstance(ragged, Ragged) and len(ragged) == 5
+    back = columns.from_bytes(columns.to_bytes(ragged))
     assert [r.tolist() for r in back.take(np.arange(5))] == [r.tolist() for r in rows]
-    named = inputs.typed_columns({"pixels": np.zeros((5, 1, 8, 8), np.uint8), "ids": rows})
-    back = inputs.from_bytes(inputs.to_bytes(named))
+    named = columns.typed_columns({"pixels": np.zeros((5, 1, 8, 8), np.uint8), "ids": rows})
+    back = columns.from_bytes(columns.to_bytes(named))
     assert back["pixels"].dtype == np.uint8 and back["pixels"].shape == (5, 1, 8, 8)
     assert isinstance(back["ids"], Ragged) and back["ids"].values.dtype == np.int64
-    assert inputs.typed_columns(np.ones((4, 3))) is None  # float rows × features: the legacy form
+    assert columns.typed_columns(np.ones((4, 3))) is None  # float rows × features: the legacy form
 
 
 def test_dataset_columns_are_checked_against_the_signature_before_training() -> None:
@@ -144,5 +144,18 @@ def test_dataset_columns_are_checked_against_the_signature_before_training() -> 
     with pytest.raises(InputError, match=r"must have shape \[1, 8, 8\]"):
         inputs.check_columns(DIGITS, np.zeros((4, 64), np.uint8))
     with pytest.raises(InputError, match="cannot differ in length"):
-        inputs.check_columns(DIGITS, inputs.typed_columns([np.zeros(3, np.uint8), np.zeros(2, np.uint8)]))
-    inputs.check_columns(ORDER, inputs.typed_columns([np.arange(1, 4), np.arange(1, 3)]))
+        inputs.check_columns(DIGITS, columns.typed_columns([np.zeros(3, np.uint8), np.zeros(2, np.uint8)]))
+    inputs.check_columns(ORDER, columns.typed_columns([np.arange(1, 4), np.arange(1, 3)]))
+
+
+def test_the_client_sends_typed_numpy_x_as_binary_tensors_and_float_rows_as_before() -> None:
+    from agent_workers.client.messages import training_x
+
+    assert training_x(np.ones((2, 3))) == [[1.0] * 3] * 2  # float rows × features: plain lists, as before 1.3
+    pixels = np.zeros((2, 1, 8, 8), np.uint8)
+    assert training_x(pixels) == encode_tensor(pixels)  # one binary tensor of the batch
+    rows = [np.arange(3), np.arange(5)]
+    assert training_x(rows) == [encode_tensor(r) for r in rows]
+    assert training_x({"ids": rows})["ids"][1]["shape"] == [5]
+    batch, _ = batch_of(ORDER, training_x(rows), [0, 1])  # and the worker decodes what it sends
+    assert batch["ids"].tolist() == [[0, 1, 2, 0, 0], [0, 1, 2, 3, 4]]

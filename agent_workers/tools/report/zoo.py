@@ -18,7 +18,7 @@ import torch
 from agent_workers.models import ModelSpec, make_spec
 from agent_workers.padding import call_module
 from agent_workers.tools.report.lab import Lab, step_stats, stop_all, train_through_queue
-from agent_workers.training import inputs
+from agent_workers.training import columns
 from agent_workers.training.datasets import epoch_batches
 from agent_workers.training.steps import batch_of
 
@@ -73,9 +73,9 @@ def single_process(spec: ModelSpec, initial: dict[str, torch.Tensor], task: Task
     module.load_state_dict(initial)
     module.train()
     opt = torch.optim.Adam(module.parameters(), lr=task.hparams["lr"])
-    columns = inputs.typed_columns(x)
+    data = columns.typed_columns(x)
     for _, _, rows in epoch_batches(len(y), epochs=task.epochs, batch_size=task.batch_size, seed=0):
-        batch, target = batch_of(spec, inputs.take(columns, rows), y[rows])
+        batch, target = batch_of(spec, columns.take(data, rows), y[rows])
         opt.zero_grad()
         torch.nn.functional.cross_entropy(
             call_module(module, spec.signature, batch), torch.from_numpy(target)
