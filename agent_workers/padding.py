@@ -1,18 +1,17 @@
 """Padding a batch of variable-length examples, and how the mask reaches the model.
 
-One convention for every path that batches rows of different lengths (training here; inference's variable-length
-batching, issue 19 item 3, is meant to share it):
+One convention for every path that batches rows of different lengths (training here; it matches inference's
+variable-length batching of issue 19 item 3, worker/padding.py on that branch, so a model trains and serves alike):
 
 * every variable dimension (``-1`` in the signature) of every input is padded with zeros at its end to the
   longest member of the batch (a ``bool`` input pads with ``False``, so a mask the producer sends stays a mask);
-* the **attention mask** is a ``bool`` array [batch, longest] that is True where the first variable dimension of
-  the first variable-length input holds a real element;
-* the model gets it as the keyword argument ``attention_mask`` when its ``forward`` takes a parameter of that
-  name (or ``**kwargs``) and its signature does not name an input ``attention_mask`` itself; a model that does not
-  take it gets its inputs alone (it must then treat the padding value 0 itself).
+* the *length dim* is the first variable dimension of the first input that has one (``ids [-1]``);
+* the model is told which positions are real as extra keyword arguments, each only when its ``forward`` names it
+  and its signature does not declare an input of that name: ``attention_mask``, int64 [batch, longest], 1 for a real
+  position and 0 for padding (as Hugging Face models and TEI take it), and ``lengths``, int64 [batch], each row's
+  own length. A model that names neither gets its inputs alone (it must then treat the padding value 0 itself).
 
-numpy only: torch is imported where the module is called (:func:`call_module`).
-"""
+numpy only: torch is imported where the module is called (:func:`call_module`)."""
 
 from __future__ import annotations
 
@@ -24,8 +23,9 @@ import numpy as np
 
 from agent_workers.tensors import Signature
 
-#: The keyword a padded batch's mask is handed to the model under.
-MASK = "attention_mask"
+#: The keywords a padded batch's mask is handed to the model under.
+MASK, LENGTHS = "attention_mask", "lengths"
+MASK_ARGUMENTS = (MASK, LENGTHS)
 
 #: A batch as the model takes it: one array (one input), or name -> array (several inputs, or a mask beside them).
 Batch = np.ndarray | dict[str, np.ndarray]
@@ -56,26 +56,28 @@ def pad_rows(rows: Sequence[np.ndarray], dtype: np.dtype[Any] | None = None) -> 
     return batch
 
 
-def mask_of(lengths: np.ndarray, longest: int) -> np.ndarray:
-    """The attention mask of rows of ``lengths`` padded to ``longest``: bool [n, longest], True on real elements."""
-    return np.arange(longest)[None, :] < np.asarray(lengths)[:, None]
+def mask_arguments(lengths: np.ndarray, longest: int) -> dict[str, np.ndarray]:
+    """The mask arguments of rows of ``lengths`` padded to ``longest``: ``attention_mask`` int64 [n, longest] (1 on
+    real positions) and ``lengths`` int64 [n]."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return {MASK: (np.arange(longest)[None, :] < lengths[:, None]).astype(np.int64), LENGTHS: lengths}
 
 
-def takes_mask(module: Any, signature: Signature) -> bool:
-    """Whether ``module.forward`` takes ``attention_mask`` and the signature leaves it to us (see the module doc)."""
-    if any(t.name == MASK for t in signature.inputs):
-        return False
+def wanted(module: Any, signature: Signature) -> tuple[str, ...]:
+    """Which of :data:`MASK_ARGUMENTS` ``module.forward`` names and the signature leaves to us."""
+    declared = {t.name for t in signature.inputs}
+    target = getattr(module, "_orig_mod", module)  # torch.compile wraps the module; ask the original
     try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # a compiled or C-implemented forward: no mask rather than a guess
-        return False
-    return MASK in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        params = inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):  # a C-implemented forward: no mask rather than a guess
+        return ()
+    return tuple(a for a in MASK_ARGUMENTS if a in params and a not in declared)
 
 
 def call_module(module: Any, signature: Signature, batch: Batch) -> Any:
     """Call ``module`` on ``batch``: ``module(x)`` for one input, ``module(**inputs)`` for several, each as a torch
-    tensor in its signature's dtype (bfloat16 from its raw bits), plus ``attention_mask=`` when the batch carries a
-    mask and the module takes one. A legacy float32 batch (one array) is ``module(x)`` exactly as before.
+    tensor in its signature's dtype (bfloat16 from its raw bits), plus the mask arguments the batch carries and the
+    module names (``attention_mask=``, ``lengths=``). A legacy float32 batch (one array) is ``module(x)`` as before.
 
     Returns:
         Whatever the module returns.
@@ -88,9 +90,7 @@ def call_module(module: Any, signature: Signature, batch: Batch) -> Any:
     for spec in signature.inputs:
         x = torch.from_numpy(np.ascontiguousarray(batch[spec.name]))
         tensors[spec.name] = x.view(torch.bfloat16) if spec.dtype == "bfloat16" else x
-    extra = {}
-    if MASK in batch and MASK not in tensors and takes_mask(module, signature):
-        extra[MASK] = torch.from_numpy(np.ascontiguousarray(batch[MASK]))
+    extra = {a: torch.from_numpy(np.ascontiguousarray(batch[a])) for a in wanted(module, signature) if a in batch}
     if len(tensors) == 1:
         return module(*tensors.values(), **extra)
     return module(**tensors, **extra)

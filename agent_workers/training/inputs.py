@@ -24,7 +24,7 @@ import numpy as np
 
 from agent_workers.errors import InputError
 from agent_workers.models import ModelSpec
-from agent_workers.padding import MASK, Batch, mask_of, pad_rows
+from agent_workers.padding import Batch, mask_arguments, pad_rows
 from agent_workers.tensors import DTYPES, TensorSpec, decode_tensor
 from agent_workers.training.columns import Columns, Part, Ragged
 
@@ -106,7 +106,8 @@ def decode_y(y: Any, rows: int, *, max_elements: int | None) -> np.ndarray:
 
 def collate(spec: ModelSpec, part: Part | dict[str, Part]) -> tuple[Batch, int]:
     """Selected rows as the batch the model takes: name -> array in the signature's dtypes, rows of a variable
-    input padded to the longest, and ``attention_mask`` when an input has a variable dimension.
+    input padded to the longest, and ``attention_mask`` and ``lengths`` when an input has a variable dimension
+    (agent_workers/padding.py).
 
     Returns:
         ``(batch, rows)``.
@@ -121,6 +122,7 @@ def collate(spec: ModelSpec, part: Part | dict[str, Part]) -> tuple[Batch, int]:
     if set(part) != set(names):
         raise InputError(f"the data names inputs {sorted(part)}; the model takes {names}")
     batch: dict[str, np.ndarray] = {}
+    masks: dict[str, np.ndarray] | None = None
     counts = set()
     for t in inputs:
         rows = part[t.name]
@@ -130,17 +132,20 @@ def collate(spec: ModelSpec, part: Part | dict[str, Part]) -> tuple[Batch, int]:
             for i, row in enumerate(rows):
                 _check_shape(t, row.shape, f"row {i} of ")
             array = pad_rows([_cast(t, r) for r in rows], DTYPES[t.dtype])
-            if variable and MASK not in batch:
+            if variable and masks is None:
                 lengths = np.asarray([r.shape[variable[0]] for r in rows])
-                batch[MASK] = mask_of(lengths, array.shape[1 + variable[0]])
+                masks = mask_arguments(lengths, array.shape[1 + variable[0]])
         else:
             _check_shape(t, rows.shape[1:], "")
             array = _cast(t, rows)
-            if variable and MASK not in batch:
-                batch[MASK] = np.ones((len(rows), rows.shape[1 + variable[0]]), dtype=bool)
+            if variable and masks is None:
+                longest = rows.shape[1 + variable[0]]
+                masks = mask_arguments(np.full(len(rows), longest), longest)
         batch[t.name] = array
     if len(counts) != 1:
         raise InputError(f"every input must hold the same number of rows, got {sorted(counts)}")
+    for name, array in (masks or {}).items():
+        batch.setdefault(name, array)  # an input the signature declares under that name stays the producer's
     return batch, counts.pop()
 
 

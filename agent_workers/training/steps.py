@@ -28,7 +28,7 @@ import numpy as np
 from agent_workers import metrics, numbers
 from agent_workers.errors import InputError, ModelError, VersionConflictError
 from agent_workers.models import ModelSpec
-from agent_workers.padding import MASK, Batch, call_module
+from agent_workers.padding import MASK_ARGUMENTS, Batch, call_module
 from agent_workers.store.params import CommitOutcome, RedisParamStore
 from agent_workers.training import columns, inputs
 from agent_workers.training.datasets import epoch_batches, row_width
@@ -400,7 +400,7 @@ def batch_of(spec: ModelSpec, x: Any, y: Any, *, max_elements: int | None = None
     limit = max_elements if max_elements is not None else 2**62
     part = x if _is_part(x) else inputs.decode_x(spec, x, max_elements=limit)
     batch, rows = inputs.collate(spec, part)
-    size = sum(a.size for k, a in batch.items() if k != MASK)
+    size = sum(batch[t.name].size for t in spec.signature.inputs)
     if max_elements is not None and size > max_elements:
         raise InputError(
             f"this mini-batch holds {size} numbers (padded); the limit is {max_elements} "
@@ -433,4 +433,4 @@ def check_rows(spec: ModelSpec, x: Batch) -> None:
         return
     names = {t.name for t in spec.signature.inputs}
     if names - set(x):
-        raise InputError(f"x names inputs {sorted(set(x) - {MASK})}; the model takes {sorted(names)}")
+        raise InputError(f"x names inputs {sorted(set(x) - set(MASK_ARGUMENTS))}; the model takes {sorted(names)}")

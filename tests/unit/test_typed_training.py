@@ -11,7 +11,7 @@ import torch
 import examples.models.zoo as zoo
 from agent_workers.errors import InputError
 from agent_workers.models import make_spec
-from agent_workers.padding import MASK, call_module, mask_of, pad_rows
+from agent_workers.padding import MASK, call_module, mask_arguments, pad_rows
 from agent_workers.tensors import encode_tensor
 from agent_workers.training import columns, inputs
 from agent_workers.training.columns import Ragged
@@ -28,7 +28,8 @@ CE = HyperParams(loss="cross_entropy", optimizer="adam", lr=0.01)
 def test_pad_rows_pads_every_variable_dim_with_zeros_and_the_mask_marks_real_tokens() -> None:
     rows = [np.array([5, 6, 7]), np.array([8])]
     assert pad_rows(rows).tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert mask_of(np.array([3, 1]), 3).tolist() == [[True, True, True], [True, False, False]]
+    masks = mask_arguments(np.array([3, 1]), 3)
+    assert masks["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]] and masks["lengths"].tolist() == [3, 1]
     two_d = pad_rows([np.ones((2, 3)), np.ones((1, 4))], np.dtype(np.float32))
     assert two_d.shape == (2, 2, 4) and two_d[1].sum() == 4 and two_d[0].sum() == 6
 
@@ -40,7 +41,8 @@ def test_token_rows_of_different_lengths_become_one_padded_int64_batch_with_its_
         [3, 2, 4, 1, 6],
         [2, 1, 0, 0, 0],
     ]
-    assert batch[MASK].sum(axis=1).tolist() == [3, 5, 2]
+    assert batch[MASK].dtype == np.int64 and batch[MASK].sum(axis=1).tolist() == [3, 5, 2]
+    assert batch["lengths"].tolist() == [3, 5, 2]
     assert y.dtype == np.int64 and y.tolist() == [1, 0, 0]
 
 
@@ -75,6 +77,7 @@ def test_several_named_inputs_are_decoded_per_name() -> None:
     batch, _ = batch_of(spec, {"ids": [[1, 2, 3], [4]], "mask": [[True, True, False], [True]]}, [0.5, 1.5])
     assert batch["ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["mask"].tolist() == [[True, True, False], [True, False, False]]  # bool pads with False
+    assert batch[MASK].tolist() == [[1, 1, 1], [1, 0, 0]]  # the lengths of ids, the first variable input
     with pytest.raises(InputError, match=r"naming exactly \['ids', 'mask'\]"):
         batch_of(spec, {"ids": [[1]]}, [0.0])
 
@@ -159,3 +162,16 @@ def test_the_client_sends_typed_numpy_x_as_binary_tensors_and_float_rows_as_befo
     assert training_x({"ids": rows})["ids"][1]["shape"] == [5]
     batch, _ = batch_of(ORDER, training_x(rows), [0, 1])  # and the worker decodes what it sends
     assert batch["ids"].tolist() == [[0, 1, 2, 0, 0], [0, 1, 2, 3, 4]]
+
+
+def test_an_input_the_signature_names_attention_mask_is_the_producers_own() -> None:
+    signature = {
+        "inputs": [
+            {"name": "ids", "dtype": "int64", "shape": [-1]},
+            {"name": "attention_mask", "dtype": "int64", "shape": [-1]},
+        ],
+        "outputs": [{"name": "pooled", "dtype": "float32", "shape": [4]}],
+    }
+    spec = make_spec("two_input", signature=signature, vocab=50, width=4)
+    batch, _ = batch_of(spec, {"ids": [[1, 2], [3]], "attention_mask": [[1, 0], [1]]}, [0.0, 1.0])
+    assert batch[MASK].tolist() == [[1, 0], [1, 0]] and batch["lengths"].tolist() == [2, 1]
