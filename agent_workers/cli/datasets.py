@@ -73,10 +73,11 @@ def datasets_upload(name: str, path: Path, ttl: int) -> None:
 
 @datasets.command("list")
 def datasets_list() -> None:
-    """List datasets: name, rows, features, expiry."""
+    """List datasets: name, rows, features (or each typed input's dtype and shape), expiry."""
     for info in store().list():
         d = describe(info)
-        click.echo(f"{shown(d['name'])}\t{d['rows']} rows\t{d['features']} features\texpires in {d['expires_in']}")
+        what = f"{d['features']} features" if info.inputs is None else f"inputs {json.dumps(info.inputs)}"
+        click.echo(f"{shown(d['name'])}\t{d['rows']} rows\t{what}\texpires in {d['expires_in']}")
 
 
 @datasets.command("show")

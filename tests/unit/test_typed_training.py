@@ -4,9 +4,13 @@ legacy float32 rows exactly as before."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import examples.models.zoo as zoo
 from agent_workers.errors import InputError
@@ -22,6 +26,7 @@ from tests.unit.test_training import MemoryStore
 
 ORDER = make_spec("order_transformer", width=16, heads=2, layers=1)
 DIGITS = make_spec("digits_cnn", channels=4)
+TWO = make_spec("two_input", signature=TWO_INPUT_SIGNATURE, vocab=50, width=4)
 CE = HyperParams(loss="cross_entropy", optimizer="adam", lr=0.01)
 
 
@@ -175,3 +180,75 @@ def test_an_input_the_signature_names_attention_mask_is_the_producers_own() -> N
     spec = make_spec("two_input", signature=signature, vocab=50, width=4)
     batch, _ = batch_of(spec, {"ids": [[1, 2], [3]], "attention_mask": [[1, 0], [1]]}, [0.0, 1.0])
     assert batch[MASK].tolist() == [[1, 0], [1, 0]] and batch["lengths"].tolist() == [2, 1]
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.sampled_from(["dtype", "shape", "b64", "ids"]), inner)
+    ),
+    max_leaves=30,
+)
+_TENSORS = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["int64", "uint8", "int32", "bool", "float32", "bfloat16", "x"]),
+        "shape": st.lists(st.integers(min_value=-2, max_value=9), max_size=4),
+        "b64": st.sampled_from(["", "AAAA", "AAECAw==", "!!!!", "AAAAAAAAAAA=", "AQAAAAAAAAACAAAAAAAAAA=="]),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    spec=st.sampled_from(["order", "digits", "two"]),
+    x=_JSON | _TENSORS | st.lists(_JSON | _TENSORS, min_size=1, max_size=4) | st.fixed_dictionaries({"ids": _JSON}),
+    y=_JSON | _TENSORS,
+)
+def test_any_hostile_x_or_y_is_an_input_error_and_nothing_else(spec: str, x: object, y: object) -> None:
+    """Whatever a producer sends as x and y, decoding either succeeds or raises InputError (the worker answers that
+    request alone with it): never a TypeError, IndexError or numpy error that would read as a worker fault."""
+    model = {"order": ORDER, "digits": DIGITS, "two": TWO}[spec]
+    try:
+        batch, ya = batch_of(model, x, y, max_elements=10_000)
+    except InputError:
+        return
+    assert len(ya) == len(next(iter(batch.values())))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    spec=st.sampled_from(["order", "digits", "two"]),
+    x=st.lists(_JSON, min_size=1, max_size=5) | st.dictionaries(st.sampled_from(["ids", "mask", "pixels"]), _JSON),
+)
+def test_any_hostile_upload_is_refused_with_an_input_error_or_checked_before_training(spec: str, x: object) -> None:
+    """An upload's x becomes typed columns, the legacy form (None) or an InputError; typed columns are then either
+    refused by the model's check or collate into a batch."""
+    model = {"order": ORDER, "digits": DIGITS, "two": TWO}[spec]
+    try:
+        data = columns.typed_columns(x)
+        if data is None:
+            return
+        inputs.check_columns(model, data)
+        inputs.collate(model, columns.take(data, np.arange(columns.n_rows(data))))
+    except InputError:
+        return
+
+
+def test_a_npz_carries_ragged_and_named_inputs_and_bad_offsets_are_refused(tmp_path: Path) -> None:
+    from agent_workers.cli.tables import read_xy
+
+    rows, labels = zoo.order_data(4, seed=5)
+    ragged = Ragged.from_rows(rows)
+    np.savez(tmp_path / "r.npz", x_values=ragged.values, x_offsets=ragged.offsets, y=labels)
+    x, y = read_xy(tmp_path / "r.npz")
+    assert [r.tolist() for r in columns.typed_columns(x).take(np.arange(4))] == [r.tolist() for r in rows]
+    np.savez(tmp_path / "n.npz", **{"x.ids.values": ragged.values, "x.ids.offsets": ragged.offsets, "y": labels})
+    named = columns.typed_columns(read_xy(tmp_path / "n.npz")[0])
+    assert set(named) == {"ids"} and len(named["ids"]) == 4
+    for offsets in ([0, 2, 1, len(ragged.values)], [1, len(ragged.values)], [0, 0, len(ragged.values)]):
+        with pytest.raises(InputError, match="offsets must"):
+            columns.typed_columns(Ragged(ragged.values, np.asarray(offsets)))
