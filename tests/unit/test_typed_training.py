@@ -252,3 +252,18 @@ def test_a_npz_carries_ragged_and_named_inputs_and_bad_offsets_are_refused(tmp_p
     for offsets in ([0, 2, 1, len(ragged.values)], [1, len(ragged.values)], [0, 0, len(ragged.values)]):
         with pytest.raises(InputError, match="offsets must"):
             columns.typed_columns(Ragged(ragged.values, np.asarray(offsets)))
+
+
+def test_the_zoo_report_renders_its_table_and_figure_from_its_json(tmp_path: Path) -> None:
+    import json
+
+    from agent_workers.tools.report import splice
+    from agent_workers.tools.report.zoo import ZOO_BEGIN, ZOO_END, plot_zoo, render_zoo
+
+    report = json.loads((Path(__file__).parents[2] / "docs/benchmarks/training-zoo.json").read_text())
+    text = render_zoo(report)
+    for row in report["zoo"]:
+        assert f"| {row['model']} | {row['trainers']} | {row['epochs']} | {row['steps']} |" in text
+    assert splice("# T\n", text, begin=ZOO_BEGIN, end=ZOO_END).count(ZOO_BEGIN) == 1
+    plot_zoo(report["zoo"], tmp_path / "zoo.png")
+    assert (tmp_path / "zoo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,10 +1,11 @@
 """The report's zoo part: the example CNN and transformer (examples/models/zoo.py) trained through the queue.
 
 Per model: the same initial weights trained three ways on the same mini-batches (``epoch_batches``, seed 0) with the
-same Adam settings: a single-process torch loop (the reference), and queued ``train_step`` messages on rows of an
-uploaded typed dataset (uint8 pixels; ragged int64 token ids) drained by 1 and by 4 trainer processes (grouped path,
-optimistic commits). Reported: held-out accuracy, its gap to the reference in points (goal: within 1; digits >= 96 %
-with 4 trainers), steps/s and conflicts.
+same Adam settings: a single-process torch loop (the reference), and ``train_step`` messages sent by a bare Celery
+producer (``send_task`` by name, at most 2 × trainers in flight) on rows of an uploaded typed dataset (uint8
+pixels; ragged int64 token ids), drained by 1 and by 4 trainer processes (grouped path, optimistic commits).
+Reported: held-out accuracy, its gap to the reference in points (goal: within 1; digits >= 96 % with 4 trainers),
+steps/s and conflicts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from agent_workers.models import ModelSpec, make_spec
 from agent_workers.padding import call_module
-from agent_workers.tools.report.lab import Lab, step_stats, stop_all, train_through_queue
+from agent_workers.tools.report.lab import Lab, send_steps, step_stats, stop_all
 from agent_workers.training import columns
 from agent_workers.training.datasets import epoch_batches
 from agent_workers.training.steps import batch_of
@@ -106,11 +107,12 @@ def zoo_models(lab: Lab, trainers: tuple[int, ...] = (1, 4), *, quick: bool = Fa
                 module = spec.build()
                 module.load_state_dict(initial)
                 lab.store.create(task.name, spec, module=module, replace=True)
-                results, seconds = train_through_queue(
+                dataset = lab.datasets.upload(x_train, y_train, ttl=3600)
+                results, seconds = send_steps(
                     lab,
                     task.name,
-                    x_train,
-                    y_train,
+                    dataset,
+                    len(y_train),
                     epochs=task.epochs,
                     batch_size=task.batch_size,
                     hparams=task.hparams,
