@@ -35,6 +35,7 @@ DEFAULT_KEEP_VERSIONS = 10
 DEFAULT_DEDUP_WINDOW = 100_000
 DEFAULT_MAX_STALENESS = 4
 MAX_TRAIN_GROUP = 8  # the default group size (a group walks its steps in order: τ does not bound it)
+DEFAULT_TRAIN_GROUP_MAX = 32  # the adaptive group size's cap (agent_workers/training/sizing.py)
 DEFAULT_MAX_INPUT_ELEMENTS = 1_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_LOCK_TIMEOUT = 5.0  # renewed by its holder: how long a dead holder blocks the others
@@ -111,12 +112,13 @@ class Settings:
         dedup_window: how many applied update ids (the newest) are remembered, so a redelivered step is applied
             once; a redelivery of an id older than that would apply again. Costs about 100 bytes of Redis memory
             per remembered id: 100,000 ids ≈ 10 MiB per model, whatever the group commit size.
-        max_staleness: τ, the most steps a gradient may lag the parameters it is applied to (per step: versions; a
-            group's version is about k steps, so a conflicting group is re-applied only while moved × k <= τ).
-        train_group: how many queued ``train_step`` requests of one model a training worker applies in one commit
-            (group commit: one head read, k sequential optimizer steps, one compare-and-set). 1 serves every step
-            as its own task (the per-step path); above 1 the worker prefetches this many training messages so a
-            group can form. Default 8.
+        max_staleness: τ, how far a gradient may lag the parameters it is applied to (per step: versions; group: steps).
+        train_group: ``train_step`` requests of one model per group commit (one head read, k sequential optimizer
+            steps, one compare-and-set) at first; 1 serves every step as its own task (the per-step path). Default 8.
+        train_group_max: the adaptive group size's cap (halved per conflict, +1 per clean commit; at most
+            train_group: fixed) and a grouped trainer's prefetch. Default 32.
+        train_turns: optimistic trainers of one model take short best-effort turns to walk and commit
+            (``CommitLock.turn``), so their compare-and-sets stop colliding. Default on.
         max_input_elements: the largest input, in numbers, that one request may carry.
         max_message_bytes: the largest message body accepted.
         track_started: also store the STARTED state of every request in the backend (one more write per batch).
@@ -175,6 +177,8 @@ class Settings:
     dedup_window: int = DEFAULT_DEDUP_WINDOW
     max_staleness: int = DEFAULT_MAX_STALENESS
     train_group: int = MAX_TRAIN_GROUP
+    train_group_max: int = DEFAULT_TRAIN_GROUP_MAX
+    train_turns: bool = True
     max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     track_started: bool = False
@@ -233,6 +237,8 @@ class Settings:
             dedup_window=r.int("DEDUP_WINDOW", DEFAULT_DEDUP_WINDOW, minimum=1),
             max_staleness=r.int("MAX_STALENESS", DEFAULT_MAX_STALENESS, minimum=0),
             train_group=r.int("TRAIN_GROUP", MAX_TRAIN_GROUP, minimum=1, maximum=MAX_BATCH_SIZE),
+            train_group_max=r.int("TRAIN_GROUP_MAX", DEFAULT_TRAIN_GROUP_MAX, minimum=1, maximum=MAX_BATCH_SIZE),
+            train_turns=r.bool("TRAIN_TURNS", True),
             max_input_elements=r.int("MAX_INPUT_ELEMENTS", DEFAULT_MAX_INPUT_ELEMENTS, minimum=1),
             max_message_bytes=r.int("MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024),
             track_started=r.bool("TRACK_STARTED", False),
@@ -329,14 +335,9 @@ class Settings:
         return urlparse(self.broker_url).scheme in _REDIS_SCHEMES
 
 
-#: BatchSettings attribute -> variable name (without the prefix).
+#: BatchSettings attribute -> variable name (without the prefix): the attribute in capitals, BATCH_MODE for ``mode``.
 _BATCH_VARIABLES = {
-    "max_batch_size": "MAX_BATCH_SIZE",
-    "max_wait_ms": "MAX_WAIT_MS",
-    "mode": "BATCH_MODE",
-    "latency_target_ms": "LATENCY_TARGET_MS",
-    "flush_when_idle": "FLUSH_WHEN_IDLE",
-    "pipeline_depth": "PIPELINE_DEPTH",
+    f.name: "BATCH_MODE" if f.name == "mode" else f.name.upper() for f in dataclasses.fields(BatchSettings)
 }
 
 

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_WAIT = 120.0
 LOCK_POLL = 0.002
+#: An optimistic trainer's turn: how long it lives (never renewed) and how long a trainer waits for it before it
+#: goes ahead without one. Long enough for a group's walk and commit of small models; a longer walk outlives its
+#: turn and costs at most a conflict, and a dead holder delays the others by at most this.
+TURN_LEASE = 0.5
 
 
 class CommitLock:
@@ -77,6 +81,33 @@ class CommitLock:
                     name,
                     self.timeout,
                 )
+
+    @contextlib.contextmanager
+    def turn(self, name: str, *, lease: float = TURN_LEASE) -> Iterator[None]:
+        """Take ``name``'s lock for the block as a short, best-effort turn (optimistic mode's conflict avoidance).
+
+        Trainers that take turns walk one after the other instead of all at once on the same head, so their
+        compare-and-sets stop colliding, while the rest of their work (receiving, decoding, results) overlaps. A turn
+        is never required: it lives ``lease`` seconds without renewal and a trainer that waited ``lease`` for it goes
+        ahead without one; the compare-and-set decides either way.
+
+        Raises:
+            StoreUnavailableError: Redis unreachable.
+        """
+        lock = self.client.lock(
+            self.keys.lock(name), timeout=lease, sleep=LOCK_POLL, blocking_timeout=lease, thread_local=False
+        )
+        with unavailable():
+            acquired = lock.acquire()
+        try:
+            yield
+        finally:
+            if acquired:
+                try:
+                    with unavailable():
+                        lock.release()
+                except LockError:
+                    pass  # the lease ran out first: another trainer may hold a turn now, which is all it means
 
 
 def _renew(lock: Lock, timeout: float, done: threading.Event) -> None:

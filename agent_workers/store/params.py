@@ -430,14 +430,15 @@ class RedisParamStore:
 
     # -- coordination -------------------------------------------------------------------------------------------
 
-    def exclusive(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """Hold ``name``'s commit lock for a read-compute-commit cycle (lock mode); a no-op when optimistic.
+    def exclusive(self, name: str, *, turn: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Hold ``name``'s commit lock for a read-compute-commit cycle (lock mode); when optimistic, a no-op, or with
+        ``turn`` a short best-effort turn (:meth:`~agent_workers.store.locks.CommitLock.turn`).
 
         Raises:
             StoreUnavailableError: the lock was not free within ``lock_wait`` seconds (transient: retry).
         """
         if self.mode != "lock":
-            return contextlib.nullcontext()
+            return self._lock.turn(name) if turn else contextlib.nullcontext()
         return self._lock.hold(name)
 
 

@@ -72,10 +72,11 @@ def settings_env(settings_env: Mapping[str, str] | None = None) -> dict[str, str
 
 def worker_prefetch(settings: Settings, queues: list[str]) -> int:
     """The prefetch multiplier a worker of these queues needs: 2 × the batch size for inference (a batch can fill
-    while the previous one runs), ``AGENT_WORKERS_TRAIN_GROUP`` for training (a group can form), else 1."""
+    while the previous one runs), the largest group for grouped training (``AGENT_WORKERS_TRAIN_GROUP_MAX``, at
+    least ``AGENT_WORKERS_TRAIN_GROUP``: the adaptive group can form), else 1."""
     prefetch = 1
     if settings.inference_queue in queues:
         prefetch = 2 * settings.batch.max_batch_size
     if settings.training_queue in queues:
-        prefetch = max(prefetch, settings.train_group)
+        prefetch = max(prefetch, max(settings.train_group, settings.train_group_max) if settings.train_group > 1 else 1)
     return prefetch

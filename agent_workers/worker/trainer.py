@@ -15,8 +15,9 @@ The receiving half (check, decode, hold, buffer, one pipelined result write, bul
 Redelivered requests are served alone after the rest of the flush, with the batcher's poison count. Like the
 predict batcher, the work runs in the worker's event loop: a training message is small and a group of small-model
 steps takes milliseconds, and while it runs the worker consumes nothing else; in lock mode, where a group may wait
-for another process's commit lock, groups always run in the compute thread instead. ``fit`` is not batched (it runs
-many steps itself, in the pool).
+for another process's commit lock, groups always run in the compute thread instead. An optimistic group's turn
+(``AGENT_WORKERS_TRAIN_TURNS``) is waited for on the event loop: usually another trainer's walk, at most a lease.
+``fit`` is not batched (it runs many steps itself, in the pool).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from agent_workers.errors import InputError, ModelError, StoreUnavailableError
 from agent_workers.models import ModelSpec
 from agent_workers.training.groups import Step, group_step
 from agent_workers.training.optim import HyperParams
+from agent_workers.training.sizing import GroupSizer
 from agent_workers.training.steps import StepResult, batch_of
 from agent_workers.worker import redelivery
 from agent_workers.worker.intake import Intake, register
@@ -54,19 +56,33 @@ GroupKey = tuple[str, HyperParams]
 Member = tuple[Pending, Step]
 
 
+class _GroupPolicy(BatchPolicy):
+    """Flushes once the buffer holds a whole group at the adaptive size (the largest model's next group), so a
+    window of k steps is served at once however large the cap lets groups grow."""
+
+    def __init__(self, settings: BatchSettings, sizer: GroupSizer) -> None:
+        super().__init__(settings)
+        self.sizer = sizer
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.sizer.largest()
+
+
 class TrainIntake(Intake):
     """Buffers train_step requests in a worker's event loop and applies them as group commits of at most
     ``group`` steps per (model, hyperparameters)."""
 
-    def __init__(self, *, task: Any, app: Any, consumer: Any, group: int) -> None:
+    def __init__(self, *, task: Any, app: Any, consumer: Any, group: int, cap: int) -> None:
         # Lock mode: a group may wait for another process's commit lock, so it always runs in the compute thread
         # (depth 2); the event loop goes on receiving (predictions too) while it waits.
         depth = 2 if app.settings.commit_mode == "lock" else 0
-        policy = BatchPolicy(
-            BatchSettings(max_batch_size=group, max_wait_ms=app.settings.batch.max_wait_ms, pipeline_depth=depth)
+        self.sizer = GroupSizer(start=group, cap=cap)
+        policy = _GroupPolicy(
+            BatchSettings(max_batch_size=cap, max_wait_ms=app.settings.batch.max_wait_ms, pipeline_depth=depth),
+            self.sizer,
         )
         super().__init__(task=task, app=app, consumer=consumer, policy=policy)
-        self.group = group
 
     def _serve_later(self, item: Any) -> list[Outcome]:
         key, member = item
@@ -105,8 +121,12 @@ class TrainIntake(Intake):
                 groups.setdefault((model, hp), []).append((req, step))
         self._store_started([r for members in groups.values() for r, _ in members])
         for key, members in groups.items():
-            for start in range(0, len(members), self.group):
-                outcomes.extend(self._serve_group(key, members[start : start + self.group]))
+            start = 0
+            while start < len(members):
+                # The size is chosen again for every group: the last commit's conflicts decide the next one's size.
+                size = self.sizer.size(key[0])
+                outcomes.extend(self._serve_group(key, members[start : start + size]))
+                start += size
         return outcomes, solo
 
     def _bind(self, req: Pending, specs: dict[str, ModelSpec]) -> tuple[str, HyperParams, Step]:
@@ -149,8 +169,11 @@ class TrainIntake(Intake):
             hp,
             max_staleness=settings.max_staleness,
             deadline=started + settings.task_time_limit,
+            turns=settings.train_turns,
         )
         elapsed = time.monotonic() - started
+        committed = [a for a in answers if isinstance(a, StepResult) and not a.duplicate]
+        self.sizer.observe(model, steps=len(committed), conflicts=max((a.conflicts for a in committed), default=0))
         if any(not isinstance(a, _UNRESOLVED) for a in answers):
             # Labelled by name only once the store resolved it: a stream of made-up names shares UNKNOWN_MODEL.
             self.labels.known(model)
@@ -171,5 +194,6 @@ def train_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callabl
     group = getattr(getattr(app, "settings", None), "train_group", 1)
     if group <= 1:
         return limited_strategy(task, app, consumer, **kwargs)
-    intake = TrainIntake(task=task, app=app, consumer=consumer, group=group)
+    cap = max(group, app.settings.train_group_max)
+    intake = TrainIntake(task=task, app=app, consumer=consumer, group=group, cap=cap)
     return register(app, task.name, intake).on_message

@@ -32,8 +32,12 @@ def test_default_node_names_get_their_unique_part_at_start_and_prefetch_follows_
     assert unique_node_name("prod-inference-{unique}@%h") != unique_node_name("prod-inference-{unique}@%h")
     assert one.cmd[one.cmd.index("--prefetch-multiplier") + 1] == str(2 * NAMESPACED.batch.max_batch_size)
     trainer = plan(NAMESPACED, queues=["prod.training"], name=None, loglevel="INFO", devices=[], extra=[])[0]
-    # A trainer prefetches a group's worth of train steps (group commit); with a group of 1, one job at a time.
-    assert trainer.cmd[trainer.cmd.index("--prefetch-multiplier") + 1] == str(NAMESPACED.train_group)
+    # A trainer prefetches the largest group's worth of train steps (the adaptive group's cap); with a group of 1,
+    # one job at a time.
+    assert trainer.cmd[trainer.cmd.index("--prefetch-multiplier") + 1] == str(NAMESPACED.train_group_max)
+    fixed = dataclasses.replace(NAMESPACED, train_group=8, train_group_max=4)
+    trainer = plan(fixed, queues=["prod.training"], name=None, loglevel="INFO", devices=[], extra=[])[0]
+    assert trainer.cmd[trainer.cmd.index("--prefetch-multiplier") + 1] == "8"
     per_step = dataclasses.replace(NAMESPACED, train_group=1)
     trainer = plan(per_step, queues=["prod.training"], name=None, loglevel="INFO", devices=[], extra=[])[0]
     assert trainer.cmd[trainer.cmd.index("--prefetch-multiplier") + 1] == "1"

@@ -3,6 +3,7 @@ rebased within τ (recomputed beyond it), the epoch fence exact, a non-finite st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 from typing import Any
@@ -116,9 +117,25 @@ def test_a_step_applied_meanwhile_is_dropped_and_the_rest_commit_once(counted: d
     store.rivals = [redelivery_won]
     answers = results(group_step(store, "m", make_steps(3, ["a", "b", "c"]), HyperParams(lr=0.1)))  # type: ignore[arg-type]
     assert [(r.version, r.duplicate) for r in answers] == [(2, False), (1, True), (2, False)]
-    assert [answers[0].staleness, answers[2].staleness] == [2, 2]  # one version (~2 steps of a and c) under them
+    assert [answers[0].staleness, answers[2].staleness] == [1, 1]  # one step (b's) under them
     assert store.version == 2 and store.applied_ids == {"b": 1, "a": 2, "c": 2}
     assert counted["gradients"] == 3  # within τ: reused
+
+
+def rebased(steps: list[Step], hp: HyperParams, rival: Any, stale: int) -> dict[str, torch.Tensor]:
+    """The group's first-walk gradients re-applied in order, at the staleness-aware rate, onto the rival's head."""
+    first = MemoryStore(SPEC).read("m")
+    grads = []
+    for s in steps:
+        g, _ = compute_gradient(SPEC, first, s.x, s.y, hp)
+        grads.append(g)
+        first = Snapshot("m", 0, "e", apply_update(first, g, hp))
+    head = MemoryStore(SPEC)
+    rival(head)
+    expected = head.read("m")
+    for g in grads:
+        expected = Snapshot("m", 0, "e", apply_update(expected, g, groups.stale_hparams(hp, stale)))
+    return expected.tensors
 
 
 @pytest.mark.parametrize(("moved", "recomputed"), [(1, 0), (2, 1)])
@@ -126,31 +143,52 @@ def test_after_a_conflict_the_group_is_rebased_within_tau_steps_and_recomputed_b
     moved: int, recomputed: int, counted: dict[str, Any]
 ) -> None:
     store = MemoryStore(SPEC)
-    store.rivals = [store.rival_commits(moved)]
+    rival = store.rival_commits(moved, steps=2 * moved)
+    store.rivals = [rival]
     hp = HyperParams(lr=0.1)
     steps = make_steps(2)
     answers = results(group_step(store, "m", steps, hp, max_staleness=2))  # type: ignore[arg-type]
-    # τ = 2 steps, k = 2: a head one version (~2 steps) ahead takes the group's gradients re-applied in order; two
-    # versions (~4 steps) ahead, the walk is recomputed there.
+    # τ = 2 steps: a rival's one version of 2 steps under the group takes its gradients re-applied in order (at
+    # half the rate); two versions of 4 steps, the walk is recomputed there.
     assert [r.recomputed for r in answers] == [recomputed] * 2
     assert counted["gradients"] == 2 * (1 + recomputed)
     assert [r.staleness for r in answers] == [2 * moved * (1 - recomputed)] * 2
-    if not recomputed:  # the rebased result: the gradients of the first walk, applied in order to the rival's head
-        first = MemoryStore(SPEC).read("m")
-        grads = []
-        for s in steps:
-            g, _ = compute_gradient(SPEC, first, s.x, s.y, hp)
-            grads.append(g)
-            first = Snapshot("m", 0, "e", apply_update(first, g, hp))
-        rival = MemoryStore(SPEC)
-        rival.rival_commits(moved)(rival)
-        expected = rival.read("m")
-        for g in grads:
-            expected = Snapshot("m", 0, "e", apply_update(expected, g, hp))
-        for name, t in expected.tensors.items():
+    if not recomputed:
+        for name, t in rebased(steps, hp, rival, stale=2).items():
             torch.testing.assert_close(store.tensors[name], t)
     assert all(r.version == moved + 1 and r.conflicts == 1 and r.attempts == 2 for r in answers)
     assert len(counted["sleeps"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("versions", "rival_steps", "recomputed"),
+    [(1, 6, 1), (3, 3, 0)],
+    ids=["one-big-group-recomputes", "three-single-steps-rebase"],
+)
+def test_staleness_counts_the_steps_other_trainers_committed_not_versions_times_k(
+    versions: int, rival_steps: int, recomputed: int, counted: dict[str, Any]
+) -> None:
+    store = MemoryStore(SPEC)
+    rival = store.rival_commits(versions, steps=rival_steps)
+    store.rivals = [rival]
+    hp = HyperParams(lr=0.1)
+    steps = make_steps(2)
+    answers = results(group_step(store, "m", steps, hp, max_staleness=4))  # type: ignore[arg-type]
+    # A group of 2 under one version of 6 steps is 6 steps stale (> τ = 4), not 1 × 2; under three versions of one
+    # step each it is 3 steps stale (<= τ: rebased at a third of the rate), not 3 × 2.
+    assert [r.recomputed for r in answers] == [recomputed] * 2
+    assert [r.staleness for r in answers] == [0 if recomputed else rival_steps] * 2
+    if not recomputed:
+        for name, t in rebased(steps, hp, rival, stale=rival_steps).items():
+            torch.testing.assert_close(store.tensors[name], t)
+
+
+@pytest.mark.parametrize(("stale", "lr"), [(0, 0.3), (1, 0.3), (2, 0.15), (3, 0.1)])
+def test_a_stale_gradient_is_reapplied_with_the_rate_divided_by_its_staleness(stale: int, lr: float) -> None:
+    hp = HyperParams(optimizer="adam", lr=0.3, betas=(0.8, 0.9))
+    scaled = groups.stale_hparams(hp, stale)
+    assert scaled.lr == pytest.approx(lr)
+    assert dataclasses.replace(scaled, lr=hp.lr) == hp  # nothing else changes
 
 
 def test_a_rollback_after_the_snapshot_forces_a_recompute(counted: dict[str, Any]) -> None:

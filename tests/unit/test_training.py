@@ -182,13 +182,21 @@ class MemoryStore:
         return [self.applied_ids.get(u) for u in update_ids]
 
     @contextlib.contextmanager
-    def exclusive(self, name: str) -> Iterator[None]:
+    def exclusive(self, name: str, *, turn: bool = False) -> Iterator[None]:
         self.locks += 1
         yield
 
-    def rival_commits(self, n: int, *, rollback: bool = False) -> Callable[[MemoryStore], None]:
+    def rival_commits(
+        self, n: int, *, rollback: bool = False, steps: int = 0, optimizer: str = "sgd"
+    ) -> Callable[[MemoryStore], None]:
+        """Another trainer's ``n`` commits of ``steps`` optimizer steps in all (its parameters left as they were)."""
+
         def rival(store: MemoryStore) -> None:
             store.version += n
+            if steps:
+                key = f"o.{optimizer}.step"
+                taken = int(store.tensors.get(key, torch.zeros(1))[0])
+                store.tensors = {**store.tensors, key: torch.tensor([taken + steps], dtype=torch.float64)}
             if rollback:
                 store.barrier = store.version
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,6 +35,9 @@ DIGITS_BATCH = 32
 #: The two queue paths of train_step the report compares: one pool task and one commit per step
 #: (``AGENT_WORKERS_TRAIN_GROUP=1``), and group commits of up to ``AGENT_WORKERS_TRAIN_GROUP`` queued steps.
 PATHS = ("per-step", "grouped")
+#: The queued part's yardstick: the grouped path as it was before adaptive group sizes and turns (a fixed k, every
+#: trainer walking at once), run beside today's in the same sitting.
+FIXED_PATH = "grouped-fixed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Plan:
     queued_optimizers: tuple[str, ...] = ("sgd", "adam")
     queued_runs: tuple[tuple[str, str], ...] = (
         ("per-step", "optimistic"),
+        (FIXED_PATH, "optimistic"),
         ("grouped", "optimistic"),
         ("grouped", "lock"),
     )
@@ -119,7 +124,10 @@ class Lab:
         ``path`` (a grouped worker is one trainer per process: its groups run in the event loop); returns them.
         ``settings``: other Settings fields of the workers (``plugins=(...)``)."""
         processes, threads = layout(trainers)
-        env = derive_settings(self.settings, commit_mode=mode, train_group=self.group(path), **settings).to_env()
+        fixed = {"train_group_max": self.group(path), "train_turns": False} if path == FIXED_PATH else {}
+        env = derive_settings(
+            self.settings, commit_mode=mode, train_group=self.group(path), **fixed, **settings
+        ).to_env()
         started = [
             WorkerProcess(
                 queues=[self.settings.training_queue], env=env, loglevel="WARNING", extra=["-c", str(threads)]
@@ -150,6 +158,26 @@ class Lab:
                         pass
         except Exception as exc:  # noqa: BLE001 - cleanup is best effort
             self.progress(f"  (could not delete the report's queues: {exc})")
+
+
+def cpu_seconds(workers: Sequence[WorkerProcess]) -> float:
+    """CPU seconds (user + system, every thread) the worker processes have used so far, from ``/proc``; 0.0 where
+    it cannot be read (not Linux, or a process gone)."""
+    total = 0.0
+    for w in workers:
+        try:
+            # Fields 14 and 15 of /proc/<pid>/stat (utime, stime), counted after the parenthesised command name.
+            fields = open(f"/proc/{w.pid}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def redis_cpu_seconds(client: Any) -> float:
+    """CPU seconds the Redis server has used since it started (``INFO cpu``: the whole server, whoever used it)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
 def stop_all(workers: Sequence[WorkerProcess]) -> None:
