@@ -42,13 +42,11 @@ DEFAULT_LOCK_TIMEOUT = 5.0  # renewed by its holder: how long a dead holder bloc
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_CHUNK_BYTES = 512 * 1024 * 1024  # Redis's proto-max-bulk-len default
 DEFAULT_SENTINEL_MASTER = "mymaster"
-#: The longest duration any setting may name (ten years): Redis refuses larger expiries (``EX``) and Celery's time
-#: limits overflow its timers.
+#: The longest duration a setting may name (ten years): Redis refuses longer ``EX`` and Celery's time limits overflow.
 MAX_SECONDS = 10 * 365 * 24 * 3600
 #: The longest wait in milliseconds (an hour): a batch, version or latency wait beyond it is a typo.
 MAX_WAIT_MS = 3600 * 1000.0
-#: AMQP's ``prefetch_count`` is an unsigned short, and a worker prefetches twice its batch size (a trainer: its
-#: group size).
+#: AMQP's ``prefetch_count`` is an unsigned short, and a worker prefetches twice its batch (a trainer: its group).
 MAX_BATCH_SIZE = 65535 // 2
 #: The commit lock's expiry stays below the longest wait for it (agent_workers/store/locks.py DEFAULT_LOCK_WAIT).
 MAX_LOCK_TIMEOUT = 60.0
@@ -82,6 +80,9 @@ class BatchSettings:
             one computes in the compute thread; 1 computes on the event loop itself; 0 (the default) runs predict
             at 2 and computes a batch predicted under 2 ms on the loop, and training at 2 on CUDA and 1 on CPU
             (``AGENT_WORKERS_PIPELINE_DEPTH``).
+        max_batch_tokens: most tokens (requests × the longest one's length) in one padded batch of a variable-length
+            model (``AGENT_WORKERS_MAX_BATCH_TOKENS``, TEI's default 16384); length_batching: form such batches by
+            length across the buffer, or off: in arrival order, FIFO pad-to-longest (worker/forming.py).
     """
 
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
@@ -90,6 +91,8 @@ class BatchSettings:
     latency_target_ms: float = 50.0
     flush_when_idle: bool = True
     pipeline_depth: int = 0
+    max_batch_tokens: int = 16384
+    length_batching: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,6 +130,7 @@ class Settings:
         plugins: modules imported at worker start-up and wherever a spec is built (the store, the CLI), so they
             can register architectures and losses.
         metrics_port: port of the worker's Prometheus endpoint; 0 disables it.
+        preprocess_threads: threads that run preprocess hooks off the event loop (0: on the loop; hooks.py).
         inference_queue: queue of the inference tasks (predict, predict_many).
         training_queue: queue of the training tasks (train_step, fit).
         ready_file: a path the worker writes its node name to once it consumes (a readiness probe); removed
@@ -186,6 +190,7 @@ class Settings:
     compile: bool = False
     plugins: tuple[str, ...] = ()
     metrics_port: int = 0
+    preprocess_threads: int = 2
     inference_queue: str = "inference"
     training_queue: str = "training"
     ready_file: str = ""
@@ -209,9 +214,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from ``AGENT_WORKERS_*`` variables.
 
-        Raises:
-            ConfigError: a variable is malformed or the combination cannot work; the message names the fix.
-        """
+        Raises: ConfigError: a variable is malformed or the combination cannot work; the message names the fix."""
         env = os.environ if environ is None else environ
         r = _Reader(env)
         batch = BatchSettings(
@@ -221,6 +224,8 @@ class Settings:
             latency_target_ms=r.float("LATENCY_TARGET_MS", 50.0, minimum=0.1, maximum=MAX_WAIT_MS),
             flush_when_idle=r.bool("FLUSH_WHEN_IDLE", True),
             pipeline_depth=r.int("PIPELINE_DEPTH", 0, minimum=0),
+            max_batch_tokens=r.int("MAX_BATCH_TOKENS", 16384, minimum=1),
+            length_batching=r.bool("LENGTH_BATCHING", True),
         )
         settings = cls(
             broker_url=r.url("BROKER_URL", DEFAULT_BROKER_URL, _BROKER_SCHEMES),
@@ -246,6 +251,7 @@ class Settings:
             compile=r.bool("COMPILE", False),
             plugins=tuple(p.strip() for p in r.str("PLUGINS", "", allow_empty=True).split(",") if p.strip()),
             metrics_port=r.int("METRICS_PORT", 0, minimum=0),
+            preprocess_threads=r.int("PREPROCESS_THREADS", 2, minimum=0, maximum=256),
             inference_queue=r.str("INFERENCE_QUEUE", "inference"),
             training_queue=r.str("TRAINING_QUEUE", "training"),
             ready_file=r.str("READY_FILE", "", allow_empty=True),
@@ -271,11 +277,7 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        """Refuse combinations that cannot work.
-
-        Raises:
-            ConfigError: naming the variable to change.
-        """
+        """Refuse combinations that cannot work. Raises: ConfigError: naming the variable to change."""
         if not _valid_device(self.device):
             raise ConfigError(f"AGENT_WORKERS_DEVICE={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         if self.broker_is_redis and self.visibility_timeout <= self.task_time_limit:
@@ -316,10 +318,7 @@ class Settings:
             )
 
     def to_env(self) -> dict[str, str]:
-        """These settings as ``AGENT_WORKERS_*`` variables: ``Settings.from_env(s.to_env()) == s``.
-
-        How tools hand their settings to the worker processes they start.
-        """
+        """These settings as ``AGENT_WORKERS_*`` variables (``Settings.from_env(s.to_env()) == s``), for workers."""
         env: dict[str, str] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -342,10 +341,7 @@ _BATCH_VARIABLES = {
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
-    """``AGENT_WORKERS_*`` variables that no setting reads, each with the nearest valid name (or None).
-
-    A misspelled variable (``AGENT_WORKERS_MAX_BATCHSIZE``) would otherwise be silently ignored.
-    """
+    """``AGENT_WORKERS_*`` variables no setting reads (a typo would be ignored), each with the nearest valid name."""
     env = os.environ if environ is None else environ
     known = set(Settings().to_env())
     return [

@@ -10,6 +10,7 @@ from kombu import Exchange, Queue
 from agent_workers import numbers
 from agent_workers.config import Settings
 from agent_workers.errors import InputError
+from agent_workers.outputs import OutputOptions, parse_options
 
 PREDICT = "agent_workers.predict"
 PREDICT_MANY = "agent_workers.predict_many"
@@ -83,13 +84,14 @@ def dead_letter_queue(name: str) -> Queue:
 
 
 class PredictCall(NamedTuple):
-    """A checked ``predict(model, inputs, version=None, min_version=None, deadline_ms=None)`` call."""
+    """A checked ``predict(model, inputs, version=None, min_version=None, deadline_ms=None, options=None)`` call."""
 
     model: str
     inputs: Any
     version: int | None
     min_version: int | None = None
     deadline_ms: int | None = None
+    options: OutputOptions | None = None
 
 
 #: The latest ``deadline_ms`` accepted: the end of year 9999 (a later one is a unit or arithmetic mistake).
@@ -101,7 +103,7 @@ def _optional(name: str, value: Any, high: int) -> int | None:
 
 
 def _bind_predict(
-    model: Any, inputs: Any, version: Any = None, min_version: Any = None, deadline_ms: Any = None
+    model: Any, inputs: Any, version: Any = None, min_version: Any = None, deadline_ms: Any = None, options: Any = None
 ) -> PredictCall:
     if not isinstance(model, str):
         raise InputError(f"model must be a model name (a string), got {type(model).__name__}")
@@ -110,12 +112,12 @@ def _bind_predict(
     deadline_ms = _optional("deadline_ms", deadline_ms, MAX_DEADLINE_MS)
     if version is not None and min_version is not None and version < min_version:
         raise InputError(f"version {version} is pinned below min_version {min_version}; drop one of them")
-    return PredictCall(model, inputs, version, min_version, deadline_ms)
+    return PredictCall(model, inputs, version, min_version, deadline_ms, parse_options(options))
 
 
 def bind_predict_call(args: list[Any], kwargs: dict[str, Any]) -> PredictCall:
     """Check a predict call's arguments against ``predict(model, inputs, version=None, min_version=None,
-    deadline_ms=None)`` (contract 1.1 added the last two; docs/tasks.md).
+    deadline_ms=None, options=None)`` (contract 1.1 added min_version and deadline_ms, 1.3 options; docs/tasks.md).
 
     Raises:
         InputError: naming the argument that does not fit.
@@ -125,7 +127,7 @@ def bind_predict_call(args: list[Any], kwargs: dict[str, Any]) -> PredictCall:
     except TypeError as exc:
         raise InputError(
             "agent_workers.predict takes (model, inputs, version=None) and, since contract 1.1, the optional "
-            f"min_version and deadline_ms: {exc}"
+            f"min_version and deadline_ms, since 1.3 options: {exc}"
         ) from None
 
 

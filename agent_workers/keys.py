@@ -13,6 +13,8 @@ may touch them together::
     aw:model:{linear}:applied          sorted set: update id scored by the version it produced (exactly-once)
     aw:model:{linear}:history          list of JSON commit records, newest first
     aw:model:{linear}:lock             the commit lock (lock mode only)
+    aw:model:{linear}:artifacts:4      hash: artifact name -> bytes, the set that holds from version 4 on
+    aw:model:{linear}:artifact-versions  sorted set of the versions that carry a set of artifacts
     aw:deliveries:<task id>            how often a redelivered predict request was tried alone (poison detection)
     aw:data:{<id>}:x / :y              a dataset uploaded for training
     aw:sent:<task id>                  (broker Redis) a chunk of a client's bulk publish was queued (short-lived)
@@ -84,6 +86,13 @@ class Keys:
 
     def lock(self, name: str) -> str:
         return f"{self._model(name)}:lock"
+
+    def artifacts(self, name: str, version: int) -> str:
+        """The artifacts (labels, tokenizer, ...) that hold from ``version`` on (agent_workers/store/artifacts.py)."""
+        return f"{self._model(name)}:artifacts:{version}"
+
+    def artifact_versions(self, name: str) -> str:
+        return f"{self._model(name)}:artifact-versions"
 
     def deliveries(self, task_id: str) -> str:
         """How often a redelivered request was handed to a worker (poison-message detection)."""

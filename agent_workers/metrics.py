@@ -46,6 +46,12 @@ CACHE_LOOKUPS = Counter(
 DEDUPLICATED = Counter(
     "agent_workers_deduplicated_total", "Requests answered from an identical request's row in the same batch", ["model"]
 )
+BATCH_TOKENS = Counter(
+    "agent_workers_batch_tokens_total",
+    "Tokens computed in padded batches of variable-length models: kind=real or padding (padding waste = padding / "
+    "(real + padding))",
+    ["model", "kind"],
+)
 MODEL_CACHE_BYTES = Gauge(
     "agent_workers_model_cache_bytes", "Parameter bytes a worker holds, per cache (engine or store)", ["cache"]
 )

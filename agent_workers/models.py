@@ -1,8 +1,9 @@
 """Model specs and the architecture registry: name -> builder -> ``torch.nn.Module``.
 
-Two architectures are built in: ``linear`` (a linear regression) and ``mlp`` (a ReLU classifier of configurable
-widths). Register your own with :func:`register_architecture`; a worker imports the modules listed in
-``AGENT_WORKERS_PLUGINS`` at start-up so your registration runs there too::
+Three architectures are built in: ``linear`` (a linear regression), ``mlp`` (a ReLU classifier of configurable
+widths) and ``text_classifier`` (a small transformer encoder over variable-length token ids). Register your own
+with :func:`register_architecture`; a worker imports the modules listed in ``AGENT_WORKERS_PLUGINS`` at start-up
+so your registration runs there too::
 
     # my_models.py   (start workers with AGENT_WORKERS_PLUGINS=my_models)
     import torch
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent_workers import hooks
 from agent_workers.errors import ConfigError, ModelError
 from agent_workers.tensors import Signature
 
@@ -38,14 +40,21 @@ _SIGNATURES: dict[str, Signature] = {}
 
 
 def register_architecture(
-    name: str, *, signature: Signature | dict[str, Any] | None = None
+    name: str,
+    *,
+    signature: Signature | dict[str, Any] | None = None,
+    preprocess: hooks.Preprocess | None = None,
+    collate: hooks.Collate | None = None,
+    postprocess: hooks.Postprocess | None = None,
 ) -> Callable[[Builder], Builder]:
-    """Register ``builder(**config) -> nn.Module`` under ``name``; usable as a decorator.
+    """Register ``builder(**config) -> nn.Module`` under ``name``, with its hooks; usable as a decorator.
 
     Args:
         signature: the architecture's typed inputs and outputs (agent_workers/tensors.py), given to every model of
             it unless ``models create --signature`` overrides it, e.g.
             ``{"inputs": [{"name": "pixels", "dtype": "uint8", "shape": [3, 64, 64]}], "outputs": [...]}``.
+        preprocess, collate, postprocess: the hooks of agent_workers/hooks.py (raw inputs to tensors, examples to
+            a batch, outputs to answers); None keeps the default.
     """
     declared = None if signature is None else Signature.from_json(signature)
 
@@ -53,6 +62,7 @@ def register_architecture(
         _ARCHITECTURES[name] = builder
         if declared is not None:
             _SIGNATURES[name] = declared
+        hooks.register(name, hooks.Hooks(preprocess, collate, postprocess))
         return builder
 
     return decorate
@@ -170,6 +180,44 @@ def build_mlp(
         width = int(h)
     layers.append(torch.nn.Linear(width, out_features))
     return torch.nn.Sequential(*layers)
+
+
+#: The signature of ``text_classifier``: token ids of any length (padded per batch, worker/padding.py) -> logits.
+TEXT_SIGNATURE = {
+    "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [-1]}],
+    "outputs": [{"name": "logits", "dtype": "float32", "shape": [2]}],
+}
+
+
+@register_architecture("text_classifier", signature=TEXT_SIGNATURE)
+def build_text_classifier(
+    *, vocab: int = 1000, width: int = 64, heads: int = 4, layers: int = 2, max_len: int = 512, classes: int = 2
+) -> torch.nn.Module:
+    """A small transformer encoder classifier over token ids: embeddings, ``layers`` encoder layers, a masked mean
+    pool and a linear head. Its ``forward(input_ids, attention_mask=None)`` takes the batch's mask (1 real, 0
+    padding), so a padded batch answers each request as it would be answered alone. The ``text`` benchmark's model.
+    """
+    import torch
+
+    class TextClassifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, width)
+            self.position = torch.nn.Embedding(max_len, width)
+            layer = torch.nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(width, classes)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            h = self.embed(input_ids.clamp(0, vocab - 1)) + self.position(positions.clamp(max=max_len - 1))
+            h = self.encoder(h, src_key_padding_mask=attention_mask == 0)
+            keep = attention_mask.unsqueeze(-1).to(h.dtype)
+            return self.head((h * keep).sum(1) / keep.sum(1).clamp(min=1.0))
+
+    return TextClassifier()
 
 
 def parameter_count(module: torch.nn.Module) -> int:

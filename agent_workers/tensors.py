@@ -43,6 +43,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
 LIST_DTYPES = frozenset({"bool", "uint8", "int32", "int64", "float32"})
 LEGACY_INPUT = "x"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_ENTRY_KEYS = {"name", "dtype", "shape", "pad"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +53,18 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    #: what a variable dim is padded with in a batch (contract 1.3, worker/padding.py); written only when not 0
+    pad: int | float = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        data = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return {**data, "pad": self.pad} if self.pad else data
 
     @classmethod
     def from_json(cls, data: Any) -> TensorSpec:
         """Raises: ModelError: naming what is wrong with the entry."""
-        if not isinstance(data, Mapping) or set(data) != {"name", "dtype", "shape"}:
-            raise ModelError(f"a signature entry is {{name, dtype, shape}}, got {data!r:.80}")
+        if not isinstance(data, Mapping) or not {"name", "dtype", "shape"} <= set(data) <= _ENTRY_KEYS:
+            raise ModelError(f"a signature entry is {{name, dtype, shape}} (and an optional pad), got {data!r:.80}")
         name, dtype, shape = data["name"], data["dtype"], data["shape"]
         if not isinstance(name, str) or not name.isidentifier():
             raise ModelError(f"a tensor name must be an identifier (a keyword argument of forward), got {name!r:.40}")
@@ -68,7 +72,10 @@ class TensorSpec:
             raise ModelError(f"tensor {name!r}: dtype {dtype!r:.20} is not one of {', '.join(DTYPES)}")
         if not isinstance(shape, list) or not all(type(d) is int and (d >= 1 or d == -1) for d in shape):
             raise ModelError(f"tensor {name!r}: shape must be a list of sizes >= 1 or -1 (variable), got {shape!r:.40}")
-        return cls(name, dtype, tuple(shape))
+        pad = data.get("pad", 0)
+        if type(pad) not in (int, float) or not math.isfinite(pad) or (DTYPES[dtype].kind != "f" and pad != int(pad)):
+            raise ModelError(f"tensor {name!r}: pad must be a finite number ({dtype}), got {pad!r:.40}")
+        return cls(name, dtype, tuple(shape), pad if DTYPES[dtype].kind == "f" else int(pad))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from celery import Task
 from agent_workers import numbers
 from agent_workers.contract import PREDICT, PREDICT_MANY, bind_predict_call
 from agent_workers.errors import InputError, StoreUnavailableError
+from agent_workers.worker import answers
 from agent_workers.worker.limits import LimitedTask
 from tasks import app
 
@@ -22,18 +23,7 @@ class BatchedTask(Task):
 @app.task(name=PREDICT, base=BatchedTask, bind=True)
 def predict(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Score one example. In a worker this body is bypassed by the batcher; it serves direct and eager calls."""
-    model, inputs, version, min_version, _deadline_ms = bind_predict_call(list(args), kwargs)
-    engine = self.app.engine
-    if version is not None:
-        loaded = engine.pinned(model, version)
-    elif min_version is not None:
-        loaded = engine.current_at_least(model, min_version, engine.settings.min_version_wait_ms / 1000.0)
-    else:
-        loaded = engine.current(model)
-    result = engine.run_batch(loaded, [engine.validate(loaded, inputs)])[0]
-    if isinstance(result, Exception):
-        raise result
-    return {"model": model, "version": loaded.version, "outputs": result}
+    return answers.predict_one(self.app.engine, bind_predict_call(list(args), kwargs))
 
 
 @app.task(

@@ -181,6 +181,21 @@ def pool(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool
     _cleanup(settings)
 
 
+def serving_pool(broker: str, tmp_path_factory: pytest.TempPathFactory, **overrides: object) -> Iterator[Pool]:
+    """A worker of the inference queue with ``overrides`` (e.g. ``plugins=...``), yielded as a :class:`Pool` and
+    stopped and cleaned after: the body of a module-scoped fixture."""
+    port = free_port()
+    env = pool_env(broker, metrics_port=port, **overrides)
+    settings = Settings.from_env(env)
+    log = tmp_path_factory.mktemp("serving") / "worker.log"
+    worker = WorkerProcess(queues=[settings.inference_queue], env=env, log_path=log)
+    worker.start()
+    p = Pool(broker, env, settings, worker, Client(settings), RedisParamStore.from_settings(settings), port)
+    yield p
+    worker.stop()
+    _cleanup(settings)
+
+
 def reference(pool: Pool, model: str, rows: np.ndarray, version: int | None = None) -> np.ndarray:
     """What torch computes locally with the stored parameters of ``version`` (the ground truth for outputs)."""
     snap = pool.store.read(model, version)

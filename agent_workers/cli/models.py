@@ -49,19 +49,67 @@ def models() -> None:
     '"pixels", "dtype": "uint8", "shape": [3, 64, 64]}], "outputs": [{"name": "logits", "dtype": "float32", '
     '"shape": [10]}]}\'.',
 )
+@click.option(
+    "--artifact",
+    "artifacts",
+    multiple=True,
+    metavar="NAME=FILE",
+    help="A file the model carries besides its weights, e.g. labels=labels.json (a JSON list: top_k's labels) or "
+    "tokenizer=tokenizer.json; repeatable.",
+)
 def models_create(
-    name: str, arch: str, config_json: str, seed: int, replace: bool, weights: Path | None, signature_json: str | None
+    name: str,
+    arch: str,
+    config_json: str,
+    seed: int,
+    replace: bool,
+    weights: Path | None,
+    signature_json: str | None,
+    artifacts: tuple[str, ...],
 ) -> None:
-    """Create NAME at version 0 (seeded random weights, or --weights)."""
+    """Create NAME at version 0 (seeded random weights, or --weights) with its --artifact files."""
     from agent_workers.models import load_weights, make_spec
 
     config = _json_option("--config", config_json)
     signature = None if signature_json is None else _json_option("--signature", signature_json)
+    files = _artifact_files(artifacts)
     params = store()  # imports AGENT_WORKERS_PLUGINS first, so their architectures are known here too
     spec = make_spec(arch, signature=signature, **config)
     module = load_weights(spec, weights) if weights is not None else None
-    params.create(name, spec, seed=seed, module=module, replace=replace)
-    click.echo(f"created {shown(name)} ({arch}) at version 0" + (f" from {weights}" if weights else ""))
+    params.create(name, spec, seed=seed, module=module, replace=replace, artifacts=files)
+    carried = f" with artifacts {', '.join(sorted(files))}" if files else ""
+    click.echo(f"created {shown(name)} ({arch}) at version 0" + (f" from {weights}" if weights else "") + carried)
+
+
+@models.command("artifacts")
+@click.argument("name")
+@click.option("--artifact", "artifacts", multiple=True, required=True, metavar="NAME=FILE", help="As for create.")
+@click.option(
+    "--version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The version they hold from [default: the next one committed]; never one already committed.",
+)
+def models_artifacts(name: str, artifacts: tuple[str, ...], version: int | None) -> None:
+    """Set NAME's artifacts for a version not yet committed (a train_step or rollback makes it current)."""
+    target = store().artifacts.put(name, _artifact_files(artifacts), version=version)
+    click.echo(
+        f"{shown(name)}: artifacts {', '.join(sorted(a.partition('=')[0] for a in artifacts))} hold from "
+        f"version {target}"
+    )
+
+
+def _artifact_files(options: tuple[str, ...]) -> dict[str, bytes]:
+    files = {}
+    for option in options:
+        name, sep, path = option.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{option!r} is not NAME=FILE", param_hint="--artifact")
+        try:
+            files[name] = Path(path).read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--artifact") from None
+    return files
 
 
 def _json_option(option: str, text: str) -> Any:
@@ -96,6 +144,7 @@ def models_show(name: str) -> None:
                 **spec.to_json(),
                 "signature": spec.signature.to_json(),
                 "parameters": {k: list(v.shape) for k, v in snap.parameters().items()},
+                "artifacts": params.artifacts.listing(name, snap.version),
             },
             indent=2,
         )

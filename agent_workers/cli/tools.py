@@ -23,10 +23,11 @@ def demo() -> None:
 @click.option("--broker", type=click.Choice(["redis", "rabbitmq", "both"]), default="both", show_default=True)
 @click.option(
     "--workload",
-    type=click.Choice(["mlp", "heavy", "both"]),
+    type=click.Choice(["mlp", "heavy", "both", "text"]),
     default="both",
     show_default=True,
-    help="mlp: 64-256-256-10; heavy: 1024-4096-4096-1024 (25M parameters, weight-bound).",
+    help="mlp: 64-256-256-10; heavy: 1024-4096-4096-1024 (25M parameters, weight-bound); text: token ids of "
+    "8-512 to a transformer encoder, length-aware against FIFO batching (its own runs: --n, 3,000 by default).",
 )
 @click.option("--n", "n", type=int, default=20_000, show_default=True, help="Requests pre-filled for our drain (mlp).")
 @click.option(
@@ -118,6 +119,23 @@ def bench(
 
     settings = _settings()
     ctx = click.get_current_context()
+    if workload == "text":
+        from agent_workers.tools.bench import text
+
+        given = ctx.get_parameter_source("n") == click.core.ParameterSource.COMMANDLINE
+        short = quick and ctx.get_parameter_source("duration") != click.core.ParameterSource.COMMANDLINE
+        urls = {"redis": redis_url, "rabbitmq": amqp_url}
+        text.run(
+            {b: urls[b] for b in (("redis", "rabbitmq") if broker == "both" else (broker,))},
+            settings,
+            n=n if given else (600 if quick else 3000),
+            max_batch_size=max_batch_size,
+            duration=2.0 if short else duration,
+            out=out,
+            tag="-quick" if quick else "",
+            say=click.echo,
+        )
+        return
     options: dict[str, Any] = {
         "brokers": ("redis", "rabbitmq") if broker == "both" else (broker,),
         "workloads": ("mlp", "heavy") if workload == "both" else (workload,),

@@ -108,9 +108,10 @@ class Client(Training):
         version: int | None = None,
         expires: float | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        options: dict[str, Any] | None = None,
     ) -> AsyncResult:
         """Enqueue one prediction (the cheap path: no ``apply_async``); returns its result handle at once."""
-        task_id = self.send_predict_bulk(model, [inputs], version=version, expires=expires, timeout=timeout)[0]
+        task_id = self._send_rows(model, [inputs], version, expires, Deadline(timeout), options)[0]
         return AsyncResult(task_id, app=self.app)
 
     def send_predict_bulk(
@@ -134,12 +135,18 @@ class Client(Training):
         return self._send_rows(model, rows, version, expires, Deadline(timeout))
 
     def _send_rows(
-        self, model: str, rows: Iterable[Sequence[float]], version: int | None, expires: float | None, dl: Deadline
+        self,
+        model: str,
+        rows: Iterable[Sequence[float]],
+        version: int | None,
+        expires: float | None,
+        dl: Deadline,
+        options: dict[str, Any] | None = None,
     ) -> list[str]:
         model_json = json.dumps(model)
         items = []
         for row in rows:
-            body, kwrepr = predict_parts(model_json, model, row, version)
+            body, kwrepr = predict_parts(model_json, model, row, version, options)
             items.append((str(uuid.uuid4()), body, kwrepr))
         self._publisher.publish(self._predict, items, _expires_at(expires), dl)
         return [task_id for task_id, _, _ in items]
@@ -151,9 +158,16 @@ class Client(Training):
         return AsyncResult(task_id, app=self.app)
 
     def predict(
-        self, model: str, inputs: Any, *, version: int | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        model: str,
+        inputs: Any,
+        *,
+        version: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        options: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Score one example and wait for it: ``{"model", "version", "outputs"}``.
+        """Score one example and wait for it: ``{"model", "version", "outputs"}`` (``"top_k"`` in place of
+        ``"outputs"`` when ``options`` asks for it: contract 1.3's built-in outputs, docs/tasks.md).
 
         ``inputs`` is a nested list, a numpy array (sent as ``{"dtype", "shape", "b64"}``, the compact encoding of
         contract 1.2: uint8 / int / bool / float16 arrays keep their dtype, float64 becomes float32), or for a
@@ -164,7 +178,7 @@ class Client(Training):
             ResultTimeout: no result within ``timeout`` seconds.
         """
         dl = Deadline(timeout)
-        ids = self._send_rows(model, [inputs], version, None, dl)
+        ids = self._send_rows(model, [inputs], version, None, dl, options)
         return self._collect(ids, dl)[0]
 
     def predict_bulk(

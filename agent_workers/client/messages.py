@@ -38,8 +38,10 @@ def producer_app(settings: Settings) -> Celery:
     return app
 
 
-def predict_parts(model_json: str, model: str, inputs: Any, version: int | None) -> tuple[bytes, str]:
-    """Body and kwargs repr of one ``agent_workers.predict`` message (kwargs: model, inputs[, version]).
+def predict_parts(
+    model_json: str, model: str, inputs: Any, version: int | None, options: dict[str, Any] | None = None
+) -> tuple[bytes, str]:
+    """Body and kwargs repr of one ``agent_workers.predict`` message (kwargs: model, inputs[, version][, options]).
 
     numpy arrays travel in the compact encoding ``{"dtype", "shape", "b64"}`` (contract 1.2), also as the values
     of a mapping of named inputs; lists travel as they are.
@@ -50,6 +52,8 @@ def predict_parts(model_json: str, model: str, inputs: Any, version: int | None)
     except TypeError:  # a list of numpy scalars: the slower walk, only when needed
         inputs_json = json.dumps(plain(inputs))
     extra = "" if version is None else f', "version": {int(version)}'
+    if options is not None:  # contract 1.3: built-in outputs (top_k, softmax, normalize, outputs)
+        extra += f', "options": {json.dumps(options)}'
     body = wire.body("[]", f'{{"model": {model_json}, "inputs": {inputs_json}{extra}}}')
     shown = inputs_json if len(inputs_json) <= KWARGSREPR_LIMIT else inputs_json[: KWARGSREPR_LIMIT - 3] + "..."
     return body, f"{{'model': {model!r}, 'inputs': {shown}{extra.replace(chr(34), chr(39))}}}"

@@ -50,6 +50,26 @@ class Training:
             self._datasets = DatasetStore.from_settings(self.settings)
         return self._datasets.upload(x, y, dataset_id=name, ttl=ttl)
 
+    def put_artifacts(self, model: str, files: dict[str, bytes | str], *, version: int | None = None) -> int:
+        """Store artifacts (labels, tokenizer, ...: name -> bytes or text) that hold from ``version`` on (default:
+        the next version committed); returns that version. ``labels`` is a JSON list of strings.
+
+        Raises:
+            InputError: a bad artifact. ModelError: no such model.
+            StoreError: ``version`` is not above the model's head (workers may have cached its artifacts).
+        """
+        from agent_workers.keys import Keys
+        from agent_workers.redis_clients import redis_client
+        from agent_workers.store.artifacts import RedisArtifactStore
+
+        client = redis_client(self.settings.params_url, sentinel_master=self.settings.sentinel_master)
+        try:
+            return RedisArtifactStore(client=client, keys=Keys(self.settings.namespace)).put(
+                model, files, version=version
+            )
+        finally:
+            client.close()
+
     def send_train_step(
         self,
         model: str,

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -29,23 +29,10 @@ from agent_workers.config import DEFAULT_CHUNK_BYTES, DEFAULT_DEDUP_WINDOW, DEFA
 from agent_workers.errors import ConfigError, ModelError, StoreError, StoreUnavailableError
 from agent_workers.keys import Keys, name_problem
 from agent_workers.models import ModelSpec, load_plugins
-from agent_workers.redis_clients import (
-    CLUSTER_SCHEMES,
-    bulk_packer,
-    glob_escape,
-    redis_client,
-    unavailable,
-)
-from agent_workers.store import maintenance
-from agent_workers.store.blobs import (
-    PARAM_PREFIX,
-    EncodedVersion,
-    Snapshot,
-    SnapshotCache,
-    blob_metadata,
-    chunk_keys,
-    snapshot_of,
-)
+from agent_workers.redis_clients import CLUSTER_SCHEMES, bulk_packer, glob_escape, redis_client, unavailable
+from agent_workers.store import blobs, maintenance
+from agent_workers.store.artifacts import RedisArtifactStore, check_artifacts
+from agent_workers.store.blobs import PARAM_PREFIX, EncodedVersion, Snapshot, blob_metadata, chunk_keys, snapshot_of
 from agent_workers.store.locks import DEFAULT_LOCK_WAIT, CommitLock
 from agent_workers.store.maintenance import STAGING_TTL, staging_ttl  # noqa: F401 - STAGING_TTL re-exported
 from agent_workers.store.versions import HEAD_FIELDS, CommitOutcome, CommitResult, Head, first_head
@@ -112,7 +99,8 @@ class RedisParamStore:
         self.dedup_window = dedup_window
         self._commit = client.register_script(lua.source("commit"))
         self._specs: dict[tuple[str, str], ModelSpec] = {}
-        self._cache = SnapshotCache(enabled=cache, max_bytes=cache_bytes)
+        self._cache = blobs.SnapshotCache(enabled=cache, max_bytes=cache_bytes)
+        self.artifacts = RedisArtifactStore(client=client, keys=keys)
         if wait_aof:
             self.check_durability()
 
@@ -147,9 +135,17 @@ class RedisParamStore:
     # -- models -------------------------------------------------------------------------------------------------
 
     def create(
-        self, name: str, spec: ModelSpec, *, seed: int = 0, module: torch.nn.Module | None = None, replace: bool = False
+        self,
+        name: str,
+        spec: ModelSpec,
+        *,
+        seed: int = 0,
+        module: torch.nn.Module | None = None,
+        replace: bool = False,
+        artifacts: Mapping[str, bytes | str] | None = None,
     ) -> int:
-        """Create ``name`` at version 0 with freshly initialised (seeded) or given weights.
+        """Create ``name`` at version 0 with freshly initialised (seeded) or given weights, and the ``artifacts``
+        (name -> bytes: labels, tokenizer, ...) version 0 carries (agent_workers/store/artifacts.py).
 
         Raises:
             ModelError: a name that cannot be a key part.
@@ -163,6 +159,7 @@ class RedisParamStore:
 
             torch.manual_seed(seed)
             module = spec.build()
+        files = check_artifacts(artifacts or {})
         epoch = uuid.uuid4().hex
         tensors = {PARAM_PREFIX + k: v for k, v in module.state_dict().items()}
         chunks = EncodedVersion.of(tensors, model=name, version=0, epoch=epoch, chunk_bytes=self.chunk_bytes).chunks
@@ -176,6 +173,7 @@ class RedisParamStore:
             for key, chunk in zip(targets, chunks, strict=True):
                 pipe.set(key, chunk)
             pipe.hset(self.keys.head(name), mapping=first_head(targets[0], epoch, len(chunks)))
+            self.artifacts.stage(pipe, name, 0, files)
             pipe.lpush(self.keys.history(name), json.dumps({"version": 0, "kind": "create", "at": time.time()}))
             pipe.execute()
             # The index of models is not in the model's hash slot, so it is written outside its transaction (a

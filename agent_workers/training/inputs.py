@@ -24,7 +24,7 @@ import numpy as np
 
 from agent_workers.errors import InputError
 from agent_workers.models import ModelSpec
-from agent_workers.padding import Batch, mask_arguments, pad_rows
+from agent_workers.padding import Batch, masks_of, pad_rows, pad_value
 from agent_workers.tensors import DTYPES, TensorSpec, decode_tensor
 from agent_workers.training.columns import Columns, Part, Ragged
 
@@ -131,16 +131,16 @@ def collate(spec: ModelSpec, part: Part | dict[str, Part]) -> tuple[Batch, int]:
         if isinstance(rows, list):
             for i, row in enumerate(rows):
                 _check_shape(t, row.shape, f"row {i} of ")
-            array = pad_rows([_cast(t, r) for r in rows], DTYPES[t.dtype])
+            array = pad_rows([_cast(t, r) for r in rows], DTYPES[t.dtype], pad_value(t))
             if variable and masks is None:
                 lengths = np.asarray([r.shape[variable[0]] for r in rows])
-                masks = mask_arguments(lengths, array.shape[1 + variable[0]])
+                masks = masks_of(lengths, array.shape[1 + variable[0]])
         else:
             _check_shape(t, rows.shape[1:], "")
             array = _cast(t, rows)
             if variable and masks is None:
                 longest = rows.shape[1 + variable[0]]
-                masks = mask_arguments(np.full(len(rows), longest), longest)
+                masks = masks_of(np.full(len(rows), longest), longest)
         batch[t.name] = array
     if len(counts) != 1:
         raise InputError(f"every input must hold the same number of rows, got {sorted(counts)}")

@@ -33,11 +33,12 @@ from celery import states
 from agent_workers import metrics
 from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
-from agent_workers.worker import deadlines, redelivery
+from agent_workers.worker import answers, deadlines, forming, padding, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
-from agent_workers.worker.inference import InferenceEngine, result_output
+from agent_workers.worker.inference import InferenceEngine
 from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, register
 from agent_workers.worker.policy import BatchPolicy
+from agent_workers.worker.preprocessing import Preprocessing
 from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome
 from agent_workers.worker.version_waits import VersionWaits
@@ -87,6 +88,7 @@ class Batcher(Intake):
         self._late: list[Outcome] = []  # revoked on arrival, answered at the end of the burst (_revoke_soon)
         self._on_loop = deadlines.CostModels()  # forward passes timed on the loop, all models as one
         self._since_probe = 0
+        self._padded: set[str] = set()  # models with a variable-length input: their batches cost by tokens, not size
         self._probes: set[str] = set()  # ids admitted as cost probes despite their prediction (see admit)
         self.versions = VersionWaits(
             timer=self.timer,
@@ -95,9 +97,23 @@ class Batcher(Intake):
             fail=self._version_not_reached,
             wait_s=self.min_version_wait,
         )
+        self.preprocessing = Preprocessing(
+            engine=engine,
+            threads=settings.preprocess_threads,
+            hub=getattr(consumer, "hub", None),
+            admit=self.admit,
+            fail=lambda request, exc: self._finish([Outcome(request, states.FAILURE, exc)]),
+            # nothing more arriving and nothing left decoding: no reason to wait for company (one flush, not one
+            # per request the pool hands back)
+            settled=lambda: self.flush() if self._idle and not self.preprocessing.in_flight else None,
+        )
 
     def admit(self, request: Pending) -> None:
-        """Stamp the request's deadline and rank (only when it has one), cap the buffer, then buffer it."""
+        """Preprocess raw inputs off the loop first (worker/preprocessing.py); stamp the request's deadline and rank
+        (only when it has one), cap the buffer, then buffer it."""
+        if self.preprocessing.wants(request):
+            self.preprocessing.submit(request)
+            return
         if (
             request.expires is not None
             or len(request.args) > 4
@@ -160,6 +176,7 @@ class Batcher(Intake):
                 hub.call_soon(self._finish_late)
 
     def drain(self) -> None:
+        self.preprocessing.drain()
         self._finish_late()
         super().drain()
 
@@ -172,6 +189,8 @@ class Batcher(Intake):
         """Whether to compute ``batch`` on the loop: from forward passes timed on the loop alone (a forward pass in
         the compute thread waits for the GIL behind the busy loop, so its time says nothing about its cost); with
         none timed yet, and every ``PROBE_EVERY`` batches otherwise, it is computed on the loop to find out."""
+        if self._padded and any(deadlines.model_of(r) in self._padded for r in batch):
+            return False  # one long request makes a small batch slow: never block the loop on a guess by size
         if self._on_loop.predicted("", len(batch)) < INLINE_BELOW_S:  # 0 until a second pass was timed
             return True
         self._since_probe += 1
@@ -208,8 +227,10 @@ class Batcher(Intake):
                 continue
             try:
                 call = bind_predict_call(req.args, req.kwargs)
-                req.min_version = call.min_version
-                groups.setdefault((call.model, call.version), []).append((req, call.inputs))
+                req.min_version, req.options = call.min_version, call.options
+                # a preprocessed request is served by the version whose artifacts made its tensors
+                version = call.version if req.prepared is None or req.prepared.version is None else req.prepared.version
+                groups.setdefault((call.model, version), []).append((req, call.inputs))
             except Exception as exc:  # noqa: BLE001 - InputError, or arguments no one expected: this request alone
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         solo = redelivery.split_redelivered(groups)
@@ -255,7 +276,8 @@ class Batcher(Intake):
         valid: list[tuple[Pending, Any]] = []
         for req, inputs in members:
             try:
-                valid.append((req, self.engine.validate(loaded, inputs)))
+                made = None if req.prepared is None else req.prepared.tensors
+                valid.append((req, self.engine.validate(loaded, inputs) if made is None else made))
             except InputError as exc:
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         size = max(1, self.policy.max_batch_size)
@@ -273,15 +295,25 @@ class Batcher(Intake):
         m = self._metrics(model)
         if len(rows) < len(valid):
             metrics.DEDUPLICATED.labels(model).inc(len(valid) - len(rows))
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
+        batching = self.policy.settings
+        spec = padding.length_input(loaded.spec.signature)  # None: fixed shapes, sliced by size alone as ever
+        if spec is not None:
+            self._padded.add(model)
+        chunks = forming.plan(
+            rows,
+            max_batch_size=size,
+            length=None if spec is None else (lambda row: padding.tokens(spec, row.array)),
+            max_tokens=batching.max_batch_tokens,
+            by_length=batching.length_batching,
+        )
+        for chunk in chunks:
             started = time.monotonic()
             for row in chunk:  # Flower shows received / started / succeeded times per request
                 for req in row.requests:
                     self.reporter.event("task-started", req)
             results = self.engine.run_batch_arrays(loaded, [row.array for row in chunk])
             elapsed = time.monotonic() - started
-            if not self.pipeline.in_compute_thread():
+            if spec is None and not self.pipeline.in_compute_thread():
                 self._on_loop.observe("", len(chunk), elapsed)
             self.policy.observe(len(chunk), elapsed)
             self.costs.observe(model, len(chunk), elapsed)
@@ -291,22 +323,19 @@ class Batcher(Intake):
             m.fill.observe(len(chunk) / size)
             m.per_request.observe(elapsed / answered)
             m.version.set(loaded.version)
-            for row, value in zip(chunk, results, strict=True):
+            usage = [None] * len(chunk)
+            if spec is not None:  # a padded batch: its tokens, padding, shares (contract 1.3's ``batch``)
+                usage = forming.usage(model, [padding.sizes(spec, row.array) for row in chunk], elapsed)
+            pairs, used_by = [], []
+            for row, value, used in zip(chunk, results, usage, strict=True):
                 if cache.enabled:
                     cache.put((model, loaded.epoch, loaded.version, row.key), value)
                 for req in row.requests:
                     m.queue_wait.observe(started - req.received)
-                    outcomes.append(self._answer(req, model, loaded.version, value, elapsed))
+                    pairs.append((req, value))
+                    used_by.append(used)
+            outcomes.extend(answers.outcomes(loaded, pairs, elapsed, used_by))
         return outcomes
-
-    @staticmethod
-    def _answer(req: Pending, model: str, version: int, value: Any, elapsed: float) -> Outcome:
-        if isinstance(value, Exception):
-            return Outcome(req, states.FAILURE, value, elapsed)
-        # float64 prints exactly as json prints float(float32): the same digits as every other path (predict_many)
-        return Outcome(
-            req, states.SUCCESS, {"model": model, "version": version, "outputs": result_output(value)}, elapsed
-        )
 
     def _from_cache(
         self, model: str, loaded: Any, valid: list[tuple[Pending, Any]], outcomes: list[Outcome]
@@ -320,7 +349,7 @@ class Batcher(Intake):
                 misses.append((req, array))
             else:
                 hits += 1
-                outcomes.append(self._answer(req, model, loaded.version, value, 0.0))
+                outcomes.extend(answers.outcomes(loaded, [(req, value)], 0.0))
         if hits:
             metrics.CACHE_LOOKUPS.labels(model, "hit").inc(hits)
         if misses:
@@ -374,6 +403,7 @@ class Batcher(Intake):
     def close(self) -> None:
         super().close()
         self.versions.close()
+        self.preprocessing.close()
 
     def _metrics(self, model: str) -> _ModelMetrics:
         hit = self._metric_cache.get(model)

@@ -21,9 +21,12 @@ import torch
 
 from agent_workers.config import Settings
 from agent_workers.errors import InputError, ModelError
+from agent_workers.hooks import NO_HOOKS, Hooks, hooks_of
 from agent_workers.models import ModelSpec
+from agent_workers.store.artifacts import Artifacts
 from agent_workers.store.params import RedisParamStore
 from agent_workers.tensors import decode_inputs
+from agent_workers.worker import padding
 
 #: One decoded example (an array, or name -> array for a model of several inputs), or a stacked batch of them.
 Tensors = np.ndarray | dict[str, np.ndarray]
@@ -44,6 +47,9 @@ class LoadedModel:
     module: torch.nn.Module
     device: torch.device
     nbytes: int = 0
+    #: the version's artifacts (labels, tokenizer, ...) and the architecture's hooks (agent_workers/hooks.py)
+    artifacts: Artifacts = dataclasses.field(default_factory=Artifacts)
+    hooks: Hooks = NO_HOOKS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,6 +112,8 @@ class InferenceEngine:
         self._current: OrderedDict[str, LoadedModel] = OrderedDict()
         self._pinned: OrderedDict[tuple[str, str, int], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()  # the batcher and a pool thread (predict_many) may load at once
+        #: model name -> whether its architecture preprocesses raw inputs (learnt when a version loads)
+        self.hooked: dict[str, bool] = {}
 
     @property
     def device(self) -> torch.device:
@@ -209,8 +217,11 @@ class InferenceEngine:
             module=module,
             device=self.device,
             nbytes=nbytes,
+            artifacts=self.store.artifacts.get(name, snapshot.version),
+            hooks=hooks_of(spec.arch),
         )
-        self.forward(loaded, stack([spec.signature.zeros()]))  # warm before serving
+        self.hooked[name] = loaded.hooks.preprocess is not None
+        self._run(loaded, [spec.signature.zeros()])  # warm before serving
         log.info("loaded %s v%d on %s", name, snapshot.version, self.device)
         return loaded
 
@@ -222,22 +233,36 @@ class InferenceEngine:
             return validate_input(loaded.spec, inputs, max_elements=limit)
         return decode_inputs(loaded.spec.signature, inputs, max_elements=limit)
 
-    def forward(self, loaded: LoadedModel, batch: Tensors) -> Tensors:
+    def forward(self, loaded: LoadedModel, batch: Tensors, extra: Mapping[str, np.ndarray] | None = None) -> Tensors:
         """One forward pass over a stacked batch (:func:`stack`): ``module(x)`` for one input, ``module(**inputs)``
-        for several, each in its signature's dtype. Returns the output on the host (floats as float32), or name ->
-        output for a model that returns several (a dict or a tuple, named by the signature's outputs)."""
+        for several, each in its signature's dtype, plus ``extra`` keyword tensors (a padded batch's
+        ``attention_mask`` / ``lengths``: worker/padding.py). Returns the output on the host (floats as float32), or
+        name -> output for a model that returns several (a dict or a tuple, named by the signature's outputs)."""
         signature = loaded.spec.signature
         tensors = {}
         for spec in signature.inputs:
             x = torch.from_numpy(batch[spec.name] if isinstance(batch, dict) else batch)
             if spec.dtype == "bfloat16":
                 x = x.view(torch.bfloat16)  # numpy holds bfloat16 as its raw uint16 bits
-            if loaded.device.type == "cuda":
-                x = x.pin_memory().to(loaded.device, non_blocking=True)
             tensors[spec.name] = x
+        kwargs = {k: torch.from_numpy(v) for k, v in (extra or {}).items()}
+        if loaded.device.type == "cuda":
+            tensors = {k: x.pin_memory().to(loaded.device, non_blocking=True) for k, x in tensors.items()}
+            kwargs = {k: x.to(loaded.device, non_blocking=True) for k, x in kwargs.items()}
         with torch.inference_mode(), self._autocast(loaded.device):
-            y = loaded.module(*tensors.values()) if len(tensors) == 1 else loaded.module(**tensors)
+            y = loaded.module(*tensors.values(), **kwargs) if len(tensors) == 1 else loaded.module(**tensors, **kwargs)
         return _host_outputs(loaded, y)
+
+    def _run(self, loaded: LoadedModel, arrays: list[Tensors]) -> tuple[Tensors, padding.Padded | None]:
+        """Stack ``arrays`` (padded, with the mask, for a variable-length signature; or the architecture's
+        ``collate`` hook, which takes examples of any shapes together) and forward them."""
+        if loaded.hooks.collate is not None:
+            return self.forward(loaded, loaded.hooks.collate(arrays)), None
+        signature = loaded.spec.signature
+        if padding.length_input(signature) is None:
+            return self.forward(loaded, stack(arrays)), None
+        padded = padding.pad(signature, arrays, module=loaded.module)
+        return self.forward(loaded, padded.batch, padded.extra), padded
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         if device.type != "cuda" or self.settings.amp == "off":
@@ -252,22 +277,12 @@ class InferenceEngine:
     def run_batch_arrays(self, loaded: LoadedModel, arrays: list[Tensors]) -> list[Tensors | Exception]:
         """Forward ``arrays`` together; if the model raises, bisect so only the culprits fail.
 
-        Examples whose variable dimensions differ are run as one batch per shape (padding them together is the
-        extension point of variable-length batching, issue 19 item 3). Returns one row per input: an array
-        (floats as float32), or name -> array for several outputs; the batcher serializes them without a
-        Python-list detour.
+        Examples whose variable dimensions differ are padded to the longest, and variable outputs cut back to each
+        example's own sizes (worker/padding.py). Returns one row per input: an array (floats as float32), or name ->
+        array for several outputs; the batcher serializes them without a Python-list detour.
         """
-        by_shape: dict[Any, list[int]] = {}
-        for i, row in enumerate(arrays):
-            by_shape.setdefault(_shape_key(row), []).append(i)
-        if len(by_shape) > 1:
-            results: list[Tensors | Exception] = [None] * len(arrays)  # type: ignore[list-item]
-            for indexes in by_shape.values():
-                for i, r in zip(indexes, self.run_batch_arrays(loaded, [arrays[i] for i in indexes]), strict=True):
-                    results[i] = r
-            return results
         try:
-            out = self.forward(loaded, stack(arrays))
+            out, padded = self._run(loaded, arrays)
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated below
             if len(arrays) == 1:
                 return [ModelError(f"model {loaded.name!r} v{loaded.version} failed on this input: {exc}")]
@@ -277,7 +292,7 @@ class InferenceEngine:
         if len(rows) != len(arrays):
             error = ModelError(f"model {loaded.name!r} returned {len(rows)} outputs for {len(arrays)} inputs")
             return [error] * len(arrays)
-        return rows
+        return rows if padded is None else padded.cut(loaded.spec.signature, rows)
 
     def current_at_least(self, name: str, min_version: int, wait: float) -> LoadedModel:
         """The newest version of ``name``, once it is ``min_version`` or newer (read-your-writes).
@@ -298,6 +313,15 @@ class InferenceEngine:
                     f"within {wait:g} s (AGENT_WORKERS_MIN_VERSION_WAIT_MS)"
                 )
             time.sleep(0.02)  # noqa: sleep-ok - a bounded poll of the store's head, in a pool thread
+
+    def resolve(self, name: str, version: int | None = None, min_version: int | None = None) -> LoadedModel:
+        """The version a call asks for: ``version`` pinned, else the newest once at least ``min_version`` (waiting
+        up to ``AGENT_WORKERS_MIN_VERSION_WAIT_MS``: blocking, for pool threads), else the newest."""
+        if version is not None:
+            return self.pinned(name, version)
+        if min_version is not None:
+            return self.current_at_least(name, min_version, self.settings.min_version_wait_ms / 1000.0)
+        return self.current(name)
 
     def predict_many(
         self, name: str, inputs: Any, version: int | None = None, min_version: int | None = None
@@ -375,10 +399,6 @@ def result_output(row: Tensors) -> Tensors:
 
 def _widened(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float64) if array.dtype.kind == "f" else array
-
-
-def _shape_key(row: Tensors) -> Any:
-    return tuple((k, v.shape) for k, v in row.items()) if isinstance(row, dict) else row.shape
 
 
 def _split(out: Tensors) -> list[Tensors]:

@@ -43,6 +43,10 @@ class Pending:
     min_version: int | None = None
     #: monotonic time a ``min_version`` request first found the store behind (it waits a bounded time)
     behind_since: float | None = None
+    #: the ``options`` argument (built-in outputs, agent_workers/outputs.py), once bound
+    options: Any = None
+    #: what the preprocessing threads made of raw inputs (worker/preprocessing.py); None until they saw it
+    prepared: Any = None
 
     @property
     def retries(self) -> int:

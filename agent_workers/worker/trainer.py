@@ -15,8 +15,9 @@ The receiving half (check, decode, hold, buffer, one pipelined result write, bul
 Redelivered requests are served alone after the rest of the flush, with the batcher's poison count. Like the
 predict batcher, the work runs in the worker's event loop: a training message is small and a group of small-model
 steps takes milliseconds, and while it runs the worker consumes nothing else; in lock mode, where a group may wait
-for another process's commit lock, groups always run in the compute thread instead. An optimistic group's turn
-(``AGENT_WORKERS_TRAIN_TURNS``) is waited for on the event loop: usually another trainer's walk, at most a lease.
+for another process's commit lock, and with optimistic turns (``AGENT_WORKERS_TRAIN_TURNS``, where a group may wait
+up to a lease for another trainer's turn), groups run in the compute thread instead, so a worker that also serves
+predictions never stalls behind another trainer.
 ``fit`` is not batched (it runs many steps itself, in the pool).
 """
 
@@ -74,9 +75,11 @@ class TrainIntake(Intake):
     ``group`` steps per (model, hyperparameters)."""
 
     def __init__(self, *, task: Any, app: Any, consumer: Any, group: int, cap: int) -> None:
-        # Lock mode: a group may wait for another process's commit lock, so it always runs in the compute thread
-        # (depth 2); the event loop goes on receiving (predictions too) while it waits.
-        depth = 2 if app.settings.commit_mode == "lock" else 0
+        # Lock mode, and optimistic turns: a group may wait for another process's lock (a commit lock, or a turn of
+        # up to a lease), so it runs in the compute thread (depth 2); the event loop goes on receiving (predictions
+        # too) while it waits.
+        waits = app.settings.commit_mode == "lock" or app.settings.train_turns
+        depth = 2 if waits else 0
         self.sizer = GroupSizer(start=group, cap=cap)
         policy = _GroupPolicy(
             BatchSettings(max_batch_size=cap, max_wait_ms=app.settings.batch.max_wait_ms, pipeline_depth=depth),

@@ -259,7 +259,7 @@ def test_flower_lists_both_workers_with_their_queues_and_prefetch(stack: Stack) 
     assert [q["name"] for q in inference["active_queues"]] == [stack.settings.inference_queue]
     assert [q["name"] for q in trainer["active_queues"]] == [stack.settings.training_queue]
     assert inference["stats"]["prefetch_count"] == 2 * MAX_BATCH_SIZE
-    assert trainer["stats"]["prefetch_count"] == Settings().train_group  # a group of train steps can form
+    assert trainer["stats"]["prefetch_count"] == Settings().train_group_max  # an adaptive group can grow to its cap
     for info in (inference, trainer):
         assert info["stats"]["pool"]["max-concurrency"] == 1
         assert info["stats"]["pool"]["implementation"].endswith("thread:TaskPool")

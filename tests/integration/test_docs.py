@@ -90,9 +90,24 @@ def docs_blocks(path: Path) -> list[Block]:
 
 def command(line: str) -> str:
     """A docs shell line with this checkout's interpreter for ``agent-workers``, ``celery`` and ``.venv/bin``."""
-    line = re.sub(r"^(\s*)agent-workers\b", lambda m: f"{m.group(1)}{sys.executable} -m agent_workers", line)
+    # after leading VAR=value assignments too (AGENT_WORKERS_PLUGINS=... agent-workers ...)
+    line = re.sub(
+        r"^(\s*(?:\w+=\S+\s+)*)agent-workers\b", lambda m: f"{m.group(1)}{sys.executable} -m agent_workers", line
+    )
     line = re.sub(r"^(\s*)celery\b", lambda m: f"{m.group(1)}{sys.executable} -m celery", line)
     return shell(line)
+
+
+def exec_line(line: str) -> str:
+    """``exec`` of a shell line, after its leading ``VAR=value`` assignments (which bash passes to the program)."""
+    assignments, rest = re.fullmatch(r"(\s*(?:\w+=\S+\s+)*)(.*)", line, re.S).groups()  # type: ignore[union-attr]
+    return f"{assignments}exec {rest}"
+
+
+def test_hooks_page_shows_the_example_plugin_as_it_is() -> None:
+    """docs/hooks.md prints examples/hooks_png.py, which its worker imports: the two must not drift apart."""
+    plugin = (ROOT / "examples" / "hooks_png.py").read_text()
+    assert plugin in [b.code for b in docs_blocks(ROOT / "docs" / "hooks.md")]
 
 
 def test_every_docs_block_runs_or_says_why_not() -> None:
@@ -132,7 +147,7 @@ def run_page(blocks_: list[Block], env: dict[str, str], where: Path) -> None:
             server_env = settings_env({**env, "AGENT_WORKERS_READY_FILE": str(ready[i])})
             servers.append(
                 subprocess.Popen(
-                    ["bash", "-c", f"exec {command(line)}"], env=server_env, cwd=where, stdout=log, stderr=log
+                    ["bash", "-c", exec_line(command(line))], env=server_env, cwd=where, stdout=log, stderr=log
                 )
             )
         for i, server in enumerate(servers):

@@ -12,15 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from agent_workers.client import Client
 from agent_workers.config import Settings
 from agent_workers.contract import PREDICT
 from agent_workers.errors import InputError
 from agent_workers.models import make_spec
-from agent_workers.store.params import RedisParamStore
 from agent_workers.tensors import decode_inputs
-from agent_workers.tools.supervisor import WorkerProcess, free_port
-from tests.conftest import Pool, _cleanup, pool_env, unique
+from tests.conftest import Pool, _cleanup, pool_env, serving_pool, unique
 from tests.integration.test_cli import cli
 from tests.integration.test_contract import check, contract
 from tests.plugins_tensors import CNN_SIGNATURE, TWO_INPUT_SIGNATURE
@@ -33,16 +30,7 @@ PLUGINS = "tests.plugins_tensors"
 @pytest.fixture(scope="module")
 def typed_pool(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     """One worker per broker that knows the typed test architectures (tests/plugins_tensors.py)."""
-    port = free_port()
-    env = pool_env(broker, metrics_port=port, max_wait_ms=20, plugins=PLUGINS)
-    settings = Settings.from_env(env)
-    log = tmp_path_factory.mktemp("typed") / "worker.log"
-    worker = WorkerProcess(queues=[settings.inference_queue], env=env, log_path=log)
-    worker.start()
-    p = Pool(broker, env, settings, worker, Client(settings), RedisParamStore.from_settings(settings), port)
-    yield p
-    worker.stop()
-    _cleanup(settings)
+    yield from serving_pool(broker, tmp_path_factory, max_wait_ms=20, plugins=PLUGINS)
 
 
 def arch_of(signature: dict[str, Any]) -> str:

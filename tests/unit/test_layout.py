@@ -32,6 +32,7 @@ CLIENT_MAY_IMPORT = {
     "agent_workers.redis_clients",
     "agent_workers.tensors",  # the tensor codec (numpy only): the client sends arrays compactly
     "agent_workers.training.datasets",
+    "agent_workers.store.artifacts",  # Client.put_artifacts: bytes into Redis (no torch), imported when called
 }
 KOMBU_INTERNALS = (
     "_q_for_pri",

@@ -162,7 +162,7 @@ class _Counting(torch.nn.Module):
         return (ids * mask).sum(dim=1, keepdim=True).float(), mask.sum(dim=1, keepdim=True)
 
 
-def test_a_batch_of_variable_lengths_runs_once_per_shape_with_named_outputs() -> None:
+def test_a_batch_of_variable_lengths_runs_once_padded_with_named_outputs() -> None:
     from agent_workers.config import Settings
     from agent_workers.worker.inference import InferenceEngine, LoadedModel
 
@@ -183,4 +183,4 @@ def test_a_batch_of_variable_lengths_runs_once_per_shape_with_named_outputs() ->
     ]
     out = engine.run_batch(loaded, rows)
     assert out == [{"total": [3.0], "count": [2]}, {"total": [9.0], "count": [2]}, {"total": [21.0], "count": [3]}]
-    assert module.calls == 2  # one batch per length, no bisection
+    assert module.calls == 1  # one batch padded to the longest (contract 1.3), no bisection

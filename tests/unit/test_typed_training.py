@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import examples.models.zoo as zoo
 from agent_workers.errors import InputError
 from agent_workers.models import make_spec
-from agent_workers.padding import MASK, call_module, mask_arguments, pad_rows
+from agent_workers.padding import MASK, call_module, masks_of, pad_rows
 from agent_workers.tensors import encode_tensor
 from agent_workers.training import columns, inputs
 from agent_workers.training.columns import Ragged
@@ -33,7 +33,7 @@ CE = HyperParams(loss="cross_entropy", optimizer="adam", lr=0.01)
 def test_pad_rows_pads_every_variable_dim_with_zeros_and_the_mask_marks_real_tokens() -> None:
     rows = [np.array([5, 6, 7]), np.array([8])]
     assert pad_rows(rows).tolist() == [[5, 6, 7], [8, 0, 0]]
-    masks = mask_arguments(np.array([3, 1]), 3)
+    masks = masks_of(np.array([3, 1]), 3)
     assert masks["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]] and masks["lengths"].tolist() == [3, 1]
     two_d = pad_rows([np.ones((2, 3)), np.ones((1, 4))], np.dtype(np.float32))
     assert two_d.shape == (2, 2, 4) and two_d[1].sum() == 4 and two_d[0].sum() == 6
@@ -267,3 +267,17 @@ def test_the_zoo_report_renders_its_table_and_figure_from_its_json(tmp_path: Pat
     assert splice("# T\n", text, begin=ZOO_BEGIN, end=ZOO_END).count(ZOO_BEGIN) == 1
     plot_zoo(report["zoo"], tmp_path / "zoo.png")
     assert (tmp_path / "zoo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_declared_pad_value_fills_a_training_batch_as_it_fills_an_inference_batch() -> None:
+    from agent_workers.worker import padding as serving
+
+    signature = {
+        "inputs": [{"name": "ids", "dtype": "int64", "shape": [-1], "pad": 15}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [2]}],
+    }
+    spec = make_spec("order_transformer", signature=signature)
+    batch, _ = batch_of(spec, [[1, 2, 3], [4]], [0, 1])
+    served = serving.pad(spec.signature, [np.array([1, 2, 3]), np.array([4])], module=spec.build())
+    assert batch["ids"].tolist() == served.batch.tolist() == [[1, 2, 3], [4, 15, 15]]
+    assert batch[MASK].tolist() == served.extra[MASK].tolist() == [[1, 1, 1], [1, 0, 0]]
