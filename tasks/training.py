@@ -43,7 +43,9 @@ def train_step(
     rows: Any = None,
     update_id: str | None = None,
 ) -> dict[str, Any]:
-    """One step on a mini-batch given inline (``x``, ``y``) or as ``rows`` of an uploaded ``dataset``.
+    """One step on a mini-batch given inline (``x``, ``y``) or as ``rows`` of an uploaded ``dataset``; typed inputs
+    (token ids, uint8 pixels, rows of different lengths, named inputs) are decoded per the model's signature
+    (contract 1.3, agent_workers/training/inputs.py).
 
     The update id defaults to the task id, so a redelivered message is applied exactly once. In a worker with
     ``AGENT_WORKERS_TRAIN_GROUP`` > 1 this body is bypassed by the group commit path (same arguments, same result);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ def describe(info: Any) -> dict[str, Any]:
         else datetime.fromtimestamp(info.uploaded_at, UTC).isoformat(timespec="seconds"),
         "expires_in": expiry(info.expires_in),
         "upload": info.upload,
+        **({"inputs": info.inputs} if info.inputs is not None else {}),
     }
 
 
@@ -56,23 +58,26 @@ def datasets() -> None:
     help="Seconds until the dataset expires; 0 keeps it until deleted.",
 )
 def datasets_upload(name: str, path: Path, ttl: int) -> None:
-    """Upload PATH as dataset NAME: .npz with arrays x and y, or .npy/.csv/.parquet whose last column is y."""
+    """Upload PATH as dataset NAME: .npz with arrays x and y, or .npy/.csv/.parquet whose last column is y.
+
+    A .npz x keeps its dtype and shape (uint8 images, int64 token ids); rows of different lengths go in as x_values
+    and x_offsets, several named inputs as x.NAME (or x.NAME.values and x.NAME.offsets)."""
     from agent_workers.cli.tables import read_xy
 
     x, y = read_xy(path)
     store().upload(x, y, dataset_id=name, ttl=ttl)
-    click.echo(
-        f"uploaded {shown(name)}: {len(x)} rows × {x.shape[1] if x.ndim > 1 else 1} features, "
-        f"expires in {expiry(ttl or None)}"
-    )
+    info = store().info(name)
+    what = f"× {info.features} features" if info.inputs is None else f"of inputs {json.dumps(info.inputs)}"
+    click.echo(f"uploaded {shown(name)}: {info.rows} rows {what}, expires in {expiry(ttl or None)}")
 
 
 @datasets.command("list")
 def datasets_list() -> None:
-    """List datasets: name, rows, features, expiry."""
+    """List datasets: name, rows, features (or each typed input's dtype and shape), expiry."""
     for info in store().list():
         d = describe(info)
-        click.echo(f"{shown(d['name'])}\t{d['rows']} rows\t{d['features']} features\texpires in {d['expires_in']}")
+        what = f"{d['features']} features" if info.inputs is None else f"inputs {json.dumps(info.inputs)}"
+        click.echo(f"{shown(d['name'])}\t{d['rows']} rows\t{what}\texpires in {d['expires_in']}")
 
 
 @datasets.command("show")

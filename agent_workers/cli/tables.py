@@ -95,10 +95,36 @@ def read_xy(path: Path) -> tuple[Any, Any]:
 
     if path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as data:
-            if "x" not in data or "y" not in data:
-                raise click.ClickException(f"{path}: a .npz dataset needs arrays named x and y (np.savez(f, x=, y=))")
-            return data["x"], data["y"]
+            arrays = {name: data[name] for name in data.files}
+        if "y" not in arrays or not any(name == "x" or name.startswith(("x_", "x.")) for name in arrays):
+            raise click.ClickException(
+                f"{path}: a .npz dataset needs arrays x and y (np.savez(f, x=, y=)); ragged rows as x_values and "
+                "x_offsets; several inputs as x.NAME (or x.NAME.values and x.NAME.offsets)"
+            )
+        return _typed_x(arrays), arrays["y"]
     table = read_array(path)
     if table.shape[1] < 2:
         raise click.ClickException(f"{path}: needs at least two columns (features, then the target in the last)")
     return table[:, :-1], table[:, -1]
+
+
+def _typed_x(arrays: dict[str, Any]) -> Any:
+    """x of a .npz: ``x``; ragged ``x_values`` + ``x_offsets``; or ``x.NAME`` / ``x.NAME.values`` +
+    ``x.NAME.offsets`` per input (docs/training.md, "Typed inputs")."""
+    from agent_workers.training.columns import Ragged
+
+    if "x" in arrays:
+        return arrays["x"]
+    if "x_values" in arrays and "x_offsets" in arrays:
+        return Ragged(arrays["x_values"], arrays["x_offsets"])
+    named: dict[str, Any] = {}
+    for key, array in arrays.items():
+        if key.startswith("x."):
+            name, _, part = key[2:].partition(".")
+            if part == "values":
+                named[name] = Ragged(array, arrays[f"x.{name}.offsets"])
+            elif not part:
+                named[name] = array
+    if not named:
+        raise click.ClickException("a .npz dataset's x: x, x_values + x_offsets, or x.NAME per input")
+    return named

@@ -242,9 +242,10 @@ def bench_producer(n: int, broker_url: str | None) -> None:
     "--part",
     "parts",
     multiple=True,
-    type=click.Choice(["main", "queued"]),
+    type=click.Choice(["main", "queued", "zoo"]),
     help="Run only these parts (repeatable): main = quality, coordination and fetch; queued = every step queued "
-    "at once, 1/2/4 trainers. Default: both.",
+    "at once, 1/2/4 trainers; zoo = the example CNN and transformer (examples/models/zoo.py) through the queue "
+    "against one process. Default: all.",
 )
 def report(quick: bool, docs_dir: Path, parts: tuple[str, ...]) -> None:
     """Training quality and commit-coordination report (starts and stops its own workers)."""

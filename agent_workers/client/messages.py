@@ -116,6 +116,21 @@ def kwargs_parts(kwargs: dict[str, Any], serializer: str = "json") -> tuple[byte
     return wire.body("[]", json.dumps(plain(kwargs))), short_repr(kwargs)
 
 
+def training_x(x: Any) -> Any:
+    """A train step's ``x`` for the wire (contract 1.3): float rows × features (a 2-D float array, or lists) as
+    plain lists, exactly as before typed inputs; any other numpy array (uint8 pixels, int64 ids, more dims) as ONE
+    binary tensor of the batch; a list of arrays (rows of different lengths) as one binary tensor per row; a dict
+    per input name."""
+    if isinstance(x, dict):
+        return {k: training_x(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and x and all(getattr(r, "ndim", 0) > 0 for r in x):
+        return [compact(r) for r in x]
+    if getattr(x, "ndim", 0) > 0 and hasattr(x, "tobytes"):
+        legacy = x.ndim == 2 and x.dtype.kind == "f" and x.dtype.itemsize >= 4
+        return plain(x) if legacy else compact(x)
+    return plain(x)
+
+
 def plain(value: Any) -> Any:
     """numpy arrays and scalars to lists and numbers, so the JSON serializer takes them (also inside dicts); bytes
     stay bytes (msgpack bin)."""

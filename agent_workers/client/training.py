@@ -11,7 +11,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from agent_workers.client.deadline import DEFAULT_TIMEOUT, Deadline
-from agent_workers.client.messages import plain
+from agent_workers.client.messages import plain, training_x
 from agent_workers.config import Settings
 from agent_workers.contract import FIT, TRAIN_STEP
 from agent_workers.training.datasets import DEFAULT_TTL, DatasetStore, epoch_batches
@@ -38,8 +38,10 @@ class Training:
         """Upload a training dataset to the parameter store's Redis; returns its name (a uuid when ``name`` is None).
 
         Args:
-            x: rows × features (a numpy array or nested lists).
-            y: one target per row.
+            x: rows × features (a numpy array or nested lists); or typed columns: a numpy array of any dtype a
+                signature takes and any shape per row (uint8 pixels [n, 1, 8, 8]), a list of rows of different
+                lengths (token ids; stored ragged, values + offsets), or name -> one of those for several inputs.
+            y: one target per row (integer class indices stay integers).
             ttl: seconds until it expires (default 7 days); 0 keeps it until ``agent-workers datasets delete``.
         Raises:
             InputError: x and y disagree on the rows, or are not numeric.
@@ -81,12 +83,13 @@ class Training:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> AsyncResult:
         """Enqueue one training step (inline ``x``/``y`` or ``rows`` of an uploaded dataset); ``timeout`` bounds
-        the publish."""
+        the publish. A typed ``x`` (uint8 pixels, int64 token ids, a list of rows of different lengths, or name ->
+        one of those) travels in the compact tensor encoding (contract 1.3)."""
         kwargs: dict[str, Any] = {"model": model, "hparams": hparams or {}}
         if dataset is not None:
             kwargs.update(dataset=dataset, rows=[int(r) for r in rows or ()])
         else:
-            kwargs.update(x=plain(x), y=plain(y))
+            kwargs.update(x=training_x(x), y=plain(y))
         if update_id is not None:
             kwargs["update_id"] = update_id
         return self._send(TRAIN_STEP, kwargs, Deadline(timeout))

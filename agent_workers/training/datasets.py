@@ -1,6 +1,8 @@
 """Training datasets uploaded once to Redis as ``.npy`` bytes (never pickled) and sliced by row indices.
 
-A dataset has a name (a uuid when none is given), ``x`` (rows × features, float32), ``y`` (one target per row) and
+A dataset has a name (a uuid when none is given), ``x`` (rows × features, float32; or typed columns, stored as one
+safetensors blob: uint8 pixels, int64 token ids of different lengths as values + offsets, several named inputs; see
+agent_workers/training/columns.py), ``y`` (one target per row) and
 a small ``meta`` record (rows, features, upload time, upload id); all three keys are written together and expire
 together, after ``DEFAULT_TTL`` (7 days) unless the upload says otherwise (``ttl=0``: never). Each upload gets an
 id in ``meta``; a reader checks it on every read, so a re-upload or a delete is seen at once by every worker.
@@ -25,6 +27,8 @@ from agent_workers.config import Settings
 from agent_workers.errors import InputError
 from agent_workers.keys import Keys, name_problem
 from agent_workers.redis_clients import redis_client
+from agent_workers.training import columns
+from agent_workers.training.columns import Columns
 
 DEFAULT_TTL = 7 * 24 * 3600
 DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024  # config.DEFAULT_DATASET_CACHE_BYTES
@@ -47,18 +51,20 @@ class Dataset:
     Attributes:
         name: the dataset's name.
         upload: the id of this upload (a fresh uuid per upload): a re-upload under the same name has another.
-        x: rows × features, float32.
+        x: rows × features, float32; or typed columns (agent_workers/training/columns.py: an array of any signature
+            dtype and shape per row, :class:`~agent_workers.training.columns.Ragged` rows, or name -> column).
         y: one target per row (1-D, or rows × outputs).
     """
 
     name: str
     upload: str
-    x: np.ndarray
+    x: Columns
     y: np.ndarray
 
     @property
     def nbytes(self) -> int:
-        return int(self.x.nbytes + self.y.nbytes)
+        parts = self.x.values() if isinstance(self.x, dict) else [self.x]
+        return int(sum(c.nbytes for c in parts) + self.y.nbytes)
 
 
 def check_arrays(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -144,18 +150,26 @@ class DatasetStore:
                 raise InputError(problem)
         if ttl < 0:
             raise InputError("ttl must be >= 0 seconds (0: never expires)")
-        xa, ya = check_arrays(x, y)
+        typed = columns.typed_columns(x)
+        if typed is None:
+            xa, ya = check_arrays(x, y)
+            rows, features, x_bytes = int(xa.shape[0]), int(xa.shape[1]), _to_bytes(xa)
+        else:
+            rows, features, x_bytes = columns.n_rows(typed), None, columns.to_bytes(typed)
+            _, ya = check_arrays(np.zeros((rows, 1), dtype=np.float32), y)
         dataset_id = dataset_id or uuid.uuid4().hex
-        meta = {
-            "rows": int(xa.shape[0]),
-            "features": int(xa.shape[1]),
+        meta: dict[str, Any] = {
+            "rows": rows,
+            "features": features,
             "y_shape": list(ya.shape),
             "at": time.time(),
             "upload": uuid.uuid4().hex,
         }
+        if typed is not None:
+            meta["inputs"] = columns.describe(typed)  # its presence marks x as typed columns (safetensors)
         ex = ttl or None
         pipe = self.client.pipeline(transaction=True)  # the three keys change together: a reader sees one upload
-        pipe.set(self.keys.dataset(dataset_id, "x"), _to_bytes(xa), ex=ex)
+        pipe.set(self.keys.dataset(dataset_id, "x"), x_bytes, ex=ex)
         pipe.set(self.keys.dataset(dataset_id, "y"), _to_bytes(ya), ex=ex)
         pipe.set(self.keys.dataset(dataset_id, "meta"), json.dumps(meta), ex=ex)
         pipe.execute()
@@ -187,6 +201,7 @@ class DatasetStore:
             expires_in=None if ttl < 0 else int(ttl),
             uploaded_at=meta.get("at"),
             upload=meta.get("upload"),
+            inputs=meta.get("inputs"),
         )
 
     def list(self) -> list[DatasetInfo]:
@@ -236,11 +251,14 @@ class DatasetStore:
             with self._lock:
                 self._cache.pop(dataset_id, None)
             raise InputError(f"dataset {dataset_id!r} does not exist (deleted or expired); upload it again")
-        data = Dataset(dataset_id, _upload_of(raw_meta) or "", _from_bytes(x), _from_bytes(y))
+        typed = raw_meta is not None and "inputs" in json.loads(raw_meta)
+        data = Dataset(
+            dataset_id, _upload_of(raw_meta) or "", columns.from_bytes(x) if typed else _from_bytes(x), _from_bytes(y)
+        )
         self._remember(data)
         return data
 
-    def load(self, dataset_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, dataset_id: str) -> tuple[Columns, np.ndarray]:
         """The whole dataset's current upload as ``(x, y)`` (see :meth:`get`)."""
         data = self.get(dataset_id)
         return data.x, data.y
@@ -262,8 +280,9 @@ class DatasetStore:
         with self._lock:
             return sum(d.nbytes for d in self._cache.values())
 
-    def rows(self, dataset_id: str, rows: Any, *, max_elements: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The rows ``rows`` (a list of indices) of a dataset's current upload.
+    def rows(self, dataset_id: str, rows: Any, *, max_elements: int | None = None) -> tuple[Any, np.ndarray]:
+        """The rows ``rows`` (a list of indices) of a dataset's current upload (of typed columns: per input an array
+        or a list of ragged rows, as :func:`agent_workers.training.columns.take` selects them).
 
         Args:
             max_elements: the most numbers the selected ``x`` (and ``y``) may hold
@@ -275,7 +294,7 @@ class DatasetStore:
         if not isinstance(rows, (list, tuple, np.ndarray)) or len(rows) == 0:
             raise InputError("rows must be a non-empty list of integer row indices")
         data = self.get(dataset_id)
-        width = max(row_width(data.x), row_width(data.y))
+        width = max(columns.row_width(data.x), row_width(data.y))
         if max_elements is not None and len(rows) * width > max_elements:
             raise InputError(
                 f"{len(rows)} rows × {width} numbers each exceed AGENT_WORKERS_MAX_INPUT_ELEMENTS={max_elements}; "
@@ -287,10 +306,10 @@ class DatasetStore:
             index = np.asarray([None])
         if index.dtype.kind not in "iu":  # floats, booleans, strings, huge ints (object): never cast silently
             raise InputError("rows must be a list of integer row indices")
-        n = len(data.x)
+        n = columns.n_rows(data.x)
         if index.ndim != 1 or index.min() < 0 or index.max() >= n:
             raise InputError(f"rows must be a non-empty list of indices in [0, {n})")
-        return data.x[index], data.y[index]
+        return columns.take(data.x, index), data.y[index]
 
 
 def row_width(array: np.ndarray) -> int:
@@ -314,6 +333,8 @@ class DatasetInfo:
         expires_in: seconds until it expires; None when it never does.
         uploaded_at: Unix time of the upload (None for a dataset uploaded before this was recorded).
         upload: the upload's id (None for a dataset uploaded before ids).
+        inputs: for typed columns, name -> {dtype, shape per row (-1: ragged)} (``""``: one unnamed input); None
+            for float32 rows × features (``features`` is then their width).
     """
 
     name: str
@@ -323,6 +344,7 @@ class DatasetInfo:
     expires_in: int | None
     uploaded_at: float | None
     upload: str | None = None
+    inputs: dict[str, Any] | None = None
 
 
 def epoch_batches(n_rows: int, *, epochs: int, batch_size: int, seed: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:

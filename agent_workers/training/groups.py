@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from agent_workers import metrics
-from agent_workers.errors import InputError, ModelError, VersionConflictError
+from agent_workers.errors import ModelError, VersionConflictError
+from agent_workers.padding import Batch
 from agent_workers.store.blobs import Snapshot
 from agent_workers.store.params import CommitOutcome, RedisParamStore
 from agent_workers.training import steps as training
@@ -47,7 +48,7 @@ class Step:
     """One queued train step: its update id ('' = no exactly-once) and its validated mini-batch."""
 
     update_id: str
-    x: np.ndarray
+    x: Batch
     y: np.ndarray
 
 
@@ -153,8 +154,7 @@ def _walk(
         step = steps[i]
         try:
             if compute:
-                if step.x.shape[1:] != spec.input_shape:
-                    raise InputError(f"x rows must have shape {list(spec.input_shape)}, got {list(step.x.shape[1:])}")
+                training.check_rows(spec, step.x)
                 grads[i], losses[i] = training.compute_gradient(spec, here, step.x, step.y, hp)
             new = training.apply_update(here, grads[i], hp)
             training.check_finite(grads[i], new, hp, loss=losses[i])

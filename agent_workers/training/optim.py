@@ -17,6 +17,7 @@ import torch
 from agent_workers import numbers
 from agent_workers.errors import InputError
 from agent_workers.models import ModelSpec
+from agent_workers.padding import Batch, call_module
 from agent_workers.store.blobs import PARAM_PREFIX, Snapshot
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -116,12 +117,14 @@ def _number(name: str, value: Any) -> float:
 
 
 def _loss(
-    spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray, hp: HyperParams
+    spec: ModelSpec, snapshot: Snapshot, x: Batch, y: np.ndarray, hp: HyperParams
 ) -> tuple[torch.nn.Module, torch.Tensor]:
     module = spec.build()
     module.load_state_dict(snapshot.parameters())
     module.train()
-    output = module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    if isinstance(x, np.ndarray):  # a legacy model's rows: float32, as always
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    output = call_module(module, spec.signature, x)
     try:
         return module, _LOSSES[hp.loss](output, torch.from_numpy(np.asarray(y)))
     except (RuntimeError, ValueError, IndexError) as exc:
@@ -132,14 +135,14 @@ def _loss(
         ) from None
 
 
-def compute_loss(spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray, hp: HyperParams) -> float:
+def compute_loss(spec: ModelSpec, snapshot: Snapshot, x: Batch, y: np.ndarray, hp: HyperParams) -> float:
     """The mini-batch loss at ``snapshot`` (forward pass only; regularizers excluded, as in the step's report)."""
     with torch.no_grad():
         return float(_loss(spec, snapshot, x, y, hp)[1])
 
 
 def compute_gradient(
-    spec: ModelSpec, snapshot: Snapshot, x: np.ndarray, y: np.ndarray, hp: HyperParams
+    spec: ModelSpec, snapshot: Snapshot, x: Batch, y: np.ndarray, hp: HyperParams
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Gradient of the mini-batch loss at ``snapshot``; returns (grads by name, loss).
 

@@ -20,14 +20,17 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from agent_workers import metrics, numbers
 from agent_workers.errors import InputError, ModelError, VersionConflictError
+from agent_workers.models import ModelSpec
+from agent_workers.padding import MASK_ARGUMENTS, Batch, call_module
 from agent_workers.store.params import CommitOutcome, RedisParamStore
+from agent_workers.training import columns, inputs
 from agent_workers.training.datasets import epoch_batches, row_width
 from agent_workers.training.optim import HyperParams, apply_update, check_finite, compute_gradient, compute_loss
 
@@ -121,7 +124,7 @@ def train_step(
         TimeLimitExceeded: the deadline passed before the commit.
     """
     started = time.perf_counter()
-    xa, ya = as_batch(x, y, max_elements=max_elements)
+    xa, ya = batch_of(store.spec(model), x, y, max_elements=max_elements)
     if update_id:
         done = store.applied(model, update_id)
         if done is not None:
@@ -149,7 +152,7 @@ def train_step(
 def _optimistic_step(
     store: RedisParamStore,
     model: str,
-    xa: np.ndarray,
+    xa: Batch,
     ya: np.ndarray,
     hp: HyperParams,
     *,
@@ -163,8 +166,7 @@ def _optimistic_step(
     snapshot = store.read(model)
     epoch = snapshot.epoch  # the incarnation the gradient belongs to: every commit is fenced by it
     spec = store.spec(model, epoch)
-    if xa.shape[1:] != spec.input_shape:
-        raise InputError(f"x rows must have shape {list(spec.input_shape)}, got {list(xa.shape[1:])}")
+    check_rows(spec, xa)
     grads, loss = compute_gradient(spec, snapshot, xa, ya, hp)
     grad_version = snapshot.version
     conflicts = recomputed = 0
@@ -252,27 +254,27 @@ def fit(
     """
     epochs = numbers.integer("epochs", epochs, low=1, high=MAX_EPOCHS)
     batch_size = numbers.integer("batch_size", batch_size, low=1)
-    width = max(row_width(x), row_width(y))
-    if max_elements is not None and min(batch_size, len(x)) * width > max_elements:
+    width = max(columns.row_width(x), row_width(y))
+    if max_elements is not None and min(batch_size, columns.n_rows(x)) * width > max_elements:
         raise InputError(
             f"batch_size {batch_size} × {width} numbers per row exceeds AGENT_WORKERS_MAX_INPUT_ELEMENTS="
             f"{max_elements}; use a smaller batch_size"
         )
     check_job(store, model, x, y, hp)
-    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
+    steps_per_epoch = (columns.n_rows(x) + batch_size - 1) // batch_size
     total = epochs * steps_per_epoch
     history: list[dict[str, Any]] = []
     losses: list[float] = []
     version = -1
     cost = {"conflicts": 0, "recomputed": 0, "duplicates": 0, "max_staleness_seen": 0}
     for done, (epoch, step, rows) in enumerate(
-        epoch_batches(len(x), epochs=epochs, batch_size=batch_size, seed=seed), start=1
+        epoch_batches(columns.n_rows(x), epochs=epochs, batch_size=batch_size, seed=seed), start=1
     ):
         check_deadline(deadline, f"fit {update_prefix} (step {done} of {total})")
         result = train_step(
             store,
             model,
-            x[rows],
+            columns.take(x, rows),
             y[rows],
             hp,
             update_id=f"{update_prefix}:{epoch}:{step}",
@@ -304,7 +306,7 @@ def fit(
     return {"model": model, "version": version, "steps": total, "history": history, **cost}
 
 
-def check_job(store: RedisParamStore, model: str, x: np.ndarray, y: np.ndarray, hp: HyperParams) -> None:
+def check_job(store: RedisParamStore, model: str, x: columns.Columns, y: np.ndarray, hp: HyperParams) -> None:
     """Check a whole job's data against the model before its first commit: x's rows against the model's input
     shape, y's rows against the loss and the model's output (for ``cross_entropy``: one class index per row, in
     range; for ``mse``: as many targets per row as outputs; any loss: the loss of the first row computes).
@@ -314,14 +316,22 @@ def check_job(store: RedisParamStore, model: str, x: np.ndarray, y: np.ndarray, 
     """
     snapshot = store.read(model)
     spec = store.spec(model, snapshot.epoch)
-    if x.shape[1:] != spec.input_shape:
-        raise InputError(
-            f"the dataset's rows have shape {list(x.shape[1:])}; model {model!r} takes {list(spec.input_shape)}"
-        )
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        bad = ~(np.isfinite(x).reshape(len(x), -1).all(axis=1) & np.isfinite(y).reshape(len(y), -1).all(axis=1))
-        raise InputError(f"row {int(np.flatnonzero(bad)[0])} of the dataset holds NaN or infinity")
-    outputs = _output_width(spec, snapshot, x[:1])
+    first: Batch
+    if spec.legacy and isinstance(x, np.ndarray):
+        if x.shape[1:] != spec.input_shape:
+            raise InputError(
+                f"the dataset's rows have shape {list(x.shape[1:])}; model {model!r} takes {list(spec.input_shape)}"
+            )
+        finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        first = np.ascontiguousarray(x[:1], dtype=np.float32)
+    else:
+        inputs.check_columns(spec, x)
+        finite = np.ones(len(y), dtype=bool)  # float columns were checked finite at upload
+        first, _ = inputs.collate(spec, columns.take(x, np.arange(1)))
+    finite &= np.isfinite(y).reshape(len(y), -1).all(axis=1)
+    if not finite.all():
+        raise InputError(f"row {int(np.flatnonzero(~finite)[0])} of the dataset holds NaN or infinity")
+    outputs = _output_width(spec, snapshot, first)
     if hp.loss == "mse" and row_width(y) != outputs:
         raise InputError(f"y has {row_width(y)} target(s) per row; model {model!r} has {outputs} output(s) (mse loss)")
     if hp.loss == "cross_entropy":
@@ -336,16 +346,16 @@ def check_job(store: RedisParamStore, model: str, x: np.ndarray, y: np.ndarray, 
                 f"y row {int(bad[0])} is not one class index in [0, {outputs}) (cross_entropy loss of model "
                 f"{model!r}); {len(bad)} bad row(s) in all"
             )
-    compute_loss(spec, snapshot, x[:1], y[:1], hp)  # any loss (plugins too): y against the output, on one row
+    compute_loss(spec, snapshot, first, y[:1], hp)  # any loss (plugins too): y against the output, on one row
 
 
-def _output_width(spec: Any, snapshot: Any, x: np.ndarray) -> int:
+def _output_width(spec: ModelSpec, snapshot: Any, x: Batch) -> int:
     import torch
 
     module = spec.build()
     module.load_state_dict(snapshot.parameters())
     with torch.no_grad():
-        return int(np.prod(module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).shape[1:]))
+        return int(np.prod(call_module(module, spec.signature, x).shape[1:]))
 
 
 def _ms_since(started: float) -> float:
@@ -373,3 +383,54 @@ def as_batch(x: Any, y: Any, *, max_elements: int | None = None) -> tuple[np.nda
     if not (np.isfinite(xa).all() and np.isfinite(ya).all()):
         raise InputError("x or y contain NaN or infinity (or a number past float32's range, 3.4e38)")
     return xa, ya
+
+
+def batch_of(spec: ModelSpec, x: Any, y: Any, *, max_elements: int | None = None) -> tuple[Batch, np.ndarray]:
+    """A mini-batch as the model trains on it: a message's ``x``/``y`` (JSON, in the tensor encodings) or rows
+    selected from a dataset (numpy), decoded per the model's signature (agent_workers/training/inputs.py).
+
+    A model of before signatures given rows (not a binary tensor) takes the float32 path of :func:`as_batch`,
+    unchanged.
+
+    Raises:
+        InputError: naming what does not fit (input, row, dtype, shape, size, NaN/infinity).
+    """
+    if spec.legacy and not isinstance(x, Mapping):
+        return as_batch(x, y, max_elements=max_elements)
+    limit = max_elements if max_elements is not None else 2**62
+    part = x if _is_part(x) else inputs.decode_x(spec, x, max_elements=limit)
+    batch, rows = inputs.collate(spec, part)
+    size = sum(batch[t.name].size for t in spec.signature.inputs)
+    if max_elements is not None and size > max_elements:
+        raise InputError(
+            f"this mini-batch holds {size} numbers (padded); the limit is {max_elements} "
+            "(AGENT_WORKERS_MAX_INPUT_ELEMENTS): send smaller batches"
+        )
+    ya = inputs.decode_y(y, rows, max_elements=max_elements)
+    if spec.legacy:  # a binary tensor of float32 rows: the legacy model's one array, as as_batch gives it
+        return batch[spec.signature.inputs[0].name], ya
+    return batch, ya
+
+
+def _is_part(x: Any) -> bool:
+    """Rows already decoded (selected from a dataset): an array, a list of arrays, or name -> one of those."""
+    if isinstance(x, np.ndarray):
+        return True
+    if isinstance(x, list):
+        return bool(x) and all(isinstance(r, np.ndarray) for r in x)
+    return isinstance(x, dict) and bool(x) and all(_is_part(v) for v in x.values())
+
+
+def check_rows(spec: ModelSpec, x: Batch) -> None:
+    """A decoded batch fits the model: a legacy array's rows the input shape, a typed batch the input names.
+
+    Raises:
+        InputError: naming the expected shape or names.
+    """
+    if isinstance(x, np.ndarray):
+        if x.shape[1:] != spec.input_shape:
+            raise InputError(f"x rows must have shape {list(spec.input_shape)}, got {list(x.shape[1:])}")
+        return
+    names = {t.name for t in spec.signature.inputs}
+    if names - set(x):
+        raise InputError(f"x names inputs {sorted(set(x) - set(MASK_ARGUMENTS))}; the model takes {sorted(names)}")

@@ -24,21 +24,15 @@ Example (a classifier that masks its padding)::
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-import weakref
 from typing import Any
 
 import numpy as np
 
+from agent_workers.padding import mask_arguments, masks_of, pad_value
 from agent_workers.tensors import DTYPES, Signature, TensorSpec
 
-#: The extra keyword arguments a ``forward`` may name to receive the batch's mask.
-MASK_ARGUMENTS = ("attention_mask", "lengths")
-
 Row = np.ndarray | dict[str, np.ndarray]
-
-_wants: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 
 def length_input(signature: Signature) -> TensorSpec | None:
@@ -55,23 +49,6 @@ def sizes(spec: TensorSpec, row: Row) -> tuple[int, ...]:
 def tokens(spec: TensorSpec, row: Row) -> int:
     """Real tokens of one request: the product of its variable sizes (its length, for one variable dim)."""
     return math.prod(sizes(spec, row))
-
-
-def mask_arguments(module: Any, signature: Signature) -> tuple[str, ...]:
-    """Which of :data:`MASK_ARGUMENTS` ``module.forward`` names and the signature does not declare (cached)."""
-    target = getattr(module, "_orig_mod", module)  # torch.compile wraps the module; ask the original
-    try:
-        return _wants[target]
-    except KeyError:
-        pass
-    try:
-        params = inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):
-        params = {}  # type: ignore[assignment]
-    declared = {t.name for t in signature.inputs}
-    found = tuple(a for a in MASK_ARGUMENTS if a in params and a not in declared)
-    _wants[target] = found
-    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +105,9 @@ def pad(signature: Signature, rows: list[Row], *, module: Any = None) -> Padded:
         batch[entry.name] = _stack_padded(entry, parts)
     own = [sizes(spec, r) for r in rows]
     longest = tuple(max(s[i] for s in own) for i in range(len(own[0])))
-    extra: dict[str, np.ndarray] = {}
     wanted = mask_arguments(module, signature) if module is not None else ()
-    lengths = np.array([s[0] for s in own], dtype=np.int64)
-    if "attention_mask" in wanted:
-        extra["attention_mask"] = (np.arange(longest[0])[None, :] < lengths[:, None]).astype(np.int64)
-    if "lengths" in wanted:
-        extra["lengths"] = lengths
+    masks = masks_of(np.array([s[0] for s in own], dtype=np.int64), longest[0])
+    extra = {name: array for name, array in masks.items() if name in wanted}
     return Padded(batch[names[0]] if single else batch, extra, own, longest)
 
 
@@ -143,16 +116,10 @@ def _stack_padded(spec: TensorSpec, parts: list[np.ndarray]) -> np.ndarray:
     if all(s == shapes[0] for s in shapes):
         return np.stack(parts)
     target = tuple(max(s[i] for s in shapes) for i in range(len(spec.shape)))
-    out = np.full((len(parts), *target), _pad_value(spec), dtype=DTYPES[spec.dtype])
+    out = np.full((len(parts), *target), pad_value(spec), dtype=DTYPES[spec.dtype])
     for i, p in enumerate(parts):
         out[(i, *(slice(0, n) for n in p.shape))] = p
     return out
-
-
-def _pad_value(spec: TensorSpec) -> Any:
-    if spec.dtype == "bfloat16":  # held as raw bits: 0.0 is 0x0000, other values take their upper 16 bits
-        return int(np.array(spec.pad, dtype="<f4").view("<u4") >> 16)
-    return spec.pad
 
 
 def _spec(specs: list[TensorSpec], name: str) -> TensorSpec | None:

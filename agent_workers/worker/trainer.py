@@ -33,10 +33,11 @@ from celery import states
 
 from agent_workers.config import BatchSettings
 from agent_workers.errors import InputError, ModelError, StoreUnavailableError
+from agent_workers.models import ModelSpec
 from agent_workers.training.groups import Step, group_step
 from agent_workers.training.optim import HyperParams
 from agent_workers.training.sizing import GroupSizer
-from agent_workers.training.steps import StepResult, as_batch
+from agent_workers.training.steps import StepResult, batch_of
 from agent_workers.worker import redelivery
 from agent_workers.worker.intake import Intake, register
 from agent_workers.worker.limits import limited_strategy
@@ -102,6 +103,7 @@ class TrainIntake(Intake):
         outcomes: list[Outcome] = []
         groups: dict[GroupKey, list[Member]] = {}
         solo: list[tuple[GroupKey, Member]] = []
+        specs: dict[str, ModelSpec] = {}
         now_utc = datetime.now(UTC)
         for req in batch:
             dropped = self._revoked_or_expired(req, now_utc)
@@ -109,7 +111,7 @@ class TrainIntake(Intake):
                 outcomes.append(dropped)
                 continue
             try:
-                model, hp, step = self._bind(req)
+                model, hp, step = self._bind(req, specs)
             except StoreUnavailableError as exc:  # a dataset could not be read: transient
                 outcomes.append(self._retry_or_fail(req, exc))
                 continue
@@ -130,7 +132,7 @@ class TrainIntake(Intake):
                 start += size
         return outcomes, solo
 
-    def _bind(self, req: Pending) -> tuple[str, HyperParams, Step]:
+    def _bind(self, req: Pending, specs: dict[str, ModelSpec]) -> tuple[str, HyperParams, Step]:
         """train_step's arguments of ``req``: its model, hyperparameters and checked mini-batch."""
         if len(req.args) > len(TRAIN_STEP_PARAMS):
             raise InputError(f"train_step takes at most {len(TRAIN_STEP_PARAMS)} arguments, got {len(req.args)}")
@@ -152,7 +154,9 @@ class TrainIntake(Intake):
             )
         elif x is None or y is None:
             raise InputError("train_step needs x and y, or dataset and rows")
-        xa, ya = as_batch(x, y, max_elements=self.app.settings.max_input_elements)
+        if model not in specs:  # one head read per model and flush: the signature decodes x and y
+            specs[model] = self.app.store.spec(model)
+        xa, ya = batch_of(specs[model], x, y, max_elements=self.app.settings.max_input_elements)
         return model, hp, Step(update_id or req.id, xa, ya)
 
     def _serve_group(self, key: GroupKey, members: list[Member]) -> list[Outcome]:

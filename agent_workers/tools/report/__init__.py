@@ -17,6 +17,10 @@ with worker processes it starts and stops itself:
    per-step, grouped and lock; quality against sequential single-process torch, steps/s, conflicts per step. It
    writes its own files (``training-queued.{json,png}``, its own markers in training.md), so ``--part queued``
    reruns it alone.
+6. **Example models** (:mod:`agent_workers.tools.report.zoo`): the digits CNN and the token-order transformer of
+   examples/models/zoo.py, trained on typed datasets (uint8 pixels, ragged token ids) by 1 and 4 trainers through
+   the queue, against the same model trained in one process on the same batches (``training-zoo.{json,png}``,
+   ``--part zoo``).
 
 Results go to ``docs/benchmarks/training.json`` and ``.png``, and the tables into ``docs/training.md`` between
 the report markers. Figures are this machine's; they are reported, never asserted.
@@ -40,9 +44,10 @@ from agent_workers.tools.report.lab import Lab, Plan, Progress, layout, step_sta
 from agent_workers.tools.report.output import BEGIN_MARK, END_MARK, environment, plot, render_tables, splice
 from agent_workers.tools.report.parts import coordination, digits, fetch_latency, linear_regression
 from agent_workers.tools.report.queued import QUEUED_BEGIN, QUEUED_END, plot_queued, queued_at_once, render_queued
+from agent_workers.tools.report.zoo import ZOO_BEGIN, ZOO_END, plot_zoo, render_zoo, zoo_models
 
 #: The parts ``--part`` can name; "main" is parts 1-4 (they share one JSON, one figure and one set of tables).
-PARTS = ("main", "queued")
+PARTS = ("main", "queued", "zoo")
 
 __all__ = ["BEGIN_MARK", "END_MARK", "Lab", "Plan", "layout", "render_tables", "run", "splice", "step_stats"]
 
@@ -74,6 +79,8 @@ def run(
             report["fetch"] = fetch_latency(lab, plan)
         if "queued" in parts:
             report["queued"] = queued_at_once(lab, plan)
+        if "zoo" in parts:
+            report["zoo"] = zoo_models(lab, quick=quick)
     finally:
         lab.cleanup()
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -82,15 +89,20 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     text = doc.read_text() if doc.exists() else "# Training\n"
     if "main" in parts:
-        main = {k: v for k, v in report.items() if k != "queued"}
+        main = {k: v for k, v in report.items() if k not in ("queued", "zoo")}
         (out / "training.json").write_text(json.dumps(main, indent=2) + "\n")
         plot(main, out / "training.png")
         text = splice(text, render_tables(main))
     if "queued" in parts:
-        queued = {k: v for k, v in report.items() if k not in ("linear", "digits", "coordination", "fetch")}
+        queued = {k: v for k, v in report.items() if k not in ("linear", "digits", "coordination", "fetch", "zoo")}
         (out / "training-queued.json").write_text(json.dumps(queued, indent=2) + "\n")
         plot_queued(report["queued"], out / "training-queued.png")
         text = splice(text, render_queued(queued), begin=QUEUED_BEGIN, end=QUEUED_END)
+    if "zoo" in parts:
+        zoo = {k: report[k] for k in ("zoo", "environment", "finished", "seconds")}
+        (out / "training-zoo.json").write_text(json.dumps(zoo, indent=2) + "\n")
+        plot_zoo(report["zoo"], out / "training-zoo.png")
+        text = splice(text, render_zoo(zoo), begin=ZOO_BEGIN, end=ZOO_END)
     doc.write_text(text)
     progress(f"report written under {out} and {doc} ({report['seconds']} s)")
     return report

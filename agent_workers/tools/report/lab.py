@@ -117,12 +117,17 @@ class Lab:
         """``AGENT_WORKERS_TRAIN_GROUP`` of the workers of ``path``."""
         return 1 if path == "per-step" else self.settings.train_group
 
-    def workers(self, trainers: int, *, mode: str = "optimistic", path: str = "per-step") -> list[WorkerProcess]:
+    def workers(
+        self, trainers: int, *, mode: str = "optimistic", path: str = "per-step", **settings: Any
+    ) -> list[WorkerProcess]:
         """Start worker processes giving ``trainers`` concurrent trainers in commit ``mode`` on the train_step
-        ``path`` (a grouped worker is one trainer per process: its groups run in the event loop); returns them."""
+        ``path`` (a grouped worker is one trainer per process: its groups run in the event loop); returns them.
+        ``settings``: other Settings fields of the workers (``plugins=(...)``)."""
         processes, threads = layout(trainers)
         fixed = {"train_group_max": self.group(path), "train_turns": False} if path == FIXED_PATH else {}
-        env = derive_settings(self.settings, commit_mode=mode, train_group=self.group(path), **fixed).to_env()
+        env = derive_settings(
+            self.settings, commit_mode=mode, train_group=self.group(path), **fixed, **settings
+        ).to_env()
         started = [
             WorkerProcess(
                 queues=[self.settings.training_queue], env=env, loglevel="WARNING", extra=["-c", str(threads)]
