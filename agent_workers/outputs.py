@@ -12,7 +12,9 @@ example's outputs after the forward pass (:func:`apply`):
   ``[{"label", "index", "score"}]`` best first, labels from the model's ``labels`` artifact (null without one).
   The answer then carries ``top_k`` in place of ``outputs``.
 
-numpy only: producers import this module through the contract.
+It also owns how a result carries an output row: :func:`result_output` (JSON), :func:`encoded_output` (the
+request's ``output_encoding``), :func:`plain_output` (Python lists). numpy only: producers import this module
+through the contract.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from agent_workers.errors import InputError, ModelError
-from agent_workers.tensors import Signature
+from agent_workers.tensors import Signature, encode_tensor
 
 BUILT_IN = ("top_k", "softmax", "normalize", "outputs")
 MAX_TOP_K = 1000
@@ -85,7 +87,7 @@ def apply(row: Any, signature: Signature, labels: list[str] | None, options: Out
         ModelError: the labels do not match the classes of the output.
     """
     if options is None:
-        return {"outputs": _widened(row)}
+        return {"outputs": result_output(row)}
     if options.extra:
         raise InputError(
             f"options {sorted(options.extra)} are not built in ({', '.join(BUILT_IN)}) and this model's "
@@ -97,7 +99,7 @@ def apply(row: Any, signature: Signature, labels: list[str] | None, options: Out
         if getattr(options, flag):
             row = {k: _floating(v, fn) for k, v in row.items()} if isinstance(row, dict) else _floating(row, fn)
     if options.top_k is None:
-        return {"outputs": _widened(row)}
+        return {"outputs": result_output(row)}
     return {"top_k": top_k(_one(row), options.top_k, labels)}
 
 
@@ -156,8 +158,31 @@ def _floating(x: np.ndarray, fn: Any) -> np.ndarray:
     return fn(x) if x.dtype.kind == "f" else x
 
 
-def _widened(row: Any) -> Any:
-    """float32 as float64, so a result prints the digits every other path prints (see inference.result_output)."""
+def plain_output(row: Any) -> Any:
+    """One output row as JSON-ready lists (floats as float64 print exactly as float32 does through json)."""
+    if isinstance(row, dict):
+        return {k: v.tolist() for k, v in row.items()}
+    return row.tolist()
+
+
+def result_output(row: Any) -> Any:
+    """One output row for the result record, serialized by orjson: float32 widened so it prints the same digits
+    as every other path (``json`` of ``float(float32)``); ints and bools as they are."""
     if isinstance(row, dict):
         return {k: _widened(v) for k, v in row.items()}
-    return row.astype(np.float64) if row.dtype.kind == "f" else row
+    return _widened(row)
+
+
+def encoded_output(row: Any, encoding: str) -> Any:
+    """One output row as the request's ``output_encoding`` asks (contract 1.3): ``"json"`` as
+    :func:`result_output`, ``"b64"`` as ``{"dtype", "shape", "b64"}`` per output (float32 stays float32: 4 bytes a
+    number in 5.3 characters of base64, where JSON prints up to 24)."""
+    if encoding == "json":
+        return result_output(row)
+    if isinstance(row, dict):
+        return {k: encode_tensor(v) for k, v in row.items()}
+    return encode_tensor(row)
+
+
+def _widened(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float64) if array.dtype.kind == "f" else array

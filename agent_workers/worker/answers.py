@@ -11,7 +11,8 @@ from celery import states
 
 from agent_workers import hooks
 from agent_workers.contract import PredictCall
-from agent_workers.worker.inference import InferenceEngine, LoadedModel, encoded_output
+from agent_workers.outputs import encoded_output
+from agent_workers.worker.inference import InferenceEngine, LoadedModel
 from agent_workers.worker.requests import Pending
 from agent_workers.worker.results import Outcome
 

@@ -23,9 +23,10 @@ from agent_workers.config import Settings
 from agent_workers.errors import InputError, ModelError
 from agent_workers.hooks import NO_HOOKS, Hooks, hooks_of
 from agent_workers.models import ModelSpec
+from agent_workers.outputs import encoded_output, plain_output
 from agent_workers.store.artifacts import Artifacts
 from agent_workers.store.params import RedisParamStore
-from agent_workers.tensors import decode_inputs, encode_tensor
+from agent_workers.tensors import decode_inputs
 from agent_workers.worker import padding
 
 #: One decoded example (an array, or name -> array for a model of several inputs), or a stacked batch of them.
@@ -390,36 +391,6 @@ def stack(rows: list[Tensors]) -> Tensors:
     if isinstance(rows[0], dict):
         return {name: np.stack([r[name] for r in rows]) for name in rows[0]}  # type: ignore[index]
     return np.stack(rows)  # type: ignore[arg-type]
-
-
-def plain_output(row: Tensors) -> Any:
-    """One output row as JSON-ready lists (floats as float64 print exactly as float32 does through json)."""
-    if isinstance(row, dict):
-        return {k: v.tolist() for k, v in row.items()}
-    return row.tolist()
-
-
-def result_output(row: Tensors) -> Tensors:
-    """One output row for the result record, serialized by orjson: float32 widened so it prints the same digits
-    as every other path (``json`` of ``float(float32)``); ints and bools as they are."""
-    if isinstance(row, dict):
-        return {k: _widened(v) for k, v in row.items()}
-    return _widened(row)
-
-
-def encoded_output(row: Tensors, encoding: str) -> Any:
-    """One output row as the request's ``output_encoding`` asks (contract 1.3): ``"json"`` as
-    :func:`result_output`, ``"b64"`` as ``{"dtype", "shape", "b64"}`` per output (float32 stays float32: 4 bytes a
-    number in 5.3 characters of base64, where JSON prints up to 24)."""
-    if encoding == "json":
-        return result_output(row)
-    if isinstance(row, dict):
-        return {k: encode_tensor(v) for k, v in row.items()}
-    return encode_tensor(row)
-
-
-def _widened(array: np.ndarray) -> np.ndarray:
-    return array.astype(np.float64) if array.dtype.kind == "f" else array
 
 
 def _split(out: Tensors) -> list[Tensors]:

@@ -16,9 +16,9 @@ from celery import Celery
 from agent_workers.client.messages import predict_parts_msgpack
 from agent_workers.contract import bind_predict_call
 from agent_workers.errors import InputError
+from agent_workers.outputs import encoded_output
 from agent_workers.tensors import DTYPES, TensorSpec, decode_tensor, decode_tensor_object, encode_tensor
 from agent_workers.wire import MSGPACK, Envelope
-from agent_workers.worker.inference import encoded_output
 
 ARRAYS = [
     np.array([[True, False], [False, True]]),
