@@ -23,6 +23,8 @@ import dataclasses
 import functools
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,10 +75,15 @@ def load_plugins(modules: Iterable[str]) -> None:
 
     Every entry point that builds or checks a spec calls it: the worker at start-up, and
     :meth:`~agent_workers.store.params.RedisParamStore.from_settings` (the CLI's ``models`` commands, the tools).
+    A module of the current directory is found, as ``celery -A`` finds its app: ``python -m`` has the current
+    directory on ``sys.path``, a console script such as ``.venv/bin/agent-workers`` does not.
 
     Raises:
         ConfigError: a module cannot be imported (named, with the import error).
     """
+    modules = list(modules)
+    if modules and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # last: an installed module of the same name still wins
     for module in modules:
         try:
             importlib.import_module(module)

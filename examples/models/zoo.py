@@ -12,18 +12,35 @@ The transformer's task (:func:`order_data`) is synthetic and depends on token OR
 one token ``A`` and one token ``B`` among random filler tokens, and the label is 1 when ``A`` comes before ``B``.
 Every sequence holds the same bag of special tokens, so a bag-of-words model is at chance (50 %).
 
-Usage::
+Both serve raw inputs too (preprocess hooks, docs/hooks.md), and still take their tensors as before:
 
-    AGENT_WORKERS_PLUGINS=examples.models.zoo agent-workers models create digits --arch digits_cnn
+* ``digits_cnn`` takes ``{"image": {"b64": <PNG/JPEG bytes>}}``: decoded with Pillow, greyscale, resized to 8×8,
+  bright ink on a dark background as in the training data (:func:`digits_preprocess`). Labels: :data:`DIGIT_LABELS`.
+* ``order_transformer`` takes ``{"text": "the a cat sat on b"}``: split into words by the model's ``tokenizer``
+  artifact (:func:`order_tokenizer`, a Hugging Face WordLevel ``tokenizer.json``: ``a`` is A, ``b`` is B, the other
+  words are filler). A word outside the vocabulary fails that request with an ``InputError`` naming it, rather
+  than being guessed at (:func:`order_preprocess`). Labels: :data:`ORDER_LABELS`.
+
+Usage (README.md "Your own model")::
+
+    AGENT_WORKERS_PLUGINS=examples.models.zoo agent-workers models create digits --arch digits_cnn --config '{}'
     AGENT_WORKERS_PLUGINS=examples.models.zoo agent-workers worker
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 
+from agent_workers.errors import InputError
+from agent_workers.hooks import raw_bytes, raw_text
 from agent_workers.models import register_architecture
+from agent_workers.store.artifacts import Artifacts
+from agent_workers.tensors import Signature, decode_inputs
 
 DIGITS_SIGNATURE = {
     "inputs": [{"name": "pixels", "dtype": "uint8", "shape": [1, 8, 8]}],
@@ -36,6 +53,13 @@ ORDER_SIGNATURE = {
 #: The order task's vocabulary: 0 pads, 1 is A, 2 is B, the rest are filler.
 PAD, TOKEN_A, TOKEN_B, VOCAB = 0, 1, 2, 16
 MIN_LENGTH, MAX_LENGTH = 4, 32
+#: The order task's words, by id: what the tokenizer maps ``a``, ``b`` and the filler words to.
+WORDS = ("[PAD]", "a", "b", "the", "cat", "sat", "on", "mat", "dog", "ran", "to", "red", "big", "old", "and", "then")
+#: ``top_k`` labels (the ``labels`` artifacts of README.md "Your own model"): index = class.
+DIGIT_LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+ORDER_LABELS = ("b-first", "a-first")
+#: A tensor sent in place of raw input is checked against the declared signature with this bound (then the worker's).
+_TENSOR_BOUND = 1 << 20
 
 
 class DigitsCNN(torch.nn.Module):
@@ -55,7 +79,40 @@ class DigitsCNN(torch.nn.Module):
         return self.head(x.flatten(1))
 
 
-@register_architecture("digits_cnn", signature=DIGITS_SIGNATURE)
+def digits_preprocess(raw: Any, artifacts: Artifacts) -> np.ndarray:
+    """``{"image": {"b64": ...}}`` -> uint8 [1, 8, 8] as the training data holds it; a tensor passes through checked.
+
+    The image is decoded by Pillow, converted to greyscale ("L", 0-255) and resized to 8×8 (box filter: each pixel
+    the mean of its area, as sklearn's digits were made by counting ink in 4×4 blocks); its values are used as they
+    are, since the training data's 0-16 intensities were scaled to 0-255 (:func:`digits_data`).
+
+    Raises:
+        InputError: not an image Pillow can read (the request fails alone), or a bad tensor.
+    """
+    if not (isinstance(raw, Mapping) and "image" in raw):
+        return decode_inputs(_DIGITS, raw, max_elements=_TENSOR_BOUND)  # plain tensors, as before the hook
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw_bytes(raw, "image"))) as image:
+        image.draft("L", (8, 8))  # a JPEG decodes straight at a reduced size: far less work for a big photo
+        small = image.convert("L").resize((8, 8), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.uint8)[None]
+
+
+def digits_png(pixels: np.ndarray) -> bytes:
+    """PNG bytes of one uint8 digit ``[1, 8, 8]`` (or ``[8, 8]``): what a producer would send."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8).reshape(8, 8), mode="L").save(out, format="PNG")
+    return out.getvalue()
+
+
+_DIGITS = Signature.from_json(DIGITS_SIGNATURE)
+_ORDER = Signature.from_json(ORDER_SIGNATURE)
+
+
+@register_architecture("digits_cnn", signature=DIGITS_SIGNATURE, preprocess=digits_preprocess)
 def build_digits_cnn(*, channels: int = 16, classes: int = 10) -> torch.nn.Module:
     """The digits CNN (``channels``: the first convolution's width; the second has twice as many)."""
     return DigitsCNN(channels, classes)
@@ -86,7 +143,49 @@ class OrderTransformer(torch.nn.Module):
         return self.head(pooled)
 
 
-@register_architecture("order_transformer", signature=ORDER_SIGNATURE)
+def order_tokenizer() -> Any:
+    """The order task's tokenizer: a Hugging Face WordLevel ``tokenizers.Tokenizer`` over :data:`WORDS`.
+
+    Lower-cases, turns punctuation into spaces and splits on whitespace. Save it with ``.save("tokenizer.json")``
+    and store it as the model's ``tokenizer`` artifact; :func:`order_preprocess` reads it back.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    # WordLevel needs an unknown token; "[UNK]" is left out of the vocabulary on purpose, since the model has no id
+    # for it: order_preprocess refuses unknown words before encoding.
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tokenizer
+
+
+def order_preprocess(raw: Any, artifacts: Artifacts) -> np.ndarray:
+    """``{"text": "..."}`` -> int64 ids [-1] with the model's ``tokenizer`` artifact; a tensor passes through checked.
+
+    Raises:
+        InputError: a word outside the vocabulary (named; the model has no id for it, so guessing one would give a
+            silently wrong answer), no words at all, or a bad tensor.
+        ModelError: the model has no ``tokenizer`` artifact.
+    """
+    if not (isinstance(raw, Mapping) and "text" in raw):
+        return decode_inputs(_ORDER, raw, max_elements=_TENSOR_BOUND)  # plain token ids, as before the hook
+    text = raw_text(raw, "text", max_chars=10_000)
+    tokenizer = artifacts.tokenizer()
+    words = [w for w, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text))]
+    unknown = sorted({w for w in words if tokenizer.token_to_id(w) is None})
+    if unknown:
+        raise InputError(f"unknown words {unknown[:10]}: this model knows {list(WORDS[1:])}")
+    if not words:
+        raise InputError("inputs.text has no words")
+    return np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
+
+
+def order_text(ids: np.ndarray) -> str:
+    """The sentence of token ids ``ids`` (what a producer would send for one of :func:`order_data`'s rows)."""
+    return " ".join(WORDS[int(i)] for i in ids)
+
+
+@register_architecture("order_transformer", signature=ORDER_SIGNATURE, preprocess=order_preprocess)
 def build_order_transformer(
     *, vocab: int = VOCAB, width: int = 32, heads: int = 4, layers: int = 2, max_length: int = 64, classes: int = 2
 ) -> torch.nn.Module:

@@ -6,10 +6,16 @@
 //   npm ci
 //   AGENT_WORKERS_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// node producer.js house '[[0.5, -1, 2], [1, 0, 0]]'
 //   node producer.js --uint8 3,8,8 cnn '[[0, 255, ...192 pixels...]]'   # typed: each row a uint8 tensor (b64)
+//   node producer.js --png --top-k 3 digits '["digit.png"]'         # raw: each row a PNG file, top 3 labels
+//   node producer.js --text --top-k 2 order '["the a cat sat on b"]'  # raw: each row a sentence
 //
 // With --uint8 SHAPE, each row is the pixels of one image, flat, row-major; they travel as a typed tensor,
 // {"dtype": "uint8", "shape": SHAPE, "b64": <base64 of the raw bytes>} (contract 1.2, docs/tasks.md "Typed
 // tensors"): 4/3 of the pixel bytes, where a JSON list of the same pixels takes 3-4x.
+//
+// With --png each row is the path of an image file, sent as raw input {"image": {"b64": <the file's bytes>}}; with
+// --text each row is a sentence, sent as {"text": ...} (contract 1.3, docs/tasks.md "Raw inputs and built-in
+// outputs": the model's preprocess hook decodes them). --top-k K asks for the K best labels with softmax scores.
 //
 // Prints one JSON array with one {"id", "status", "result"} per row; result is the task's result or, for a
 // failure, Celery's error payload {"exc_type", "exc_message", "exc_module"}.
@@ -17,6 +23,7 @@
 "use strict";
 
 const { randomUUID } = require("crypto");
+const fs = require("fs");
 const celery = require("celery-ts");
 const Redis = require("ioredis");
 
@@ -84,17 +91,32 @@ function tensor(dtype, shape, array) {
 
 async function main(argv) {
   let shape = null;
-  if (argv[0] === "--uint8") {
-    shape = (argv[1] || "").split(",").map(Number);
-    argv = argv.slice(2);
+  let raw = null;
+  let topK = null;
+  for (;;) {
+    if (argv[0] === "--uint8") {
+      shape = (argv[1] || "").split(",").map(Number);
+      argv = argv.slice(2);
+    } else if (argv[0] === "--png" || argv[0] === "--text") {
+      raw = argv[0].slice(2);
+      argv = argv.slice(1);
+    } else if (argv[0] === "--top-k") {
+      topK = Number(argv[1]);
+      argv = argv.slice(2);
+    } else break;
   }
   const [model, rowsJson, timeoutArg] = argv;
-  if (!model || !rowsJson || (shape && !shape.every((d) => Number.isInteger(d) && d > 0))) {
-    console.error("usage: node producer.js [--uint8 D1,D2,...] MODEL ROWS_JSON [TIMEOUT_SECONDS]");
+  if (!model || !rowsJson || (shape && !shape.every((d) => Number.isInteger(d) && d > 0)) ||
+      (topK !== null && !(Number.isInteger(topK) && topK > 0))) {
+    console.error("usage: node producer.js [--uint8 D1,D2,... | --png | --text] [--top-k K] MODEL ROWS_JSON " +
+                  "[TIMEOUT_SECONDS]");
     return 2;
   }
   let rows = JSON.parse(rowsJson);
   if (shape) rows = rows.map((row) => tensor("uint8", shape, Uint8Array.from(row.flat(Infinity))));
+  if (raw === "png") rows = rows.map((path) => ({ image: { b64: fs.readFileSync(path).toString("base64") } }));
+  if (raw === "text") rows = rows.map((text) => ({ text }));
+  const kwargs = topK === null ? {} : { options: { top_k: topK, softmax: true } };
   // Not celery-ts's Redis result backend: it PSUBSCRIBEs to every result of every application and waits forever
   // for a FAILURE stored before it asked (dist/redis/backend.js); collect() reads the records instead. Its
   // NullBackend rejects every result at once, so hand celery-ts a backend whose results never settle.
@@ -109,8 +131,8 @@ async function main(argv) {
   const client = new celery.Client({ brokers: [celery.createBroker(BROKER)], backend: readBelow, id: randomUUID() });
   try {
     const task = client.createTask("agent_workers.predict");
-    // Positional (model, inputs) as in docs/tasks.md; protocol 2 needs kwargs present, even empty.
-    const ids = rows.map((row) => task.applyAsync({ args: [model, row], kwargs: {}, queue: QUEUE }).taskId);
+    // Positional (model, inputs) as in docs/tasks.md, options by keyword; protocol 2 needs kwargs present, even empty.
+    const ids = rows.map((row) => task.applyAsync({ args: [model, row], kwargs, queue: QUEUE }).taskId);
     const records = await collect(BACKEND, ids, 1000 * Number(timeoutArg || 60));
     console.log(JSON.stringify(records.map((r, i) => ({ id: ids[i], status: r.status, result: r.result }))));
     return records.every((r) => r.status === "SUCCESS") ? 0 : 1;
