@@ -272,7 +272,7 @@ class Batcher(Intake):
         for req, inputs in members:
             try:
                 valid.append((req, example_of(self.engine, loaded, req, inputs)))
-            except InputError as exc:
+            except (InputError, ModelError) as exc:
                 outcomes.append(Outcome(req, states.FAILURE, exc))
         size = max(1, self.policy.max_batch_size)
         if any(req.deadline is not None for req, _ in valid):

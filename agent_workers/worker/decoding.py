@@ -20,8 +20,9 @@ import concurrent.futures
 import logging
 from typing import Any
 
+from agent_workers import hooks
 from agent_workers.contract import bind_predict_call
-from agent_workers.errors import InputError
+from agent_workers.errors import AgentWorkersError, InputError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,24 @@ class Decoder:
 
 def example_of(engine: Any, loaded: Any, req: Any, inputs: Any) -> Any:
     """The decoded example ``req`` is served with by ``loaded``: what its model's preprocess hook made of it
-    (worker/preprocessing.py), else its decode ahead when made for this version's spec, else decoded now.
+    (worker/preprocessing.py; made here when the request reached the batch before this worker knew its model has
+    hooks: the model's first requests), else its decode ahead when made for this version's spec, else decoded now.
 
     Raises:
-        InputError: the inputs do not fit the model's signature (this request alone fails).
+        InputError: the inputs do not fit the model's signature, or its preprocess hook refused them.
+        ModelError: the preprocess hook made what the signature does not take (this request alone fails).
     """
     made = None if req.prepared is None else req.prepared.tensors
     if made is not None:
         return made
+    if loaded.hooks.preprocess is not None:
+        limit = engine.settings.max_input_elements
+        try:
+            return hooks.prepare(loaded.hooks, loaded.spec.signature, inputs, loaded.artifacts, max_elements=limit)
+        except AgentWorkersError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a fault in the hook machinery: this request alone
+            raise ModelError(f"preprocessing failed: {type(exc).__name__}: {exc}") from None
     ahead = decoded_for(req, loaded.spec)
     if ahead is None:
         return engine.validate(loaded, inputs)

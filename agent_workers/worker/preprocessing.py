@@ -84,11 +84,16 @@ class Preprocessing:
         self._back: queue.SimpleQueue[tuple[Pending, Exception | None]] = queue.SimpleQueue()
 
     def wants(self, request: Pending) -> bool:
-        """Whether ``request`` must be preprocessed first: its model has a preprocess hook, or is not known yet."""
+        """Whether ``request`` must be preprocessed first: its model is loaded here and has a preprocess hook.
+
+        A model not loaded yet goes straight to the batch, which preprocesses its first requests where it serves
+        them (worker/decoding.py ``example_of``): a round trip through the pool for every model's first requests
+        broke a drain's first batches into pieces, and an unknown name never has hooks.
+        """
         if request.prepared is not None:
             return False
         model = request.args[0] if request.args else request.kwargs.get("model")
-        return isinstance(model, str) and self.engine.hooked.get(model, True)
+        return isinstance(model, str) and self.engine.hooked.get(model, False)
 
     def submit(self, request: Pending) -> None:
         """Event loop: preprocess ``request`` in the pool; it comes back through ``admit`` or ``fail``."""
