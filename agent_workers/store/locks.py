@@ -83,19 +83,24 @@ class CommitLock:
                 )
 
     @contextlib.contextmanager
-    def turn(self, name: str, *, lease: float = TURN_LEASE) -> Iterator[None]:
+    def turn(self, name: str, *, lease: float = TURN_LEASE, wait: float | None = None) -> Iterator[None]:
         """Take ``name``'s lock for the block as a short, best-effort turn (optimistic mode's conflict avoidance).
 
         Trainers that take turns walk one after the other instead of all at once on the same head, so their
         compare-and-sets stop colliding, while the rest of their work (receiving, decoding, results) overlaps. A turn
         is never required: it lives ``lease`` seconds without renewal and a trainer that waited ``lease`` for it goes
-        ahead without one; the compare-and-set decides either way.
+        ahead without one; the compare-and-set decides either way. ``wait`` (seconds, at most ``lease``) shortens
+        that wait, for a trainer whose event loop also serves predictions.
 
         Raises:
             StoreUnavailableError: Redis unreachable.
         """
         lock = self.client.lock(
-            self.keys.lock(name), timeout=lease, sleep=LOCK_POLL, blocking_timeout=lease, thread_local=False
+            self.keys.lock(name),
+            timeout=lease,
+            sleep=LOCK_POLL,
+            blocking_timeout=lease if wait is None else min(wait, lease),
+            thread_local=False,
         )
         with unavailable():
             acquired = lock.acquire()

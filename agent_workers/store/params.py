@@ -428,15 +428,18 @@ class RedisParamStore:
 
     # -- coordination -------------------------------------------------------------------------------------------
 
-    def exclusive(self, name: str, *, turn: bool = False) -> contextlib.AbstractContextManager[None]:
+    def exclusive(
+        self, name: str, *, turn: bool = False, turn_wait: float | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         """Hold ``name``'s commit lock for a read-compute-commit cycle (lock mode); when optimistic, a no-op, or with
-        ``turn`` a short best-effort turn (:meth:`~agent_workers.store.locks.CommitLock.turn`).
+        ``turn`` a short best-effort turn, waited for at most ``turn_wait`` seconds when given
+        (:meth:`~agent_workers.store.locks.CommitLock.turn`).
 
         Raises:
             StoreUnavailableError: the lock was not free within ``lock_wait`` seconds (transient: retry).
         """
         if self.mode != "lock":
-            return self._lock.turn(name) if turn else contextlib.nullcontext()
+            return self._lock.turn(name, wait=turn_wait) if turn else contextlib.nullcontext()
         return self._lock.hold(name)
 
 

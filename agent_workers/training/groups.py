@@ -65,6 +65,7 @@ def group_step(
     max_attempts: int = training.DEFAULT_MAX_ATTEMPTS,
     deadline: float | None = None,
     turns: bool = False,
+    turn_wait: float | None = None,
 ) -> list[Answer]:
     """Apply ``steps`` to ``model`` in one commit; one answer per step, in order.
 
@@ -74,6 +75,7 @@ def group_step(
         deadline: ``time.monotonic()`` after which no commit is attempted.
         turns: in optimistic mode, take the model's short best-effort turn around the walk and commit, so that
             trainers of one model walk one after the other instead of colliding (``AGENT_WORKERS_TRAIN_TURNS``).
+        turn_wait: the longest wait for the turn (seconds; None: its whole lease), after which the group goes ahead.
 
     Returns:
         For each step, its :class:`StepResult` (``version``: the group's committed version, or for a duplicate the
@@ -97,7 +99,7 @@ def group_step(
             answers.update(_duplicates(store, model, steps, hp, {i: done[steps[i].update_id] for i in old}, started))
             live = [i for i in live if i not in answers]
         if live:
-            with store.exclusive(model, turn=turns):
+            with store.exclusive(model, turn=turns, turn_wait=turn_wait):
                 _commit(store, model, steps, hp, live, answers, max_staleness, max_attempts, deadline, started)
     except Exception as exc:  # noqa: BLE001 - a fault of the whole group answers every step not yet answered
         for i in range(len(steps)):

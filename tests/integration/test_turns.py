@@ -52,3 +52,16 @@ def test_a_turn_nobody_gives_back_delays_a_trainer_one_lease_and_is_left_alone(r
     assert 0.25 <= waited < DEADLINE  # it went ahead without a turn after about one lease (redis-py polls)
     assert client.get(keys.lock("m")) == b"token-of-a-dead-trainer"  # and did not release what it never held
     client.delete(keys.lock("m"))
+
+
+def test_a_shorter_wait_lets_a_mixed_worker_go_ahead_long_before_the_lease(redis_up: None) -> None:
+    """A worker that also serves predictions waits for a turn on its event loop at most ``wait``, not a lease."""
+    client = redis.Redis.from_url(f"{REDIS}/2")
+    keys = Keys("ttn" + unique("")[1:])
+    client.set(keys.lock("m"), "token-of-a-dead-trainer", ex=600)
+    started = time.monotonic()
+    with CommitLock(client, keys, timeout=5).turn("m", lease=DEADLINE, wait=0.05):
+        waited = time.monotonic() - started
+    assert waited < DEADLINE / 2  # went ahead after its wait: a whole lease would be DEADLINE
+    assert client.get(keys.lock("m")) == b"token-of-a-dead-trainer"
+    client.delete(keys.lock("m"))

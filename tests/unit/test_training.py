@@ -182,7 +182,7 @@ class MemoryStore:
         return [self.applied_ids.get(u) for u in update_ids]
 
     @contextlib.contextmanager
-    def exclusive(self, name: str, *, turn: bool = False) -> Iterator[None]:
+    def exclusive(self, name: str, *, turn: bool = False, turn_wait: float | None = None) -> Iterator[None]:
         self.locks += 1
         yield
 
