@@ -326,6 +326,20 @@ def test_write_outputs_writes_json_markdown_and_both_plots(tmp_path: Path) -> No
     assert "| redis/mlp drain vs naive | >= 10x | 12.00 | met |" in (tmp_path / "summary-t.md").read_text()
 
 
+def test_drains_in_several_encodings_get_their_own_plot_and_rows(tmp_path: Path) -> None:
+    results = _results()
+    results["drains"][0] |= {"encoding": "b64", "raw_torch_rate": 4000.0}
+    results["drains"].append(
+        {**_drain("ours", 2000.0), "encoding": "json", "role": "encoding", "raw_torch_rate": 4000.0}
+    )
+    paths = bench.write_outputs(results, tmp_path)
+    assert (tmp_path / "encodings.png") in paths and (tmp_path / "encodings.png").read_bytes()[:4] == b"\x89PNG"
+    title = "Ours by max_batch_size and encoding (drain) against raw torch at the same batch size"
+    headers, rows = {t: (h, r) for t, h, r in bench.report_tables(results)}[title]
+    shown = {(row[headers.index("encoding")], row[headers.index("e2e / raw")]) for row in rows}
+    assert {("b64", 0.9), ("json", 0.5)} <= shown
+
+
 def test_raw_torch_rate_uses_the_worker_thread_count_and_restores_it() -> None:
     import torch
 
