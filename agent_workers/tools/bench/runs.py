@@ -232,7 +232,7 @@ class Runs:
         queue_name = f"{s.namespace}.{run}"
         publisher = Publisher(s.broker_url, queue_name)
         worker, port = self.worker(s, queue_name, self.cfg.max_batch_size, run)
-        factory = self._factory(s, system)
+        factory = self._factory(s, system, self.cfg.encodings_of(s.workload.name)[0])
         counter = itertools.count()
 
         def make(task_id: str) -> TaskMessage:
