@@ -104,8 +104,7 @@ class QoS(kredis.QoS):
             return pipe
 
     def remove_many_from_indices(self, delivery_tags: list[str], pipe: Any) -> Any:
-        """:meth:`_remove_from_indices` of many messages as three variadic commands (``ZREM``, ``HDEL``, ``SREM``)
-        on ``pipe``, not three per message: a batch's ack costs the worker (and Redis) one parse, not 3 × 64."""
+        """:meth:`_remove_from_indices` of many tags in three variadic commands on ``pipe``, not three per tag."""
         pipe.zrem(self.unacked_index_key, *delivery_tags).hdel(self.unacked_key, *delivery_tags)
         if self.channel.reclaim_key:
             pipe.srem(self.channel.reclaim_key, *delivery_tags)
