@@ -35,12 +35,14 @@ SERIALIZERS = {"json": JSON, "msgpack": MSGPACK}
 
 @dataclasses.dataclass(frozen=True)
 class TaskMessage:
-    """A Celery protocol-v2 message: headers, properties and the JSON body ``[args, kwargs, embed]``."""
+    """A Celery protocol-v2 message: headers, properties and the body ``[args, kwargs, embed]`` of ``content``
+    (content type and encoding: JSON unless said)."""
 
     id: str
     headers: dict[str, Any]
     properties: dict[str, Any]
     body: bytes
+    content: tuple[str, str] = JSON
 
 
 def body(args_json: str, kwargs_json: str) -> bytes:

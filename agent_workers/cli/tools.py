@@ -89,6 +89,14 @@ def demo() -> None:
     "random inputs, as_task_v2 per message); fast: 256 rounded templates with positional arguments.",
 )
 @click.option(
+    "--encoding",
+    "encodings",
+    default="",
+    help="How our drains' requests travel, a comma list of json, b64, msgpack (mlp and heavy): the first is the "
+    "main drain's, each further one is drained in the same sitting against raw torch [default: json for mlp, b64 "
+    "for heavy].",
+)
+@click.option(
     "--profile",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -117,6 +125,7 @@ def bench(
     repeat: int,
     profile: Path | None,
     fill: str,
+    encodings: str,
 ) -> None:
     """Benchmark our batcher against a per-request Celery task (and celery-batches) on Redis and RabbitMQ: drains,
     latency (C=1 against a Celery no-op task), the heavy model against raw torch, an overload run with priorities and
@@ -158,7 +167,15 @@ def bench(
             say=click.echo,
         )
         return
+    from agent_workers.tools.bench.messages import ENCODINGS
+
+    chosen = tuple(e.strip() for e in encodings.split(",") if e.strip())
+    if any(e not in ENCODINGS for e in chosen):
+        raise click.BadParameter(
+            f"each must be one of {', '.join(ENCODINGS)}, got {encodings!r}", param_hint="--encoding"
+        )
     options: dict[str, Any] = {
+        "encodings": chosen,
         "brokers": ("redis", "rabbitmq") if broker == "both" else (broker,),
         "workloads": ("mlp", "heavy") if workload == "both" else (workload,),
         "sweep": tuple(int(s) for s in sweep.split(",") if s.strip()),

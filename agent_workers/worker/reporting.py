@@ -12,7 +12,7 @@ from celery import states
 from celery.utils.saferepr import saferepr
 
 from agent_workers import metrics
-from agent_workers.worker.results import Outcome, short_repr
+from agent_workers.worker.results import ARGS_REPR_LIMIT, Outcome, short_repr
 
 
 class Reporter:
@@ -52,8 +52,8 @@ class Reporter:
                 "task-received",
                 req,
                 name=req.name,
-                args=short_repr(req.args),
-                kwargs=short_repr(req.kwargs),
+                args=_shown(req.headers.get("argsrepr"), req.args),
+                kwargs=_shown(req.headers.get("kwargsrepr"), req.kwargs),
                 retries=req.retries,
                 expires=req.headers.get("expires"),
                 root_id=req.headers.get("root_id"),
@@ -84,3 +84,13 @@ class Reporter:
                 )
             elif o.state == states.RETRY:
                 self.event("task-retried", o.request, exception=saferepr(o.result, 500), traceback=None)
+
+
+def _shown(header: Any, value: Any) -> str:
+    """What ``task-received`` shows of a request's args or kwargs: the producer's own ``argsrepr`` / ``kwargsrepr``
+    header (checked as the message arrived, worker/requests.py), cut to :data:`ARGS_REPR_LIMIT`, as Celery's own
+    strategy sends it (``celery/worker/strategy.py``); :func:`short_repr` of the decoded value only for a producer
+    that sent none. Walking every request's decoded inputs cost ~0.07 ms of the event loop per request."""
+    if isinstance(header, str):
+        return header if len(header) <= ARGS_REPR_LIMIT else header[: ARGS_REPR_LIMIT - 3] + "..."
+    return short_repr(value)

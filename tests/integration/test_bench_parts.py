@@ -61,3 +61,25 @@ def test_image_part_drains_every_encoding_and_writes_its_figures(broker: str, tm
     assert ratios["msgpack"] < ratios["b64"] < 1.5 < ratios["json"] < ratios["json-float"]
     assert json.loads((tmp_path / "image-t.json").read_text())["runs"] == report["runs"]
     assert (tmp_path / "image-t.png").stat().st_size > 0
+
+
+def test_heavy_drains_in_each_encoding_and_c1_runs_answer_everything(tmp_path: Path) -> None:
+    # every encoding's drain is served in full, and the C=1 runs after them build their messages too (the latency
+    # runs once called the message factory without an encoding and stopped the benchmark)
+    config = bench.BenchConfig.quick(
+        brokers=("redis",),
+        workloads=("heavy",),
+        encodings=("b64", "json", "msgpack"),
+        skip=frozenset({"baselines", "sweep", "latency", "overload", "cache"}),
+        heavy_n=130,
+        idle_duration=0.5,
+        out=tmp_path,
+    )
+    results = bench.run(config)
+    drains = {d["encoding"]: d for d in results["drains"] if d["system"] == "ours"}
+    assert set(drains) == {"b64", "json", "msgpack"}
+    assert all(d["stored"] == 130 and d["failed"] == 0 for d in drains.values())
+    assert drains["b64"]["role"] == "main" and drains["msgpack"]["role"] == "encoding"
+    assert {(r["system"], r["concurrency"]) for r in results["latency"]} == {("ours", 1), ("noop", 1)}
+    assert all(r["count"] > 0 for r in results["latency"])
+    assert (tmp_path / "encodings-quick.png").stat().st_size > 0

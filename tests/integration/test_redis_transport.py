@@ -75,3 +75,31 @@ def test_malformed_envelopes_are_dead_lettered_and_the_good_ones_served(start_po
     finally:
         broker.delete(f"{queue}.dead")
         broker.close()
+
+
+def test_a_batch_ack_clears_each_tag_from_the_unacked_hash_index_and_held_set(start_pool) -> None:
+    # ack_all acknowledges a batch in three variadic commands (ZREM, HDEL, SREM of every tag): none may stay behind,
+    # or kombu's visibility sweep would redeliver an answered request.
+    pool: Pool = start_pool("redis")
+    model = unique("lin")
+    pool.store.create(model, make_spec("linear", in_features=2))
+    queue = pool.settings.inference_queue
+    tags = [str(uuid.uuid4()) for _ in range(24)]
+    envelopes = [json.loads(_envelope(queue, _props(queue, tag))) for tag in tags]
+    for envelope in envelopes:
+        envelope["body"] = base64.b64encode(json.dumps([[model, [1.0, 2.0]], {}, {}]).encode()).decode()
+    broker = redis.Redis.from_url(pool.settings.broker_url)
+    try:
+        broker.lpush(queue, *(json.dumps(e) for e in envelopes))
+        outputs = pool.client.collect([e["headers"]["id"] for e in envelopes], timeout=30)
+        assert len(outputs) == len(tags)
+        held = [k for k in broker.scan_iter(match=f"{pool.settings.namespace}:reclaim:held:*")]
+        with broker.pipeline(transaction=False) as pipe:
+            for tag in tags:
+                pipe.hexists("unacked", tag).zscore("unacked_index", tag)
+                for key in held:
+                    pipe.sismember(key, tag)
+            left = pipe.execute()
+        assert not any(left), "acknowledged tags left in kombu's unacked hash/index or the held set"
+    finally:
+        broker.close()

@@ -136,3 +136,37 @@ def test_corked_acks_go_out_in_one_write_and_the_transport_is_restored() -> None
     assert transport._write == own
     with corked(SimpleNamespace()):  # not py-amqp: nothing to cork, nothing breaks
         pass
+
+
+def _received(headers: dict, kwargs: dict) -> dict:
+    import threading
+    from types import SimpleNamespace
+
+    from agent_workers import metrics
+    from agent_workers.worker.reporting import Reporter
+
+    sent: list[dict] = []
+    eventer = SimpleNamespace(enabled=True, send=lambda type_, **fields: sent.append({"type": type_, **fields}))
+    reporter = Reporter(eventer=eventer, labels=metrics.ModelLabels())
+    assert reporter._loop == threading.get_ident()
+    req = SimpleNamespace(id="t1", name="agent_workers.predict", args=[], kwargs=kwargs, retries=0, headers=headers)
+    reporter.announce([req])
+    (event,) = sent
+    assert event["type"] == "task-received" and event["uuid"] == "t1"
+    return event
+
+
+def test_task_received_shows_the_producers_repr_headers_cut_to_the_limit() -> None:
+    from agent_workers.worker.results import ARGS_REPR_LIMIT
+
+    kwargs = {"model": "m", "inputs": list(range(1000))}
+    event = _received({"argsrepr": "()", "kwargsrepr": "{'model': 'm', 'inputs': " + "1, " * 500}, kwargs)
+    assert event["args"] == "()"
+    assert event["kwargs"].startswith("{'model': 'm', 'inputs': 1, 1, ")
+    assert len(event["kwargs"]) == ARGS_REPR_LIMIT and event["kwargs"].endswith("...")
+
+
+def test_task_received_summarises_the_decoded_call_when_the_producer_sent_no_repr() -> None:
+    event = _received({}, {"model": "m", "inputs": list(range(1000))})
+    assert event["args"] == "()"
+    assert event["kwargs"] == "{'model': 'm', 'inputs': <1000 items>}"

@@ -298,9 +298,9 @@ def test_report_tables_carry_the_ratios() -> None:
     ours = dict(zip(headers, rows[0], strict=True))
     assert ours["x naive"] == 12.0
     assert ours["x celery-batches"] is None
-    headers, rows = tables["Ours by max_batch_size (drain) against raw torch at the same batch size"]
+    headers, rows = tables["Ours by max_batch_size and encoding (drain) against raw torch at the same batch size"]
     first = dict(zip(headers, rows[0], strict=True))
-    assert (first["max batch"], first["e2e / raw"]) == (1, 900.0 / 20000.0)
+    assert (first["max batch"], first["encoding"], first["e2e / raw"]) == (1, "json", 900.0 / 20000.0)
     verdicts = {row[0]: row[3] for row in tables["Targets (reported, not asserted)"][1]}
     assert verdicts["redis/mlp p99 at half saturation (ms)"] == "met"
 
@@ -324,6 +324,20 @@ def test_write_outputs_writes_json_markdown_and_both_plots(tmp_path: Path) -> No
     assert all(p.stat().st_size > 0 for p in paths)
     assert json.loads((tmp_path / "results-t.json").read_text())["drains"][0]["rate"] == 3600.0
     assert "| redis/mlp drain vs naive | >= 10x | 12.00 | met |" in (tmp_path / "summary-t.md").read_text()
+
+
+def test_drains_in_several_encodings_get_their_own_plot_and_rows(tmp_path: Path) -> None:
+    results = _results()
+    results["drains"][0] |= {"encoding": "b64", "raw_torch_rate": 4000.0}
+    results["drains"].append(
+        {**_drain("ours", 2000.0), "encoding": "json", "role": "encoding", "raw_torch_rate": 4000.0}
+    )
+    paths = bench.write_outputs(results, tmp_path)
+    assert (tmp_path / "encodings.png") in paths and (tmp_path / "encodings.png").read_bytes()[:4] == b"\x89PNG"
+    title = "Ours by max_batch_size and encoding (drain) against raw torch at the same batch size"
+    headers, rows = {t: (h, r) for t, h, r in bench.report_tables(results)}[title]
+    shown = {(row[headers.index("encoding")], row[headers.index("e2e / raw")]) for row in rows}
+    assert {("b64", 0.9), ("json", 0.5)} <= shown
 
 
 def test_raw_torch_rate_uses_the_worker_thread_count_and_restores_it() -> None:
@@ -350,6 +364,40 @@ def test_producer_fill_builds_each_message_as_send_task_with_kwargs() -> None:
     assert kwargs_a["inputs"] != kwargs_b["inputs"]  # fresh inputs per message, no templates
     assert any(len(repr(x)) > 10 for x in kwargs_a["inputs"])  # full precision, not rounded
     assert a.headers["id"] == "id-a" and b.headers["id"] == "id-b"
+
+
+@pytest.mark.parametrize("encoding", ["b64", "msgpack"])
+def test_producer_fill_sends_the_row_as_a_float32_tensor_in_the_compact_encodings(encoding: str) -> None:
+    import msgpack
+    import numpy as np
+
+    from agent_workers.client import producer_app
+    from agent_workers.config import Settings
+    from agent_workers.tensors import decode_tensor_object
+    from agent_workers.tools.bench import ProducerFactory
+    from agent_workers.wire import SERIALIZERS
+
+    amqp = producer_app(Settings(broker_url="redis://127.0.0.1:6379/0")).amqp
+    make = ProducerFactory(amqp, "agent_workers.predict", "m", 1024, encoding=encoding)
+    message = make("id-a", 0)
+    assert message.content == SERIALIZERS[encoding if encoding == "msgpack" else "json"]
+    if encoding == "msgpack":
+        args, kwargs, _ = msgpack.unpackb(message.body, raw=False)
+        assert isinstance(kwargs["inputs"]["data"], bytes) and len(kwargs["inputs"]["data"]) == 4096
+        assert "<tensor>" in message.headers["kwargsrepr"]  # not 16 KB of bytes' repr
+    else:
+        args, kwargs, _ = json.loads(message.body)
+        assert set(kwargs["inputs"]) == {"dtype", "shape", "b64"}
+    assert args == [] and kwargs["model"] == "m"
+    row = decode_tensor_object(kwargs["inputs"])
+    assert row.dtype == np.float32 and row.shape == (1024,) and float(row.std()) > 0.5  # random normal floats
+
+
+def test_producer_fill_refuses_an_unknown_encoding() -> None:
+    from agent_workers.tools.bench import ProducerFactory
+
+    with pytest.raises(ValueError, match="json, b64, msgpack"):
+        ProducerFactory(None, "agent_workers.predict", "m", 8, encoding="pickle")
 
 
 def test_idle_latency_check_compares_c1_with_the_noop_task() -> None:

@@ -49,3 +49,19 @@ def test_the_plot_is_written(tmp_path: Path) -> None:
     }
     text.plot(report, tmp_path / "text.png")
     assert (tmp_path / "text.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_request_with_a_deadline_carries_it_as_deadline_ms() -> None:
+    row = text.draw_rows(1)[0]
+    message = text.Producer("memory://", "redis://127.0.0.1:6379/1", "json").message("t-1", row, 1_900_000_000_000)
+    _args, kwargs, _embed = json.loads(message.body)
+    assert kwargs["deadline_ms"] == 1_900_000_000_000
+    _args, kwargs, _embed = json.loads(text.Producer("memory://", "redis://", "json").message("t-2", row).body)
+    assert "deadline_ms" not in kwargs
+
+
+def test_deadline_summary_counts_late_and_refused_requests_as_missed() -> None:
+    answers = [("a", 0.050, True), ("b", 0.150, True), ("c", 0.010, False), ("d", 0.090, True)]
+    summary = text.deadline_summary(answers, 100.0)
+    assert (summary["n"], summary["late"], summary["refused"], summary["missed"]) == (4, 1, 1, 2)
+    assert summary["p99_over_deadline"] == summary["p99_ms"] / 100.0 and summary["p99_ms"] > 140.0

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_SWEEP = (1, 8, 32, 64, 128)
+#: How each workload's requests travel unless ``encodings`` says: the mlp's 64 floats as a JSON list (what the
+#: baselines take too), the heavy model's 1,024 as a float32 tensor in base64 (what the Client sends for numpy).
+DEFAULT_ENCODINGS = {"mlp": "json", "heavy": "b64", "wide": "json"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,6 +32,10 @@ class BenchConfig:
         overload_factor / overload_high_share / overload_duration: the overload run's offered rate (× saturation),
             its share of high-priority requests, and its measured seconds (after a 1 s warm-up).
         cache_n / cache_distinct: requests and distinct inputs of the Zipf workload of the cache run.
+        encodings: how our drains' requests travel (``json``, ``b64``, ``msgpack``; ``fill="producer"`` only): the
+            first is the main drain's, each further one gets its own drains in the same sitting (``repeat`` times,
+            alternating), each against a raw torch rate measured just before it. Empty: the workload's default
+            (:data:`DEFAULT_ENCODINGS`).
     """
 
     brokers: tuple[str, ...] = ("redis", "rabbitmq")
@@ -63,6 +70,7 @@ class BenchConfig:
     overload_duration: float = 10.0
     cache_n: int = 20_000
     cache_distinct: int = 2_000
+    encodings: tuple[str, ...] = ()
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -90,6 +98,10 @@ class BenchConfig:
         if workload == "heavy":
             return self.heavy_n, self.heavy_small_n, self.heavy_small_n
         return self.n, self.baseline_n or self.n, self.sweep_n
+
+    def encodings_of(self, workload: str) -> tuple[str, ...]:
+        """The encodings our drains of ``workload`` use, the main drain's first."""
+        return self.encodings or (DEFAULT_ENCODINGS.get(workload, "json"),)
 
     def broker_url(self, broker: str) -> str:
         return self.redis_url if broker == "redis" else self.amqp_url

@@ -44,6 +44,8 @@ class LatencyRun:
         self.publisher, self.make, self.prefix = publisher, make, prefix
         self.sent: dict[str, float] = {}
         self.latencies: list[float] = []
+        #: (task id, latency s, succeeded) of each request sent in the measured window, in the order answered
+        self.answers: list[tuple[str, float, bool]] = []
         self.failed = 0
         self.completed_in_window = 0
         self.window: tuple[float, float] = (math.inf, math.inf)
@@ -62,6 +64,7 @@ class LatencyRun:
                 return
             if self.window[0] <= t0 < self.window[1]:
                 self.latencies.append(now - t0)
+                self.answers.append((task_id, now - t0, ok))
                 if not ok:
                     self.failed += 1
             if self.window[0] <= now < self.window[1]:

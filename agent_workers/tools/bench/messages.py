@@ -9,9 +9,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+from agent_workers.client.messages import short_repr
 from agent_workers.contract import declare_queue
+from agent_workers.tensors import encode_tensor
 from agent_workers.tools.broker import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS, backlog, delete_queue
-from agent_workers.wire import DEFAULT_EXCHANGE, TaskMessage, redis_envelope
+from agent_workers.wire import DEFAULT_EXCHANGE, MSGPACK, TaskMessage, msgpack_body, redis_envelope
 
 
 def task_message(amqp: Any, task_id: str, name: str, args: list[Any]) -> TaskMessage:
@@ -38,21 +40,46 @@ class MessageFactory:
         )
 
 
+#: How a producer encodes one float row (contract 1.2): ``json`` a list of full-precision floats, ``b64``
+#: ``{"dtype": "float32", "shape", "b64"}`` in JSON (the Client's default for numpy), ``msgpack`` the same tensor's
+#: raw bytes in a msgpack message (contract 1.3).
+ENCODINGS = ("json", "b64", "msgpack")
+
+
 class ProducerFactory:
     """Messages exactly as a bare Celery producer sends them: ``send_task(name, kwargs={"model": ..., "inputs":
-    row})`` with a fresh full-precision random row and the app's own ``as_task_v2`` for every message."""
+    row})`` with a fresh random row and the app's own ``as_task_v2`` for every message.
 
-    def __init__(self, amqp: Any, name: str, model: str, in_features: int, seed: int = 7) -> None:
+    Args:
+        encoding: how each row travels, one of :data:`ENCODINGS` (``json``: the float64 row's full-precision list;
+            ``b64`` / ``msgpack``: the row as float32, what ``encode_tensor`` makes of a numpy array).
+    """
+
+    def __init__(
+        self, amqp: Any, name: str, model: str, in_features: int, seed: int = 7, *, encoding: str = "json"
+    ) -> None:
         import numpy as np
 
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
         self.amqp, self.name, self.model, self.in_features = amqp, name, model, in_features
+        self.encoding = encoding
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, task_id: str, index: int) -> TaskMessage:
-        row = self.rng.standard_normal(self.in_features).tolist()
+        row = self.rng.standard_normal(self.in_features)
+        if self.encoding == "json":
+            inputs: Any = row.tolist()
+        else:
+            inputs = encode_tensor(row, raw=self.encoding == "msgpack")
+        kwargs = {"model": self.model, "inputs": inputs}
+        # the repr of 4 KB of raw bytes is 16 KB of text: show the bytes' length, as the Client does
+        kwargsrepr = short_repr({**kwargs, "inputs": "<tensor>"}) if self.encoding == "msgpack" else None
         headers, properties, body, _ = self.amqp.as_task_v2(
-            task_id, self.name, args=(), kwargs={"model": self.model, "inputs": row}
+            task_id, self.name, args=(), kwargs=kwargs, kwargsrepr=kwargsrepr
         )
+        if self.encoding == "msgpack":
+            return TaskMessage(task_id, headers, dict(properties), msgpack_body(kwargs), MSGPACK)
         return TaskMessage(task_id, headers, dict(properties), json.dumps(body).encode())
 
 
@@ -79,12 +106,12 @@ class Publisher:
 
     def send(self, message: TaskMessage) -> None:
         if self.redis:
-            self._client.lpush(self._list(message), redis_envelope(message, self.queue))
+            self._client.lpush(self._list(message), redis_envelope(message, self.queue, content=message.content))
             return
         properties = {**message.properties, "delivery_mode": 2}
         priority = properties.pop("priority", None) or 0
         amqp_message = self._channel.prepare_message(
-            message.body, priority, "application/json", "utf-8", message.headers, properties
+            message.body, priority, *message.content, message.headers, properties
         )
         self._channel.basic_publish(amqp_message, exchange=DEFAULT_EXCHANGE, routing_key=self.queue)
 
@@ -104,7 +131,7 @@ class Publisher:
                 count += 1
             return count
         while True:
-            batch = [redis_envelope(m, self.queue) for m in itertools.islice(messages, chunk)]
+            batch = [redis_envelope(m, self.queue, content=m.content) for m in itertools.islice(messages, chunk)]
             if not batch:
                 return count
             self._client.lpush(self.queue, *batch)

@@ -47,7 +47,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
     sweep_rows = []
     for d in sorted(
         (d for d in results["drains"] if d["system"] == "ours" and d["role"] != "repeat"),
-        key=lambda d: (d["workload"], d["broker"], d["max_batch_size"], d["role"] != "main"),
+        key=lambda d: (d["workload"], d["broker"], d["max_batch_size"], d["role"] != "main", d.get("encoding", "")),
     ):
         r = d.get("raw_torch_rate") or raw.get(d["workload"], {}).get(str(d["max_batch_size"]))
         sweep_rows.append(
@@ -55,6 +55,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
                 d["workload"],
                 d["broker"],
                 d["max_batch_size"],
+                d.get("encoding", "json"),
                 d["counted"],
                 d["rate"],
                 d["cpu_ms_per_request"],
@@ -170,11 +171,12 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
             drain_rows,
         ),
         (
-            "Ours by max_batch_size (drain) against raw torch at the same batch size",
+            "Ours by max_batch_size and encoding (drain) against raw torch at the same batch size",
             [
                 "workload",
                 "broker",
                 "max batch",
+                "encoding",
                 "requests",
                 "req/s",
                 "worker CPU ms/req",

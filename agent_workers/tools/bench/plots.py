@@ -78,6 +78,9 @@ def plot(results: dict[str, Any], out: Path, tag: str = "") -> list[Path]:
         paths.append(out / f"latency-cdf{tag}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+    if any(d["role"] == "encoding" for d in results["drains"]):
+        paths.append(out / f"encodings{tag}.png")
+        _plot_encodings(results["drains"], paths[-1], plt)
     paths += _plot_overload(results, out, tag, plt, finish)
     if results.get("cache"):
         paths.append(out / f"cache-zipf{tag}.png")
@@ -175,6 +178,29 @@ def _plot_cache(runs: list[dict[str, Any]], path: Path, plt: Any) -> None:
         f"Zipf workload: {first['n']:,} requests over {first['distinct']:,} inputs (s={first['zipf_exponent']})"
     )
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_encodings(drains: list[dict[str, Any]], path: Path, plt: Any) -> None:
+    """encodings: per workload and broker, each drain of ours at the main batch size as end to end / raw torch
+    (the raw rate measured just before it), grouped by how its requests travelled; the 90 % goal dashed."""
+    ours = [d for d in drains if d["system"] == "ours" and d["role"] in ("main", "repeat", "encoding")]
+    panels = sorted({(d["workload"], d["broker"]) for d in ours})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (workload, broker) in zip(axes[0], panels, strict=True):
+        mine = [d for d in ours if (d["workload"], d["broker"]) == (workload, broker) and d.get("raw_torch_rate")]
+        encodings = list(dict.fromkeys(d.get("encoding", "json") for d in mine))
+        for i, encoding in enumerate(encodings):
+            ratios = [d["rate"] / d["raw_torch_rate"] for d in mine if d.get("encoding", "json") == encoding]
+            ax.bar([i + 0.8 * (j / max(1, len(ratios)) - 0.4) for j in range(len(ratios))], ratios,
+                   0.8 / max(1, len(ratios)), align="edge", color=f"C{i}")  # fmt: skip
+        ax.axhline(0.9, color="#333", ls="--", lw=0.8, label="goal 90 %")
+        ax.set_xticks(range(len(encodings)), encodings)
+        ax.set_ylabel("end to end / raw torch (each drain)")
+        ax.set_title(f"{workload} on {broker}")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -104,13 +104,15 @@ class Runs:
         )
         return WorkerProcess(queues=[queue_name], env=settings.to_env(), name=f"{run}@%h", loglevel="WARNING"), port
 
-    def _factory(self, s: Session, system: str) -> MessageFactory | ProducerFactory:
+    def _factory(self, s: Session, system: str, encoding: str) -> MessageFactory | ProducerFactory:
         if self.cfg.fill == "fast":
             return MessageFactory(self.amqp, TASK_NAMES[system], s.model, s.rows)
-        return ProducerFactory(self.amqp, TASK_NAMES[system], s.model, s.workload.in_features)
+        # the baselines take JSON lists only
+        encoding = encoding if system == "ours" else "json"
+        return ProducerFactory(self.amqp, TASK_NAMES[system], s.model, s.workload.in_features, encoding=encoding)
 
-    def _messages(self, s: Session, system: str, ids: Sequence[str]) -> Iterator[TaskMessage]:
-        make = self._factory(s, system)
+    def _messages(self, s: Session, system: str, ids: Sequence[str], encoding: str) -> Iterator[TaskMessage]:
+        make = self._factory(s, system, encoding)
         return (make(task_id, i) for i, task_id in enumerate(ids))
 
     def forget(self, ids: Sequence[str]) -> None:
@@ -129,14 +131,17 @@ class Runs:
         *,
         paired: float | None = None,
         profile: Path | None = None,
+        encoding: str = "json",
     ) -> dict[str, Any]:
         """Pre-fill ``n`` requests, start a worker, time it from its first stored result to its last.
 
-        ``paired`` is the raw torch rate at ``max_batch_size`` measured just before (kept in the result). With
+        ``paired`` is the raw torch rate at ``max_batch_size`` measured just before (kept in the result).
+        ``encoding`` is how our requests travel (``json``, ``b64``, ``msgpack``; the baselines' always JSON). With
         ``profile``, py-spy samples the worker from ready to exit into ``<profile>/py-spy-*.txt`` (collapsed
         stacks, 200 Hz; py-spy pauses the worker to sample, so this drain is not counted).
         """
-        label = f"{s.broker}/{s.workload.name} {system} drain (max_batch_size={max_batch_size}, n={n:,})"
+        sent = encoding if system == "ours" and self.cfg.fill == "producer" else "json"
+        label = f"{s.broker}/{s.workload.name} {system} drain ({sent}, max_batch_size={max_batch_size}, n={n:,})"
         run = "b" + uuid.uuid4().hex[:10]
         queue_name = f"{s.namespace}.{run}"
         ids = [f"{run}-{i:07d}" for i in range(n)]
@@ -144,7 +149,7 @@ class Runs:
         worker = None
         try:
             started = time.perf_counter()
-            publisher.fill(self._messages(s, system, ids))
+            publisher.fill(self._messages(s, system, ids, sent))
             say(f"{label}: filled in {time.perf_counter() - started:.1f}s, queue depth {publisher.depth():,}")
             worker, port = self.worker(s, queue_name, max_batch_size, run)
             worker.start(wait=False)
@@ -183,6 +188,7 @@ class Runs:
             "system": system,
             "broker": s.broker,
             "workload": s.workload.name,
+            "encoding": sent,
             "max_batch_size": max_batch_size,
             "max_wait_ms": self.cfg.max_wait_ms,
             "n": n,
@@ -199,6 +205,7 @@ class Runs:
             **stats,
         }
         extra = f", mean batch {stats['mean_batch_size']:.1f}" if stats.get("mean_batch_size") else ""
+        extra += f", {rate / paired:.0%} of raw torch" if paired else ""
         say(
             f"{label}: {rate:,.0f} req/s, worker CPU {result['cpu_ms_per_request'] or 0:.3f} ms/req{extra}"
             + (f", {failed} FAILED" if failed else "")
@@ -225,7 +232,7 @@ class Runs:
         queue_name = f"{s.namespace}.{run}"
         publisher = Publisher(s.broker_url, queue_name)
         worker, port = self.worker(s, queue_name, self.cfg.max_batch_size, run)
-        factory = self._factory(s, system)
+        factory = self._factory(s, system, self.cfg.encodings_of(s.workload.name)[0])
         counter = itertools.count()
 
         def make(task_id: str) -> TaskMessage:

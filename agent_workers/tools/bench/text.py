@@ -10,7 +10,8 @@
   result's ``batch`` metadata;
 * **open loops** (Poisson arrivals at ``open_share`` of the FIFO drain rate), formation off, on, on, off (ABBA, so
   a drift of a shared machine's load falls on both alike): p50/p99 latency from each request's intended send time
-  to its stored result;
+  to its stored result; every fourth request carries a ``deadline_ms`` 100 ms after it is sent, and their p99 is
+  set against that deadline, with how many missed it (answered late, or refused as unable to make it);
 * the **raw forward pass** of the same model, in this process, over the same requests in windows of the worker's
   prefetch (2 × ``max_batch_size``), batched as the worker forms them (both formations): the ceiling.
 
@@ -44,6 +45,8 @@ from agent_workers.wire import TaskMessage
 
 MODEL = "text"
 MIN_LEN, MAX_LEN, MEDIAN_LEN, SIGMA = 8, 512, 40, 0.9
+#: In the open loops every fourth request carries a ``deadline_ms`` this many ms after it is sent (the rest none).
+DEADLINE_EVERY, DEADLINE_MS = 4, 100.0
 
 
 def draw_lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -66,11 +69,13 @@ class Producer:
         self.app = Celery("bench-text", broker=broker_url, backend=backend_url, set_as_current=False)
         self.encoding = encoding
 
-    def message(self, task_id: str, row: np.ndarray) -> TaskMessage:
+    def message(self, task_id: str, row: np.ndarray, deadline_ms: int | None = None) -> TaskMessage:
+        """One request of ``row``; with ``deadline_ms`` (absolute unix ms) it carries that deadline."""
         inputs = encode_tensor(row) if self.encoding == "b64" else row.tolist()
-        headers, properties, body, _ = self.app.amqp.as_task_v2(
-            task_id, PREDICT, args=(), kwargs={"model": MODEL, "inputs": inputs}
-        )
+        kwargs: dict[str, Any] = {"model": MODEL, "inputs": inputs}
+        if deadline_ms is not None:
+            kwargs["deadline_ms"] = deadline_ms
+        headers, properties, body, _ = self.app.amqp.as_task_v2(task_id, PREDICT, args=(), kwargs=kwargs)
         return TaskMessage(task_id, headers, dict(properties), json.dumps(body).encode())
 
 
@@ -189,8 +194,19 @@ class TextBench:
             "mean_batch": float(np.mean(sizes)) if sizes else 0.0,
         }
 
-    def open_loop(self, rows: Sequence[np.ndarray], rate: float, duration: float, *, length_batching: bool) -> dict:
-        """Poisson arrivals at ``rate`` req/s for ``duration`` s (after 1 s of warm-up); latency percentiles."""
+    def open_loop(
+        self,
+        rows: Sequence[np.ndarray],
+        rate: float,
+        duration: float,
+        *,
+        length_batching: bool,
+        deadline_every: int = DEADLINE_EVERY,
+        deadline_ms: float = DEADLINE_MS,
+    ) -> dict:
+        """Poisson arrivals at ``rate`` req/s for ``duration`` s (after 1 s of warm-up); latency percentiles, of all
+        requests and of those that carried a deadline (every ``deadline_every``-th, due ``deadline_ms`` after it
+        was built), with how many of those missed it (answered late, or refused as unable to make it)."""
         run = "o" + uuid.uuid4().hex[:10]
         queue = f"{self.base.namespace}.{run}"
         producer = Producer(self.base.broker_url, self.base.result_backend, "json")
@@ -201,12 +217,16 @@ class TextBench:
         lr = None
         try:
             worker.start()
-            lr = LatencyRun(
-                publisher,
-                lambda task_id: producer.message(task_id, rows[next(counter) % len(rows)]),
-                self.base.result_backend,
-                prefix,
-            )
+            due: set[str] = set()
+
+            def make(task_id: str) -> TaskMessage:
+                i = next(counter)
+                if deadline_every and i % deadline_every == 0:
+                    due.add(task_id)
+                    return producer.message(task_id, rows[i % len(rows)], int(1000 * time.time() + deadline_ms))
+                return producer.message(task_id, rows[i % len(rows)])
+
+            lr = LatencyRun(publisher, make, self.base.result_backend, prefix)
             achieved = lr.open(rate, duration, warmup=1.0)
         finally:
             if lr is not None:
@@ -216,12 +236,49 @@ class TextBench:
             publisher.delete()
             publisher.close()
         summary = latency_summary(lr.latencies)
+        deadlines = deadline_summary([a for a in lr.answers if a[0] in due], deadline_ms)
         formation = "length" if length_batching else "fifo"
         self.say(
             f"text open loop at {rate:,.0f} req/s ({formation}): p50 {summary.get('p50_ms', 0):.1f} / "
-            f"p99 {summary.get('p99_ms', 0):.1f} ms, {lr.failed} failed"
+            f"p99 {summary.get('p99_ms', 0):.1f} ms, {lr.failed} not served; with a {deadline_ms:.0f} ms deadline: "
+            f"{deadlines['n']} requests, p99 {deadlines.get('p99_ms', 0):.1f} ms, {deadlines['missed']} missed"
         )
-        return {"mode": "open", "formation": formation, "offered_rate": rate, "rate": achieved, **summary}
+        return {
+            "mode": "open",
+            "formation": formation,
+            "offered_rate": rate,
+            "rate": achieved,
+            **summary,
+            "deadline": deadlines,
+        }
+
+
+def deadline_summary(answers: Sequence[tuple[str, float, bool]], deadline_ms: float) -> dict[str, Any]:
+    """Latency of the requests that carried a deadline, against it.
+
+    Args:
+        answers: (task id, latency s, served) of each such request in the measured window.
+        deadline_ms: how long after it was sent each was due.
+
+    Returns:
+        ``n``, ``deadline_ms``, the latency percentiles (``p50_ms``, ``p99_ms``, ...), ``p99_over_deadline``,
+        ``late`` (served after its deadline), ``refused`` (not served: revoked as unable to make it, or failed) and
+        ``missed`` (both).
+    """
+    served = [latency for _, latency, ok in answers if ok]
+    late = sum(1000 * latency > deadline_ms for latency in served)
+    refused = len(answers) - len(served)
+    summary = latency_summary([latency for _, latency, _ in answers])
+    p99 = summary.get("p99_ms")
+    return {
+        "n": len(answers),
+        "deadline_ms": deadline_ms,
+        **summary,
+        "p99_over_deadline": p99 / deadline_ms if p99 is not None else None,
+        "late": late,
+        "refused": refused,
+        "missed": late + refused,
+    }
 
 
 def run(
@@ -285,12 +342,25 @@ def run(
             "length_over_raw": drains[0]["rate"] / raw["length"],
             "b64_over_json": drains[1]["rate"] / drains[0]["rate"] if drains[0]["rate"] else None,
         }
+        # requests with a deadline, both runs of a formation together: how many, how many missed, the worse p99
+        for f in ("length", "fifo"):
+            theirs = [r["deadline"] for r in opens if r["formation"] == f]
+            ratios[f"deadline_{f}"] = {
+                "n": sum(d["n"] for d in theirs),
+                "missed": sum(d["missed"] for d in theirs),
+                "p99_over_deadline": max((d["p99_over_deadline"] or 0.0 for d in theirs), default=None),
+            }
         report["brokers"][broker] = {"runs": runs, "ratios": ratios}
         say(
             f"{broker}: length-aware / FIFO {ratios['length_over_fifo']:.2f}x, end to end / raw "
             f"{ratios['length_over_raw']:.0%}, padding {drains[0]['padding_share']:.1%} (FIFO "
             f"{drains[2]['padding_share']:.1%}), open-loop p99 length-aware / FIFO "
-            f"{ratios['p99_length_over_fifo'] or 0:.2f}"
+            f"{ratios['p99_length_over_fifo'] or 0:.2f}; deadline requests missed "
+            + ", ".join(
+                f"{f} {ratios[f'deadline_{f}']['missed']}/{ratios[f'deadline_{f}']['n']} (p99 "
+                f"{ratios[f'deadline_{f}']['p99_over_deadline'] or 0:.2f}x the deadline)"
+                for f in ("length", "fifo")
+            )
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / f"text{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -307,7 +377,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(12, 3.8))
-    names, rates, pads, p99s, p99_names = [], [], [], [], []
+    names, rates, pads, p99s, p99_names, p99_due = [], [], [], [], [], []
     for broker, data in report["brokers"].items():
         for r in data["runs"]:
             if r["mode"] == "drain":
@@ -318,6 +388,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 label = f"{broker}\n{r['formation']}"
                 p99_names.append(f"{label} #{1 + sum(n.startswith(label) for n in p99_names)}")
                 p99s.append(r.get("p99_ms", 0.0))
+                p99_due.append(r.get("deadline", {}).get("p99_ms", 0.0))
     colors = ["#2a7" if "length" in n else "#c44" for n in names]
     left.bar(names, rates, color=colors)
     for formation, style in (("length", "-"), ("fifo", ":")):
@@ -327,8 +398,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     mid.bar(names, pads, color=colors)
     mid.axhline(15, color="#333", linestyle="--", linewidth=0.8)
     mid.set_ylabel("padding, % of computed tokens")
-    right.bar(p99_names, p99s, color=["#2a7" if "length" in n else "#c44" for n in p99_names])
+    x = np.arange(len(p99_names))
+    right.bar(x - 0.2, p99s, 0.4, color=["#2a7" if "length" in n else "#c44" for n in p99_names], label="all")
+    right.bar(x + 0.2, p99_due, 0.4, color="#999", label="with a deadline")
+    right.axhline(DEADLINE_MS, color="#333", linestyle="--", linewidth=0.8, label=f"deadline {DEADLINE_MS:.0f} ms")
+    right.set_xticks(x, p99_names)
     right.set_ylabel("p99 latency, ms (open loop)")
+    right.legend(fontsize=7)
     for ax in (left, mid, right):
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(
