@@ -75,7 +75,8 @@ def parse_options(value: Any) -> OutputOptions | None:
 
 
 def apply(row: Any, signature: Signature, labels: list[str] | None, options: OutputOptions | None) -> dict[str, Any]:
-    """One example's answer fields: ``{"outputs": ...}``, or ``{"top_k": [...]}`` when ``top_k`` was asked.
+    """One example's answer fields: ``{"outputs": ...}`` (arrays, encoded for the result by :func:`encoded_output`),
+    or ``{"top_k": [...]}`` when ``top_k`` was asked.
 
     Args:
         row: the example's output, an array or a mapping name -> array (several named outputs).
@@ -87,7 +88,7 @@ def apply(row: Any, signature: Signature, labels: list[str] | None, options: Out
         ModelError: the labels do not match the classes of the output.
     """
     if options is None:
-        return {"outputs": result_output(row)}
+        return {"outputs": row}
     if options.extra:
         raise InputError(
             f"options {sorted(options.extra)} are not built in ({', '.join(BUILT_IN)}) and this model's "
@@ -99,7 +100,7 @@ def apply(row: Any, signature: Signature, labels: list[str] | None, options: Out
         if getattr(options, flag):
             row = {k: _floating(v, fn) for k, v in row.items()} if isinstance(row, dict) else _floating(row, fn)
     if options.top_k is None:
-        return {"outputs": result_output(row)}
+        return {"outputs": row}
     return {"top_k": top_k(_one(row), options.top_k, labels)}
 
 

@@ -87,13 +87,10 @@ def _encoded(fields: dict[str, Any], encoding: str) -> dict[str, Any]:
     """Answer fields with tensor ``outputs`` in the request's ``output_encoding`` (contract 1.3); what a postprocess
     hook or ``top_k`` answers (JSON of its own) is left as it is."""
     out = fields.get("outputs")
-    if encoding == "json" or not _is_tensor(out):
+    if not _is_tensor(out):
         return fields
-    # the built-in outputs widen float32 for JSON (agent_workers/outputs.py); the binary form keeps float32
-    if isinstance(out, dict):
-        out = {k: _narrowed(v) for k, v in out.items()}
-    else:
-        out = _narrowed(out)
+    if encoding != "json":  # softmax / normalize compute in float64; the binary form keeps the model's float32
+        out = {k: _narrowed(v) for k, v in out.items()} if isinstance(out, dict) else _narrowed(out)
     return {**fields, "outputs": encoded_output(out, encoding)}
 
 

@@ -30,7 +30,6 @@ from typing import Any
 from celery import states
 
 from agent_workers import metrics
-from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
 from agent_workers.worker import answers, deadlines, forming, padding, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
@@ -220,9 +219,8 @@ class Batcher(Intake):
                 outcomes.append(dropped)
                 continue
             try:
-                call = bind_predict_call(req.args, req.kwargs)
-                req.min_version, req.options = call.min_version, call.options
-                req.output_encoding = call.output_encoding
+                call = req.predict_call()
+                req.min_version = call.min_version
                 # a preprocessed request is served by the version whose artifacts made its tensors
                 version = call.version if req.prepared is None or req.prepared.version is None else req.prepared.version
                 groups.setdefault((call.model, version), []).append((req, call.inputs))

@@ -21,7 +21,6 @@ import logging
 from typing import Any
 
 from agent_workers import hooks
-from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, InputError, ModelError
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ class Decoder:
     def _decode(self, batch: list[Any]) -> None:
         for req in batch:
             try:
-                call = bind_predict_call(req.args, req.kwargs)
+                call = req.predict_call()
                 loaded = self.engine.cached(call.model) if call.version is None else None
                 if loaded is None or loaded.hooks.preprocess is not None:
                     continue  # not loaded yet, a pinned version (decoded in the compute thread), or raw inputs

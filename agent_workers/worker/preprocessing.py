@@ -27,7 +27,6 @@ import queue
 from collections.abc import Callable
 from typing import Any
 
-from agent_workers.contract import bind_predict_call
 from agent_workers.errors import AgentWorkersError, ModelError
 from agent_workers.hooks import prepare
 from agent_workers.worker.requests import Pending
@@ -151,7 +150,7 @@ class Preprocessing:
         """Preprocess ``request`` in place (sets ``request.prepared``); its error, or None. Never raises."""
         request.prepared = AS_SENT
         try:
-            call = bind_predict_call(request.args, request.kwargs)
+            call = request.predict_call()
         except Exception:  # noqa: BLE001 - refused with its arguments' error when its batch is served
             return None
         try:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent_workers import numbers
+from agent_workers.contract import PredictCall, bind_predict_call
 from agent_workers.errors import InputError
 
 MAX_ID_LENGTH = 255
@@ -43,19 +44,43 @@ class Pending:
     min_version: int | None = None
     #: monotonic time a ``min_version`` request first found the store behind (it waits a bounded time)
     behind_since: float | None = None
-    #: the ``options`` argument (built-in outputs, agent_workers/outputs.py), once bound
-    options: Any = None
     #: what the preprocessing threads made of raw inputs (worker/preprocessing.py); None until they saw it
     prepared: Any = None
-    #: how the result carries its outputs (the ``output_encoding`` argument, contract 1.3), once bound
-    output_encoding: str = "json"
     #: its batch's decode ahead (worker/decoding.py), running beside the batch computing before it, and its result
     decoding: Any = None
     decoded: Any = None
+    #: the bound predict arguments (a PredictCall, or the error binding raised): see :meth:`predict_call`
+    bound: Any = None
 
     @property
     def retries(self) -> int:
         return int(self.headers.get("retries") or 0)
+
+    def predict_call(self) -> PredictCall:
+        """The request's predict arguments, checked once (:func:`~agent_workers.contract.bind_predict_call`) by
+        whichever stage reaches them first: the preprocessing pool, the decode ahead or the batch.
+
+        Raises:
+            InputError: the arguments do not fit the contract (every time it is asked).
+        """
+        if self.bound is None:
+            try:
+                self.bound = bind_predict_call(self.args, self.kwargs)
+            except Exception as exc:  # noqa: BLE001 - InputError, or arguments no one expected: kept as the answer
+                self.bound = exc
+        if isinstance(self.bound, Exception):
+            raise self.bound
+        return self.bound
+
+    @property
+    def options(self) -> Any:
+        """The ``options`` argument (built-in outputs, agent_workers/outputs.py) once bound, else None."""
+        return self.bound.options if isinstance(self.bound, PredictCall) else None
+
+    @property
+    def output_encoding(self) -> str:
+        """How the result carries its outputs (the ``output_encoding`` argument, contract 1.3) once bound."""
+        return self.bound.output_encoding if isinstance(self.bound, PredictCall) else "json"
 
 
 def usable_id(value: Any) -> str | None:
