@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 Job = Iterator[tuple[list[Any], bool]]
 
 DEFAULT_DEPTH = 2
+#: The worker process's GIL switch interval (seconds; CPython's default is 5 ms). A forward pass gives the GIL up
+#: for each torch op and must take it back between ops; while the event loop runs Python (decoding, result writes)
+#: the compute thread waits up to a whole interval each time. Measured on 2 cores (docs/benchmarks.md, "Heavy
+#: model"): a 5-op MLP forward beside a busy Python thread took 2.0x its time alone at 5 ms, 1.04x at 0.1 ms,
+#: while the busy thread lost 2 % of its work.
+GIL_SWITCH_INTERVAL = 100e-6
 _DONE = object()
 
 
