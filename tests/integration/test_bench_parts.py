@@ -50,10 +50,21 @@ def test_image_part_drains_every_encoding_and_writes_its_figures(broker: str, tm
     from tests.conftest import BROKERS, pool_env
 
     settings = Settings.from_env(pool_env(broker))
+    model = image.MODELS[0] if broker == "redis" else image.MODELS[1]  # one CNN per broker: both served, half the time
     report = image.run(
-        settings, out=tmp_path, tag="-t", brokers={broker: BROKERS[broker]}, n=96, json_n=96, max_batch_size=16
+        settings,
+        out=tmp_path,
+        tag="-t",
+        brokers={broker: BROKERS[broker]},
+        n=96,
+        json_n=96,
+        max_batch_size=16,
+        models=(model,),
     )
     assert [r["encoding"] for r in report["runs"]] == list(image.ENCODINGS)
+    assert {r["architecture"] for r in report["runs"]} == {model} and list(report["models"]) == [model]
+    for run in report["runs"]:  # the fixed cost is what the worker spent beyond the model's own forward pass
+        assert run["fixed_ms_per_image"] == run["cpu_ms_per_image"] - report["models"][model]["forward_ms_per_image"]
     for run in report["runs"]:  # every image answered (collect raises otherwise), a rate between batches
         # CPU is sampled every 50 ms at /proc's 10 ms ticks: a drain this small may read as 0
         assert run["counted"] >= 16 and run["rate"] > 0 and run["cpu_ms_per_image"] >= 0, run

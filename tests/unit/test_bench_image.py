@@ -34,13 +34,25 @@ def test_the_cnn_takes_uint8_and_its_float_twin_takes_the_same_shape() -> None:
     assert image.forward_ms_per_image(8, threads=1, seconds=0.05) > 0
 
 
+def test_the_wide_cnn_is_the_issues_scale_and_takes_the_same_images() -> None:
+    sizes = {}
+    for architecture in image.MODELS:
+        module = make_spec(architecture).build().eval()
+        sizes[architecture] = sum(p.numel() for p in module.parameters())
+        with torch.inference_mode():
+            assert module(torch.from_numpy(image.images(2))).shape == (2, 10)
+    assert image.MODELS[0] == "bench_cnn_wide" and sizes["bench_cnn_wide"] > 10 * sizes["bench_cnn"]
+
+
 def test_the_figure_is_drawn_from_a_report(tmp_path: Path) -> None:
     runs = [
-        {"broker": b, "encoding": e, "message_ratio": m, "cpu_ratio": c, "rate": r}
+        {"broker": b, "architecture": a, "encoding": e, "message_ratio": m, "cpu_ratio": c, "rate": r}
+        for a in image.MODELS
         for b in ("redis", "rabbitmq")
         for e, m, c, r in (("json-float", 20.0, 30.0, 100.0), ("json", 4.6, 6.0, 200.0), ("b64", 1.35, 1.5, 700.0))
         + (("msgpack", 1.01, 1.2, 900.0),)
     ]
-    report = {"runs": runs, "goals": image.GOALS, "max_batch_size": 64, "forward_ms_per_image": 0.3}
+    models = {a: {"forward_ms_per_image": f} for a, f in zip(image.MODELS, (0.4, 0.07), strict=True)}
+    report = {"runs": runs, "goals": image.GOALS, "max_batch_size": 64, "forward_ms_per_image": 0.4, "models": models}
     image.plot(report, tmp_path / "image.png")
     assert (tmp_path / "image.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

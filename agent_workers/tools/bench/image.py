@@ -2,8 +2,11 @@
 (:mod:`agent_workers.tools.image_cnn`), sent in each encoding a producer has, set against the model's own forward
 pass at the same batch size.
 
-For each broker and encoding, ``n`` images are queued by a real producer (the :class:`~agent_workers.client.Client`,
-whose messages are byte for byte a bare Celery producer's) before the worker starts, then drained:
+Two CNNs are drained in turn: ``bench_cnn_wide`` (the scale of the CNN issue 19 measured, a forward pass of
+0.3–0.5 ms per image) and ``bench_cnn`` (ten times smaller, under 0.1 ms: its CPU per image is nearly all the
+worker's fixed cost per request). For each model, broker and encoding, ``n`` images are queued by a real producer
+(the :class:`~agent_workers.client.Client`, whose messages are byte for byte a bare Celery producer's) before the
+worker starts, then drained:
 
 * ``json-float``: today's JSON path, the issue's baseline: the pixels / 255 as a nested list of full-precision
   floats, to the same CNN declared with a float32 input (what a model of ``input_shape`` [3, 64, 64] took before
@@ -15,9 +18,10 @@ whose messages are byte for byte a bare Celery producer's) before the worker sta
 Printed per encoding: message bytes / raw pixel bytes (the body, and the Redis envelope that carries it base64'd),
 worker CPU per image (``/proc`` CPU between the first and the last result's ``date_done``, over the images finished
 in between) / the forward pass's CPU per image at batch ``max_batch_size`` (timed here on as many torch threads as
-the worker has), and the drain rate in images/s with its ratios to the JSON paths (``json-float`` and ``json``).
-Written to ``docs/benchmarks/image.json`` and ``image.png``. The issue's goals (issue 19): message ≤ 1.5× the
-pixels, CPU per image ≤ 2× the forward pass, drain ≥ 5× today's JSON path (``json-float``).
+the worker has), the worker's fixed cost (CPU per image minus the forward pass), and the drain rate in images/s with
+its ratios to the JSON paths (``json-float`` and ``json``). Written to ``docs/benchmarks/image.json`` and
+``image.png``. The issue's goals (issue 19): message ≤ 1.5× the pixels, CPU per image ≤ 2× the forward pass, drain
+≥ 5× today's JSON path (``json-float``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from agent_workers.config import Settings
 from agent_workers.models import make_spec
 from agent_workers.store.params import RedisParamStore
 from agent_workers.tools.bench.measure import Sampler, drain_rate, interpolate, read_done_times
-from agent_workers.tools.image_cnn import ARCHITECTURE
+from agent_workers.tools.image_cnn import ARCHITECTURE, WIDE_ARCHITECTURE
 from agent_workers.tools.supervisor import WorkerProcess, derive_settings
 from agent_workers.wire import JSON, MSGPACK, Envelope
 
@@ -53,6 +57,8 @@ ENCODINGS: dict[str, tuple[str, Callable[[np.ndarray], Any]]] = {
     "msgpack": ("msgpack", lambda image: image),
 }
 GOALS = {"message_ratio": 1.5, "cpu_ratio": 2.0, "drain_vs_json_float": 5.0}
+#: the CNNs drained, the issue's scale first
+MODELS = (WIDE_ARCHITECTURE, ARCHITECTURE)
 #: the float32 twin of the CNN's signature, for ``json-float``
 FLOAT_SIGNATURE = {
     "inputs": [{"name": "pixels", "dtype": "float32", "shape": list(SHAPE)}],
@@ -78,13 +84,15 @@ def message_bytes(encoding: str, image: np.ndarray) -> tuple[int, int]:
     return len(body), len(envelope.redis(str(uuid.uuid4()), body, "()", kwrepr))
 
 
-def forward_ms_per_image(batch_size: int, threads: int, seconds: float = 1.0) -> float:
-    """The CNN's own forward pass, per image, at ``batch_size`` on ``threads`` torch threads (no messaging): CPU
+def forward_ms_per_image(
+    batch_size: int, threads: int, seconds: float = 1.0, architecture: str = ARCHITECTURE
+) -> float:
+    """A CNN's own forward pass, per image, at ``batch_size`` on ``threads`` torch threads (no messaging): CPU
     time, like the worker's, so a machine shared with other work slows neither side of the ratio."""
     import torch
 
     torch.set_num_threads(max(1, threads))
-    module = make_spec(ARCHITECTURE).build().eval()
+    module = make_spec(architecture).build().eval()
     batch = torch.from_numpy(images(batch_size, seed=1))
     with torch.inference_mode():
         for _ in range(3):  # warm
@@ -143,62 +151,98 @@ def measure(
     n: int = 3000,
     json_n: int = 600,
     max_batch_size: int = 64,
+    models: tuple[str, ...] = MODELS,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Drain ``n`` images per encoding (``json_n`` for the nested lists, 4–20× the bytes) on each broker."""
-    forward = forward_ms_per_image(max_batch_size, settings.torch_threads)
-    say(f"image: bench_cnn forward pass {forward:.3f} ms of CPU per image at batch {max_batch_size}")
-    runs = []
-    for broker, url in brokers.items():
-        ns = "bi" + uuid.uuid4().hex[:8]
-        base = derive_settings(
-            settings,
-            broker_url=url,
-            namespace=ns,
-            inference_queue=f"{ns}.inference",
-            training_queue=f"{ns}.training",
-            plugins=(PLUGIN,),
-            result_expires=3600,
-            batch={"max_batch_size": max_batch_size},
+    """Drain ``n`` images per encoding (``json_n`` for the nested lists, 4–20× the bytes) to each of ``models`` on
+    each broker."""
+    forwards = {}
+    for architecture in models:
+        forwards[architecture] = forward_ms_per_image(max_batch_size, settings.torch_threads, architecture=architecture)
+        say(
+            f"image: {architecture} forward pass {forwards[architecture]:.3f} ms of CPU per image "
+            f"at batch {max_batch_size}"
         )
-        store = RedisParamStore.from_settings(base)
-        models = {
-            "bench-cnn": make_spec(ARCHITECTURE),
-            "bench-cnn-f32": make_spec(ARCHITECTURE, signature=FLOAT_SIGNATURE),
-        }
-        for name, spec in models.items():
-            store.create(name, spec, seed=0)
-        say(f"image on {broker}:")
-        try:
-            for encoding in ENCODINGS:
-                model = "bench-cnn-f32" if encoding == "json-float" else "bench-cnn"
-                run = _drain(base, model, encoding, json_n if encoding.startswith("json") else n, say)
-                run |= {"broker": broker, "cpu_ratio": run["cpu_ms_per_image"] / forward}
-                runs.append(run)
-        finally:
-            for name in models:
-                store.delete(name)
-        mine = [r for r in runs if r["broker"] == broker]
-        rates = {r["encoding"]: r["rate"] for r in mine}
-        for run in mine:
-            run["drain_vs_json_float"] = run["rate"] / rates["json-float"]
-            run["drain_vs_json"] = run["rate"] / rates["json"]
-            say(
-                f"  {run['encoding']:>10}: message {run['message_ratio']:5.2f}x pixels "
-                f"({run['body_bytes']:,} B body, {run['redis_envelope_bytes']:,} B on Redis), "
-                f"CPU {run['cpu_ms_per_image']:.3f} ms/image = {run['cpu_ratio']:4.1f}x forward, "
-                f"{run['rate']:,.0f} images/s = {run['drain_vs_json_float']:.1f}x json-float, "
-                f"{run['drain_vs_json']:.1f}x json"
-            )
+    runs = []
+    for architecture in models:
+        for broker, url in brokers.items():
+            runs += _drains(settings, architecture, forwards[architecture], broker, url, n, json_n, max_batch_size, say)
     return {
         "shape": list(SHAPE),
         "pixel_bytes": PIXEL_BYTES,
         "max_batch_size": max_batch_size,
         "torch_threads": settings.torch_threads,
-        "forward_ms_per_image": forward,
+        "models": {a: {"forward_ms_per_image": forwards[a], "parameters": _parameters(a)} for a in models},
+        "forward_ms_per_image": forwards[models[0]],
         "goals": GOALS,
         "runs": runs,
     }
+
+
+def _parameters(architecture: str) -> int:
+    return sum(p.numel() for p in make_spec(architecture).build().parameters())
+
+
+def _drains(
+    settings: Settings,
+    architecture: str,
+    forward: float,
+    broker: str,
+    url: str,
+    n: int,
+    json_n: int,
+    max_batch_size: int,
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Every encoding's drain of one CNN on one broker, in a namespace of its own."""
+    ns = "bi" + uuid.uuid4().hex[:8]
+    base = derive_settings(
+        settings,
+        broker_url=url,
+        namespace=ns,
+        inference_queue=f"{ns}.inference",
+        training_queue=f"{ns}.training",
+        plugins=(PLUGIN,),
+        result_expires=3600,
+        batch={"max_batch_size": max_batch_size},
+    )
+    store = RedisParamStore.from_settings(base)
+    models = {
+        "bench-cnn": make_spec(architecture),
+        "bench-cnn-f32": make_spec(architecture, signature=FLOAT_SIGNATURE),
+    }
+    for name, spec in models.items():
+        store.create(name, spec, seed=0)
+    say(f"image, {architecture} on {broker}:")
+    runs = []
+    try:
+        for encoding in ENCODINGS:
+            model = "bench-cnn-f32" if encoding == "json-float" else "bench-cnn"
+            run = _drain(base, model, encoding, json_n if encoding.startswith("json") else n, say)
+            run |= {
+                "broker": broker,
+                "architecture": architecture,
+                "forward_ms_per_image": forward,
+                "cpu_ratio": run["cpu_ms_per_image"] / forward,
+                "fixed_ms_per_image": run["cpu_ms_per_image"] - forward,
+            }
+            runs.append(run)
+    finally:
+        for name in models:
+            store.delete(name)
+    rates = {r["encoding"]: r["rate"] for r in runs}
+    for run in runs:
+        run["drain_vs_json_float"] = run["rate"] / rates["json-float"]
+        run["drain_vs_json"] = run["rate"] / rates["json"]
+        say(
+            f"  {run['encoding']:>10}: message {run['message_ratio']:5.2f}x pixels "
+            f"({run['body_bytes']:,} B body, {run['redis_envelope_bytes']:,} B on Redis), "
+            f"CPU {run['cpu_ms_per_image']:.3f} ms/image = {run['cpu_ratio']:4.1f}x forward "
+            f"(fixed {run['fixed_ms_per_image']:.3f}), "
+            f"{run['rate']:,.0f} images/s = {run['drain_vs_json_float']:.1f}x json-float, "
+            f"{run['drain_vs_json']:.1f}x json"
+        )
+    return runs
 
 
 def run(settings: Settings, *, out: Path = Path("docs/benchmarks"), tag: str = "", **options: Any) -> dict[str, Any]:
@@ -213,13 +257,15 @@ def run(settings: Settings, *, out: Path = Path("docs/benchmarks"), tag: str = "
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Three panels per broker and encoding: message / pixels, CPU / forward, drain images/s (goals dashed)."""
+    """One row per CNN, three panels per broker and encoding: message / pixels, CPU / forward, drain images/s
+    (goals dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = report["runs"]
+    models = list(report.get("models") or {ARCHITECTURE: {"forward_ms_per_image": report["forward_ms_per_image"]}})
     brokers = sorted({r["broker"] for r in runs})
     encodings = list(ENCODINGS)
     panels = [
@@ -227,23 +273,25 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ("cpu_ratio", "worker CPU / forward pass, per image", report["goals"]["cpu_ratio"]),
         ("rate", "drain, images / s", None),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    fig, grid = plt.subplots(len(models), 3, figsize=(12, 3.6 * len(models)), squeeze=False)
     width = 0.8 / len(brokers)
-    for ax, (key, label, goal) in zip(axes, panels, strict=True):
-        for b, broker in enumerate(brokers):
-            values = [next(r[key] for r in runs if r["broker"] == broker and r["encoding"] == e) for e in encodings]
-            ax.bar([i + b * width for i in range(len(encodings))], values, width, label=broker)
-        ax.set_xticks([i + width * (len(brokers) - 1) / 2 for i in range(len(encodings))], encodings)
-        ax.set_ylabel(label)
-        if key != "rate":
-            ax.set_yscale("log")
-        if goal is not None:
-            ax.axhline(goal, color="k", linestyle="--", linewidth=1, label=f"goal ≤ {goal:g}")
-        ax.legend(fontsize=8)
-    fig.suptitle(
-        f"image workload: uint8 3×64×64 to bench_cnn, batch {report['max_batch_size']}, "
-        f"forward pass {report['forward_ms_per_image']:.3f} ms of CPU per image"
-    )
+    for axes, architecture in zip(grid, models, strict=True):
+        mine = [r for r in runs if r.get("architecture", ARCHITECTURE) == architecture]
+        for ax, (key, label, goal) in zip(axes, panels, strict=True):
+            for b, broker in enumerate(brokers):
+                values = [next(r[key] for r in mine if r["broker"] == broker and r["encoding"] == e) for e in encodings]
+                ax.bar([i + b * width for i in range(len(encodings))], values, width, label=broker)
+            ax.set_xticks([i + width * (len(brokers) - 1) / 2 for i in range(len(encodings))], encodings)
+            ax.set_ylabel(label)
+            if key != "rate":
+                ax.set_yscale("log")
+            if goal is not None:
+                ax.axhline(goal, color="k", linestyle="--", linewidth=1, label=f"goal ≤ {goal:g}")
+            ax.legend(fontsize=8)
+        forward = report.get("models", {}).get(architecture, {}).get("forward_ms_per_image")
+        forward = forward if forward is not None else report["forward_ms_per_image"]
+        axes[1].set_title(f"{architecture}: forward pass {forward:.3f} ms of CPU per image", fontsize=10)
+    fig.suptitle(f"image workload: uint8 3×64×64 to two small CNNs, batch {report['max_batch_size']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
