@@ -27,7 +27,7 @@ from agent_workers.outputs import encoded_output, plain_output
 from agent_workers.store.artifacts import Artifacts
 from agent_workers.store.params import RedisParamStore
 from agent_workers.tensors import decode_inputs
-from agent_workers.worker import padding
+from agent_workers.worker import forming, padding
 
 #: One decoded example (an array, or name -> array for a model of several inputs), or a stacked batch of them.
 Tensors = np.ndarray | dict[str, np.ndarray]
@@ -367,13 +367,10 @@ class InferenceEngine:
                 arrays.append(self.validate(loaded, item))
             except InputError as exc:
                 raise InputError(f"example {i}: {exc}") from None
-        outputs: list[Any] = []
+        outputs: list[Any] = [None] * len(arrays)
         produced = 0
-        size = self.settings.batch.max_batch_size
-        for start in range(0, len(arrays), size):
-            if not arrays[start : start + size]:
-                break
-            for row in self.run_batch_arrays(loaded, arrays[start : start + size]):
+        for batch in self._plan_many(loaded, arrays):
+            for i, row in zip(batch, self.run_batch_arrays(loaded, [arrays[i] for i in batch]), strict=True):
                 if isinstance(row, Exception):
                     raise row
                 produced += sum(v.size for v in row.values()) if isinstance(row, dict) else row.size
@@ -382,8 +379,25 @@ class InferenceEngine:
                         f"the outputs of this predict_many exceed AGENT_WORKERS_MAX_INPUT_ELEMENTS={limit} numbers; "
                         "send fewer examples per message"
                     )
-                outputs.append(plain_output(row) if output_encoding == "json" else encoded_output(row, output_encoding))
+                outputs[i] = plain_output(row) if output_encoding == "json" else encoded_output(row, output_encoding)
         return {"model": name, "version": loaded.version, "outputs": outputs}
+
+    def _plan_many(self, loaded: LoadedModel, arrays: list[Tensors]) -> list[list[int]]:
+        """A predict_many's examples cut into batches (indices): by ``max_batch_size``, or for a variable-length
+        signature sorted by length under ``max_batch_tokens`` as the batcher forms them (worker/forming.py), so a
+        long example does not pad its whole chunk."""
+        batch = self.settings.batch
+        spec = padding.length_input(loaded.spec.signature)
+        length = (
+            None if spec is None or loaded.hooks.collate is not None else (lambda i: padding.tokens(spec, arrays[i]))
+        )
+        return forming.plan(
+            range(len(arrays)),
+            max_batch_size=batch.max_batch_size,
+            length=length,
+            max_tokens=batch.max_batch_tokens,
+            by_length=batch.length_batching,
+        )
 
 
 def stack(rows: list[Tensors]) -> Tensors:

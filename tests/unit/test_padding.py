@@ -126,3 +126,38 @@ def test_the_token_budget_and_the_switch_are_settings_with_documented_defaults()
     operations = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     assert "| `AGENT_WORKERS_MAX_BATCH_TOKENS` | `16384` |" in operations
     assert "| `AGENT_WORKERS_LENGTH_BATCHING` | `true` |" in operations
+
+
+class _Recording(torch.nn.Module):
+    """Sums each row's ids (padding is 0) and records the shape of every batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(input_ids.shape))
+        return (input_ids * attention_mask).sum(dim=1, keepdim=True).float()
+
+
+def test_predict_many_batches_variable_lengths_by_length_and_answers_in_input_order() -> None:
+    from agent_workers.config import Settings
+    from agent_workers.models import ModelSpec
+    from agent_workers.worker.inference import InferenceEngine, LoadedModel
+
+    signature = Signature.from_json(
+        {
+            "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [-1]}],
+            "outputs": [{"name": "total", "dtype": "float32", "shape": [1]}],
+        }
+    )
+    module = _Recording()
+    loaded = LoadedModel("m", 1, "e", ModelSpec("custom", {}, (-1,), signature), module, torch.device("cpu"))
+    engine = InferenceEngine(store=None, settings=Settings.from_env({}))  # type: ignore[arg-type]
+    engine.current = lambda name: loaded  # type: ignore[method-assign]
+    lengths = [5, 300, 6, 290, 7, 310]
+    inputs = [list(range(1, n + 1)) for n in lengths]
+    out = engine.predict_many("m", inputs)
+    assert out["outputs"] == [[n * (n + 1) / 2] for n in lengths]  # each its own sum, in the order sent
+    # the short three form one batch padded to 7 and the long three another: not one batch padded to 310
+    assert sorted(module.shapes) == [(3, 7), (3, 310)]
