@@ -482,3 +482,14 @@ def test_redis_publisher_pushes_onto_kombus_priority_sub_lists() -> None:
         publisher._list(TaskMessage("i", {}, {} if p is None else {"priority": p}, b"")) for p in (None, 0, 2, 5, 9)
     ]
     assert lists == ["q", "q", "q", "q\x06\x163", "q\x06\x169"]  # kombu: the nearest step at or below
+
+
+def test_raw_torch_reports_its_fastest_window_and_what_it_sustains() -> None:
+    from agent_workers.tools.bench.measure import raw_torch, raw_torch_rate
+    from agent_workers.tools.bench.workloads import WORKLOADS
+
+    raw = raw_torch(WORKLOADS["mlp"], 8, seconds=0.05, threads=1)
+    assert 0 < raw.sustained_rate <= raw.rate  # every window together is never faster than the fastest one
+    assert raw.ms == pytest.approx(1000 * 8 / raw.rate)
+    rate, ms = raw_torch_rate(WORKLOADS["mlp"], 8, seconds=0.05, threads=1)
+    assert rate > 0 and ms == pytest.approx(1000 * 8 / rate)

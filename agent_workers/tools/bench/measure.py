@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -192,17 +192,36 @@ def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     }
 
 
+class RawTorch(NamedTuple):
+    """The in-process forward loop's rates: ``rate`` (examples/s) and ``ms`` (per batch) of its fastest window,
+    and ``sustained_rate``, all its iterations over all its time."""
+
+    rate: float
+    ms: float
+    sustained_rate: float
+
+
 def raw_torch_rate(
     workload: Workload, batch_size: int, seconds: float = 1.0, device: str = "cpu", repeats: int = 10, threads: int = 0
 ) -> tuple[float, float]:
-    """In-process forward loop at ``batch_size``, same threads and device as a worker: (examples/s, ms per batch).
+    """:func:`raw_torch`'s fastest window: (examples/s, ms per batch)."""
+    raw = raw_torch(workload, batch_size, seconds, device, repeats, threads)
+    return raw.rate, raw.ms
+
+
+def raw_torch(
+    workload: Workload, batch_size: int, seconds: float = 1.0, device: str = "cpu", repeats: int = 10, threads: int = 0
+) -> RawTorch:
+    """In-process forward loop at ``batch_size``, same threads and device as a worker.
 
     ``threads`` is the worker's ``AGENT_WORKERS_TORCH_THREADS`` (0: torch's default); it is set for the loop only.
 
     Each step is what the worker's forward does (host array in, host array out). The loop runs ``repeats`` windows
-    of ``seconds / repeats`` and reports the fastest: torch's intra-op threads slow down by large factors when
-    another process takes one of their cores, so on a shared machine the best window is the one that measures
-    torch rather than the neighbours (and it makes ``end-to-end / raw`` conservative).
+    of ``seconds / repeats``. The fastest window is the yardstick of ``end-to-end / raw``: torch's intra-op threads
+    slow down by large factors when another process takes one of their cores, so on a shared machine the best
+    window is the one that measures torch rather than the neighbours (and it makes the ratio conservative). The
+    sustained rate (every iteration over the whole loop) is what a loop of forward passes keeps up, alone, for
+    as long as a drain: 3–6 % below the best window on a quiet machine.
     """
     import torch
 
@@ -216,6 +235,7 @@ def raw_torch_rate(
         module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
 
     windows = []
+    total_iters, total_seconds = 0, 0.0
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -228,11 +248,13 @@ def raw_torch_rate(
                 while time.perf_counter() - start < seconds / repeats or iters < 3:
                     step()
                     iters += 1
-                windows.append((time.perf_counter() - start) / iters)
+                elapsed = time.perf_counter() - start
+                windows.append(elapsed / iters)
+                total_iters, total_seconds = total_iters + iters, total_seconds + elapsed
     finally:
         torch.set_num_threads(before)
     per_batch = min(windows)
-    return batch_size / per_batch, 1000 * per_batch
+    return RawTorch(batch_size / per_batch, 1000 * per_batch, batch_size * total_iters / total_seconds)
 
 
 def machine_info(redis_client: Any, amqp_url: str | None) -> dict[str, Any]:

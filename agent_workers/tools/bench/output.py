@@ -64,6 +64,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
                 ratio(d.get("compute_seconds"), d.get("seconds")),
                 r,
                 ratio(d["rate"], r),
+                ratio(d["rate"], d.get("raw_torch_sustained_rate")),
             ]
         )
     latency_rows = [
@@ -185,6 +186,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
                 "forward share",
                 "raw torch req/s",
                 "e2e / raw",
+                "e2e / sustained raw",
             ],
             sweep_rows,
         ),

@@ -16,7 +16,7 @@ import numpy as np
 from agent_workers.config import Settings
 from agent_workers.tools.bench import cache
 from agent_workers.tools.bench.config import BenchConfig
-from agent_workers.tools.bench.measure import machine_info, raw_torch_rate
+from agent_workers.tools.bench.measure import RawTorch, machine_info, raw_torch
 from agent_workers.tools.bench.output import print_tables, say, write_outputs
 from agent_workers.tools.bench.overload import WORKLOAD as OVERLOAD_WORKLOAD
 from agent_workers.tools.bench.overload import run_overload
@@ -109,8 +109,8 @@ class Bench:
 
     # -- the matrix -----------------------------------------------------------------------------------------------
 
-    def _raw(self, workload: Workload, batch_size: int) -> tuple[float, float]:
-        return raw_torch_rate(workload, batch_size, self._raw_seconds, self.cfg.device, threads=self.cfg.torch_threads)
+    def _raw(self, workload: Workload, batch_size: int) -> RawTorch:
+        return raw_torch(workload, batch_size, self._raw_seconds, self.cfg.device, threads=self.cfg.torch_threads)
 
     def _drain(
         self,
@@ -121,7 +121,7 @@ class Bench:
         profile: Path | None = None,
         encoding: str | None = None,
     ) -> dict[str, Any]:
-        paired = self._raw(s.workload, max_batch_size)[0] if system == "ours" else None
+        paired = self._raw(s.workload, max_batch_size) if system == "ours" else None
         encoding = encoding or self.cfg.encodings_of(s.workload.name)[0]
         return self.runs.drain(s, system, n, max_batch_size, paired=paired, profile=profile, encoding=encoding)
 
@@ -129,7 +129,7 @@ class Bench:
         sizes = sorted({1, self.cfg.max_batch_size, *self.cfg.sweep})
         self.raw[workload.name], self.raw_ms[workload.name] = {}, {}
         for size in sizes:
-            rate, ms = self._raw(workload, size)
+            rate, ms, _sustained = self._raw(workload, size)
             self.raw[workload.name][str(size)] = rate
             self.raw_ms[workload.name][str(size)] = ms
         say(f"{workload.name}: raw torch " + ", ".join(f"b{k}: {v:,.0f}/s" for k, v in self.raw[workload.name].items()))

@@ -18,6 +18,7 @@ from agent_workers.contract import RESULT_KEY_PREFIX
 from agent_workers.tools.bench.config import BenchConfig
 from agent_workers.tools.bench.latency import LatencyRun, cdf_points, latency_bound_ms
 from agent_workers.tools.bench.measure import (
+    RawTorch,
     Sampler,
     batch_stats,
     drain_rate,
@@ -129,13 +130,14 @@ class Runs:
         n: int,
         max_batch_size: int,
         *,
-        paired: float | None = None,
+        paired: RawTorch | None = None,
         profile: Path | None = None,
         encoding: str = "json",
     ) -> dict[str, Any]:
         """Pre-fill ``n`` requests, start a worker, time it from its first stored result to its last.
 
-        ``paired`` is the raw torch rate at ``max_batch_size`` measured just before (kept in the result).
+        ``paired`` is the raw torch loop at ``max_batch_size`` measured just before (its fastest window's rate and
+        its sustained rate are kept in the result).
         ``encoding`` is how our requests travel (``json``, ``b64``, ``msgpack``; the baselines' always JSON). With
         ``profile``, py-spy samples the worker from ready to exit into ``<profile>/py-spy-*.txt`` (collapsed
         stacks, 200 Hz; py-spy pauses the worker to sample, so this drain is not counted).
@@ -201,11 +203,14 @@ class Runs:
             "redis_cpu_ms_per_request": 1000 * server / counted if counted and server is not None else None,
             "worker_cpu_utilisation": cpu / seconds if seconds else None,
             "other_cpu_cores": others / seconds if others is not None and seconds else None,
-            "raw_torch_rate": paired,
+            "raw_torch_rate": paired.rate if paired else None,
+            "raw_torch_sustained_rate": paired.sustained_rate if paired else None,
             **stats,
         }
         extra = f", mean batch {stats['mean_batch_size']:.1f}" if stats.get("mean_batch_size") else ""
-        extra += f", {rate / paired:.0%} of raw torch" if paired else ""
+        extra += (
+            f", {rate / paired.rate:.0%} of raw torch ({rate / paired.sustained_rate:.0%} sustained)" if paired else ""
+        )
         say(
             f"{label}: {rate:,.0f} req/s, worker CPU {result['cpu_ms_per_request'] or 0:.3f} ms/req{extra}"
             + (f", {failed} FAILED" if failed else "")
