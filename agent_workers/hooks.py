@@ -26,13 +26,13 @@ Declared in one registration::
 
 from __future__ import annotations
 
-import base64
 import binascii
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import pybase64
 
 from agent_workers import outputs
 from agent_workers.errors import AgentWorkersError, InputError, ModelError
@@ -82,7 +82,7 @@ def raw_bytes(raw: Any, field: str, *, max_bytes: int = 16 * 1024 * 1024) -> byt
     if len(value["b64"]) // 4 * 3 > max_bytes:
         raise InputError(f"inputs.{field} is over {max_bytes} bytes")
     try:
-        return base64.b64decode(value["b64"], validate=True)
+        return pybase64.b64decode(value["b64"], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"inputs.{field}.b64 is not valid base64: {exc}") from None
 

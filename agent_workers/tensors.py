@@ -19,7 +19,6 @@ the model is called. This module never imports torch (producers import it throug
 
 from __future__ import annotations
 
-import base64
 import binascii
 import dataclasses
 import math
@@ -27,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import pybase64
 
 from agent_workers.errors import InputError, ModelError
 
@@ -186,7 +186,7 @@ def encode_tensor(array: Any, *, raw: bool = False) -> dict[str, Any]:
     dtype = next(name for name, dt in DTYPES.items() if dt == array.dtype and name != "bfloat16")
     if raw:
         return {"dtype": dtype, "shape": list(array.shape), "data": array.tobytes()}
-    return {"dtype": dtype, "shape": list(array.shape), "b64": base64.b64encode(array.tobytes()).decode("ascii")}
+    return {"dtype": dtype, "shape": list(array.shape), "b64": pybase64.b64encode(array.tobytes()).decode("ascii")}
 
 
 def decode_tensor_object(value: Mapping[str, Any]) -> np.ndarray:
@@ -251,7 +251,7 @@ def _unbase64(name: str, text: Any, dtype: str, shape: list[int], want: int) -> 
             + (f"{size}" if size >= 0 else "an invalid length of base64")
         )
     try:
-        return base64.b64decode(text, validate=True)
+        return pybase64.b64decode(text, validate=True)  # SIMD: ~1 µs for 16 KB, where base64's regex takes ~30
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"input {name!r}: b64 is not valid base64: {exc}") from None
 

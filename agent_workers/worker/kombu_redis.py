@@ -40,6 +40,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from agent_workers import lua, numbers
+from agent_workers.wire import Base64Codec
 from agent_workers.worker import idle, kombu_amqp
 from agent_workers.worker.redis_wait import DEFAULT_WAKE_INTERVAL, WakePolicy
 
@@ -115,6 +116,7 @@ class Channel(kredis.Channel):
     """Redis channel whose blocking pop takes up to the free prefetch window at once."""
 
     QoS = QoS
+    codecs = {"base64": Base64Codec()}  # every envelope's body: pybase64, ~10x kombu's binascii (agent_workers/wire.py)
     _bulk_pop: bool | None = None
     #: Fast reclaim: this consumer's held set, set while its heartbeat runs (agent_workers/worker/reclaim.py).
     reclaim_key: str | None = None

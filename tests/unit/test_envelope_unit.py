@@ -103,3 +103,25 @@ def test_a_fault_in_one_group_fails_only_that_group() -> None:
     outcomes, solo = batcher._serve(batch)
     assert not solo
     assert {o.request.id: o.state for o in outcomes} == {"0": "SUCCESS", "1": "FAILURE", "2": "SUCCESS", "3": "SUCCESS"}
+
+
+def test_the_redis_transport_decodes_bodies_as_kombu_does_with_pybase64() -> None:
+    import binascii
+    import os
+
+    from kombu.transport.virtual.base import Base64
+
+    from agent_workers.wire import Base64Codec
+    from agent_workers.worker.kombu_redis import Channel
+
+    ours, kombus = Channel.codecs["base64"], Base64()
+    assert isinstance(ours, Base64Codec)
+    for size in (0, 1, 2, 3, 100, 17_000):
+        raw = os.urandom(size)
+        text = kombus.encode(raw)
+        assert ours.encode(raw) == text and ours.encode(raw.decode("latin-1")) == kombus.encode(raw.decode("latin-1"))
+        assert ours.decode(text) == raw == ours.decode(text.encode()) == kombus.decode(text)
+    with pytest.raises(binascii.Error):  # what kombu's codec raises for a body that is not base64 at all
+        ours.decode("abcde")
+    with pytest.raises(binascii.Error):
+        kombus.decode("abcde")
