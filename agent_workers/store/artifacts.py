@@ -134,11 +134,13 @@ class RedisArtifactStore:
     Args:
         client: the parameter store's redis-py client.
         keys: the key builder of the deployment's namespace.
+        keep_versions: the parameter store's retention: a set no kept version reads is deleted (:meth:`prune`).
     """
 
-    def __init__(self, *, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, *, client: redis.Redis, keys: Keys, keep_versions: int = 10) -> None:
         self.client = client
         self.keys = keys
+        self.keep_versions = keep_versions
 
     def stage(self, pipe: Any, name: str, version: int, files: Mapping[str, bytes]) -> None:
         """Add the writes of ``files`` as version ``version``'s set to ``pipe`` (a transaction of the caller's)."""
@@ -178,7 +180,27 @@ class RedisArtifactStore:
                 pipe.execute()
             except redis.WatchError:
                 raise StoreError(f"model {name!r} committed a version meanwhile; put the artifacts again") from None
+        self.prune(name, head)
         return target
+
+    def prune(self, name: str, head: int) -> int:
+        """Delete the sets that no kept version reads, with ``head`` the model's head version; returns how many.
+
+        Versions ``head - keep_versions + 1`` and up stay readable; the oldest of them reads the newest set at or
+        below it, so only sets older than that one go. A head only grows (a rollback commits a new version), so a
+        set found unreadable stays so. Called after each :meth:`put` (which adds a set) and by ``gc``.
+        """
+        oldest_kept = head - self.keep_versions + 1
+        index = self.keys.artifact_versions(name)
+        with unavailable():
+            owners = [int(v) for v in self.client.zrangebyscore(index, "-inf", oldest_kept)]
+            doomed = owners[:-1]  # the newest of them still holds for oldest_kept (and on, until the next set)
+            if doomed:
+                with self.client.pipeline(transaction=True) as pipe:
+                    pipe.delete(*(self.keys.artifacts(name, v) for v in doomed))
+                    pipe.zrem(index, *(str(v) for v in doomed))
+                    pipe.execute()
+        return len(doomed)
 
     def get(self, name: str, version: int) -> Artifacts:
         """The artifacts of ``version``: the set of the newest version at or below it (empty when none)."""

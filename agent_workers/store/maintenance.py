@@ -23,6 +23,7 @@ class Store(Protocol):
     client: Any
     keys: Any
     keep_versions: int
+    artifacts: Any  # agent_workers.store.artifacts.RedisArtifactStore
 
     def applied(self, name: str, update_id: str) -> int | None: ...
     def head(self, name: str) -> Any: ...
@@ -91,7 +92,8 @@ def rollback(store: Store, name: str, version: int, *, update_id: str = "", max_
 
 
 def gc(store: Store, name: str) -> int:
-    """Delete blob keys outside the retention window that a commit did not collect; returns how many.
+    """Delete blob keys outside the retention window that a commit did not collect, and artifact sets no kept
+    version reads; returns how many keys and sets.
 
     Leftovers come from a lowered ``keep_versions`` or a Redis that lost a script's tail; staging keys expire
     on their own (``STAGING_TTL``), and any without an expiry get one here.
@@ -119,7 +121,7 @@ def gc(store: Store, name: str) -> int:
             store.client.delete(*doomed)
         if stale:
             store.client.hdel(store.keys.head(name), *stale)
-    return len(doomed)
+    return len(doomed) + store.artifacts.prune(name, head.version)
 
 
 def history(store: Store, name: str, limit: int = 20) -> list[dict[str, Any]]:

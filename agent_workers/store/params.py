@@ -100,7 +100,7 @@ class RedisParamStore:
         self._commit = client.register_script(lua.source("commit"))
         self._specs: dict[tuple[str, str], ModelSpec] = {}
         self._cache = blobs.SnapshotCache(enabled=cache, max_bytes=cache_bytes)
-        self.artifacts = RedisArtifactStore(client=client, keys=keys)
+        self.artifacts = RedisArtifactStore(client=client, keys=keys, keep_versions=keep_versions)
         if wait_aof:
             self.check_durability()
 

@@ -408,3 +408,27 @@ def test_a_foreign_blob_under_a_still_head_is_named_as_such(make_store: Callable
     message = str(info.value)
     assert "belongs to model 'other' version 0" in message and store.keys.blob("m", 1) in message
     assert "models rollback" in message and "too fast" not in message
+
+
+def test_artifact_sets_no_kept_version_reads_are_deleted(make_store: Callable[..., RedisParamStore]) -> None:
+    store = make_store(keep_versions=2)
+    store.create("m", COUNTER, artifacts={"labels": '["a"]'})
+    epoch = store.head("m").epoch
+    owners = store.keys.artifact_versions("m")
+    for v in range(4):  # a new set for every version: 1, 2, 3, 4
+        assert store.artifacts.put("m", {"labels": f'["v{v + 1}"]'}) == v + 1
+        store.commit("m", expected=v, tensors=values(v), epoch=epoch)
+    # each put pruned what the head of its time no longer read (sets 0 and 1); the last commit made set 2 stale too
+    assert [int(v) for v in store.client.zrange(owners, 0, -1)] == [2, 3, 4]
+    assert not any(store.client.exists(store.keys.artifacts("m", v)) for v in (0, 1))
+    assert store.gc("m") == 1  # head 4 keeps versions 3 and 4, which read the sets of 3 and 4
+    assert [int(v) for v in store.client.zrange(owners, 0, -1)] == [3, 4]
+    assert not store.client.exists(store.keys.artifacts("m", 2))
+    assert store.artifacts.get("m", 3).labels == ["v3"] and store.artifacts.get("m", 4).labels == ["v4"]
+    # a set that still holds for a kept version stays, however old: versions 5 and 6 commit without new sets
+    for v in (4, 5):
+        store.commit("m", expected=v, tensors=values(v), epoch=epoch)
+    assert store.gc("m") == 1  # the set of 3: versions 5 and 6 read the set of 4
+    assert [int(v) for v in store.client.zrange(owners, 0, -1)] == [4]
+    assert store.artifacts.get("m", 5).labels == ["v4"] == store.artifacts.get("m", 6).labels
+    assert store.gc("m") == 0
