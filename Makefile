@@ -1,11 +1,11 @@
-# The one entry point for people: `make demo`, `make test`, `make bench`, `make lint`.
+# The one entry point for people: `make demo`, `make test`, `make bench`, `make lint` (`make test-all`: the slow tests too).
 # Each target creates .venv and installs what is missing first, so a fresh clone needs nothing else.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast fuzz node-modules bench lint format soak clean
+.PHONY: install demo test test-all test-fast fuzz node-modules bench lint format soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP) node-modules
 	@command -v docker-compose >/dev/null 2>&1 || \
 		echo "note: the compose check is skipped without docker-compose: sudo apt-get install docker-compose"
 	$(PY) -m pytest
+
+# The default run plus the tests of the slow marker (pyproject.toml), which `make test` leaves out: the RabbitMQ runs
+# of the README and docs walk-throughs and of the cache and image benchmark parts, whose RabbitMQ paths other tests of
+# the default run cover.
+test-all: $(STAMP) node-modules
+	$(PY) -m pytest -m "slow or not slow"
 
 # The Node.js producer test needs examples/node's modules: installed here when Node is present and they are missing.
 node-modules:

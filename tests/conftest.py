@@ -73,6 +73,16 @@ def broker(request: pytest.FixtureRequest, redis_up: None) -> str:
     return str(request.param)
 
 
+#: For a test whose RabbitMQ run repeats, at length, what other tests of the default run already cover on RabbitMQ
+#: (an end-to-end walk through a README section, docs page or benchmark part whose broker-specific paths have tests of
+#: their own): Redis, the default broker, in the default run; RabbitMQ under the ``slow`` marker, which ``make test``
+#: leaves out and ``make test-all`` (``pytest -m "slow or not slow"``) or ``pytest -m slow`` runs. The order and values
+#: are the ``broker`` fixture's, so both kinds of test share its session-scoped instances.
+REDIS_BY_DEFAULT = pytest.mark.parametrize(
+    "broker", [pytest.param("rabbitmq", marks=pytest.mark.slow), "redis"], indirect=True
+)
+
+
 def pool_env(broker: str, **overrides: object) -> dict[str, str]:
     """``AGENT_WORKERS_*`` for an isolated pool: its own namespace and queues on the shared services."""
     ns = "t" + uuid.uuid4().hex[:10]

@@ -13,7 +13,7 @@ from agent_workers.config import Settings
 from agent_workers.contract import queues, task_routes
 from agent_workers.store.params import RedisParamStore
 from agent_workers.training.datasets import DatasetStore
-from agent_workers.worker.bootsteps import BatcherStep, DeadLetterQueues, QueueDepthStep, StartupChecks
+from agent_workers.worker.bootsteps import BatcherStep, DeadLetterQueues, QueueDepthStep, SignalWakeup, StartupChecks
 from agent_workers.worker.inference import InferenceEngine
 from agent_workers.worker.reclaim import ReclaimStep
 
@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None, **extra_conf: Any) -> WorkerApp
     app.steps["consumer"].add(BatcherStep)
     app.steps["consumer"].add(QueueDepthStep)
     app.steps["consumer"].add(ReclaimStep)
+    app.steps["consumer"].add(SignalWakeup)
     app.steps["worker"].add(StartupChecks)
     if quorum:
         app.steps["consumer"].add(DeadLetterQueues)

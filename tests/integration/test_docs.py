@@ -1,6 +1,7 @@
 """README.md and docs/ are executable: README's ```python blocks and the shell lines of "Training from your app", and
 every ```bash/```python block of every page under docs/, run as written against real workers on both brokers in a
-namespaced deployment (queue names from AGENT_WORKERS_*_QUEUE).
+namespaced deployment (queue names from AGENT_WORKERS_*_QUEUE): on Redis in `make test`, on RabbitMQ too in
+`make test-all` (the slow marker; what the blocks do on RabbitMQ has tests of its own in the default run).
 
 A docs block is run line by line unless the line before its fence says otherwise:
 
@@ -25,7 +26,7 @@ import pytest
 from agent_workers.config import Settings
 from agent_workers.models import make_spec
 from agent_workers.worker.launch import settings_env
-from tests.conftest import _cleanup, pool_env
+from tests.conftest import REDIS_BY_DEFAULT, _cleanup, pool_env
 from tests.integration.test_cli import stop_all, wait_for_files
 
 pytestmark = pytest.mark.integration
@@ -129,6 +130,7 @@ def write_inputs(where: Path) -> None:
     (where / "rows.json").write_text(json.dumps(rng.standard_normal((2, 10)).round(3).tolist()))
 
 
+@REDIS_BY_DEFAULT  # RabbitMQ: the CLI, hooks, typed training and inspect tests of the default run, on both brokers
 def test_docs_blocks_run_as_written(broker: str, redis_up: None, tmp_path: Path) -> None:
     env = pool_env(broker)
     write_inputs(tmp_path)
@@ -171,6 +173,7 @@ def test_readme_has_a_tested_training_example() -> None:
     assert any("datasets upload" in b and "agent-workers fit" in b for b in blocks(training, "bash"))
 
 
+@REDIS_BY_DEFAULT  # RabbitMQ: test_cli's datasets/fit and the Client tests of the default run, on both brokers
 def test_readme_code_runs_as_written(broker: str, start_pool, tmp_path: Path) -> None:
     pool = start_pool(broker)
     pool.store.create("house", make_spec("linear", in_features=3))

@@ -1,7 +1,8 @@
-"""README's "Your own model", as a new user follows it, on both brokers: a worker started with the zoo plugin, the
-data and artifacts written, both models created from the CLI, trained through the queue (``fit``), and top-k labels
-of held-out PNGs and sentences from a bare Celery producer and from Node.js. Beside it, the zoo's raw inputs against
-a real worker: a bad PNG and a sentence with an unknown word fail alone in their batch, tensors still work."""
+"""README's "Your own model", as a new user follows it (on Redis; on RabbitMQ too in `make test-all`): a worker
+started with the zoo plugin, the data and artifacts written, both models created from the CLI, trained through the
+queue (``fit``), and top-k labels of held-out PNGs and sentences from a bare Celery producer and from Node.js. Beside
+it, the zoo's raw inputs against a real worker, on both brokers: a bad PNG and a sentence with an unknown word fail
+alone in their batch, tensors still work."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import examples.models.zoo as zoo
 from agent_workers.config import Settings
 from agent_workers.models import make_spec
 from agent_workers.worker.launch import settings_env
-from tests.conftest import IN_CI, Pool, _cleanup, pool_env, serving_pool, unique
+from tests.conftest import IN_CI, REDIS_BY_DEFAULT, Pool, _cleanup, pool_env, serving_pool, unique
 from tests.integration.test_cli import stop_all, wait_for_files
 from tests.integration.test_docs import ROOT, Block, command, exec_line, section, text_blocks
 
@@ -59,6 +60,7 @@ def test_readme_registration_excerpt_is_the_plugins_code() -> None:
         assert line in plugin or line in ("", "    ..."), line  # "..." stands for a body left out
 
 
+@REDIS_BY_DEFAULT  # RabbitMQ: the zoo's hooks below, test_cli's fit and the Node producer tests, on both brokers
 def test_readme_own_model_runs_as_written(broker: str, redis_up: None, tmp_path: Path) -> None:
     env = pool_env(broker)
     (tmp_path / "examples").symlink_to(ROOT / "examples")  # the repository's root, as README's lines expect
