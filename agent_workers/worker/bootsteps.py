@@ -21,13 +21,12 @@ from agent_workers.worker.batcher import check_prefetch
 from agent_workers.worker.intake import live_intakes
 from agent_workers.worker.kombu_redis import queue_depth
 from agent_workers.worker.launch import UNIQUE, unique_node_name
-from agent_workers.worker.pipeline import GIL_SWITCH_INTERVAL
 
 log = logging.getLogger(__name__)
 
 
 class StartupChecks(bootsteps.Step):
-    """Worker bootstep: start-up checks, torch threads, the GIL switch interval, plugins and the metrics endpoint.
+    """Worker bootstep: start-up checks, torch threads, plugin imports and the metrics endpoint.
 
     A bootstep rather than a ``worker_init`` handler because Celery logs and swallows exceptions raised by signal
     handlers, and a worker that cannot work must not start.
@@ -57,7 +56,6 @@ class StartupChecks(bootsteps.Step):
             import torch
 
             torch.set_num_threads(app.settings.torch_threads)
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # the compute thread gets the GIL back between torch ops
         load_plugins(app.settings.plugins)
         if app.settings.metrics_port:
             try:

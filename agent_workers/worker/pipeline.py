@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,11 +35,12 @@ log = logging.getLogger(__name__)
 Job = Iterator[tuple[list[Any], bool]]
 
 DEFAULT_DEPTH = 2
-#: The worker process's GIL switch interval (seconds; CPython's default is 5 ms). A forward pass gives the GIL up
-#: for each torch op and must take it back between ops; while the event loop runs Python (decoding, result writes)
-#: the compute thread waits up to a whole interval each time. Measured on 2 cores (docs/benchmarks.md, "Heavy
-#: model"): a 5-op MLP forward beside a busy Python thread took 2.0x its time alone at 5 ms, 1.04x at 0.1 ms,
-#: while the busy thread lost 2 % of its work.
+#: The process's GIL switch interval once a compute thread runs (seconds; CPython's default is 5 ms). A forward
+#: pass gives the GIL up for each torch op and must take it back between ops; while the event loop runs Python
+#: (decoding, result writes) the compute thread waits up to a whole interval each time. Measured on 2 cores
+#: (docs/benchmarks.md): a 5-op MLP forward beside a busy Python thread took 2.0x its time alone at 5 ms, 1.04x at
+#: 0.1 ms, the busy thread losing 2 % of its work. Set only when the first job goes to the thread: a worker whose
+#: batches all compute on the loop keeps the default (its mlp drain on RabbitMQ was 2 % slower at 0.1 ms).
 GIL_SWITCH_INTERVAL = 100e-6
 _DONE = object()
 
@@ -98,6 +100,7 @@ class Pipeline:
                 self._finish(outcomes)
             return
         if self._thread is None:
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
             self._thread = threading.Thread(target=self._run, name=f"compute-{self._name}", daemon=True)
             self._running = True
             self._thread.start()

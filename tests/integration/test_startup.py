@@ -10,9 +10,8 @@ import pytest
 from agent_workers.config import Settings
 from agent_workers.errors import ConfigError
 from agent_workers.worker.app import create_app
-from agent_workers.worker.bootsteps import StartupChecks, check_app
+from agent_workers.worker.bootsteps import check_app
 from agent_workers.worker.launch import settings_env, worker_command
-from agent_workers.worker.pipeline import GIL_SWITCH_INTERVAL
 from tests.conftest import pool_env
 
 pytestmark = pytest.mark.integration
@@ -44,19 +43,6 @@ def test_worker_refuses_a_visibility_timeout_shorter_than_the_time_limit(redis_u
     out = run_worker(env, prefetch=128)
     assert out.returncode != 0
     assert "must exceed AGENT_WORKERS_TASK_TIME_LIMIT" in out.stdout + out.stderr
-
-
-def test_start_up_shortens_the_gil_switch_interval_for_the_compute_thread() -> None:
-    # The forward pass takes the GIL back between torch ops; at CPython's 5 ms it waits behind the event loop.
-    app = create_app(Settings.from_env({}))
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(0.005)
-    try:
-        StartupChecks._check(app)
-        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL)
-        assert GIL_SWITCH_INTERVAL < 0.005
-    finally:
-        sys.setswitchinterval(before)
 
 
 def test_pickle_in_accept_content_is_refused() -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
-from agent_workers.worker.pipeline import Pipeline
+import pytest
+
+from agent_workers.worker.pipeline import GIL_SWITCH_INTERVAL, Pipeline
 
 
 class LoopHub:
@@ -56,3 +59,29 @@ def test_a_job_submitted_after_close_waits_behind_the_one_still_computing() -> N
     assert all(thread == "compute-t" for _, thread in ran)
     pipeline._thread.join(10)  # and the thread ends once nothing more is queued
     assert not pipeline._thread.is_alive()
+
+
+def test_the_gil_switch_interval_shortens_once_a_job_goes_to_the_compute_thread() -> None:
+    # The forward pass takes the GIL back between torch ops; at CPython's 5 ms it waits behind the event loop.
+    # A worker whose batches all compute on the loop (inline) keeps the default.
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        hub = LoopHub()
+        finished: list[str] = []
+        pipeline = Pipeline(depth=2, hub=hub, finish=finished.extend, on_free=lambda: None, name="g")
+
+        def job(name: str) -> Any:
+            yield [name], False
+
+        pipeline.submit(job("inline"), inline=True)
+        assert finished == ["inline"] and sys.getswitchinterval() == pytest.approx(0.005)
+        pipeline.submit(job("threaded"))
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL) and GIL_SWITCH_INTERVAL < 0.005
+        while finished != ["inline", "threaded"]:
+            assert hub.woken.wait(10)
+            hub.woken.clear()
+            hub.run_ready()
+        pipeline.close()
+    finally:
+        sys.setswitchinterval(before)
