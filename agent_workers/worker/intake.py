@@ -23,7 +23,7 @@ from celery.worker import state as worker_state
 
 from agent_workers import metrics
 from agent_workers.errors import InputError
-from agent_workers.worker import idle, kombu_amqp, kombu_redis, redelivery
+from agent_workers.worker import idle, kombu_amqp, redelivery, refused
 from agent_workers.worker.backlog import Backlog
 from agent_workers.worker.held import HeldMessages
 from agent_workers.worker.kombu_redis import ack_all
@@ -97,12 +97,12 @@ class Intake(Settling):
         )
         if policy.settings.flush_when_idle:
             idle.subscribe(self._connection, self.on_drained)
-        kombu_redis.subscribe_refused(self._connection, self._on_refused)
+        refused.subscribe_refused(self._connection, self._on_refused)
 
     def close(self) -> None:
         """Stop the wait timer (a replaced intake's buffered messages are redelivered by the broker)."""
         idle.unsubscribe(self._connection, self.on_drained)
-        kombu_redis.unsubscribe_refused(self._connection, self._on_refused)
+        refused.unsubscribe_refused(self._connection, self._on_refused)
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None

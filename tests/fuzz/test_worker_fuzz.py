@@ -38,7 +38,8 @@ from kombu import Connection
 
 from agent_workers import numbers
 from agent_workers.models import make_spec
-from agent_workers.worker.kombu_redis import UNACKED_KEY, unrestorable
+from agent_workers.worker.kombu_redis import UNACKED_KEY
+from agent_workers.worker.refused import unrestorable
 from tests.conftest import Pool, unique
 from tests.integration.test_envelope import Text, _headers, publish_raw
 from tests.integration.test_restore import envelope as restore_envelope
