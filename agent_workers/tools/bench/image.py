@@ -173,7 +173,6 @@ def measure(
         "max_batch_size": max_batch_size,
         "torch_threads": settings.torch_threads,
         "models": {a: {"forward_ms_per_image": forwards[a], "parameters": _parameters(a)} for a in models},
-        "forward_ms_per_image": forwards[models[0]],
         "goals": GOALS,
         "runs": runs,
     }
@@ -265,7 +264,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = report["runs"]
-    models = list(report.get("models") or {ARCHITECTURE: {"forward_ms_per_image": report["forward_ms_per_image"]}})
+    models = list(report["models"])
     brokers = sorted({r["broker"] for r in runs})
     encodings = list(ENCODINGS)
     panels = [
@@ -276,7 +275,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, grid = plt.subplots(len(models), 3, figsize=(12, 3.6 * len(models)), squeeze=False)
     width = 0.8 / len(brokers)
     for axes, architecture in zip(grid, models, strict=True):
-        mine = [r for r in runs if r.get("architecture", ARCHITECTURE) == architecture]
+        mine = [r for r in runs if r["architecture"] == architecture]
         for ax, (key, label, goal) in zip(axes, panels, strict=True):
             for b, broker in enumerate(brokers):
                 values = [next(r[key] for r in mine if r["broker"] == broker and r["encoding"] == e) for e in encodings]
@@ -288,8 +287,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             if goal is not None:
                 ax.axhline(goal, color="k", linestyle="--", linewidth=1, label=f"goal ≤ {goal:g}")
             ax.legend(fontsize=8)
-        forward = report.get("models", {}).get(architecture, {}).get("forward_ms_per_image")
-        forward = forward if forward is not None else report["forward_ms_per_image"]
+        forward = report["models"][architecture]["forward_ms_per_image"]
         axes[1].set_title(f"{architecture}: forward pass {forward:.3f} ms of CPU per image", fontsize=10)
     fig.suptitle(f"image workload: uint8 3×64×64 to two small CNNs, batch {report['max_batch_size']}")
     fig.tight_layout()
