@@ -146,6 +146,7 @@ class Settings:
         torch_threads: CPU threads torch may use in a worker process (0 = torch's default, one per core). One
             keeps the event loop and the forward pass from fighting over cores on CPU; raise it for heavy CPU
             models on big hosts. Irrelevant on GPU.
+        malloc_tuning: pin glibc's malloc thresholds in the worker (agent_workers/worker/allocator.py).
         queue_type: RabbitMQ queue type of the inference and training queues: ``classic`` or ``quorum``
             (replicated, with a delivery limit and a ``<queue>.dead`` dead-letter queue; see app.py).
         queue_max_priority: RabbitMQ: declare the inference and training queues with ``x-max-priority`` (1–255;
@@ -199,6 +200,7 @@ class Settings:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     torch_threads: int = 1
+    malloc_tuning: bool = True
     queue_type: str = "classic"
     queue_max_priority: int = 0
     sentinel_master: str = DEFAULT_SENTINEL_MASTER
@@ -260,6 +262,7 @@ class Settings:
             lock_timeout=r.float("LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, minimum=0.1, maximum=MAX_LOCK_TIMEOUT),
             chunk_bytes=r.int("CHUNK_BYTES", DEFAULT_CHUNK_BYTES, minimum=1024),
             torch_threads=r.int("TORCH_THREADS", 1, minimum=0),
+            malloc_tuning=r.bool("MALLOC_TUNING", True),
             queue_type=r.choice("QUEUE_TYPE", "classic", _QUEUE_TYPES),
             queue_max_priority=r.int("QUEUE_MAX_PRIORITY", 0, minimum=0),
             sentinel_master=r.str("SENTINEL_MASTER", DEFAULT_SENTINEL_MASTER),

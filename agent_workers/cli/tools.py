@@ -133,6 +133,10 @@ def bench(
     from agent_workers.tools import bench as bench_module
 
     settings = _settings()
+    if settings.malloc_tuning:  # every raw forward pass measured here runs on the allocator the worker has
+        from agent_workers.worker import allocator
+
+        allocator.tune()
     if workload == "image":
         from agent_workers.tools.bench import image
 

@@ -17,6 +17,7 @@ from agent_workers import metrics
 from agent_workers.contract import dead_letter_queue
 from agent_workers.errors import ConfigError
 from agent_workers.models import load_plugins
+from agent_workers.worker import allocator
 from agent_workers.worker.batcher import check_prefetch
 from agent_workers.worker.intake import live_intakes
 from agent_workers.worker.kombu_redis import queue_depth
@@ -56,6 +57,8 @@ class StartupChecks(bootsteps.Step):
             import torch
 
             torch.set_num_threads(app.settings.torch_threads)
+        if app.settings.malloc_tuning:
+            allocator.tune()
         load_plugins(app.settings.plugins)
         if app.settings.metrics_port:
             try:
