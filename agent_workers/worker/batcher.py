@@ -210,8 +210,9 @@ class Batcher(Intake):
     def _serve(self, batch: list[Pending]) -> tuple[list[Outcome], list[tuple[str, int | None, tuple[Pending, Any]]]]:
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int | None], list[tuple[Pending, Any]]] = {}
+        heads: dict[str, Any] = {}
         if batch and batch[0].decoding is not None:
-            batch[0].decoding.result()  # decoded beside the batch before; never raises (see Decoder._decode)
+            heads = batch[0].decoding.result()  # decoded beside the batch before; never raises (Decoder._decode)
         now_utc = datetime.now(UTC)
         for req in batch:
             dropped = self._revoked_or_expired(req, now_utc)
@@ -230,7 +231,7 @@ class Batcher(Intake):
         self._store_started([r for group in groups.values() for r, _ in group])
         for (model, version), members in groups.items():
             try:
-                outcomes.extend(self._serve_group(model, version, members))
+                outcomes.extend(self._serve_group(model, version, members, heads.get(model)))
             except Exception as exc:  # noqa: BLE001 - a fault in one (model, version) group fails that group only
                 log.exception("serving %d requests of %r failed unexpectedly", len(members), model)
                 outcomes.extend(Outcome(req, states.FAILURE, exc) for req, _ in members)
@@ -255,9 +256,15 @@ class Batcher(Intake):
             return [Outcome(req, states.FAILURE, redelivery.poison_error(attempt))]
         return self._serve_group(model, version, [member])
 
-    def _serve_group(self, model: str, version: int | None, members: list[tuple[Pending, Any]]) -> list[Outcome]:
+    def _serve_group(
+        self, model: str, version: int | None, members: list[tuple[Pending, Any]], head: Any = None
+    ) -> list[Outcome]:
+        """Serve one (model, version) group; ``head``: the newest version, read for this batch by its decode."""
         try:
-            loaded = self.engine.current(model) if version is None else self.engine.pinned(model, version)
+            if version is not None:
+                loaded = self.engine.pinned(model, version)
+            else:
+                loaded = head if head is not None else self.engine.current(model)
         except StoreUnavailableError as exc:
             return [self._retry_or_fail(req, exc) for req, _ in members]
         except AgentWorkersError as exc:

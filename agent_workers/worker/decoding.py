@@ -9,6 +9,11 @@ waits for the batch's decode to end (usually long over), then uses each result o
 that very spec (a new version of a new spec is decoded again, as before). A request whose decode failed keeps its
 ``InputError`` and fails alone, as it would have in the compute thread.
 
+The decode also reads each model's head (``engine.current``: one ``HMGET``, a load when the version changed) for
+the batch, which the compute thread then serves with instead of reading it again between two forward passes. The
+read comes after the batch was flushed, so after its last request arrived: a request sent after a commit returned
+is still served by that version or a newer one, as with the read in the compute thread.
+
 The forward pass releases the GIL, so on CPU the decode runs beside it on the other core; on a GPU it runs beside
 the kernels. A batch computed at once (nothing in flight, or inline on the loop) is decoded where it computes: there
 is nothing to overlap and a hand-over would only add a wait.
@@ -47,25 +52,38 @@ class Decoder:
         self.engine = engine
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def submit(self, batch: list[Any]) -> concurrent.futures.Future[None]:
-        """Start decoding ``batch`` (event loop); each request gets ``req.decoded`` once the future is done."""
+    def submit(self, batch: list[Any]) -> concurrent.futures.Future[dict[str, Any]]:
+        """Start decoding ``batch`` (event loop); each request gets ``req.decoded`` once the future is done, whose
+        result is the batch's heads: model name -> the newest version, read for this batch (see the module)."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         return self._pool.submit(self._decode, batch)
 
-    def _decode(self, batch: list[Any]) -> None:
+    def _decode(self, batch: list[Any]) -> dict[str, Any]:
+        heads: dict[str, Any] = {}
         for req in batch:
             try:
                 call = req.predict_call()
-                loaded = self.engine.cached(call.model) if call.version is None else None
+                loaded = self._head(heads, call.model) if call.version is None else None
                 if loaded is None or loaded.hooks.preprocess is not None:
-                    continue  # not loaded yet, a pinned version (decoded in the compute thread), or raw inputs
+                    continue  # no head (the compute thread reads it and reports why), a pinned version, raw inputs
                 try:
                     req.decoded = Decoded(loaded.spec, self.engine.validate(loaded, call.inputs))
                 except InputError as exc:
                     req.decoded = Decoded(loaded.spec, error=exc)
             except Exception:  # noqa: BLE001 - the compute thread decodes it again and reports what it finds
                 log.debug("decoding %s ahead failed", getattr(req, "id", "?"), exc_info=True)
+        return {name: loaded for name, loaded in heads.items() if loaded is not None}
+
+    def _head(self, heads: dict[str, Any], model: str) -> Any:
+        """``model``'s newest version for this batch, read once; None when it cannot be read (store down, unknown
+        model, a load that failed): the compute thread reads it again and answers with the error."""
+        if model not in heads:
+            try:
+                heads[model] = self.engine.current(model)
+            except Exception:  # noqa: BLE001 - reported by the compute thread's own read
+                heads[model] = None
+        return heads[model]
 
     def close(self) -> None:
         if self._pool is not None:

@@ -3,12 +3,13 @@ the loaded version's spec, used only for that spec, faults kept for their own re
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from agent_workers.config import Settings
-from agent_workers.errors import InputError
+from agent_workers.errors import InputError, ModelError
 from agent_workers.models import make_spec
 from agent_workers.worker.decoding import Decoder, decoded_for
 from agent_workers.worker.inference import InferenceEngine, LoadedModel
@@ -16,7 +17,17 @@ from agent_workers.worker.requests import Pending
 
 
 class _Store:
-    """No store is read: decoding ahead must use only what the engine has loaded."""
+    """Only heads are read (one per model per batch): model "m" is at version 1 of incarnation "e", which the
+    engine has loaded, so nothing is loaded; any other model is unknown. Anything else read is a failure."""
+
+    def __init__(self) -> None:
+        self.heads: list[str] = []
+
+    def head(self, name: str) -> Any:
+        self.heads.append(name)
+        if name != "m":
+            raise ModelError(f"unknown model {name!r}")
+        return SimpleNamespace(version=1, epoch="e")
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"the decoder read the store ({name})")
@@ -39,13 +50,16 @@ def test_a_batch_is_decoded_ahead_for_the_loaded_spec_and_faults_stay_with_their
     good = request(["m", [1.0, 2.0, 3.0]])
     bad = request(["m", [1.0, "x", 3.0]])
     pinned = request(["m", [1.0, 2.0, 3.0], 1])  # a pinned version may not be the loaded one
-    unknown = request(["other", [1.0, 2.0, 3.0]])  # not loaded: decoded in the compute thread
+    unknown = request(["other", [1.0, 2.0, 3.0]])  # no head: decoded (and failed) in the compute thread
     unbound = request([], {"model": "m"})  # no inputs: the compute thread binds it again and names the fault
     decoder = Decoder(engine)
     try:
-        decoder.submit([good, bad, pinned, unknown, unbound]).result(timeout=10)
+        heads = decoder.submit([good, bad, pinned, unknown, unbound]).result(timeout=10)
     finally:
         decoder.close()
+    # the batch's heads, read once per model; an unknown model has none (the compute thread reads it and fails it)
+    assert heads == {"m": loaded}
+    assert sorted(engine.store.heads) == ["m", "other"]
     ahead = decoded_for(good, loaded.spec)
     assert ahead is not None and ahead.error is None
     np.testing.assert_array_equal(ahead.value, np.array([1.0, 2.0, 3.0], dtype=np.float32))

@@ -89,7 +89,7 @@ def test_a_fault_in_one_group_fails_only_that_group() -> None:
     batcher = Batcher.__new__(Batcher)
     batcher.track_started = False
 
-    def serve_group(model: str, version: int | None, members: list[Any]) -> list[Outcome]:
+    def serve_group(model: str, version: int | None, members: list[Any], head: Any = None) -> list[Outcome]:
         if model == "broken":
             raise RuntimeError("a bug in one group")
         return [Outcome(req, states.SUCCESS, {"model": model}) for req, _ in members]
