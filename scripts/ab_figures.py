@@ -5,7 +5,8 @@ The sitting's directory holds, for sides A and B alternated over rounds 1, 2, ..
 * ``heavy_<side>_<round>/results.json`` and ``mlp_<side>_<round>/results.json``: ``agent-workers bench`` outputs
   (``--workload heavy`` drains against raw torch; ``--workload mlp`` drains and C=1 runs);
 * ``image_ab.jsonl``: one JSON line per image drain (side, round, architecture, broker, encoding, CPU and fixed
-  cost per image, rate).
+  cost per image, rate); or ``image_<side>_<round>/image.json``: ``agent-workers bench --workload image`` outputs,
+  whose compact-encoding drains (b64, msgpack) are taken.
 
 Usage: ``python scripts/ab_figures.py SITTING_DIR --out docs/benchmarks/NAME`` writes ``NAME.json`` and ``NAME.png``
 (heavy end to end / raw torch, image worker CPU per image, mlp drain rate and C=1 p50, each by side and broker).
@@ -40,6 +41,12 @@ def collect(sitting: Path) -> dict[str, list[dict[str, Any]]]:
                 out["mlp_c1"].append({"side": side, "round": int(round_), "broker": r["broker"], "p50_ms": r["p50_ms"]})
     lines = (sitting / "image_ab.jsonl").read_text().splitlines() if (sitting / "image_ab.jsonl").exists() else []
     out["image"] = [json.loads(line) for line in lines if line.strip()]
+    for path in sorted(sitting.glob("image_*_*/image.json")):
+        _, side, round_ = path.parent.name.split("_")
+        for run in json.loads(path.read_text())["runs"]:
+            if run["encoding"] in ("b64", "msgpack"):
+                keys = ("architecture", "broker", "encoding", "cpu_ms_per_image", "fixed_ms_per_image", "rate")
+                out["image"].append({"side": side, "round": int(round_)} | {k: run[k] for k in keys})
     return out
 
 
@@ -49,9 +56,14 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path, labels: dict[str, st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # the image panels draw one CNN: the scale (bench_cnn_wide) when the sitting drained it
+    architectures = {r.get("architecture", "bench_cnn") for r in runs["image"]}
+    cnn = "bench_cnn_wide" if "bench_cnn_wide" in architectures else "bench_cnn"
+    runs = runs | {"image": [r for r in runs["image"] if r.get("architecture", "bench_cnn") == cnn]}
     panels = [
         ("heavy", "e2e_over_raw", "heavy: end to end / raw torch", lambda r: r["broker"]),
-        ("image", "cpu_ms_per_image", "bench_cnn: worker CPU ms / image", lambda r: f"{r['broker']}\n{r['encoding']}"),
+        ("image", "cpu_ms_per_image", f"{cnn}: worker CPU ms / image", lambda r: f"{r['broker']}\n{r['encoding']}"),
+        ("image", "rate", f"{cnn}: drain images/s", lambda r: f"{r['broker']}\n{r['encoding']}"),
         ("mlp", "rate", "mlp: drain req/s", lambda r: r["broker"]),
         ("mlp_c1", "p50_ms", "mlp: C=1 p50 ms", lambda r: r["broker"]),
     ]

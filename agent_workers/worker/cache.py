@@ -49,12 +49,17 @@ class Row:
         self.requests: list[Pending] = []
 
 
-def distinct(valid: list[tuple[Pending, np.ndarray]], *, keyed: bool) -> list[Row]:
-    """Group identical inputs, in order of first appearance. ``keyed``: use digests (the cache needs them);
-    otherwise the raw bytes serve as the dict key."""
+def key_of(array: np.ndarray | dict[str, np.ndarray], *, keyed: bool) -> Any:
+    """The key :func:`distinct` groups ``array`` by: its digest when ``keyed`` (the cache needs it), else its bytes."""
+    return digest(array) if keyed else _raw_key(array)
+
+
+def distinct(valid: list[tuple[Pending, np.ndarray]], *, keyed: bool, known: list[Any] | None = None) -> list[Row]:
+    """Group identical inputs, in order of first appearance (by :func:`key_of`). ``known``: the keys already made,
+    one per pair or None (the decode ahead makes them beside the batch before: worker/decoding.py)."""
     rows: dict[Any, Row] = {}
-    for req, array in valid:
-        key = digest(array) if keyed else _raw_key(array)
+    for i, (req, array) in enumerate(valid):
+        key = known[i] if known is not None and known[i] is not None else key_of(array, keyed=keyed)
         row = rows.get(key)
         if row is None:
             row = rows[key] = Row(array, key)

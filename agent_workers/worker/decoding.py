@@ -9,7 +9,8 @@ waits for the batch's decode to end (usually long over), then uses each result o
 that very spec (a new version of a new spec is decoded again, as before). A request whose decode failed keeps its
 ``InputError`` and fails alone, as it would have in the compute thread.
 
-The decode also reads each model's head (``engine.current``: one ``HMGET``, a load when the version changed) for
+It also makes each input's key for grouping identical inputs (hashing an image's bytes is ~10 µs), and reads
+each model's head (``engine.current``: one ``HMGET``, a load when the version changed) for
 the batch, which the compute thread then serves with instead of reading it again between two forward passes. The
 read comes after the batch was flushed, so after its last request arrived: a request sent after a commit returned
 is still served by that version or a newer one, as with the read in the compute thread.
@@ -27,17 +28,19 @@ from typing import Any
 
 from agent_workers import hooks
 from agent_workers.errors import AgentWorkersError, InputError, ModelError
+from agent_workers.worker.cache import key_of
 
 log = logging.getLogger(__name__)
 
 
 class Decoded:
-    """One request's decoded inputs (or the ``InputError`` they raised), valid for the spec they were decoded for."""
+    """One request's decoded inputs (or the ``InputError`` they raised), valid for the spec they were decoded for,
+    and the key the batch groups identical inputs by (worker/cache.py's ``key_of``)."""
 
-    __slots__ = ("error", "spec", "value")
+    __slots__ = ("error", "key", "spec", "value")
 
-    def __init__(self, spec: Any, value: Any = None, error: InputError | None = None) -> None:
-        self.spec, self.value, self.error = spec, value, error
+    def __init__(self, spec: Any, value: Any = None, error: InputError | None = None, key: Any = None) -> None:
+        self.spec, self.value, self.error, self.key = spec, value, error, key
 
 
 class Decoder:
@@ -46,10 +49,12 @@ class Decoder:
     Args:
         engine: the worker's :class:`~agent_workers.worker.inference.InferenceEngine` (its cached versions and
             ``validate``).
+        keyed: whether the batch groups identical inputs by digest (a result cache is on) or by their bytes.
     """
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, *, keyed: bool = False) -> None:
         self.engine = engine
+        self.keyed = keyed
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def submit(self, batch: list[Any]) -> concurrent.futures.Future[dict[str, Any]]:
@@ -68,7 +73,8 @@ class Decoder:
                 if loaded is None or loaded.hooks.preprocess is not None:
                     continue  # no head (the compute thread reads it and reports why), a pinned version, raw inputs
                 try:
-                    req.decoded = Decoded(loaded.spec, self.engine.validate(loaded, call.inputs))
+                    value = self.engine.validate(loaded, call.inputs)
+                    req.decoded = Decoded(loaded.spec, value, key=key_of(value, keyed=self.keyed))
                 except InputError as exc:
                     req.decoded = Decoded(loaded.spec, error=exc)
             except Exception:  # noqa: BLE001 - the compute thread decodes it again and reports what it finds

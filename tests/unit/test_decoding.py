@@ -11,6 +11,7 @@ import numpy as np
 from agent_workers.config import Settings
 from agent_workers.errors import InputError, ModelError
 from agent_workers.models import make_spec
+from agent_workers.worker.cache import distinct, key_of
 from agent_workers.worker.decoding import Decoder, decoded_for
 from agent_workers.worker.inference import InferenceEngine, LoadedModel
 from agent_workers.worker.requests import Pending
@@ -63,7 +64,17 @@ def test_a_batch_is_decoded_ahead_for_the_loaded_spec_and_faults_stay_with_their
     ahead = decoded_for(good, loaded.spec)
     assert ahead is not None and ahead.error is None
     np.testing.assert_array_equal(ahead.value, np.array([1.0, 2.0, 3.0], dtype=np.float32))
+    assert ahead.key == key_of(ahead.value, keyed=False)  # the batch groups identical inputs by it
     fault = decoded_for(bad, loaded.spec)
     assert fault is not None and isinstance(fault.error, InputError)
     assert all(r.decoded is None for r in (pinned, unknown, unbound))
     assert decoded_for(good, make_spec("linear", in_features=3)) is None  # another spec: decoded again
+
+
+def test_distinct_groups_by_the_keys_made_ahead_and_makes_the_missing_ones() -> None:
+    a, b, c = (np.array([x, 0.0], dtype=np.float32) for x in (1.0, 2.0, 1.0))
+    reqs = [request(["m", [0.0]]) for _ in range(3)]
+    # a key made ahead is taken as it is (here one that says a and b are the same input); c's is made now
+    rows = distinct(list(zip(reqs, [a, b, c], strict=True)), keyed=False, known=["same", "same", None])
+    assert [len(row.requests) for row in rows] == [2, 1]
+    assert rows[1].key == key_of(c, keyed=False)
