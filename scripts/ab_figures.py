@@ -37,7 +37,7 @@ def collect(sitting: Path) -> dict[str, list[dict[str, Any]]]:
                 row["e2e_over_sustained_raw"] = d["rate"] / d["raw_torch_sustained_rate"]
             out[workload].append(row)
         for r in results.get("latency", []):
-            if workload == "mlp" and r.get("system") == "ours":
+            if workload == "mlp" and r.get("system") == "ours" and r.get("concurrency") == 1:
                 out["mlp_c1"].append({"side": side, "round": int(round_), "broker": r["broker"], "p50_ms": r["p50_ms"]})
     lines = (sitting / "image_ab.jsonl").read_text().splitlines() if (sitting / "image_ab.jsonl").exists() else []
     out["image"] = [json.loads(line) for line in lines if line.strip()]
