@@ -432,3 +432,30 @@ def test_artifact_sets_no_kept_version_reads_are_deleted(make_store: Callable[..
     assert [int(v) for v in store.client.zrange(owners, 0, -1)] == [4]
     assert store.artifacts.get("m", 5).labels == ["v4"] == store.artifacts.get("m", 6).labels
     assert store.gc("m") == 0
+
+
+def test_a_batch_decoded_ahead_is_served_by_the_head_read_after_its_requests_arrived(
+    make_store: Callable[..., RedisParamStore],
+) -> None:
+    """The decode-ahead thread reads the head for its batch (worker/decoding.py): a version committed after the
+    worker loaded the one before, and before the batch was flushed, serves it, never the version cached before."""
+    from agent_workers.config import Settings
+    from agent_workers.worker.decoding import Decoder
+    from agent_workers.worker.inference import InferenceEngine
+    from agent_workers.worker.requests import Pending
+
+    store = make_store()
+    store.create("m", make_spec("linear", in_features=3))
+    engine = InferenceEngine(store=store, settings=Settings())
+    assert engine.current("m").version == 0
+    snapshot = store.read("m")
+    store.commit("m", expected=0, tensors=snapshot.tensors, update_id="u1", epoch=snapshot.epoch)
+    request = Pending("id", "agent_workers.predict", None, ["m", [1.0, 2.0, 3.0]], {}, {}, 0.0, None)
+    decoder = Decoder(engine)
+    try:
+        heads = decoder.submit([request]).result(timeout=30)
+    finally:
+        decoder.close()
+    assert heads["m"].version == 1
+    assert engine.cached("m") is heads["m"]
+    assert request.decoded is not None and request.decoded.spec is heads["m"].spec
