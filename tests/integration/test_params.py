@@ -12,6 +12,7 @@ import redis
 import torch
 
 import tests.plugins  # noqa: F401 - registers the counter architecture
+from agent_workers.config import Settings
 from agent_workers.errors import ConfigError, ModelError, StoreError
 from agent_workers.keys import Keys
 from agent_workers.models import make_spec
@@ -23,6 +24,9 @@ from agent_workers.store.params import (
     blob_metadata,
     chunk_keys,
 )
+from agent_workers.worker.decoding import Decoder
+from agent_workers.worker.inference import InferenceEngine
+from agent_workers.worker.requests import Pending
 from tests.conftest import PARAMS_URL
 
 pytestmark = pytest.mark.integration
@@ -439,11 +443,6 @@ def test_a_batch_decoded_ahead_is_served_by_the_head_read_after_its_requests_arr
 ) -> None:
     """The decode-ahead thread reads the head for its batch (worker/decoding.py): a version committed after the
     worker loaded the one before, and before the batch was flushed, serves it, never the version cached before."""
-    from agent_workers.config import Settings
-    from agent_workers.worker.decoding import Decoder
-    from agent_workers.worker.inference import InferenceEngine
-    from agent_workers.worker.requests import Pending
-
     store = make_store()
     store.create("m", make_spec("linear", in_features=3))
     engine = InferenceEngine(store=store, settings=Settings())
