@@ -29,6 +29,7 @@ import numpy as np
 import pybase64
 
 from agent_workers.errors import InputError, ModelError
+from agent_workers.wire import b64_text
 
 #: Every dtype a signature may name -> the numpy dtype that holds it (bfloat16: its raw bits, little-endian).
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -186,7 +187,7 @@ def encode_tensor(array: Any, *, raw: bool = False) -> dict[str, Any]:
     dtype = next(name for name, dt in DTYPES.items() if dt == array.dtype and name != "bfloat16")
     if raw:
         return {"dtype": dtype, "shape": list(array.shape), "data": array.tobytes()}
-    return {"dtype": dtype, "shape": list(array.shape), "b64": pybase64.b64encode(array.tobytes()).decode("ascii")}
+    return {"dtype": dtype, "shape": list(array.shape), "b64": b64_text(array.tobytes())}
 
 
 def decode_tensor_object(value: Mapping[str, Any]) -> np.ndarray:

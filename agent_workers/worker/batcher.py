@@ -33,7 +33,7 @@ from agent_workers import metrics
 from agent_workers.errors import AgentWorkersError, ConfigError, InputError, ModelError, StoreUnavailableError
 from agent_workers.worker import answers, deadlines, forming, padding, redelivery
 from agent_workers.worker.cache import ResultCache, digest, distinct
-from agent_workers.worker.decoding import Decoder, decoded_for, example_of
+from agent_workers.worker.decoding import Decoder, example_of
 from agent_workers.worker.inference import InferenceEngine
 from agent_workers.worker.intake import INLINE_BELOW_S, PROBE_EVERY, Intake, register
 from agent_workers.worker.policy import BatchPolicy
@@ -290,11 +290,7 @@ class Batcher(Intake):
         cache = self.results
         if cache.enabled:
             valid = self._from_cache(model, loaded, valid, outcomes)
-        ahead = [decoded_for(req, loaded.spec) for req, _ in valid]  # their keys, made in the decode thread
-        known = [
-            d.key if d is not None and d.value is array else None for d, (_, array) in zip(ahead, valid, strict=True)
-        ]
-        rows = distinct(valid, keyed=cache.enabled, known=known)
+        rows = distinct(valid, keyed=cache.enabled)
         m = metrics.of_model(model)
         if len(rows) < len(valid):
             metrics.DEDUPLICATED.labels(model).inc(len(valid) - len(rows))

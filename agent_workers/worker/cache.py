@@ -54,12 +54,13 @@ def key_of(array: np.ndarray | dict[str, np.ndarray], *, keyed: bool) -> Any:
     return digest(array) if keyed else _raw_key(array)
 
 
-def distinct(valid: list[tuple[Pending, np.ndarray]], *, keyed: bool, known: list[Any] | None = None) -> list[Row]:
-    """Group identical inputs, in order of first appearance (by :func:`key_of`). ``known``: the keys already made,
-    one per pair or None (the decode ahead makes them beside the batch before: worker/decoding.py)."""
+def distinct(valid: list[tuple[Pending, np.ndarray]], *, keyed: bool) -> list[Row]:
+    """Group identical inputs, in order of first appearance (by :func:`key_of`). A key the decode ahead made for
+    that very array (``req.decoded``, beside the batch before: worker/decoding.py) is taken as it is."""
     rows: dict[Any, Row] = {}
-    for i, (req, array) in enumerate(valid):
-        key = known[i] if known is not None and known[i] is not None else key_of(array, keyed=keyed)
+    for req, array in valid:
+        ahead = req.decoded
+        key = ahead.key if ahead is not None and ahead.value is array else key_of(array, keyed=keyed)
         row = rows.get(key)
         if row is None:
             row = rows[key] = Row(array, key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,18 +16,20 @@ from agent_workers.tools import bench
 from tests.conftest import REDIS_BY_DEFAULT
 
 pytestmark = pytest.mark.integration
+#: the parts a run of no workload can have; run_part skips all but one
+PARTS = frozenset({"baselines", "sweep", "latency", "idle", "overload", "cache"})
+
+
+def run_part(part: str, broker: str, out: Path, **sizes: Any) -> tuple[dict[str, Any], set[str]]:
+    """Run the benchmark's ``part`` alone (quick sizes, then ``sizes``): its results, and the targets it judged."""
+    config = bench.BenchConfig.quick(brokers=(broker,), workloads=(), skip=PARTS - {part}, out=out, **sizes)
+    results = bench.run(config)
+    verdicts = {t["what"] for t in json.loads((out / "results-quick.json").read_text())["targets"]}
+    return results, verdicts
 
 
 def test_overload_part_answers_everything_and_writes_its_verdict(broker: str, tmp_path: Path) -> None:
-    config = bench.BenchConfig.quick(
-        brokers=(broker,),
-        workloads=(),
-        skip=frozenset({"baselines", "sweep", "latency", "idle", "cache"}),
-        overload_n=200,
-        overload_duration=1.0,
-        out=tmp_path,
-    )
-    results = bench.run(config)
+    results, verdicts = run_part("overload", broker, tmp_path, overload_n=200, overload_duration=1.0)
     (overload,) = results["overload"]
     high, low = overload["classes"]["high"], overload["classes"]["low"]
     assert high["sent"] > 0 and low["sent"] > 0
@@ -35,7 +38,6 @@ def test_overload_part_answers_everything_and_writes_its_verdict(broker: str, tm
     answered = sum(sum(c["states"].values()) for c in (high, low))
     assert answered == high["sent"] + low["sent"]
     assert set(high["states"]) | set(low["states"]) <= {"SUCCESS", "REVOKED"}
-    verdicts = {t["what"] for t in json.loads((tmp_path / "results-quick.json").read_text())["targets"]}
     assert any("high-priority p99" in what for what in verdicts)
     for name in ("overload-quick.png", "summary-quick.md"):
         assert (tmp_path / name).stat().st_size > 0
@@ -43,19 +45,10 @@ def test_overload_part_answers_everything_and_writes_its_verdict(broker: str, tm
 
 @REDIS_BY_DEFAULT  # the cache part has no broker-specific code; test_serving's result-cache tests run on both brokers
 def test_cache_part_hits_repeats_and_writes_its_verdict(broker: str, tmp_path: Path) -> None:
-    config = bench.BenchConfig.quick(
-        brokers=(broker,),
-        workloads=(),
-        skip=frozenset({"baselines", "sweep", "latency", "idle", "overload"}),
-        cache_n=400,
-        cache_distinct=40,
-        out=tmp_path,
-    )
-    results = bench.run(config)
+    results, verdicts = run_part("cache", broker, tmp_path, cache_n=400, cache_distinct=40)
     (cache,) = results["cache"]
     assert [r["cache_size"] for r in cache["runs"]] == [0, 10_000]
     assert cache["runs"][1]["hit_rate"] > 0.5  # 400 requests over 40 inputs: most are repeats
-    verdicts = {t["what"] for t in json.loads((tmp_path / "results-quick.json").read_text())["targets"]}
     assert any("cache on / off" in what for what in verdicts)
     for name in ("cache-zipf-quick.png", "summary-quick.md"):
         assert (tmp_path / name).stat().st_size > 0

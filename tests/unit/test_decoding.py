@@ -12,7 +12,7 @@ from agent_workers.config import Settings
 from agent_workers.errors import InputError, ModelError
 from agent_workers.models import make_spec
 from agent_workers.worker.cache import distinct, key_of
-from agent_workers.worker.decoding import Decoder, decoded_for
+from agent_workers.worker.decoding import Decoded, Decoder, decoded_for
 from agent_workers.worker.inference import InferenceEngine, LoadedModel
 from agent_workers.worker.requests import Pending
 
@@ -74,7 +74,11 @@ def test_a_batch_is_decoded_ahead_for_the_loaded_spec_and_faults_stay_with_their
 def test_distinct_groups_by_the_keys_made_ahead_and_makes_the_missing_ones() -> None:
     a, b, c = (np.array([x, 0.0], dtype=np.float32) for x in (1.0, 2.0, 1.0))
     reqs = [request(["m", [0.0]]) for _ in range(3)]
-    # a key made ahead is taken as it is (here one that says a and b are the same input); c's is made now
-    rows = distinct(list(zip(reqs, [a, b, c], strict=True)), keyed=False, known=["same", "same", None])
+    # a key made ahead for that very array is taken as it is (here one that says a and b are the same input); c's
+    # request was decoded ahead for another array, so its key is made now
+    reqs[0].decoded, reqs[1].decoded = Decoded(None, a, key="same"), Decoded(None, b, key="same")
+    reqs[2].decoded = Decoded(None, c.copy(), key="same")
+    rows = distinct(list(zip(reqs, [a, b, c], strict=True)), keyed=False)
     assert [len(row.requests) for row in rows] == [2, 1]
+    assert rows[0].requests == reqs[:2] and rows[0].key == "same"
     assert rows[1].key == key_of(c, keyed=False)
